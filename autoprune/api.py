@@ -1,0 +1,154 @@
+"""Python API mirroring the CLI: ``autoprune.search(...)``, ``autoprune.pick(...)``, ``autoprune.bench(...)``."""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import optuna
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+from .config import RunConfig, load_device_profile, load_run_config
+from .pareto import export_front, front
+from .search import SearchContext, _fail_stale_local_trials, completed, enqueue_seeds, open_study, optimize, prepare, run_lock
+
+
+@dataclass
+class SearchResult:
+    """A finished (or resumed) search: its study, dense baseline and Pareto front."""
+
+    out: Path
+    study: optuna.Study
+    ctx: SearchContext
+    pareto: list[dict[str, Any]] = field(default_factory=list)
+    wall_s: float = 0.0
+
+    @property
+    def dense(self) -> dict[str, Any]:
+        return self.ctx.dense
+
+    def export(self) -> list[dict[str, Any]]:
+        """(Re)write pareto.json/csv, plots and per-model ONNX/IR/PyTorch/metadata under ``out``."""
+        meta = {
+            "device_profile": self.ctx.profile.model_dump(mode="json"),
+            "config": self.ctx.cfg.model_dump(mode="json"),
+            "search_space": self.ctx.space.model_dump(mode="json"),
+            "dense": self.ctx.dense,
+        }
+        self.pareto = export_front(self.study, self.out, self.ctx.example, meta, self.ctx.cfg.exporter, self.ctx.dense)
+        return self.pareto
+
+
+def _progress_callback(progress: Progress, task: Any, console: Console, target: int) -> Any:
+    def cb(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        done = len(completed(study))
+        best = front(study, {}) if done else []
+        best_txt = ""
+        if best:
+            top = max(best, key=lambda r: r["accuracy"])
+            fast = min(best, key=lambda r: r["latency_ms"])
+            best_txt = f"best acc {top['accuracy']:.3f}@{top['latency_ms']:.2f}ms | fastest {fast['latency_ms']:.2f}ms@{fast['accuracy']:.3f}"
+        progress.update(task, completed=min(done, target), best=best_txt)
+        if trial.state == optuna.trial.TrialState.COMPLETE:
+            ua = trial.user_attrs
+            console.log(
+                f"trial {trial.number}: acc {trial.values[0]:.3f} latency {trial.values[1]:.3f} ms "
+                f"params {ua.get('params', 0):,} ({ua.get('trial_s', 0):.1f}s)"
+                + (f" [{ua['skipped_finetune']}]" if ua.get("skipped_finetune") else "")
+            )
+        else:
+            console.log(f"trial {trial.number}: {trial.state.name} {trial.system_attrs.get('fail_reason', '')[:300]}")
+
+    return cb
+
+
+def run(cfg: RunConfig, console: Optional[Console] = None, export: bool = True) -> SearchResult:
+    """Run (or resume) the search described by ``cfg`` and export its Pareto front."""
+    console = console or Console(stderr=True)
+    t0 = time.perf_counter()
+    ctx = prepare(cfg, console=lambda s: console.log(s))
+    local = cfg.search.storage is None
+    lock = run_lock(ctx.out) if local else contextlib.nullcontext()
+    with lock:
+        study = open_study(ctx)
+        if local:
+            n = _fail_stale_local_trials(study)
+            if n:
+                console.log(f"{n} trial(s) left running by a killed search were marked failed and re-queued")
+        enqueue_seeds(study, ctx)
+        already = len(completed(study))
+        console.log(
+            f"{len(ctx.groups)} prunable groups; dense: acc {ctx.dense['accuracy']:.3f}, "
+            f"latency {ctx.dense['latency']['median_ms']:.3f} ms on {ctx.profile.name}; "
+            f"{already}/{cfg.search.trials} trials already done; study in {cfg.search.storage or ctx.out / 'study.db'}"
+        )
+        with Progress(
+            TextColumn("[bold]trials"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TextColumn("ETA"),
+            TimeRemainingColumn(), TextColumn("{task.fields[best]}"), console=console, transient=False,
+        ) as progress:
+            task = progress.add_task("search", total=cfg.search.trials, completed=already, best="")
+            try:
+                optimize(ctx, study, _progress_callback(progress, task, console, cfg.search.trials))
+            except KeyboardInterrupt:
+                console.log(f"[yellow]interrupted; finished trials are saved. Resume with the same command (run folder {ctx.out}).")
+                raise
+        result = SearchResult(ctx.out, study, ctx)
+        if export:
+            result.export()
+    result.wall_s = time.perf_counter() - t0
+    return result
+
+
+def search(
+    config: Optional[str] = None,
+    *,
+    model: Optional[str] = None,
+    data: Optional[str] = None,
+    search_space: Optional[str] = None,
+    device_profile: Optional[str] = None,
+    trials: Optional[int] = None,
+    out: Optional[str] = None,
+    console: Optional[Console] = None,
+    **overrides: Any,
+) -> SearchResult:
+    """Python twin of ``autoprune search``. Extra keyword arguments override config keys, with
+    dots for nesting (``**{"finetune.steps": 10}``)."""
+    cfg = load_run_config(
+        config, model=model, data=data, search_space=search_space, device_profile=device_profile,
+        out=out, **{"search.trials": trials}, **overrides,
+    )
+    return run(cfg, console=console)
+
+
+def bench(onnx_path: str, device_profile: str = "onnxruntime-cpu", batch_size: Optional[int] = None) -> dict[str, Any]:
+    """Latency of any ONNX file on a device profile, with the code the search uses."""
+    import numpy as np
+    import onnx
+
+    from . import backends
+    from .config import ConfigError
+
+    p = Path(onnx_path)
+    if not p.is_file():
+        raise ConfigError(f"{onnx_path}: file not found")
+    profile = load_device_profile(device_profile)
+    try:
+        m = onnx.load(str(p), load_external_data=False)
+    except Exception as exc:  # noqa: BLE001
+        raise ConfigError(f"{onnx_path}: not a readable ONNX model ({exc})") from None
+    dims = m.graph.input[0].type.tensor_type.shape.dim
+    shape = [d.dim_value if d.dim_value > 0 else None for d in dims]
+    shape[0] = batch_size or shape[0] or profile.batch_size
+    if any(s is None for s in shape):
+        if not profile.input_shape:
+            raise ConfigError(f"{onnx_path}: input has dynamic dimensions {shape}; set input_shape in the device profile")
+        shape = [shape[0], *profile.input_shape]
+    x = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
+    stats = backends.measure(backends.ModelArtifact(p), profile, x)
+    return {"onnx": str(p), "profile": profile.name, "backend": profile.backend, "threads": profile.threads, "input_shape": shape, **stats.to_dict()}
+
+
