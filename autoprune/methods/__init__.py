@@ -1,32 +1,62 @@
-"""Pruning criteria as plug-ins: a small protocol and a registry, like Optuna's samplers.
+"""Pruning methods as plug-ins: importance criterion × granularity.
 
-A criterion scores every channel of a coupled group; the plan removes the lowest-scored ones.
-Criteria that need gradients declare it, so the plan runs calibration backward passes once,
-only when a chosen criterion needs them.
+* Criteria (``criteria.py``) score channels of a coupled group and single weights; they are
+  registered by name, like Optuna's samplers, so a search space lists them in YAML.
+* Granularities (``granularity.py``): ``structured`` (physical channel removal), ``unstructured``
+  (zeroed weights), ``nm:N:M`` patterns, ``hybrid`` (structured then unstructured).
+* Calibration (``calibration.py``): gradients, Fisher and activation statistics collected once
+  over calibration batches, only when a chosen criterion needs them.
+
+Register your own::
+
+    from autoprune import methods
+    @methods.register("mine")
+    def _():
+        return MyCriterion()   # subclass of methods.Criterion: channels() and weights()
 """
 
 from __future__ import annotations
 
-from typing import Callable, Protocol, runtime_checkable
+from typing import Callable
 
-import torch
-import torch_pruning as tp
+from .calibration import CalibStats, bn_l1_finetune, collect
+from .criteria import (
+    APoZ,
+    BNScale,
+    Criterion,
+    GradNorm,
+    Hessian,
+    Magnitude,
+    MeanActivation,
+    Random,
+    Taylor,
+    TPCriterion,
+    producers,
+)
+from .granularity import (
+    GRANULARITY_HELP,
+    Granularity,
+    apply_mask,
+    hold_zeros,
+    nm_mask,
+    parse as parse_granularity,
+    unstructured_mask,
+    weight_sparsity,
+)
 
-
-@runtime_checkable
-class Criterion(Protocol):
-    """Scores channels of a torch-pruning group: higher = more important = kept."""
-
-    name: str
-    needs_grad: bool
-
-    def __call__(self, group: tp.Group) -> torch.Tensor: ...
-
+__all__ = [
+    "APoZ", "BNScale", "apply_mask", "CalibStats", "Criterion", "GradNorm", "GRANULARITY_HELP", "Granularity", "Hessian",
+    "Magnitude", "MeanActivation", "Random", "TPCriterion", "Taylor", "available", "bn_l1_finetune", "collect",
+    "get", "hold_zeros", "nm_mask", "parse_granularity", "producers", "register", "unstructured_mask",
+    "weight_sparsity",
+]
 
 _REGISTRY: dict[str, Callable[[], Criterion]] = {}
 
 
 def register(name: str) -> Callable[[Callable[[], Criterion]], Callable[[], Criterion]]:
+    """Decorator: register a zero-argument factory returning a :class:`Criterion` under ``name``."""
+
     def deco(factory: Callable[[], Criterion]) -> Callable[[], Criterion]:
         _REGISTRY[name] = factory
         return factory
@@ -39,28 +69,19 @@ def available() -> list[str]:
 
 
 def get(name: str) -> Criterion:
+    """A fresh criterion instance; unknown names list what is registered."""
     try:
         return _REGISTRY[name]()
     except KeyError:
         raise KeyError(f"unknown pruning method {name!r}; available: {', '.join(available())}") from None
 
 
-class _TPCriterion:
-    """Adapter over a torch-pruning importance object."""
-
-    def __init__(self, name: str, imp: tp.importance.Importance, needs_grad: bool = False) -> None:
-        self.name, self._imp, self.needs_grad = name, imp, needs_grad
-
-    def __call__(self, group: tp.Group) -> torch.Tensor:
-        return self._imp(group)
-
-
-# Magnitude: the sum of |w|^p over every weight slice of the coupled channel (filters, BN, next
-# layer's inputs), averaged across the group's layers. No normalizer: local pruning ranks within
-# one group, so scale does not matter.
-register("l1")(lambda: _TPCriterion("l1", tp.importance.GroupMagnitudeImportance(p=1, normalizer=None)))
-register("l2")(lambda: _TPCriterion("l2", tp.importance.GroupMagnitudeImportance(p=2, normalizer=None)))
-register("random")(lambda: _TPCriterion("random", tp.importance.RandomImportance()))
-register("bn_scale")(lambda: _TPCriterion("bn_scale", tp.importance.BNScaleImportance(normalizer=None)))
-# First-order Taylor |w · dL/dw| accumulated over calibration batches.
-register("taylor")(lambda: _TPCriterion("taylor", tp.importance.GroupTaylorImportance(normalizer=None), needs_grad=True))
+register("l1")(lambda: Magnitude(1))
+register("l2")(lambda: Magnitude(2))
+register("random")(Random)
+register("bn_scale")(BNScale)
+register("taylor")(Taylor)
+register("grad_norm")(GradNorm)
+register("hessian")(Hessian)
+register("act_mean")(MeanActivation)
+register("apoz")(APoZ)
