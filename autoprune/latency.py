@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from typing import Callable, Optional
 
 import numpy as np
@@ -25,6 +25,12 @@ class LatencyStats:
     n: int
     rel_ci: float  # half-width of the median's 95% CI divided by the median
     batch_size: int = 1
+    #: Set when a dense reference was timed in the same session (interleaved with this model).
+    reference_median_ms: Optional[float] = None
+    #: Median over interleaved pairs of reference time / this model's time (>1 = faster than dense).
+    speedup: Optional[float] = None
+    #: "perf_counter" (host wall clock) or "cuda_events" (device-side time of the forward pass).
+    clock: str = "perf_counter"
 
     @property
     def throughput(self) -> float:
@@ -35,6 +41,12 @@ class LatencyStats:
         d = asdict(self)
         d["throughput"] = self.throughput
         return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "LatencyStats":
+        """Inverse of :meth:`to_dict` (the cache and the remote client store stats as JSON)."""
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
 
 
 def median_rel_ci(samples: np.ndarray, z: float = 1.96) -> float:
@@ -65,6 +77,19 @@ def summarize(samples_s: np.ndarray, batch_size: int = 1) -> LatencyStats:
     )
 
 
+def _stable(samples: list[float], target_rel_ci: Optional[float]) -> bool:
+    return target_rel_ci is None or median_rel_ci(np.asarray(samples)) <= target_rel_ci
+
+
+def _host_timed(fn: Callable[[], object], timer: Callable[[], float]) -> Callable[[], float]:
+    def one() -> float:
+        t0 = timer()
+        fn()
+        return timer() - t0
+
+    return one
+
+
 def time_callable(
     fn: Callable[[], object],
     warmup: int = 10,
@@ -73,26 +98,83 @@ def time_callable(
     max_time_s: float = 5.0,
     batch_size: int = 1,
     timer: Callable[[], float] = time.perf_counter,
+    timed: Optional[Callable[[], float]] = None,
 ) -> LatencyStats:
     """Time ``fn`` (one synchronous inference). ``repeats`` is the minimum sample count; with a
-    ``target_rel_ci`` we keep sampling in chunks until the median is stable or time runs out."""
+    ``target_rel_ci`` we keep sampling in chunks until the median is stable or ``max_time_s``
+    (wall clock, warm-up excluded) runs out.
+
+    ``timed`` replaces ``fn`` + ``timer`` for runtimes that time themselves (CUDA events): it runs
+    one inference and returns its duration in seconds.
+    """
+    one = timed or _host_timed(fn, timer)
     for _ in range(warmup):
-        fn()
+        one()
     samples: list[float] = []
     t_start = time.perf_counter()
 
     def run(k: int) -> None:
         for _ in range(k):
-            t0 = timer()
-            fn()
-            samples.append(timer() - t0)
+            samples.append(one())
 
     run(repeats)
-    if target_rel_ci is not None:
-        while (
-            median_rel_ci(np.asarray(samples)) > target_rel_ci
-            and time.perf_counter() - t_start < max_time_s
-            and len(samples) < 100 * repeats
-        ):
-            run(max(10, repeats // 2))
-    return summarize(np.asarray(samples), batch_size)
+    while (
+        not _stable(samples, target_rel_ci)
+        and time.perf_counter() - t_start < max_time_s
+        and len(samples) < 100 * repeats
+    ):
+        run(max(10, repeats // 2))
+    st = summarize(np.asarray(samples), batch_size)
+    if timed is not None:
+        st.clock = getattr(timed, "clock", "custom")
+    return st
+
+
+def time_pair(
+    fn: Callable[[], float],
+    ref: Callable[[], float],
+    warmup: int = 10,
+    repeats: int = 50,
+    target_rel_ci: Optional[float] = 0.02,
+    max_time_s: float = 5.0,
+    batch_size: int = 1,
+) -> LatencyStats:
+    """Time a candidate and a dense reference interleaved (A, B, B, A, ...) in one session.
+
+    Both callables run one inference and return its duration in seconds. Load on a shared CPU
+    drifts on a scale of seconds, so adjacent A/B samples see the same conditions: the median of
+    the per-pair ratios ``ref / candidate`` is far steadier than either absolute median. Sampling
+    continues until both medians and the ratio are stable (or time runs out). Returns the
+    candidate's stats with ``reference_median_ms`` and ``speedup`` filled in.
+    """
+    for _ in range(warmup):
+        fn()
+        ref()
+    a: list[float] = []
+    b: list[float] = []
+    t_start = time.perf_counter()
+
+    def run(k: int) -> None:
+        for i in range(k):
+            if i % 2:  # alternate the order so neither model always runs right after the other
+                b.append(ref())
+                a.append(fn())
+            else:
+                a.append(fn())
+                b.append(ref())
+
+    def ratios() -> np.ndarray:
+        return np.asarray(b) / np.asarray(a)
+
+    run(repeats)
+    while (
+        not (_stable(a, target_rel_ci) and _stable(b, target_rel_ci) and _stable(list(ratios()), target_rel_ci))
+        and time.perf_counter() - t_start < max_time_s
+        and len(a) < 100 * repeats
+    ):
+        run(max(10, repeats // 2))
+    st = summarize(np.asarray(a), batch_size)
+    st.reference_median_ms = float(np.median(b) * 1000.0)
+    st.speedup = float(np.median(ratios()))
+    st.clock = getattr(fn, "clock", "perf_counter")
+    return st

@@ -1,0 +1,138 @@
+"""Timing protocol, dense-reference speed-up, architecture cache and the per-layer LUT."""
+
+from __future__ import annotations
+
+import itertools
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+
+from autoprune.config import DeviceProfile
+from autoprune.export import export_onnx
+from autoprune.latency import LatencyStats, median_rel_ci, summarize, time_callable, time_pair
+from autoprune.latency_cache import LatencyCache, architecture_hash, run_folder_of
+
+FAST = dict(name="ort-test", backend="onnxruntime", device="cpu", threads=1, warmup=1, repeats=8, target_rel_ci=None)
+
+
+def _net(width: int = 16) -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(1, width, 3, padding=1), nn.ReLU(), nn.Conv2d(width, width, 3, padding=1), nn.ReLU(),
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(width, 10)).eval()
+
+
+def _timed(values):
+    it = iter(values)
+
+    def one() -> float:
+        return next(it)
+
+    return one
+
+
+def test_summary_statistics_are_order_statistics():
+    s = summarize(np.array([1, 2, 3, 4, 100], dtype=float) / 1000.0)
+    assert s.median_ms == pytest.approx(3.0)
+    assert s.min_ms == pytest.approx(1.0)
+    assert s.p90_ms == pytest.approx(np.percentile([1, 2, 3, 4, 100], 90))
+    assert s.cv > 1.0  # the outlier shows in CV, not in the median
+    assert median_rel_ci(np.ones(4)) == math.inf  # too few samples for an interval
+    assert median_rel_ci(np.ones(50)) == 0.0
+
+
+def test_adaptive_repeats_stop_when_stable_and_continue_when_noisy():
+    steady = time_callable(lambda: None, warmup=2, repeats=20, target_rel_ci=0.02, max_time_s=5,
+                           timed=_timed(itertools.repeat(1e-3)))
+    assert steady.n == 20 and steady.median_ms == pytest.approx(1.0) and steady.rel_ci == 0.0
+    rng = np.random.default_rng(0)
+    noisy = time_callable(lambda: None, warmup=0, repeats=20, target_rel_ci=0.02, max_time_s=5,
+                          timed=_timed(1e-3 * rng.lognormal(0, 0.2, 100_000)))
+    assert noisy.n > 20  # kept sampling until the median's CI was narrow enough
+    assert noisy.rel_ci <= 0.02
+    capped = time_callable(lambda: None, warmup=0, repeats=10, target_rel_ci=1e-9, max_time_s=5,
+                           timed=_timed(1e-3 * rng.lognormal(0, 0.5, 100_000)))
+    assert capped.n == 100 * 10  # never converges: the sample cap ends it
+
+
+def test_interleaved_reference_ratio_survives_load_drift():
+    # The machine slows down 3x half-way (another job starts): absolute medians move, the ratio does not.
+    drift = np.concatenate([np.ones(200), 3 * np.ones(2000)])
+    i_a, i_b = iter(drift), iter(drift)
+    cand = lambda: 1e-3 * next(i_a)  # noqa: E731
+    ref = lambda: 4e-3 * next(i_b)  # noqa: E731
+    st = time_pair(cand, ref, warmup=0, repeats=300, target_rel_ci=None)
+    assert st.speedup == pytest.approx(4.0)
+    assert st.reference_median_ms == pytest.approx(4 * st.median_ms)
+
+
+def test_stats_round_trip_through_json_dict():
+    s = summarize(np.array([1.0, 2.0, 3.0, 4.0, 5.0]) / 1e3, batch_size=4)
+    s.speedup = 2.5
+    d = s.to_dict()
+    assert d["throughput"] == pytest.approx(4000 / 3.0)
+    assert LatencyStats.from_dict(d) == s
+
+
+def test_architecture_hash_ignores_weights_but_not_widths(tmp_path: Path):
+    x = torch.randn(1, 1, 8, 8)
+    a, b = _net(16), _net(16)
+    with torch.no_grad():
+        for p in b.parameters():
+            p.normal_()
+    c = _net(24)
+    ha = architecture_hash(export_onnx(a, x, tmp_path / "a.onnx", "torchscript"))
+    hb = architecture_hash(export_onnx(b, x, tmp_path / "b.onnx", "torchscript"))
+    hc = architecture_hash(export_onnx(c, x, tmp_path / "c.onnx", "torchscript"))
+    assert ha == hb != hc
+
+
+def test_cache_hits_on_identical_architecture_per_profile(tmp_path: Path):
+    from autoprune.search import measure_model
+
+    run = tmp_path / "run"
+    prof = DeviceProfile(**FAST)
+    x = torch.randn(1, 1, 8, 8)
+    first = measure_model(_net(16), x, prof, run / "trials" / "00000" / "model.onnx", "torchscript")
+    other_weights = _net(16)
+    with torch.no_grad():
+        for p in other_weights.parameters():
+            p.mul_(-2)
+    second = measure_model(other_weights, x, prof, run / "trials" / "00001" / "model.onnx", "torchscript")
+    assert first["latency_cached"] is False and second["latency_cached"] is True
+    assert second["latency"] == first["latency"] and second["arch_hash"] == first["arch_hash"]
+    # Another width, or the same width on another thread count, is a new measurement.
+    assert measure_model(_net(24), x, prof, run / "trials" / "00002" / "model.onnx", "torchscript")["latency_cached"] is False
+    prof2 = prof.model_copy(update={"threads": 2})
+    assert measure_model(_net(16), x, prof2, run / "trials" / "00003" / "model.onnx", "torchscript")["latency_cached"] is False
+    assert (run / "latency_cache.sqlite").is_file()
+    assert LatencyCache(run / "latency_cache.sqlite").stats() == {"entries": 3, "hits": 1}
+    assert run_folder_of(run / "dense" / "model.onnx") == run.resolve()
+
+
+def test_lut_predicts_and_rejects_before_export(tmp_path: Path):
+    from autoprune.lut import LatencyLUT, layer_configs
+    from autoprune.search import measure_model
+
+    run = tmp_path / "run"
+    x = torch.randn(1, 8, 32, 32)
+    big = nn.Sequential(nn.Conv2d(8, 64, 3, padding=1), nn.ReLU(), nn.Conv2d(64, 64, 3, padding=1), nn.ReLU(),
+                        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(64, 10)).eval()
+    small = nn.Sequential(nn.Conv2d(8, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 16, 3, padding=1), nn.ReLU(),
+                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 10)).eval()
+    assert [k.split(":")[0] for k, _, _ in layer_configs(big, x)] == ["conv", "conv", "linear"]
+    prof = DeviceProfile(**{**FAST, "lut": True, "cache": False, "repeats": 20})
+    dense = measure_model(big, x, prof, run / "dense" / "model.onnx", "torchscript")
+    assert dense["lut_predicted_ms"] is None  # nothing to scale by before the first measurement
+    cand = measure_model(small, x, prof, run / "trials" / "00000" / "model.onnx", "torchscript")
+    assert cand["lut_predicted_ms"] > 0
+    lut = LatencyLUT.for_run(run, prof)
+    assert len(lut.table) == 6 and lut.error()["n"] == 1
+    assert lut.predict(small, x) < lut.predict(big, x)
+    # A budget far below the prediction: rejected without export or measurement.
+    tight = prof.model_copy(update={"budget": prof.budget.model_copy(update={"max_latency_ms": 1e-6})})
+    out = measure_model(big, x, tight, run / "trials" / "00001" / "model.onnx", "torchscript")
+    assert out["latency_predicted"] is True and not (run / "trials" / "00001" / "model.onnx").exists()
