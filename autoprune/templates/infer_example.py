@@ -1,0 +1,89 @@
+"""Minimal inference with this autoprune bundle, with onnxruntime and with OpenVINO.
+
+Needs only numpy plus the runtime you deploy on (``pip install onnxruntime`` or
+``pip install openvino``); autoprune itself is not imported.
+
+    python infer_example.py              # a random input through both runtimes: top-1 and agreement
+    python infer_example.py batch.npy    # your own float32 inputs, shape (N, *model_card input shape[1:])
+
+In your code::
+
+    from infer_example import load_onnxruntime, predict
+    run = load_onnxruntime("path/to/bundle")
+    logits = predict(run, images, batch_size=card()["input"]["shape"][0])
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+Runner = Callable[[np.ndarray], np.ndarray]
+
+
+def card(bundle: str | Path = HERE) -> dict:
+    """The model card: accuracy, latency per device profile, input shape, files, provenance."""
+    return json.loads((Path(bundle) / "model_card.json").read_text())
+
+
+def load_onnxruntime(bundle: str | Path = HERE, providers: list[str] | None = None) -> Runner:
+    import onnxruntime as ort
+
+    sess = ort.InferenceSession(str(Path(bundle) / "model.onnx"), providers=providers or ["CPUExecutionProvider"])
+    name = sess.get_inputs()[0].name
+    return lambda x: sess.run(None, {name: np.ascontiguousarray(x, dtype=np.float32)})[0]
+
+
+def load_openvino(bundle: str | Path = HERE, device: str = "CPU", precision: str | None = "f32") -> Runner:
+    """``precision="f32"`` reproduces the card's accuracy; ``None`` keeps OpenVINO's default,
+    which is bf16 on CPUs that support it (faster, but logits differ by ~1e-2)."""
+    import openvino as ov
+
+    config = {"INFERENCE_PRECISION_HINT": precision} if precision and device.upper().startswith("CPU") else {}
+    compiled = ov.Core().compile_model(str(Path(bundle) / "model.xml"), device, config)
+    out = compiled.output(0)
+    return lambda x: compiled(np.ascontiguousarray(x, dtype=np.float32))[out]
+
+
+def predict(run: Runner, x: np.ndarray, batch_size: int) -> np.ndarray:
+    """Logits for any number of inputs: the exported batch axis is static, so split into
+    batches of ``batch_size`` and zero-pad the last one."""
+    outs = []
+    for i in range(0, len(x), batch_size):
+        chunk = x[i : i + batch_size]
+        n = len(chunk)
+        if n < batch_size:
+            chunk = np.concatenate([chunk, np.zeros((batch_size - n, *chunk.shape[1:]), chunk.dtype)])
+        outs.append(run(chunk)[:n])
+    return np.concatenate(outs)
+
+
+def main(argv: list[str]) -> int:
+    info = card()
+    shape = info["input"]["shape"]
+    if argv:
+        x = np.load(argv[0]).astype(np.float32)
+    else:
+        x = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
+    results = {}
+    for name, loader in (("onnxruntime", load_onnxruntime), ("openvino", load_openvino)):
+        try:
+            results[name] = predict(loader(), x, shape[0])
+        except ImportError as exc:
+            print(f"{name}: not installed ({exc}); pip install {name}")
+    for name, logits in results.items():
+        print(f"{name}: top-1 {logits.argmax(1).tolist()}")
+    if len(results) == 2:
+        a, b = results.values()
+        print(f"max |onnxruntime - openvino| = {float(np.abs(a - b).max()):.2e}")
+    print(f"trial {info['trial']}: accuracy {info['accuracy']:.4f}, params {info['params']:,}")
+    return 0 if results else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
