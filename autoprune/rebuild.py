@@ -1,0 +1,173 @@
+"""``autoprune export RUN --trial N``: deploy files for any trial, not only the Pareto front.
+
+A trial's model is ``trials/NNNNN/model.pt`` when the worker that ran it shared the run folder.
+Otherwise (or with ``rebuild=True``) it is re-created from what the study stores: the trial's
+parameters are replayed through the search's own ``run_trial`` (same pruning, same fine-tune
+seed ``search.seed + N``) on the run's dense model, and the result must reproduce the stored
+accuracy within ``tolerance`` — a model that does not is refused rather than silently exported.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tempfile
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import optuna
+import torch
+import yaml
+
+from .config import ConfigError, RunConfig, validate
+
+#: Default |rebuilt - stored| accuracy allowed. Replays are exact on the same machine and build;
+#: other CPUs / library versions may change the last bits of a fine-tune.
+TOLERANCE = 0.02
+
+
+def load_run_study(run_dir: Path, storage: Optional[str] = None, study_name: Optional[str] = None) -> optuna.Study:
+    """Open the study of ``run_dir`` (its study.db, or ``storage`` for shared studies) read-mostly."""
+    from .workers import check_sqlite_file, sqlalchemy_url
+
+    if storage is None:
+        db = run_dir / "study.db"
+        if not db.is_file():
+            raise ConfigError(f"{run_dir}: no study.db; pass --storage (and --study-name) if the study lives in a database server")
+        check_sqlite_file(db)
+        storage = f"sqlite:///{db.resolve()}"
+    name = study_name or "autoprune"
+    shown = storage.split("@")[-1]
+    try:
+        rdb = optuna.storages.RDBStorage(sqlalchemy_url(storage))
+    except Exception as exc:  # noqa: BLE001
+        raise ConfigError(f"storage {shown}: cannot open it ({type(exc).__name__}: {str(exc)[:300]})") from None
+    try:
+        return optuna.load_study(study_name=name, storage=rdb)
+    except KeyError:
+        names = optuna.get_all_study_names(rdb)
+        raise ConfigError(f"storage {shown}: no study named {name!r} (studies there: {', '.join(names) or 'none'}); pass --study-name") from None
+
+
+def _run_config(study: optuna.Study, run_dir: Path, tmp: Path, storage: Optional[str], study_name: Optional[str]) -> RunConfig:
+    """The run's exact config from the study, with the stored search space and device profile
+    written out (the original YAML paths may not exist on this machine)."""
+    ua = study.user_attrs
+    if "config" not in ua:
+        raise ConfigError(f"{run_dir}: the study has no stored config (not made by autoprune search?)")
+    data = dict(ua["config"])
+    for key, attr in (("search_space", "search_space"), ("device_profile", "device_profile")):
+        if attr in ua:
+            p = tmp / f"{attr}.yaml"
+            p.write_text(yaml.safe_dump(ua[attr]))
+            data[key] = str(p)
+    data["out"] = str(run_dir)
+    data.setdefault("search", {})
+    data["search"] = {**data["search"], "storage": storage, "study_name": study_name}
+    return validate(RunConfig, data, f"{run_dir} (config stored in the study)")
+
+
+class _ReplayStudy:
+    """What ``run_trial`` may ask of ``trial.study`` during a replay. The multi-fidelity fine-tune
+    stops a trial early when earlier trials beat it at the first rung; a replay must take the
+    same branch as the original, which the trial recorded (``stopped_at_rung0``)."""
+
+    def __init__(self, stopped_early: bool) -> None:
+        beaten = optuna.trial.create_trial(
+            values=[float("inf"), float("-inf")], user_attrs={"accuracy_rung0": float("inf")}
+        )
+        self._trials = [beaten] if stopped_early else []
+
+    def get_trials(self, deepcopy: bool = True, states: Any = None) -> list[optuna.trial.FrozenTrial]:
+        return list(self._trials)
+
+
+class _ReplayTrial(optuna.trial.FixedTrial):
+    """A stored trial's parameters and number, replayed through the search's own ``run_trial``."""
+
+    def __init__(self, frozen: optuna.trial.FrozenTrial) -> None:
+        super().__init__(frozen.params, number=frozen.number)
+        self.study = _ReplayStudy(bool(frozen.user_attrs.get("stopped_at_rung0")))
+
+
+def rebuild_trial(
+    run_dir: str | Path,
+    trial: int,
+    *,
+    storage: Optional[str] = None,
+    study_name: Optional[str] = None,
+    dest: Optional[str | Path] = None,
+    rebuild: bool = False,
+    tolerance: float = TOLERANCE,
+    console: Optional[Callable[[str], None]] = None,
+) -> dict[str, Any]:
+    """Write ONNX / OpenVINO IR / PyTorch / metadata of trial ``trial`` to ``dest``; returns the metadata.
+
+    ``rebuild``: re-create the model from the stored parameters even if ``trials/N/model.pt`` exists.
+    """
+    from .pareto import export_trial_artifacts, trial_row
+    from .search import prepare, run_trial, trial_dir
+    from .models import evaluate
+    from .workers import file_lock, model_hash
+
+    say = console or (lambda s: None)
+    run_dir = Path(run_dir)
+    study = load_run_study(run_dir, storage, study_name)
+    frozen = next((t for t in study.get_trials(deepcopy=False) if t.number == trial), None)
+    if frozen is None:
+        raise ConfigError(f"{run_dir}: the study has no trial {trial} (it has {len(study.trials)} trials, numbered from 0)")
+    if frozen.state != optuna.trial.TrialState.COMPLETE:
+        reason = frozen.user_attrs.get("fail_reason", "")
+        raise ConfigError(f"trial {trial} is {frozen.state.name}{' (' + reason + ')' if reason else ''}; only complete trials can be exported")
+
+    with tempfile.TemporaryDirectory(prefix="autoprune-rebuild-") as tmpd:
+        tmp = Path(tmpd)
+        cfg = _run_config(study, run_dir, tmp, storage, study_name)
+        if not (run_dir / "base_model.pt").is_file() and not Path(cfg.model).is_file():
+            raise ConfigError(
+                f"{run_dir}: no base_model.pt; copy it from a worker's run folder (the dense model every trial was pruned from)"
+            )
+        with file_lock(run_dir / ".prepare.lock"):
+            ctx = prepare(cfg, console=say)
+        stored_hash = study.user_attrs.get("base_model_sha256")
+        if stored_hash and model_hash(ctx.base) != stored_hash:
+            raise ConfigError(
+                f"{run_dir / 'base_model.pt'}: not the dense model the study was run with (hash {model_hash(ctx.base)} != {stored_hash}); "
+                "copy base_model.pt from the run folder of the workers"
+            )
+        stored_pt = trial_dir(run_dir, trial) / "model.pt"
+        seed = cfg.search.seed + trial
+        if stored_pt.is_file() and not rebuild:
+            say(f"trial {trial}: using {stored_pt}")
+            model = torch.load(stored_pt, map_location="cpu", weights_only=False)
+            source = str(stored_pt)
+        else:
+            say(f"trial {trial}: rebuilding from its parameters (fine-tune seed {seed})")
+            replay = _ReplayTrial(frozen)
+            try:
+                run_trial(replay, dataclasses.replace(ctx, out=tmp))  # type: ignore[arg-type]
+            except ValueError as exc:
+                raise ConfigError(f"trial {trial}: its stored parameters do not fit this run's search space ({exc})") from None
+            model = torch.load(trial_dir(tmp, trial) / "model.pt", map_location="cpu", weights_only=False)
+            source = "rebuilt from stored parameters"
+        model.eval()
+        acc = evaluate(model, ctx.data)
+        stored_acc = frozen.values[0]
+        if abs(acc - stored_acc) > tolerance:
+            raise ConfigError(
+                f"trial {trial}: the {'rebuilt' if source.startswith('rebuilt') else 'stored'} model has accuracy {acc:.4f} but the "
+                f"study recorded {stored_acc:.4f} (tolerance {tolerance}); the run folder, code or library versions differ "
+                "from the search's. Nothing was exported."
+            )
+        row = trial_row(frozen, ctx.dense)
+        out = Path(dest) if dest else run_dir / "export" / f"trial_{trial:05d}"
+        meta_extra = {
+            "device_profile": ctx.profile.model_dump(mode="json"),
+            "config": study.user_attrs.get("config"),
+            "search_space": study.user_attrs.get("search_space"),
+            "dense": ctx.dense,
+            "source": source,
+            "check": {"accuracy": acc, "stored_accuracy": stored_acc, "tolerance": tolerance, "finetune_seed": seed},
+        }
+        meta = export_trial_artifacts(model, ctx.example, out, row, meta_extra, cfg.exporter)
+    meta["dest"] = str(out)
+    return meta

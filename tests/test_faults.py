@@ -1,0 +1,285 @@
+"""Faults a long search must survive (single machine, SQLite): crashing trials, Ctrl-C, a full
+disk, corrupt / foreign / mismatched study files, and same-seed reproducibility."""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import io
+import shutil
+import sqlite3
+from pathlib import Path
+from typing import Any
+
+import optuna
+import pytest
+import torch
+import yaml
+from optuna.trial import TrialState
+from rich.console import Console
+
+from autoprune.api import run
+from autoprune.config import ConfigError, RunConfig, validate
+
+PROFILE = {"name": "ort-fast", "backend": "onnxruntime", "device": "cpu", "threads": 1, "warmup": 1,
+           "repeats": 5, "target_rel_ci": None, "batch_size": 1}
+
+
+@pytest.fixture(scope="module")
+def template(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A run folder holding only a trained dense model and its measurements: copying it lets each
+    test skip the pre-training (trials are what is under test)."""
+    from autoprune.search import prepare
+
+    root = tmp_path_factory.mktemp("faults")
+    (root / "profile.yaml").write_text(yaml.safe_dump(PROFILE))
+    (root / "space.yaml").write_text(yaml.safe_dump({"name": "noseeds", "seed_uniform": []}))
+    prepare(_cfg(root, root / "template", trials=1))
+    return root
+
+
+def _fast_extras() -> dict:
+    """Skip the (default-on) per-group sensitivity scan in prepare(): these tests are about
+    faults and workers, and the scan costs more than the trials do on a 2-core machine."""
+    from autoprune.config import RunConfig
+
+    field = RunConfig.model_fields.get("efficiency")
+    if field is not None and "sensitivity_scan" in getattr(field.annotation, "model_fields", {}):
+        return {"efficiency": {"sensitivity_scan": False}}
+    return {}
+
+
+def _cfg(root: Path, out: Path, trials: int, template: Path | None = None, **over: Any) -> RunConfig:
+    if template is not None and not out.exists():
+        # base_model.pt, dense.json and whatever else prepare() caches (e.g. sensitivity.json)
+        shutil.copytree(template / "template", out, ignore=shutil.ignore_patterns("*.lock", "study.db*"))
+    data: dict[str, Any] = {
+        "model": "demo", "data": "digits", "pretrain_seconds": 1, "device_profile": str(root / "profile.yaml"),
+        "out": str(out), "exporter": "torchscript", "finetune": {"steps": 2, "batch_size": 32},
+        "search": {"trials": trials, "seed": 0}, **_fast_extras(),
+    }
+    for k, v in over.items():
+        data[k] = {**data[k], **v} if isinstance(v, dict) else v
+    return validate(RunConfig, data, "test")
+
+
+def _quiet() -> Console:
+    return Console(file=io.StringIO(), width=200)
+
+
+def _trials(out: Path) -> list[optuna.trial.FrozenTrial]:
+    return optuna.load_study(study_name="autoprune", storage=f"sqlite:///{out / 'study.db'}").trials
+
+
+def _fail_on_calls(monkeypatch: pytest.MonkeyPatch, faults: dict[int, BaseException]) -> None:
+    """Make the n-th fine-tune call (1-based) raise ``faults[n]``; the others run for real."""
+    import importlib
+
+    search = importlib.import_module("autoprune.search")  # (autoprune.search is also a function)
+    real, calls = search.finetune, [0]
+
+    def finetune(*a: Any, **k: Any) -> int:
+        calls[0] += 1
+        if calls[0] in faults:
+            raise faults[calls[0]]
+        return real(*a, **k)
+
+    monkeypatch.setattr(search, "finetune", finetune)
+
+
+def test_crashing_trials_are_recorded_and_ctrl_c_resumes(template: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from autoprune.finetune import NonFiniteLoss
+
+    out = template / "crash"
+    cfg = _cfg(template, out, trials=2, template=template)
+    _fail_on_calls(monkeypatch, {1: NonFiniteLoss("non-finite loss nan at fine-tune step 0"),
+                                 2: torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2 GiB"),
+                                 4: KeyboardInterrupt()})
+    console = Console(file=io.StringIO(), width=300)
+    with pytest.raises(KeyboardInterrupt):
+        run(cfg, console=console, export=False)
+    log = console.file.getvalue()
+    assert "Resume with: autoprune search --out" in log
+
+    ts = _trials(out)
+    assert [t.state for t in ts[:4]] == [TrialState.FAIL, TrialState.FAIL, TrialState.COMPLETE, TrialState.FAIL]
+    assert ts[0].user_attrs["fail_reason"].startswith("NonFiniteLoss: non-finite loss")
+    assert ts[1].user_attrs["fail_reason"].startswith("OutOfMemoryError: CUDA out of memory")
+    assert ts[3].user_attrs["fail_reason"].startswith("interrupted")
+    waiting = [t for t in ts if t.state == TrialState.WAITING]
+    assert len(waiting) == 1 and waiting[0].user_attrs["retry_of"] == 3  # the interrupted trial, re-queued
+    assert not [t for t in ts if t.state == TrialState.RUNNING]
+    with open(out / ".lock", "w") as fh:  # the run lock was released
+        fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+
+    monkeypatch.undo()
+    run(cfg, console=_quiet(), export=False)  # the same command resumes
+    ts = _trials(out)
+    assert [t.number for t in ts if t.state == TrialState.COMPLETE] == [2, 4]
+    assert ts[4].params == ts[3].params and ts[4].user_attrs["retry_of"] == 3
+
+
+def test_non_finite_objective_fails_with_reason() -> None:
+    from autoprune.workers import SlotLock, _Objective
+
+    study = optuna.create_study(directions=["maximize", "minimize"])
+    obj = _Objective(lambda t: (float("nan"), 1.0), SlotLock(study, "", "x"), max_retries=2)
+    study.optimize(obj, n_trials=1, catch=(Exception,))
+    t = study.trials[0]
+    assert t.state == TrialState.FAIL and "not finite" in t.user_attrs["fail_reason"]
+
+
+def test_disk_full_stops_with_clear_error_and_study_intact(template: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from autoprune.workers import DiskFullError
+
+    out = template / "full"
+    cfg = _cfg(template, out, trials=1, template=template, search_space=str(template / "space.yaml"))
+    real_save = torch.save
+
+    def save(obj: Any, f: Any, *a: Any, **k: Any) -> None:
+        if "trials" in str(f):
+            raise OSError(errno.ENOSPC, "No space left on device", str(f))
+        real_save(obj, f, *a, **k)
+
+    monkeypatch.setattr(torch, "save", save)
+    with pytest.raises(DiskFullError, match=r"disk full while trial 0 .*free space under .*run the same command again"):
+        run(cfg, console=_quiet(), export=False)
+    ts = _trials(out)  # the study still opens: nothing half-written
+    assert ts[0].state == TrialState.FAIL and ts[0].user_attrs["fail_reason"].startswith("disk full")
+    assert [t.state for t in ts[1:]] == [TrialState.WAITING] and ts[1].system_attrs["fixed_params"] == ts[0].params
+
+    monkeypatch.undo()
+    run(cfg, console=_quiet(), export=False)
+    ts = _trials(out)
+    assert ts[1].state == TrialState.COMPLETE and ts[1].params == ts[0].params
+    assert (out / "trials" / "00001" / "model.pt").is_file()
+
+
+def test_corrupt_or_foreign_sqlite_is_refused_untouched(template: Path) -> None:
+    corrupt = template / "corrupt"
+    cfg = _cfg(template, corrupt, trials=1, template=template)
+    junk = b"this is not a database" * 100
+    (corrupt / "study.db").write_bytes(junk)
+    with pytest.raises(ConfigError, match="not a readable SQLite database"):
+        run(cfg, console=_quiet(), export=False)
+    assert (corrupt / "study.db").read_bytes() == junk
+
+    foreign = template / "foreign"
+    cfg = _cfg(template, foreign, trials=1, template=template)
+    con = sqlite3.connect(foreign / "study.db")
+    con.execute("CREATE TABLE photos (id INTEGER, path TEXT)")
+    con.commit()
+    con.close()
+    with pytest.raises(ConfigError, match="another program.*photos"):
+        run(cfg, console=_quiet(), export=False)
+    con = sqlite3.connect(foreign / "study.db")
+    assert [r[0] for r in con.execute("SELECT name FROM sqlite_master WHERE type='table'")] == ["photos"]
+    con.close()
+
+
+def test_other_search_space_or_dense_model_is_refused(template: Path) -> None:
+    from autoprune.models import DemoResNet
+
+    out = template / "mixed"
+    run(_cfg(template, out, trials=1, template=template), console=_quiet(), export=False)
+    other_space = _cfg(template, out, trials=2, search_space=str(template / "space.yaml"))
+    with pytest.raises(ConfigError, match="different model, data, search space"):
+        run(other_space, console=_quiet(), export=False)
+    # Same config, but a worker whose dense model differs (e.g. trained on its own machine).
+    torch.save(DemoResNet(10, 1), out / "base_model.pt")
+    with pytest.raises(ConfigError, match="dense model .* not the one the study was started with"):
+        run(_cfg(template, out, trials=2), console=_quiet(), export=False)
+    # nothing was mixed in: the first session's complete trial and its still-queued seed only
+    assert [t.state for t in _trials(out)] == [TrialState.COMPLETE, TrialState.WAITING]
+
+
+def test_same_config_and_seed_replay_the_same_trials(template: Path) -> None:
+    runs = []
+    for name in ("rep1", "rep2"):
+        cfg = _cfg(template, template / name, trials=2, template=template, search_space=str(template / "space.yaml"),
+                   search={"sampler": "random"})
+        run(cfg, console=_quiet(), export=False)
+        runs.append(_trials(template / name))
+    a, b = runs
+    assert [t.params for t in a] == [t.params for t in b]
+    assert len({tuple(sorted(t.params.items())) for t in a}) == 2
+    assert [t.values[0] for t in a] == [t.values[0] for t in b]  # same pruning + seeded fine-tune
+
+
+def test_trial_of_worker_that_died_before_its_first_heartbeat_is_retried(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Optuna's stale check skips RUNNING trials without any heartbeat; they would block the
+    study forever (counted as running). workers.fail_dead_trials retries them after a while."""
+    from datetime import datetime, timedelta
+
+    import autoprune.workers as workers
+    from autoprune.config import SearchSettings
+
+    s = SearchSettings(heartbeat_interval=1, grace_period=2)
+    study = optuna.create_study(storage=workers.make_storage(f"sqlite:///{tmp_path / 'h.db'}", s, lambda *a: None),
+                                directions=["maximize", "minimize"])
+    t = study.ask()  # RUNNING, never beats: its worker "died" right after creating it
+    t.suggest_float("ratio/x", 0.0, 0.5)
+    assert workers.fail_dead_trials(study, max_retries=2) == []  # too recent to judge
+
+    class Later(datetime):
+        @classmethod
+        def now(cls, tz: Any = None) -> datetime:  # type: ignore[override]
+            return datetime.now(tz) + timedelta(seconds=60)
+
+    monkeypatch.setattr(workers, "datetime", Later)
+    assert workers.fail_dead_trials(study, max_retries=2) == [0]
+    ts = study.trials
+    assert ts[0].state == TrialState.FAIL and "heartbeat" in ts[0].user_attrs["fail_reason"]
+    assert ts[1].state == TrialState.WAITING and ts[1].system_attrs["fixed_params"] == {"ratio/x": ts[0].params["ratio/x"]}
+    assert workers.fail_dead_trials(study, max_retries=2) == []  # handled once
+
+
+def test_retries_of_the_same_parameters_are_capped() -> None:
+    from autoprune.workers import requeue
+
+    study = optuna.create_study(directions=["maximize", "minimize"])
+    for attempt in range(4):  # each attempt's worker dies; the cap is search.max_retries = 2
+        t = study.ask()
+        t.suggest_float("ratio/x", 0.0, 0.5)
+        study.tell(t, state=TrialState.FAIL)
+        if not requeue(study, study.trials[-1], max_retries=2, reason="killed"):
+            break
+    ts = study.trials
+    assert attempt == 2 and len(ts) == 3  # first run + 2 retries, then given up
+    assert len({t.params["ratio/x"] for t in ts}) == 1 and ts[-1].user_attrs["retry_history"] == [0, 1]
+
+
+def test_ctrl_c_on_a_real_process_exits_cleanly_and_prints_resume(template: Path) -> None:
+    """SIGINT (Ctrl-C) to ``autoprune search`` mid-trial: exit 130, the message says how to resume,
+    the trial in flight is FAIL 'interrupted' with its parameters re-queued, nothing left RUNNING."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = template / "sigint"
+    cfg = _cfg(template, out, trials=3, template=template, finetune={"steps": 200})
+    (template / "sigint.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
+    proc = subprocess.Popen([sys.executable, "-m", "autoprune.cli", "search", "--config", str(template / "sigint.yaml")],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env={**os.environ, "COLUMNS": "300"})
+    deadline = time.monotonic() + 120
+    running = []
+    while not running and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.3)
+        if (out / "study.db").is_file():
+            try:
+                running = [t for t in _trials(out) if t.state == TrialState.RUNNING]
+            except Exception:  # noqa: BLE001 - study being created
+                continue
+    assert running, proc.communicate(timeout=30)[0][-3000:]
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGINT)
+    log = proc.communicate(timeout=60)[0]
+    assert proc.returncode == 130, log[-3000:]
+    assert "Resume with: autoprune search --out" in log
+    ts = _trials(out)
+    hit = ts[running[0].number]
+    assert hit.state == TrialState.FAIL and hit.user_attrs["fail_reason"].startswith("interrupted")
+    assert any(t.state == TrialState.WAITING and t.user_attrs.get("retry_of") == hit.number for t in ts)
+    assert not [t for t in ts if t.state == TrialState.RUNNING]
