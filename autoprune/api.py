@@ -14,6 +14,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from .config import RunConfig, load_device_profile, load_run_config
 from .pareto import export_front, front
+from .workers import public_config, redact_url
 from .search import SearchContext, _fail_stale_local_trials, completed, enqueue_seeds, open_study, optimize, prepare, run_lock
 
 
@@ -35,7 +36,7 @@ class SearchResult:
         """(Re)write pareto.json/csv, plots and per-model ONNX/IR/PyTorch/metadata under ``out``."""
         meta = {
             "device_profile": self.ctx.profile.model_dump(mode="json"),
-            "config": self.ctx.cfg.model_dump(mode="json"),
+            "config": public_config(self.ctx.cfg),  # no storage password in deploy metadata
             "search_space": self.ctx.space.model_dump(mode="json"),
             "dense": self.ctx.dense,
         }
@@ -61,7 +62,7 @@ def _progress_callback(progress: Progress, task: Any, console: Console, target: 
                 + (f" [{ua['skipped_finetune']}]" if ua.get("skipped_finetune") else "")
             )
         else:
-            console.log(f"trial {trial.number}: {trial.state.name} {trial.system_attrs.get('fail_reason', '')[:300]}")
+            console.log(f"trial {trial.number}: {trial.state.name} {str(trial.user_attrs.get('fail_reason', ''))[:300]}")
 
     return cb
 
@@ -70,7 +71,12 @@ def run(cfg: RunConfig, console: Optional[Console] = None, export: bool = True) 
     """Run (or resume) the search described by ``cfg`` and export its Pareto front."""
     console = console or Console(stderr=True)
     t0 = time.perf_counter()
-    ctx = prepare(cfg, console=lambda s: console.log(s))
+    from .workers import file_lock
+
+    # Workers sharing the run folder: the first trains and measures the dense model, the others
+    # wait here and load its base_model.pt / dense.json (the study checks the weights' hash).
+    with file_lock(Path(cfg.out) / ".prepare.lock"):
+        ctx = prepare(cfg, console=lambda s: console.log(s))
     local = cfg.search.storage is None
     lock = run_lock(ctx.out) if local else contextlib.nullcontext()
     with lock:
@@ -79,7 +85,9 @@ def run(cfg: RunConfig, console: Optional[Console] = None, export: bool = True) 
             n = _fail_stale_local_trials(study)
             if n:
                 console.log(f"{n} trial(s) left running by a killed search were marked failed and re-queued")
-        enqueue_seeds(study, ctx)
+        # (with shared storage, optimize() enqueues the seeds under the study-wide lock)
+        if local:
+            enqueue_seeds(study, ctx)
         already = len(completed(study))
         console.log(
             f"{len(ctx.groups)} prunable groups; dense: acc {ctx.dense['accuracy']:.3f}, "
@@ -94,13 +102,31 @@ def run(cfg: RunConfig, console: Optional[Console] = None, export: bool = True) 
             try:
                 optimize(ctx, study, _progress_callback(progress, task, console, cfg.search.trials))
             except KeyboardInterrupt:
-                console.log(f"[yellow]interrupted; finished trials are saved. Resume with the same command (run folder {ctx.out}).")
+                console.log(f"[yellow]interrupted; finished trials are saved and the trial in flight is re-queued. Resume with: {resume_command(cfg)}")
                 raise
         result = SearchResult(ctx.out, study, ctx)
         if export:
-            result.export()
+            # Workers sharing a run folder finish together: one writes pareto/ at a time.
+            with file_lock(ctx.out / ".export.lock"):
+                if cfg.efficiency.final_finetune_steps:
+                    from .efficiency import final_stage
+
+                    final_stage(ctx, front(study, ctx.dense), say=lambda s: console.log(s))
+                result.export()
     result.wall_s = time.perf_counter() - t0
     return result
+
+
+def resume_command(cfg: RunConfig) -> str:
+    """The command line that resumes ``cfg``'s study (printed on Ctrl-C)."""
+    import shlex
+
+    cmd = ["autoprune", "search", "--out", cfg.out]
+    if cfg.search.storage:
+        cmd += ["--storage", redact_url(cfg.search.storage) or ""]
+    if cfg.search.study_name:
+        cmd += ["--study-name", cfg.search.study_name]
+    return " ".join(shlex.quote(c) for c in cmd) + "  (plus the same --config / options as before)"
 
 
 def search(

@@ -38,7 +38,7 @@ def cmd_search(args: argparse.Namespace, console: Console) -> int:
     }
     cfg = load_run_config(args.config, **overrides)
     try:
-        result = run(cfg, console=console)
+        result = run(cfg, console=Console(stderr=True))
     except KeyboardInterrupt:
         return 130
     console.print(_fmt_row_table(result.pareto, result.dense, f"Pareto front ({len(result.pareto)} models) on {result.ctx.profile.name}"))
@@ -49,10 +49,10 @@ def cmd_search(args: argparse.Namespace, console: Console) -> int:
 def cmd_pick(args: argparse.Namespace, console: Console) -> int:
     from .deploy import load_front, pick
 
-    row, dest = pick(args.run, args.dest, max_latency_ms=args.max_latency_ms, max_params=args.max_params,
-                     min_accuracy=args.min_accuracy, max_flops=args.max_flops, trial=args.trial)
+    row, dest = pick(args.run, args.dest, profile=args.profile, max_latency_ms=args.max_latency_ms, max_params=args.max_params,
+                     min_accuracy=args.min_accuracy, max_flops=args.max_flops, max_size_mb=args.max_size_mb, trial=args.trial)
     dense = load_front(args.run).get("dense")
-    console.print(_fmt_row_table([row], dense, "picked"))
+    console.print(_fmt_row_table([row], dense if not args.profile else None, f"picked (latency on {args.profile or dense.get('profile')})"))
     console.print(f"deploy files in {dest}: " + ", ".join(sorted(p.name for p in dest.iterdir())))
     return 0
 
@@ -92,6 +92,84 @@ def cmd_groups(args: argparse.Namespace, console: Console) -> int:
     return 0
 
 
+def cmd_serve_latency(args: argparse.Namespace, console: Console) -> int:
+    """Run the latency server on this (target) machine until interrupted."""
+    import os
+    from pathlib import Path
+
+    from .serve import make_server
+
+    token = Path(args.token_file).read_text().strip() if args.token_file else os.environ.get(args.token_env, "")
+    if not token:
+        raise ConfigError(f"serve-latency needs a token: set {args.token_env} (e.g. export {args.token_env}=$(python -c "
+                          "'import secrets; print(secrets.token_urlsafe(32))')) or pass --token-file")
+    srv = make_server(args.host, args.port, token, args.max_upload_mb)
+    console.print(f"autoprune serve-latency on {srv.url} (POST /v1/measure, GET /v1/info; uploads up to {args.max_upload_mb:g} MB)")
+    try:
+        srv.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        srv.server_close()
+    return 0
+
+
+def cmd_report(args: argparse.Namespace, console: Console) -> int:
+    """Self-contained HTML report of a run (plots + Pareto table); opens offline."""
+    from .report import write_report
+
+    dest = write_report(args.run, args.out, args.storage, args.study_name)
+    console.print(f"wrote {dest} ({dest.stat().st_size / 1e6:.1f} MB, self-contained; open it in a browser)")
+    return 0
+
+
+def cmd_dashboard(args: argparse.Namespace, console: Console) -> int:
+    """optuna-dashboard on the run's study (live while a search runs)."""
+    from .dashboard import serve
+
+    if args.host not in ("127.0.0.1", "localhost", "::1"):
+        console.print(f"[yellow]warning:[/yellow] serving on {args.host}: optuna-dashboard has no authentication")
+    console.print(f"optuna-dashboard on http://{args.host}:{args.port}/ (Ctrl-C to stop)")
+    try:
+        serve(args.run, args.host, args.port, args.storage)
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
+def cmd_remeasure(args: argparse.Namespace, console: Console) -> int:
+    """Latency of the Pareto models on another device profile; which stay non-dominated there."""
+    from .remeasure import remeasure
+
+    progress = Console(stderr=True)  # progress on stderr, the table (result) on the given console
+    res = remeasure(args.run, args.device_profile, say=lambda s: progress.log(s))
+    t = Table(title=f"Pareto models on {res['profile_name']} (searched on {res['search_profile']})")
+    for c in ("trial", "accuracy", f"ms on {res['search_profile']}", f"ms on {res['profile_name']}", "p90 ms", "speed-up", "non-dominated"):
+        t.add_column(c, justify="right")
+    if res["dense"]:
+        d = res["dense"]
+        t.add_row("dense", f"{d['accuracy']:.4f}", "", f"{d['latency']['median_ms']:.3f}", f"{d['latency']['p90_ms']:.3f}", "1.00x", "", style="yellow")
+    for r in res["rows"]:
+        t.add_row(str(r["trial"]), f"{r['accuracy']:.4f}", f"{r['search_latency_ms']:.3f}", f"{r['latency_ms']:.3f}",
+                  f"{r['latency']['p90_ms']:.3f}", f"{r['speedup']:.2f}x" if r.get("speedup") else "",
+                  "yes" if r["non_dominated"] else "[red]no[/red]")
+    console.print(t)
+    console.print(f"wrote {res['path']}; pick on this target with: autoprune pick {args.run} --profile {args.device_profile} --max-latency-ms ...")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace, console: Console) -> int:
+    """Deploy files of any trial: its stored model, or rebuilt from its parameters and seed."""
+    from .rebuild import rebuild_trial
+
+    meta = rebuild_trial(args.run, args.trial, storage=args.storage, study_name=args.study_name, dest=args.dest,
+                         rebuild=args.rebuild, tolerance=args.tolerance, console=lambda s: console.log(s))
+    chk = meta["check"]
+    console.print(f"trial {args.trial} ({meta['source']}): accuracy {chk['accuracy']:.4f} (study: {chk['stored_accuracy']:.4f}); "
+                  f"wrote {meta['dest']}: " + ", ".join(sorted(meta["files"].values())) + ", metadata.json")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="autoprune", description="Hardware-aware automated pruning search.")
     sub = p.add_subparsers(dest="cmd")
@@ -118,9 +196,30 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("--max-params", type=int)
     k.add_argument("--max-flops", type=float)
     k.add_argument("--min-accuracy", type=float)
+    k.add_argument("--max-size-mb", type=float, help="ONNX file size budget in MB (10^6 bytes)")
     k.add_argument("--trial", type=int)
+    k.add_argument("--profile", help="device profile --max-latency-ms refers to (default: the search's; others need 'autoprune remeasure')")
     k.add_argument("--dest", help="where to write the bundle (default: <run>/picked)")
     k.set_defaults(fn=cmd_pick)
+
+    rp = sub.add_parser("report", help="write a self-contained HTML report of a run")
+    rp.add_argument("run", help="run folder")
+    rp.add_argument("--out", help="HTML file to write (default: <run>/report.html)")
+    rp.add_argument("--storage", help="Optuna storage URL when the study is not <run>/study.db")
+    rp.add_argument("--study-name")
+    rp.set_defaults(fn=cmd_report)
+
+    db = sub.add_parser("dashboard", help="start optuna-dashboard on a run's study (loopback by default)")
+    db.add_argument("run", help="run folder")
+    db.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1; the dashboard has no login)")
+    db.add_argument("--port", type=int, default=8080)
+    db.add_argument("--storage", help="Optuna storage URL when the study is not <run>/study.db")
+    db.set_defaults(fn=cmd_dashboard)
+
+    rm = sub.add_parser("remeasure", help="measure a run's Pareto models on another device profile")
+    rm.add_argument("run", help="run folder")
+    rm.add_argument("--device-profile", required=True, help="YAML file or shipped name (device_profiles/)")
+    rm.set_defaults(fn=cmd_remeasure)
 
     b = sub.add_parser("bench", help="measure an ONNX file's latency on a device profile")
     b.add_argument("onnx")
@@ -129,11 +228,29 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--json", action="store_true")
     b.set_defaults(fn=cmd_bench)
 
+    ex = sub.add_parser("export", help="write deploy files of any trial (rebuilt from its parameters if its model.pt is not here)")
+    ex.add_argument("run", help="run folder of the search")
+    ex.add_argument("--trial", type=int, required=True)
+    ex.add_argument("--storage", help="the study's storage URL when it is not <run>/study.db (e.g. postgresql://...)")
+    ex.add_argument("--study-name")
+    ex.add_argument("--dest", help="where to write (default: <run>/export/trial_NNNNN)")
+    ex.add_argument("--rebuild", action="store_true", help="re-create the model from the stored parameters even if trials/N/model.pt exists")
+    ex.add_argument("--tolerance", type=float, default=0.02, help="allowed |accuracy - stored accuracy| of the model (default 0.02)")
+    ex.set_defaults(fn=cmd_export)
+
     g = sub.add_parser("groups", help="list a model's prunable channel groups")
     g.add_argument("--model", default="demo")
     g.add_argument("--data", default="digits")
     g.add_argument("--search-space", default="default")
     g.set_defaults(fn=cmd_groups)
+
+    sl = sub.add_parser("serve-latency", help="on a target device: measure ONNX files sent by `backend: remote` profiles")
+    sl.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 to accept other machines)")
+    sl.add_argument("--port", type=int, default=8765)
+    sl.add_argument("--token-env", default="AUTOPRUNE_LATENCY_TOKEN", help="environment variable holding the token")
+    sl.add_argument("--token-file", help="read the token from this file instead")
+    sl.add_argument("--max-upload-mb", type=float, default=256.0)
+    sl.set_defaults(fn=cmd_serve_latency)
     return p
 
 
@@ -153,13 +270,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         argv = ["search"]
     args = build_parser().parse_args(argv)
     _quiet_library_warnings()
-    console = Console(stderr=True)
+    console = Console()  # results on stdout; progress and logs go to stderr
     from .backends import BackendUnavailable
 
     try:
         return args.fn(args, console)
     except (ConfigError, BackendUnavailable) as exc:
-        console.print(f"[red]error:[/red] {exc}", markup=True, highlight=False)
+        print(f"error: {exc}", file=sys.stderr)  # unwrapped: users grep and paste these
         return 2
 
 

@@ -43,11 +43,30 @@ class LayerRule(_Strict):
     low: Optional[float] = None
     high: Optional[float] = None
     methods: Optional[list[str]] = None
+    #: Granularities allowed for matching groups (see SearchSpace.granularities).
+    granularities: Optional[list[str]] = None
 
     @model_validator(mode="after")
     def _range(self) -> "LayerRule":
         _check_range(self.low, self.high)
+        _check_methods(self.methods, self.granularities)
         return self
+
+
+def _check_methods(methods: Optional[list[str]], granularities: Optional[list[str]]) -> None:
+    """Unknown criterion or granularity names fail at load time with the allowed values."""
+    from . import methods as registry  # lazy: pulls in torch
+    from .methods.granularity import GRANULARITY_HELP, parse
+
+    for m in methods or []:
+        if m not in registry.available():
+            raise ValueError(f"methods: unknown pruning method {m!r}; allowed: {', '.join(registry.available())}")
+    if methods is not None and not methods:
+        raise ValueError(f"methods: empty list; allowed: {', '.join(registry.available())}")
+    for g in granularities or []:
+        parse(g)
+    if granularities is not None and not granularities:
+        raise ValueError(f"granularities: empty list; allowed: {GRANULARITY_HELP}")
 
 
 def _check_range(low: Optional[float], high: Optional[float]) -> None:
@@ -72,6 +91,21 @@ class SearchSpace(_Strict):
     round_to: int = Field(8, ge=1, description="keep a multiple of this many channels")
     methods: list[str] = Field(default_factory=lambda: ["l1"])
     global_method: bool = True
+    #: What a group's ratio removes: structured (channels, physically) | unstructured (weights
+    #: zeroed) | nm:N:M | hybrid (channels, then weights). Sampled like methods.
+    granularities: list[str] = Field(default_factory=lambda: ["structured"])
+    #: One granularity for the whole model per trial (true) or one per group (false).
+    global_granularity: bool = True
+    #: hybrid: range of ``wratio/<group>``, the fraction of the remaining weights zeroed.
+    weight_low: float = 0.0
+    weight_high: float = 0.8
+    #: bn_scale: L1 penalty on BN scales for bn_l1_steps steps before ranking (network slimming).
+    bn_l1: float = Field(0.0, ge=0)
+    bn_l1_steps: int = Field(20, ge=0)
+    #: oneshot | iterative (all groups, ratio·k/steps per round) | layerwise (groups in chunks);
+    #: rounds are separated by fine-tunes of finetune.steps // schedule_steps steps.
+    schedule: Literal["oneshot", "iterative", "layerwise"] = "oneshot"
+    schedule_steps: int = Field(1, ge=1)
     layers: list[LayerRule] = Field(default_factory=list)
     #: Uniform ratios enqueued as first trials: cheap, strong seeds for the sampler.
     seed_uniform: list[float] = Field(default_factory=lambda: [0.25, 0.5])
@@ -83,11 +117,13 @@ class SearchSpace(_Strict):
             _check_range(r, None)
         if self.step is not None and not (0 < self.step < 1):
             raise ValueError(f"step={self.step} must be in (0, 1) or null")
+        _check_range(self.weight_low, self.weight_high)
+        _check_methods(self.methods, self.granularities)
         return self
 
 
 # --------------------------------------------------------------------------- device profile
-BACKENDS = ("onnxruntime", "openvino", "torch")
+BACKENDS = ("onnxruntime", "openvino", "torch", "remote")
 
 
 class Budget(_Strict):
@@ -104,7 +140,7 @@ class DeviceProfile(_Strict):
     -nstreams 1 -nthreads N -nireq 1 -api sync`` when backend is openvino."""
 
     name: str
-    backend: Literal["onnxruntime", "openvino", "torch"]
+    backend: Literal["onnxruntime", "openvino", "torch", "remote"]
     device: str = "cpu"
     threads: int = Field(1, ge=1)
     warmup: int = Field(10, ge=0)
@@ -117,6 +153,44 @@ class DeviceProfile(_Strict):
     input_shape: Optional[list[int]] = None
     providers: Optional[list[str]] = None
     budget: Budget = Field(default_factory=Budget)
+    #: fp32 | fp16 (torch CUDA, OpenVINO inference-precision hint, onnxruntime TensorRT) | int8
+    #: (post-training quantization on calibration batches: NNCF for OpenVINO, onnxruntime.quantization
+    #: otherwise); with int8 the trial accuracy is measured on the quantized model.
+    precision: Literal["fp32", "fp16", "int8"] = "fp32"
+    #: latency: batch_size is usually 1 and median ms is the headline; throughput: a larger
+    #: batch_size, samples/s is the headline (OpenVINO gets the THROUGHPUT hint, still one stream).
+    mode: Literal["latency", "throughput"] = "latency"
+    #: torch backend only: torch.compile the model before timing (needs a C++ compiler on CPU).
+    compile: bool = False
+    #: Time the dense model in the same session, interleaved with the candidate, and report the
+    #: speed-up ratio: more trustworthy than absolute times for sub-millisecond models on shared CPUs.
+    measure_reference: bool = False
+    #: Reuse the latency of an identical architecture (same exported graph shapes) in a run folder.
+    cache: bool = True
+    #: int8: number of single-input calibration samples fed to post-training quantization.
+    calib_samples: int = Field(64, ge=1)
+    #: Per-layer latency lookup table (lut.py): predict latency before export and skip candidates
+    #: predicted over budget.max_latency_ms × (1 + lut_margin) without exporting or measuring them.
+    lut: bool = False
+    lut_margin: float = Field(0.25, ge=0)
+    #: backend: remote — URL of `autoprune serve-latency` on the target, the environment variable
+    #: holding its token, the runtime the server should use, and the HTTP timeout.
+    url: Optional[str] = None
+    token_env: str = "AUTOPRUNE_LATENCY_TOKEN"
+    remote_backend: Literal["onnxruntime", "openvino"] = "onnxruntime"
+    request_timeout_s: float = Field(300.0, gt=0)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "DeviceProfile":
+        if self.backend == "remote" and not self.url:
+            raise ValueError("backend: remote needs url: http://<target>:<port> (where `autoprune serve-latency` runs)")
+        if self.backend == "torch" and self.precision == "int8":
+            raise ValueError("precision: int8 is supported on backends onnxruntime, openvino and remote, not torch")
+        if self.backend == "torch" and self.precision == "fp16" and not self.device.lower().startswith("cuda"):
+            raise ValueError("precision: fp16 with backend torch needs device: cuda (CPU fp16 kernels are slow/partial)")
+        if self.compile and self.backend != "torch":
+            raise ValueError("compile: true applies to backend torch only")
+        return self
 
 
 # --------------------------------------------------------------------------- run config
@@ -137,6 +211,32 @@ class SearchSettings(_Strict):
     storage: Optional[str] = None
     study_name: Optional[str] = None
     timeout_s: Optional[float] = Field(None, gt=0)
+    #: Seconds between a running trial's heartbeats in the storage (Optuna RDB heartbeat).
+    heartbeat_interval: int = Field(10, ge=1)
+    #: A RUNNING trial whose heartbeat is older than this is taken as a dead worker's: it is
+    #: marked FAIL and its parameters are re-queued (at most ``max_retries`` times).
+    grace_period: int = Field(30, ge=2)
+    max_retries: int = Field(2, ge=0)
+    #: Add a third objective: gzip-compressed ONNX size (bytes, minimized) — what unstructured and
+    #: N:M zeros actually save. Default off: (accuracy, latency) only.
+    size_objective: bool = False
+
+
+class EfficiencyConfig(_Strict):
+    """What makes trials cheap and predictive (see efficiency.py)."""
+
+    #: Re-estimate BatchNorm statistics after pruning, before fine-tune/evaluation (EagleEye).
+    bn_recalibration: bool = True
+    bn_batches: int = Field(8, ge=1)
+    #: Prune each group alone once per run; narrow sensitive groups' ratio ranges.
+    sensitivity_scan: bool = True
+    sensitivity_ratio: float = Field(0.5, gt=0, lt=1)
+    sensitivity_strength: float = Field(0.5, ge=0, le=1)
+    #: Fine-tune a fraction of the steps first; stop trials already dominated at that fidelity.
+    multi_fidelity: bool = True
+    rung0_fraction: float = Field(0.34, gt=0, lt=1)
+    #: Longer fine-tune for the Pareto models at the end (0 = off); report short vs final accuracy.
+    final_finetune_steps: int = Field(0, ge=0)
 
 
 class RunConfig(_Strict):
@@ -148,12 +248,15 @@ class RunConfig(_Strict):
     image_size: Optional[int] = None
     val_fraction: float = Field(0.25, gt=0, lt=1)
     pretrain_seconds: float = Field(10.0, ge=0)
+    #: Exact pre-training steps instead of a time budget (reproducible on a busy machine).
+    pretrain_steps: Optional[int] = Field(None, ge=0)
     search_space: str = "default"
     device_profile: str = "onnxruntime-cpu"
     out: str = "runs/digits-demo"
     exporter: Literal["dynamo", "torchscript"] = "dynamo"
     finetune: FinetuneConfig = Field(default_factory=FinetuneConfig)
     search: SearchSettings = Field(default_factory=SearchSettings)
+    efficiency: EfficiencyConfig = Field(default_factory=EfficiencyConfig)
 
 
 # --------------------------------------------------------------------------- loading

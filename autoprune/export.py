@@ -27,6 +27,15 @@ def _quiet():
         yield
 
 
+def _root_cause(exc: BaseException) -> BaseException:
+    """The exporters wrap the real error in pages of advice; users need the innermost message."""
+    seen = set()
+    while (exc.__cause__ or exc.__context__) is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__  # type: ignore[assignment]
+    return exc
+
+
 def export_onnx(model: nn.Module, example: torch.Tensor, path: Path, exporter: str = "dynamo", opset: int = 18) -> Path:
     """Write ``model`` as ONNX with input ``input`` and output ``logits``; the batch axis stays
     static (latency is measured at the profile's batch size, and static shapes let runtimes plan)."""
@@ -50,7 +59,11 @@ def export_onnx(model: nn.Module, example: torch.Tensor, path: Path, exporter: s
         os.replace(tmp, path)
     except Exception as exc:  # noqa: BLE001 - exporters raise many types
         tmp.unlink(missing_ok=True)
-        raise ExportError(f"ONNX export ({exporter}) failed: {type(exc).__name__}: {str(exc)[:500]}") from exc
+        root = _root_cause(exc)
+        raise ExportError(
+            f"ONNX export ({exporter}) failed: {type(root).__name__}: {str(root)[:500]}"
+            + ("" if root is exc else f" (reported as {type(exc).__name__}); try exporter: torchscript if the model is not torch.export-able")
+        ) from exc
     return path
 
 

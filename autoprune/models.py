@@ -146,23 +146,31 @@ def evaluate(model: nn.Module, data: DataBundle, batch_size: int = 256, max_batc
     return correct / max(total, 1)
 
 
-def pretrain(model: nn.Module, data: DataBundle, seconds: float, lr: float = 3e-3, batch_size: int = 64, seed: int = 0) -> int:
-    """Train for a wall-clock budget (the demo needs a trained dense model to prune). Returns steps."""
+def pretrain(
+    model: nn.Module, data: DataBundle, seconds: float, lr: float = 3e-3, batch_size: int = 64, seed: int = 0, steps: Optional[int] = None
+) -> int:
+    """Train for a wall-clock budget, or exactly ``steps`` steps when given (reproducible on a
+    loaded machine). The demo needs a trained dense model to prune. Returns the steps taken."""
     torch.manual_seed(seed)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
     model.train()
-    steps, t0, epoch = 0, time.perf_counter(), 0
-    while time.perf_counter() - t0 < seconds:
+    target = steps
+    done, t0, epoch = 0, time.perf_counter(), 0
+
+    def finished() -> bool:
+        return done >= target if target is not None else time.perf_counter() - t0 >= seconds
+
+    while not finished():
         for x, y in data.loader("train", batch_size, shuffle=True, seed=seed + epoch):
             opt.zero_grad(set_to_none=True)
             F.cross_entropy(model(x), y).backward()
             opt.step()
-            steps += 1
-            if time.perf_counter() - t0 >= seconds:
+            done += 1
+            if finished():
                 break
         epoch += 1
     model.eval()
-    return steps
+    return done
 
 
 def count_params(model: nn.Module) -> int:

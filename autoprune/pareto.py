@@ -44,6 +44,8 @@ def trial_row(t: optuna.trial.FrozenTrial, dense: dict[str, Any]) -> dict[str, A
         "finetune_steps": ua.get("finetune_steps"),
         "ratios": ua.get("ratios", {}),
         "methods": ua.get("methods", {}),
+        "granularity": ua.get("granularity", {}),
+        "weight_sparsity": ua.get("weight_sparsity"),
         "widths": ua.get("widths", {}),
     }
 
@@ -167,8 +169,15 @@ def export_front(
     tmp = out / (PARETO_DIR + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
+    final_path = out / "final.json"
+    finals = json.loads(final_path.read_text()) if final_path.is_file() else {}
     for r in rows:
-        src = out / "trials" / f"{r['trial']:05d}" / "model.pt"
+        tdir = out / "trials" / f"{r['trial']:05d}"
+        src = tdir / "model.pt"
+        if str(r["trial"]) in finals and (tdir / "model_final.pt").is_file():
+            # The final stage's longer fine-tune: deploy that model, keep the short result too.
+            r["final"] = finals[str(r["trial"])]
+            src = tdir / "model_final.pt"
         if not src.is_file():
             r["artifacts"] = None  # trial ran on another worker without a shared run folder
             continue

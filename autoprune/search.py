@@ -27,7 +27,6 @@ from typing import Any, Callable, Iterator, Optional
 import optuna
 import torch
 import torch.nn as nn
-from optuna.study import MaxTrialsCallback
 from optuna.trial import TrialState
 
 from . import backends
@@ -41,10 +40,13 @@ from .config import (
     load_search_space,
 )
 from .data import DataBundle, load_data
+from .efficiency import dominated_at_fidelity, recalibrate_bn
 from .export import export_onnx, file_size, gzip_size
 from .finetune import finetune
 from .models import build_model, count_flops, count_params, evaluate, pretrain
-from .plan import PruningPlan, apply_plan
+from .methods import hold_zeros, weight_sparsity
+from .methods.space import suggest_granularities
+from .plan import PruningPlan, apply_plan, apply_schedule
 from .structure import PrunableGroup, apply_rules, find_groups
 
 log = logging.getLogger("autoprune")
@@ -90,11 +92,58 @@ def _atomic_write_text(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def measure_model(model: nn.Module, example: torch.Tensor, profile: DeviceProfile, onnx_path: Path, exporter: str) -> dict[str, Any]:
-    """Export ``model`` and time it on the profile's backend; returns latency stats and sizes."""
+def measure_model(model: nn.Module, example: torch.Tensor, profile: DeviceProfile, onnx_path: Path, exporter: str,
+                  calib: Optional[list[Any]] = None) -> dict[str, Any]:
+    """Export ``model`` and time it on the profile's backend; returns latency stats and sizes.
+
+    An architecture already measured on this profile in this run folder is not measured again
+    (``latency_cache.py``; profile key ``cache``). ``precision: int8`` quantizes first, calibrated on
+    ``calib`` batches. ``measure_reference: true`` times the dense model (``<run>/dense/model.onnx``)
+    interleaved with the candidate and records ``latency.speedup``, steadier than absolute times.
+    """
+    from .latency_cache import LatencyCache, architecture_hash, run_folder_of
+    from .quantize import calibration_batches
+
+    run_dir = run_folder_of(onnx_path)
+    lut, predicted = None, None
+    if profile.lut:  # predict before export; reject clear budget violations without measuring (lut.py)
+        from .latency import LatencyStats
+        from .lut import LatencyLUT
+
+        lut = LatencyLUT.for_run(run_dir, profile)
+        predicted = lut.predict(model, example)
+        b = profile.budget.max_latency_ms
+        if predicted is not None and b and predicted > b * (1 + profile.lut_margin):
+            est = sum(p.numel() * p.element_size() for p in model.parameters())
+            st = LatencyStats(predicted, predicted, predicted, predicted, 0.0, 0, 0.0, int(example.shape[0]))
+            return {"latency": st.to_dict(), "latency_predicted": True, "lut_predicted_ms": predicted,
+                    "onnx_bytes": est, "onnx_gzip_bytes": est, "onnx_bytes_estimated": True}
     export_onnx(model, example, onnx_path, exporter)
-    stats = backends.measure(backends.ModelArtifact(onnx_path, model), profile, example.numpy())
-    return {"latency": stats.to_dict(), "onnx_bytes": file_size(onnx_path), "onnx_gzip_bytes": gzip_size(onnx_path)}
+    arch = architecture_hash(onnx_path)
+    cache = LatencyCache(run_dir / "latency_cache.sqlite") if profile.cache else None
+    stats = cache.get(profile, arch) if cache else None
+    cached = stats is not None
+    if stats is None:
+        ref = None
+        dense_onnx = run_dir / "dense" / "model.onnx"
+        if profile.measure_reference and dense_onnx.is_file() and dense_onnx.resolve() != Path(onnx_path).resolve():
+            base_pt = run_dir / "base_model.pt"
+            dense_torch = torch.load(base_pt, map_location="cpu", weights_only=False) if profile.backend == "torch" and base_pt.is_file() else None
+            ref = backends.ModelArtifact(dense_onnx, dense_torch)
+            if profile.precision == "int8":  # the dense model was quantized when it was measured: reuse that file
+                from .quantize import quantized_path
+
+                if quantized_path(dense_onnx, profile).is_file():
+                    ref = backends.ModelArtifact(quantized_path(dense_onnx, profile), dense_torch, quantized=True)
+        batches = calibration_batches(calib, int(example.shape[0]), profile.calib_samples) if calib and profile.precision == "int8" else None
+        stats = backends.measure(backends.ModelArtifact(onnx_path, model), profile, example.numpy(), reference=ref, calib=batches)
+        if cache:
+            cache.put(profile, arch, stats)
+        if lut is not None:
+            lut.record(model, example, stats.median_ms, predicted)
+    extra = {"lut_predicted_ms": predicted} if lut is not None else {}
+    return {"latency": stats.to_dict(), "latency_cached": cached, "arch_hash": arch, **extra,
+            "onnx_bytes": file_size(onnx_path), "onnx_gzip_bytes": gzip_size(onnx_path)}
 
 
 def prepare(cfg: RunConfig, console: Optional[Callable[[str], None]] = None) -> SearchContext:
@@ -114,9 +163,10 @@ def prepare(cfg: RunConfig, console: Optional[Callable[[str], None]] = None) -> 
     else:
         base = build_model(cfg.model, num_classes, in_channels=data.input_shape[0])
         is_checkpoint = Path(cfg.model).is_file()
-        if not is_checkpoint and cfg.pretrain_seconds > 0:
-            say(f"training the dense {cfg.model} model for {cfg.pretrain_seconds:.0f}s (no trained weights were given)")
-            pretrain(base, data, cfg.pretrain_seconds, seed=cfg.search.seed)
+        if not is_checkpoint and (cfg.pretrain_steps or (cfg.pretrain_steps is None and cfg.pretrain_seconds > 0)):
+            budget = f"{cfg.pretrain_steps} steps" if cfg.pretrain_steps else f"{cfg.pretrain_seconds:.0f}s"
+            say(f"training the dense {cfg.model} model for {budget} (no trained weights were given)")
+            pretrain(base, data, cfg.pretrain_seconds, seed=cfg.search.seed, steps=cfg.pretrain_steps)
         _atomic_torch_save(base, base_path)
     base.eval()
 
@@ -134,8 +184,17 @@ def prepare(cfg: RunConfig, console: Optional[Callable[[str], None]] = None) -> 
     if not groups:
         raise ConfigError(f"search space {cfg.search_space}: every prunable group is skipped; nothing to search")
 
-    calib_n = 4
+    eff = cfg.efficiency
+    calib_n = max(4, eff.bn_batches)
     calib = [b for _, b in zip(range(calib_n), data.loader("train", cfg.finetune.batch_size, shuffle=True, seed=cfg.search.seed))]
+    if eff.sensitivity_scan:
+        from .efficiency import load_or_scan, shape_ranges
+
+        drops = load_or_scan(
+            out / "sensitivity.json", base=base, groups=groups, data=data, example=example[:1],
+            calib=calib[: eff.bn_batches] if eff.bn_recalibration else [], ratio=eff.sensitivity_ratio, round_to=space.round_to,
+        )
+        groups = shape_ranges(groups, drops, eff.sensitivity_strength)
 
     dense_path = out / "dense.json"
     if dense_path.is_file():
@@ -147,7 +206,7 @@ def prepare(cfg: RunConfig, console: Optional[Callable[[str], None]] = None) -> 
             "params": count_params(base),
             "flops": count_flops(base, example[:1]),
             "profile": profile.name,
-            **measure_model(base, example, profile, out / "dense" / "model.onnx", cfg.exporter),
+            **measure_model(base, example, profile, out / "dense" / "model.onnx", cfg.exporter, calib=calib),
         }
         _atomic_write_text(dense_path, json.dumps(dense, indent=2))
     return SearchContext(cfg, space, profile, out, data, base, example, groups, dense, calib)
@@ -181,7 +240,9 @@ def suggest_plan(trial: optuna.trial.BaseTrial, ctx: SearchContext) -> PruningPl
         for g in ctx.groups:
             options = sorted(set(g.methods))
             meths[g.name] = trial.suggest_categorical(METHOD_PREFIX + g.name, options) if len(options) > 1 else options[0]
-    return PruningPlan(ratios, meths, sp.round_to)
+    # ``granularity``/``granularity/<group>`` and, for hybrid groups, ``wratio/<group>`` (methods/space.py).
+    grans, wratios = suggest_granularities(trial, sp, ctx.groups)
+    return PruningPlan(ratios, meths, sp.round_to, granularity=grans, weight_ratios=wratios, bn_l1=sp.bn_l1, bn_l1_steps=sp.bn_l1_steps)
 
 
 def _constraints(ctx: SearchContext, lat_ms: float, params: int, flops: float, size_bytes: int) -> dict[str, float]:
@@ -199,16 +260,47 @@ def trial_dir(out: Path, number: int) -> Path:
     return out / "trials" / f"{number:05d}"
 
 
+def _finetune_multi_fidelity(trial: optuna.trial.Trial, ctx: SearchContext, model: nn.Module, lat: float) -> dict[str, Any]:
+    """Fine-tune in two rungs. After the first ``rung0_fraction`` of the steps, a trial whose
+    (accuracy, latency) is already beaten on both by an earlier trial *at the same rung* stops:
+    promising trials get the full budget, hopeless ones a third of it. (Optuna's pruners do not
+    support multi-objective studies, hence this small rule.)"""
+    ft, eff, seed = ctx.cfg.finetune, ctx.cfg.efficiency, ctx.cfg.search.seed + trial.number
+    if not eff.multi_fidelity or ft.steps < 3:
+        return {"finetune_steps": finetune(model, ctx.data, ft, teacher=ctx.base, seed=seed)}
+    rung0 = max(1, int(round(ft.steps * eff.rung0_fraction)))
+    done = finetune(model, ctx.data, ft, teacher=ctx.base, steps=rung0, seed=seed)
+    acc0 = evaluate(model, ctx.data)
+    trial.set_user_attr("accuracy_rung0", acc0)
+    others = [
+        (t.user_attrs["accuracy_rung0"], t.values[1])
+        for t in trial.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+        if "accuracy_rung0" in t.user_attrs and t.values
+    ]
+    if dominated_at_fidelity(acc0, lat, others):
+        return {"finetune_steps": done, "stopped_at_rung0": True}
+    done += finetune(model, ctx.data, ft, teacher=ctx.base, steps=ft.steps - rung0, seed=seed + 7919)
+    return {"finetune_steps": done, "stopped_at_rung0": False}
+
+
 def run_trial(trial: optuna.trial.Trial, ctx: SearchContext) -> tuple[float, float]:
     t0 = time.perf_counter()
     plan = suggest_plan(trial, ctx)
     model = copy.deepcopy(ctx.base)
-    widths = apply_plan(model, ctx.example1, plan, ctx.data.num_classes, ctx.calib)
+    sp = ctx.space
+    widths = apply_schedule(
+        model, ctx.example1, plan, ctx.data.num_classes, ctx.calib,
+        steps=sp.schedule_steps if sp.schedule != "oneshot" else 1, mode="layerwise" if sp.schedule == "layerwise" else "iterative",
+        between=lambda m: finetune(m, ctx.data, ctx.cfg.finetune, teacher=ctx.base, steps=ctx.cfg.finetune.steps // sp.schedule_steps, seed=ctx.cfg.search.seed + trial.number),
+    )
+    eff = ctx.cfg.efficiency
+    if eff.bn_recalibration:  # EagleEye: BN statistics of the pruned net, before any training
+        recalibrate_bn(model, ctx.calib[: eff.bn_batches])
     t_prune = time.perf_counter() - t0
     params = count_params(model)
     flops = count_flops(model, ctx.example1)
     tdir = trial_dir(ctx.out, trial.number)
-    measured = measure_model(model, ctx.example, ctx.profile, tdir / "model.onnx", ctx.cfg.exporter)
+    measured = measure_model(model, ctx.example, ctx.profile, tdir / "model.onnx", ctx.cfg.exporter, calib=ctx.calib)
     lat = measured["latency"]["median_ms"]
     cons = _constraints(ctx, lat, params, flops, measured["onnx_bytes"])
     for k, v in cons.items():
@@ -219,6 +311,9 @@ def run_trial(trial: optuna.trial.Trial, ctx: SearchContext) -> tuple[float, flo
         "widths": {k: list(v) for k, v in widths.items()},
         "methods": plan.methods,
         "ratios": plan.ratios,
+        "granularity": {g: str(plan.granularity_for(g)) for g in plan.ratios},
+        "weight_ratios": plan.weight_ratios,
+        "weight_sparsity": weight_sparsity(model),
         "prune_s": t_prune,
         **measured,
     }
@@ -229,20 +324,30 @@ def run_trial(trial: optuna.trial.Trial, ctx: SearchContext) -> tuple[float, flo
         attrs["finetune_steps"] = 0
         attrs["skipped_finetune"] = "over latency budget"
     else:
-        attrs["finetune_steps"] = finetune(model, ctx.data, ctx.cfg.finetune, teacher=ctx.base, seed=ctx.cfg.search.seed + trial.number)
+        with hold_zeros(model):  # unstructured / N:M zeros stay zero while fine-tuning
+            attrs.update(_finetune_multi_fidelity(trial, ctx, model, lat))
     attrs["finetune_s"] = time.perf_counter() - t1
     acc = evaluate(model, ctx.data)
+    if ctx.profile.precision == "int8":  # the deployed model is the quantized one: score that (quantize.py)
+        from .quantize import quantized_accuracy
+
+        attrs["accuracy_fp32"] = acc
+        acc, qpath = quantized_accuracy(model, ctx.example, ctx.profile, tdir / "model.onnx", ctx.cfg.exporter, ctx.calib, ctx.data)
+        attrs["quantized_model"] = str(qpath)
     attrs["accuracy"] = acc
     attrs["trial_s"] = time.perf_counter() - t0
     _atomic_torch_save(model, tdir / "model.pt")
     for k, v in attrs.items():
         trial.set_user_attr(k, v)
+    if ctx.cfg.search.size_objective:
+        return acc, lat, measured["onnx_gzip_bytes"]  # type: ignore[return-value]
     return acc, lat
 
 
 # --------------------------------------------------------------------------- study
-def _sampler(ctx: SearchContext) -> optuna.samplers.BaseSampler:
-    s = ctx.cfg.search
+def _sampler(ctx: SearchContext, seed: Optional[int] = None) -> optuna.samplers.BaseSampler:
+    # ``seed``: the worker session's seed (search.seed + k, see workers.py), not always search.seed.
+    s = ctx.cfg.search if seed is None else ctx.cfg.search.model_copy(update={"seed": seed})
     if s.sampler == "nsga2":
         pop = s.population_size or max(4, min(50, s.trials // 3))
         return optuna.samplers.NSGAIISampler(population_size=pop, seed=s.seed)
@@ -257,6 +362,8 @@ def search_hash(ctx: SearchContext) -> str:
     """What must not change between resumes: the space, the profile, and how trials are scored."""
     cfg = ctx.cfg.model_copy(deep=True)
     cfg.search.trials, cfg.search.timeout_s, cfg.search.storage, cfg.out = 1, None, None, ""
+    # Worker runtime settings may differ between workers and sessions of one study.
+    cfg.search.heartbeat_interval, cfg.search.grace_period, cfg.search.max_retries = 10, 30, 2
     groups = json.dumps([(g.name, g.low, g.high, g.methods) for g in ctx.groups])
     return config_hash(cfg, ctx.space, ctx.profile) + ":" + hashlib.sha256(groups.encode()).hexdigest()[:8]
 
@@ -265,24 +372,30 @@ def storage_url(ctx: SearchContext) -> str:
     return ctx.cfg.search.storage or f"sqlite:///{(ctx.out / 'study.db').resolve()}"
 
 
+def study_directions(ctx: SearchContext) -> list[str]:
+    """(accuracy ↑, latency ↓), plus gzip size ↓ when ``search.size_objective`` is on."""
+    return list(DIRECTIONS) + (["minimize"] if ctx.cfg.search.size_objective else [])
+
+
 def open_study(ctx: SearchContext) -> optuna.Study:
     """Create or resume the study; refuse to mix trials from a different search space."""
     url = storage_url(ctx)
     name = ctx.cfg.search.study_name or "autoprune"
+    from .workers import check_base_model, make_storage, public_config
+
+    shown = url.split("@")[-1]  # never print a password
     try:
-        storage = optuna.storages.RDBStorage(
-            url,
-            heartbeat_interval=10,
-            grace_period=30,
-            heartbeat_stale_trial_callback=requeue_trial,
-            engine_kwargs={"connect_args": {"timeout": 30}} if url.startswith("sqlite") else {},
-        )
+        storage = make_storage(url, ctx.cfg.search, requeue_trial)
         study = optuna.create_study(
-            storage=storage, study_name=name, directions=list(DIRECTIONS), sampler=_sampler(ctx), load_if_exists=True
+            storage=storage, study_name=name, directions=study_directions(ctx), sampler=_sampler(ctx), load_if_exists=True
         )
+    except ConfigError:
+        raise
     except Exception as exc:  # noqa: BLE001 - sqlalchemy/optuna raise many types for a bad file
-        raise ConfigError(f"storage {url}: cannot open an Optuna study there ({type(exc).__name__}: {exc})") from None
-    if list(study.directions) != [optuna.study.StudyDirection.MAXIMIZE, optuna.study.StudyDirection.MINIMIZE]:
+        hint = (" It is not an Optuna SQLite database (corrupt, or another program's file): move it away or use"
+                " another --out.") if url.startswith("sqlite") else " Check the URL, that the server runs, and the user's rights."
+        raise ConfigError(f"storage {shown}: cannot open an Optuna study there ({type(exc).__name__}: {str(exc)[:300]}).{hint}") from None
+    if [d.name.lower() for d in study.directions] != study_directions(ctx):
         raise ConfigError(f"storage {url}: study {name!r} has other objectives; use another --out or --study-name")
     h = search_hash(ctx)
     stored = study.user_attrs.get("search_hash")
@@ -290,7 +403,7 @@ def open_study(ctx: SearchContext) -> optuna.Study:
         study.set_user_attr("search_hash", h)
         study.set_user_attr("dense", ctx.dense)
         study.set_user_attr("groups", [g.name for g in ctx.groups])
-        study.set_user_attr("config", ctx.cfg.model_dump(mode="json"))
+        study.set_user_attr("config", public_config(ctx.cfg))  # no storage password
         study.set_user_attr("search_space", ctx.space.model_dump(mode="json"))
         study.set_user_attr("device_profile", ctx.profile.model_dump(mode="json"))
     elif stored != h:
@@ -299,6 +412,7 @@ def open_study(ctx: SearchContext) -> optuna.Study:
             "fine-tune settings; finished trials would not be comparable. Use a new --out (or --study-name), "
             "or the same config as before."
         )
+    check_base_model(study, ctx.base, ctx.out)
     return study
 
 
@@ -333,8 +447,9 @@ def _fail_stale_local_trials(study: optuna.Study) -> int:
     of a killed process: mark them failed (the retry callback re-queues their parameters)."""
     stale = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
     for t in stale:
+        # The reason first: a finished trial's attributes can no longer be written.
+        study._storage.set_trial_user_attr(t._trial_id, "fail_reason", "worker died (found RUNNING at restart)")
         study._storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
-        study._storage.set_trial_system_attr(t._trial_id, "fail_reason", "worker died (found RUNNING at restart)")
         requeue_trial(study, t)
     return len(stale)
 
@@ -361,20 +476,14 @@ def completed(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
 
 
 def optimize(ctx: SearchContext, study: optuna.Study, progress: Optional[Callable[[optuna.Study, optuna.trial.FrozenTrial], None]] = None) -> None:
-    """Run trials until the study holds ``trials`` complete ones (across all workers)."""
-    target = ctx.cfg.search.trials
-    remaining = target - len(completed(study))
-    if remaining <= 0:
+    """Run trials until the study holds ``trials`` complete ones (across all workers); see
+    :mod:`autoprune.workers` for how workers share the study, retries and failures."""
+    from .workers import work
+
+    if len(completed(study)) >= ctx.cfg.search.trials:
         return
-    callbacks: list[Any] = [MaxTrialsCallback(target, states=(TrialState.COMPLETE,))]
-    if progress:
-        callbacks.append(progress)
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    study.optimize(
-        lambda t: run_trial(t, ctx),
-        n_trials=remaining + 2 * 10,  # MaxTrialsCallback stops at target; slack for failed trials
-        timeout=ctx.cfg.search.timeout_s,
-        callbacks=callbacks,
-        catch=(Exception,),
-        gc_after_trial=True,
+    work(
+        study, storage_url(ctx), ctx.cfg.search.study_name or "autoprune", ctx.cfg.search,
+        lambda t: run_trial(t, ctx), lambda seed: _sampler(ctx, seed), ctx.out, [progress] if progress else [],
+        setup=lambda: enqueue_seeds(study, ctx),
     )

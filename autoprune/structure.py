@@ -28,7 +28,10 @@ class PrunableGroup:
     name: str
     channels: int
     ch_groups: int = 1
+    #: Modules whose *output* channels this group removes (convs, BNs, linears); patterns match these.
     members: list[str] = field(default_factory=list)
+    #: Modules whose *input* channels follow (the layers that read this group's channels).
+    consumers: list[str] = field(default_factory=list)
     #: Search range after applying the space's layer rules (filled by :func:`apply_rules`).
     low: float = 0.0
     high: float = 0.0
@@ -77,17 +80,23 @@ def find_groups(model: nn.Module, example: torch.Tensor, num_classes: Optional[i
     out = []
     for name, group in iter_groups(DG, output_layers(model, num_classes)):
         root = group[0].dep.target.module
-        members = sorted(
-            {DG._module2name[dep.target.module] for dep, _ in group if dep.target.module in DG._module2name}
+        members, consumers = set(), set()
+        for dep, _ in group:
+            mod_name = DG._module2name.get(dep.target.module)
+            if mod_name is None:
+                continue
+            (members if DG.is_out_channel_pruning_fn(dep.handler) else consumers).add(mod_name)
+        out.append(
+            PrunableGroup(name, int(DG.get_out_channels(root)), channel_groups(DG, group), sorted(members), sorted(consumers - members))
         )
-        out.append(PrunableGroup(name, int(DG.get_out_channels(root)), channel_groups(DG, group), members))
     return out
 
 
 def apply_rules(groups: list[PrunableGroup], low: float, high: float, methods: list[str], rules: list[LayerRule], source: str = "search space") -> list[PrunableGroup]:
     """Resolve each group's range and method set; first matching rule wins; ``skip`` removes a group.
 
-    A rule matches a group when its glob matches the group's root name or any member's name.
+    A rule matches a group when its glob matches the group's root name or the name of any module
+    whose output channels the group removes (not the layers that merely read them).
     A rule that matches nothing is almost always a typo, so it is an error listing the groups.
     """
     used = [False] * len(rules)

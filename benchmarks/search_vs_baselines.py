@@ -1,0 +1,187 @@
+"""Does the search beat what an engineer does by hand? autoprune vs uniform sweep vs random search.
+
+Same model, data, device profile and fine-tune for all three:
+
+* ``autoprune``: NSGA-II + uniform seeds + sensitivity-shaped ranges + BN recalibration +
+  multi-fidelity (the defaults), ``--trials`` trials;
+* ``random``:    random sampler over the same space, same trial count, no efficiency features;
+* ``uniform``:   one L1 ratio for every group, 0.1 … 0.9 (9 trials), same fine-tune.
+
+All three share one trained dense model (copied into each run folder). Latency noise across runs
+made minutes apart would dominate sub-millisecond models, so at the end every front model and the
+dense model are **re-measured interleaved in one loop** (round-robin, medians), and hypervolume
+and speed-ups use those numbers.
+
+Hypervolume is computed by Optuna (``optuna._hypervolume.compute_hypervolume``) on
+(1 − accuracy, latency / dense latency) with reference point (1 − (dense accuracy − 0.10), 1.0):
+it rewards models within 10 accuracy points of the dense model that are faster than it.
+Speed-up at equal accuracy: the best dense/latency ratio among front models whose accuracy is
+within 1 point of the dense model.
+
+    python benchmarks/search_vs_baselines.py --small          # what CI runs (tests/test_benchmarks.py)
+    python benchmarks/search_vs_baselines.py --trials 40      # the full digits run
+    python benchmarks/search_vs_baselines.py --model resnet18 --trials 40 --image-size 32
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from autoprune.api import run  # noqa: E402
+from autoprune.backends import ModelArtifact, get  # noqa: E402
+from autoprune.config import load_device_profile, load_run_config  # noqa: E402
+
+
+def hypervolume(points: list[tuple[float, float]], dense_acc: float, acc_window: float = 0.10) -> float:
+    """HV of (accuracy ↑, latency ratio ↓) points against (dense acc − window, ratio 1.0)."""
+    from optuna._hypervolume import compute_hypervolume
+
+    ref = np.array([1.0 - (dense_acc - acc_window), 1.0])
+    loss = np.array([[1.0 - a, r] for a, r in points if 1.0 - a < ref[0] and r < ref[1]])
+    if len(loss) == 0:
+        return 0.0
+    return float(compute_hypervolume(loss, ref))
+
+
+def speedup_at_equal_accuracy(points: list[tuple[float, float]], dense_acc: float, tol: float = 0.01) -> float:
+    ok = [1.0 / r for a, r in points if a >= dense_acc - tol]
+    return max(ok) if ok else 0.0
+
+
+def remeasure_interleaved(onnx_files: dict[str, Path], profile_ref: str, rounds: int = 15, per_round: int = 20) -> dict[str, float]:
+    """Median latency of each file, sampled round-robin so machine noise hits all alike."""
+    import time as _t
+
+    profile = load_device_profile(profile_ref)
+    backend = get(profile.backend)
+    runners, inputs = {}, {}
+    for key, path in onnx_files.items():
+        import onnx
+
+        dims = [d.dim_value or 1 for d in onnx.load(str(path), load_external_data=False).graph.input[0].type.tensor_type.shape.dim]
+        inputs[key] = np.random.default_rng(0).standard_normal(dims).astype(np.float32)
+        runners[key] = backend.load(ModelArtifact(path), profile)
+        for _ in range(profile.warmup):
+            runners[key](inputs[key])
+    samples: dict[str, list[float]] = {k: [] for k in onnx_files}
+    for _ in range(rounds):
+        for key in onnx_files:
+            r, x = runners[key], inputs[key]
+            for _ in range(per_round):
+                t0 = _t.perf_counter()
+                r(x)
+                samples[key].append(_t.perf_counter() - t0)
+    return {k: float(np.median(v)) * 1000 for k, v in samples.items()}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="demo")
+    ap.add_argument("--data", default="digits")
+    ap.add_argument("--image-size", type=int, default=None)
+    ap.add_argument("--device-profile", default="onnxruntime-cpu")
+    ap.add_argument("--trials", type=int, default=30)
+    ap.add_argument("--finetune-steps", type=int, default=40)
+    ap.add_argument("--pretrain-steps", type=int, default=300)
+    ap.add_argument("--out", default="runs/bench-search")
+    ap.add_argument("--small", action="store_true", help="tiny CI version: 6 trials, 3 uniform ratios, 4 fine-tune steps")
+    ap.add_argument("--json", default=None, help="write results here (default: <out>/results.json)")
+    args = ap.parse_args()
+
+    trials, ft, pre = args.trials, args.finetune_steps, args.pretrain_steps
+    uniform = [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9]
+    exporter = "dynamo"
+    if args.small:
+        trials, ft, pre, uniform, exporter = 6, 4, 60, [0.25, 0.5, 0.75], "torchscript"
+    out = Path(args.out)
+    shutil.rmtree(out, ignore_errors=True)
+    common = dict(model=args.model, data=args.data, image_size=args.image_size, device_profile=args.device_profile,
+                  pretrain_steps=pre, exporter=exporter, **{"finetune.steps": ft})
+
+    # One dense model for everyone: train it once in the first run folder, copy to the others.
+    variants: dict[str, dict[str, Any]] = {
+        "autoprune": {"search.trials": trials, "search.sampler": "nsga2"},
+        "random": {"search.trials": trials, "search.sampler": "random", "search_space": None,
+                   "efficiency.bn_recalibration": False, "efficiency.sensitivity_scan": False, "efficiency.multi_fidelity": False},
+        "uniform": {"search.trials": len(uniform), "search.sampler": "random",
+                    "efficiency.bn_recalibration": False, "efficiency.sensitivity_scan": False, "efficiency.multi_fidelity": False},
+    }
+    results: dict[str, Any] = {}
+    first_dir: Path | None = None
+    for name, extra in variants.items():
+        run_dir = out / name
+        if first_dir is not None:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            shutil.copy(first_dir / "base_model.pt", run_dir / "base_model.pt")
+        cfg = load_run_config(None, out=str(run_dir), **common, **{k: v for k, v in extra.items() if v is not None})
+        if name == "uniform":
+            # Every trial is an enqueued uniform ratio: exactly the hand-made sweep.
+            from autoprune.config import SearchSpace
+
+            space_path = run_dir / "uniform_space.yaml"
+            run_dir.mkdir(parents=True, exist_ok=True)
+            base_space = SearchSpace(high=0.9, step=0.05, seed_uniform=uniform)
+            import yaml
+
+            space_path.write_text(yaml.safe_dump(base_space.model_dump(mode="json")))
+            cfg = cfg.model_copy(update={"search_space": str(space_path)})
+        t0 = time.perf_counter()
+        res = run(cfg)
+        wall = time.perf_counter() - t0
+        first_dir = first_dir or run_dir
+        results[name] = {"wall_s": wall, "trials": trials if name != "uniform" else len(uniform), "dense": res.dense, "pareto": res.pareto, "dir": str(run_dir)}
+        print(f"[{name}] {len(res.pareto)} Pareto models, wall {wall:.0f}s", flush=True)
+
+    # Re-measure every front model + dense side by side.
+    files = {"dense": Path(results["autoprune"]["dir"]) / "dense" / "model.onnx"}
+    for name, r in results.items():
+        for row in r["pareto"]:
+            if row.get("artifacts"):
+                files[f"{name}:{row['trial']}"] = Path(r["dir"]) / row["artifacts"] / "model.onnx"
+    lat = remeasure_interleaved(files, args.device_profile)
+    dense_lat = lat["dense"]
+    dense_acc = results["autoprune"]["dense"]["accuracy"]
+    summary = {}
+    for name, r in results.items():
+        pts = [(row["accuracy"], lat[f"{name}:{row['trial']}"] / dense_lat) for row in r["pareto"] if f"{name}:{row['trial']}" in lat]
+        summary[name] = {
+            "hypervolume": hypervolume(pts, dense_acc),
+            "speedup_at_equal_accuracy": speedup_at_equal_accuracy(pts, dense_acc),
+            "front": [{"accuracy": a, "latency_ratio": x} for a, x in sorted(pts, key=lambda p: p[1])],
+            "wall_s": r["wall_s"],
+            "trials": r["trials"],
+        }
+    hv = {k: v["hypervolume"] for k, v in summary.items()}
+    ratios = {
+        "hv_autoprune_over_random": hv["autoprune"] / hv["random"] if hv["random"] else float("inf"),
+        "hv_autoprune_over_uniform": hv["autoprune"] / hv["uniform"] if hv["uniform"] else float("inf"),
+        "speedup_autoprune_minus_uniform": summary["autoprune"]["speedup_at_equal_accuracy"] - summary["uniform"]["speedup_at_equal_accuracy"],
+    }
+    report = {"dense_accuracy": dense_acc, "dense_latency_ms": dense_lat, "profile": args.device_profile, "model": args.model,
+              "small": args.small, "summary": summary, "ratios": ratios}
+    path = Path(args.json) if args.json else out / "results.json"
+    path.write_text(json.dumps(report, indent=2))
+    print(f"dense: acc {dense_acc:.4f}, latency {dense_lat:.3f} ms (re-measured)")
+    print(f"{'method':<10} {'trials':>6} {'wall s':>7} {'HV':>8} {'speed-up@acc-1pt':>17}")
+    for name, s in summary.items():
+        print(f"{name:<10} {s['trials']:>6} {s['wall_s']:>7.0f} {s['hypervolume']:>8.4f} {s['speedup_at_equal_accuracy']:>16.2f}x")
+    print("ratios: " + ", ".join(f"{k}={v:.3f}" for k, v in ratios.items()))
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    torch.set_num_threads(2)
+    sys.exit(main())

@@ -1,0 +1,62 @@
+"""Shared fixtures: tiny device profile, tiny search run (built once per session)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+FAST_PROFILE = {
+    "name": "ort-fast",
+    "backend": "onnxruntime",
+    "device": "cpu",
+    "threads": 1,
+    "warmup": 1,
+    "repeats": 5,
+    "target_rel_ci": None,
+    "batch_size": 1,
+}
+
+
+def write_yaml(path: Path, data: dict) -> Path:
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+@pytest.fixture(scope="session")
+def fast_profile(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_yaml(tmp_path_factory.mktemp("profiles") / "ort-fast.yaml", FAST_PROFILE)
+
+
+def tiny_run_config(out: Path, profile: Path, trials: int = 4, **extra) -> dict:
+    cfg = {
+        "model": "demo",
+        "data": "digits",
+        "pretrain_steps": 60,
+        "device_profile": str(profile),
+        "out": str(out),
+        "exporter": "torchscript",
+        "finetune": {"steps": 3, "batch_size": 32},
+        "search": {"trials": trials, "seed": 0},
+        # the scan costs a few seconds per run folder; the shared tiny_run exercises it
+        "efficiency": {"sensitivity_scan": False},
+    }
+    for k, v in extra.items():
+        if isinstance(v, dict) and isinstance(cfg.get(k), dict):
+            cfg[k].update(v)
+        else:
+            cfg[k] = v
+    return cfg
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory: pytest.TempPathFactory, fast_profile: Path):
+    """A finished 4-trial search on digits; tests only read it."""
+    import autoprune
+    from autoprune.config import load_run_config
+
+    root = tmp_path_factory.mktemp("run")
+    cfg_path = write_yaml(root / "run.yaml", tiny_run_config(root / "out", fast_profile, efficiency={"final_finetune_steps": 2, "sensitivity_scan": True}))
+    result = autoprune.run(load_run_config(str(cfg_path)))
+    return result

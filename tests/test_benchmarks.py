@@ -1,0 +1,41 @@
+"""The search-vs-baselines benchmark in its small form (CI); the full run is documented in README."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from search_vs_baselines import hypervolume, speedup_at_equal_accuracy  # noqa: E402
+
+
+def test_hypervolume_against_reference():
+    # one point at acc 0.95 (dense 0.95, window 0.1), latency ratio 0.5: box 0.1 x 0.5
+    assert hypervolume([(0.95, 0.5)], 0.95) == pytest.approx(0.05)
+    # dominated and out-of-window points add nothing
+    assert hypervolume([(0.95, 0.5), (0.90, 0.6), (0.80, 0.1), (0.99, 1.2)], 0.95) == pytest.approx(0.05)
+    assert hypervolume([], 0.9) == 0.0
+
+
+def test_speedup_at_equal_accuracy():
+    pts = [(0.95, 0.5), (0.945, 0.25), (0.90, 0.1)]
+    assert speedup_at_equal_accuracy(pts, 0.95) == pytest.approx(4.0)
+    assert speedup_at_equal_accuracy([(0.5, 0.1)], 0.95) == 0.0
+
+
+def test_small_benchmark_runs_end_to_end(tmp_path):
+    out = tmp_path / "bench"
+    p = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "search_vs_baselines.py"), "--small", "--out", str(out)],
+                       capture_output=True, text=True, timeout=1200)
+    assert p.returncode == 0, p.stderr[-3000:]
+    res = json.loads((out / "results.json").read_text())
+    assert set(res["summary"]) == {"autoprune", "random", "uniform"}
+    for s in res["summary"].values():
+        assert s["hypervolume"] >= 0 and s["front"]
+    assert res["summary"]["uniform"]["trials"] == 3
+    assert "hv_autoprune_over_random" in res["ratios"]
+    assert "autoprune" in p.stdout and "ratios:" in p.stdout

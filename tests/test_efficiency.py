@@ -1,0 +1,70 @@
+import copy
+
+import pytest
+import torch
+import torch.nn as nn
+
+from autoprune.data import load_digits
+from autoprune.efficiency import dominated_at_fidelity, recalibrate_bn, sensitivity_scan, shape_ranges
+from autoprune.models import DemoResNet, evaluate, pretrain
+from autoprune.plan import PruningPlan, apply_plan
+from autoprune.structure import PrunableGroup, find_groups
+
+
+def test_recalibrated_bn_stats_equal_activation_statistics():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4))
+    batches = [(torch.randn(16, 1, 8, 8) * 3 + 1, torch.zeros(16)) for _ in range(3)]
+    assert recalibrate_bn(net, batches) == 1
+    acts = torch.cat([net[0](x) for x, _ in batches])
+    bn = net[1]
+    torch.testing.assert_close(bn.running_mean, acts.mean((0, 2, 3)), rtol=1e-4, atol=1e-5)
+    # cumulative average of per-batch unbiased variances (what PyTorch's momentum=None computes)
+    per_batch = torch.stack([net[0](x).var((0, 2, 3), unbiased=True) for x, _ in batches]).mean(0)
+    torch.testing.assert_close(bn.running_var, per_batch, rtol=1e-4, atol=1e-5)
+    assert bn.momentum == 0.1 and not net.training
+
+
+def test_recalibration_recovers_accuracy_after_pruning():
+    d = load_digits()
+    torch.manual_seed(0)
+    base = DemoResNet()
+    pretrain(base, d, 0, steps=80)
+    x = d.example_input()
+    groups = find_groups(base, x, 10)
+    pruned = copy.deepcopy(base)
+    apply_plan(pruned, x, PruningPlan({g.name: 0.6 for g in groups}), 10)
+    before = evaluate(pruned, d)
+    calib = [b for _, b in zip(range(8), d.loader("train", 64, shuffle=True))]
+    recalibrate_bn(pruned, calib)
+    after = evaluate(pruned, d)
+    assert after > before + 0.05, (before, after)
+
+
+def test_sensitivity_scan_and_range_shaping():
+    d = load_digits()
+    torch.manual_seed(0)
+    base = DemoResNet()
+    pretrain(base, d, 0, steps=40)
+    x = d.example_input()
+    groups = find_groups(base, x, 10)
+    for g in groups:
+        g.low, g.high = 0.0, 0.7
+    calib = [b for _, b in zip(range(4), d.loader("train", 64, shuffle=True))]
+    drops = sensitivity_scan(base, groups, d, x, calib, ratio=0.5, max_batches=2)
+    assert set(drops) == {g.name for g in groups}
+    assert all(-1.0 <= v <= 1.0 for v in drops.values())
+
+
+def test_shape_ranges_narrows_sensitive_groups_only():
+    gs = [PrunableGroup("a", 64, low=0.0, high=0.8), PrunableGroup("b", 64, low=0.0, high=0.8), PrunableGroup("c", 64, low=0.2, high=0.6)]
+    shape_ranges(gs, {"a": 0.2, "b": -0.01, "c": 0.1}, strength=0.5)
+    assert gs[0].high == pytest.approx(0.4)  # most sensitive: range halved
+    assert gs[1].high == pytest.approx(0.8)  # insensitive: untouched
+    assert gs[2].high == pytest.approx(0.2 + 0.4 * 0.75)
+
+
+def test_dominated_at_fidelity():
+    assert dominated_at_fidelity(0.80, 1.0, [(0.90, 0.9)])
+    assert not dominated_at_fidelity(0.80, 1.0, [(0.90, 1.1), (0.70, 0.5)])
+    assert not dominated_at_fidelity(0.80, 1.0, [(0.85, 0.9)], margin=0.1)

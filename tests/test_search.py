@@ -1,0 +1,139 @@
+"""End-to-end search behaviour on tiny settings."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import optuna
+import pytest
+import torch
+from optuna.trial import TrialState
+
+import autoprune
+from autoprune.config import ConfigError, load_run_config
+from autoprune.pareto import non_dominated
+from conftest import FAST_PROFILE, tiny_run_config, write_yaml
+
+
+def test_front_is_nonempty_and_truly_non_dominated(tiny_run):
+    study = tiny_run.study
+    done = study.get_trials(states=(TrialState.COMPLETE,))
+    assert len(done) == 4
+    front = tiny_run.pareto
+    assert front, "a search must produce at least one Pareto model"
+    pts = [(t.values[0], t.values[1]) for t in done]
+    mask = non_dominated(pts)
+    expected = {t.number for t, m in zip(done, mask) if m}
+    assert {r["trial"] for r in front} == expected
+    # no front member is dominated by any finished trial
+    for r in front:
+        assert not any(a >= r["accuracy"] and lat <= r["latency_ms"] and (a > r["accuracy"] or lat < r["latency_ms"]) for a, lat in pts)
+
+
+def test_trials_record_objectives_and_attrs(tiny_run):
+    dense = tiny_run.dense
+    for t in tiny_run.study.get_trials(states=(TrialState.COMPLETE,)):
+        ua = t.user_attrs
+        assert t.values[0] == ua["accuracy"] and t.values[1] == ua["latency"]["median_ms"]
+        assert 0 < ua["params"] <= dense["params"] and 0 < ua["flops"] <= dense["flops"]
+        assert set(t.constraints) == {"latency_ms", "params", "flops", "size_mb"}
+        # multi-fidelity: 1 step (rung 0), then the other 2 unless already dominated at rung 0
+        assert ua["finetune_steps"] == (1 if ua["stopped_at_rung0"] else 3)
+        assert 0 <= ua["accuracy_rung0"] <= 1
+        # the widths recorded are the kept channel counts, multiples of 8 (or untouched)
+        for g, (before, after) in ua["widths"].items():
+            assert after <= before and (after % 8 == 0 or after == before)
+    # the enqueued uniform seeds ran first
+    first = tiny_run.study.trials[0].params
+    assert all(abs(v - 0.25) < 1e-9 for v in first.values())
+
+
+def test_artifacts_written(tiny_run):
+    out = tiny_run.out
+    data = json.loads((out / "pareto.json").read_text())
+    assert data["pareto"] and data["dense"]["accuracy"] > 0.5
+    header = (out / "pareto.csv").read_text().splitlines()[0]
+    assert header.startswith("trial,accuracy,latency_ms") and "ratio:" in header
+    assert (out / "pareto.png").stat().st_size > 10_000
+    assert "plotly" in (out / "pareto.html").read_text()[:200_000].lower()
+    finals = json.loads((out / "final.json").read_text())
+    for r in data["pareto"]:
+        # final stage: every Pareto model got the longer fine-tune and was re-measured
+        f = finals[str(r["trial"])]
+        assert r["final"] == f and f["steps"] == 2 and f["short_accuracy"] == r["accuracy"]
+        assert 0 <= f["final_accuracy"] <= 1 and f["final_latency_ms"] > 0
+        d = out / r["artifacts"]
+        meta = json.loads((d / "metadata.json").read_text())
+        assert meta["device_profile"]["name"] == FAST_PROFILE["name"]
+        assert meta["config"]["finetune"]["steps"] == 3
+        assert meta["onnx_max_abs_diff"] < 1e-3
+        for f in ("model.onnx", "model.xml", "model.bin", "model.pt", "state_dict.pt"):
+            assert (d / f).stat().st_size > 0
+        model = torch.load(d / "model.pt", weights_only=False)
+        assert sum(p.numel() for p in model.parameters()) == r["params"]
+
+
+def test_latency_budget_skips_finetune_and_marks_infeasible(tmp_path, fast_profile):
+    prof = write_yaml(tmp_path / "p.yaml", {**FAST_PROFILE, "budget": {"max_latency_ms": 1e-4}})
+    cfg = write_yaml(tmp_path / "run.yaml", tiny_run_config(tmp_path / "out", prof, trials=2))
+    res = autoprune.run(load_run_config(str(cfg)))
+    trials = res.study.get_trials(states=(TrialState.COMPLETE,))
+    assert len(trials) == 2
+    for t in trials:
+        assert t.constraints["latency_ms"] > 0
+        assert t.user_attrs["finetune_steps"] == 0 and "budget" in t.user_attrs["skipped_finetune"]
+    assert res.pareto == []  # nothing feasible
+    with pytest.raises(ConfigError, match="no Pareto model"):
+        autoprune.pick(res.out, max_latency_ms=1.0)
+
+
+def _count_complete(db: Path) -> int:
+    if not db.exists():
+        return 0
+    try:
+        s = optuna.load_study(study_name="autoprune", storage=f"sqlite:///{db}")
+    except Exception:
+        return 0
+    return len(s.get_trials(states=(TrialState.COMPLETE,)))
+
+
+def test_killed_search_resumes_without_redoing_trials(tmp_path, fast_profile):
+    cfg_path = write_yaml(tmp_path / "run.yaml", tiny_run_config(tmp_path / "out", fast_profile, trials=5, finetune={"steps": 40}))
+    db = tmp_path / "out" / "study.db"
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    proc = subprocess.Popen([sys.executable, "-m", "autoprune.cli", "search", "--config", str(cfg_path)], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 600
+    while _count_complete(db) < 1 and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.3)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    before = optuna.load_study(study_name="autoprune", storage=f"sqlite:///{db}")
+    done_before = {t.number: t.values for t in before.get_trials(states=(TrialState.COMPLETE,))}
+    assert 1 <= len(done_before) < 5, "the worker should have been killed mid-search"
+
+    res = autoprune.run(load_run_config(str(cfg_path)))
+    after = res.study.get_trials()
+    complete = [t for t in after if t.state == TrialState.COMPLETE]
+    assert len(complete) == 5
+    for n, values in done_before.items():  # finished trials are kept, not redone
+        assert after[n].state == TrialState.COMPLETE and after[n].values == values
+    assert all(t.state in (TrialState.COMPLETE, TrialState.FAIL) for t in after)
+    # a trial killed mid-run is marked failed and its parameters re-queued
+    for t in after:
+        if t.state == TrialState.FAIL:
+            assert any(u.user_attrs.get("retry_history", [None])[-1] == t.number for u in after)
+    assert (res.out / "pareto.json").exists()
+
+
+def test_changed_search_space_refuses_to_mix(tmp_path, fast_profile):
+    cfg = tiny_run_config(tmp_path / "out", fast_profile, trials=1)
+    autoprune.run(load_run_config(str(write_yaml(tmp_path / "a.yaml", cfg))))
+    space = write_yaml(tmp_path / "space.yaml", {"low": 0.1, "high": 0.5})
+    with pytest.raises(ConfigError, match="different model, data, search space"):
+        autoprune.run(load_run_config(str(write_yaml(tmp_path / "b.yaml", {**cfg, "search_space": str(space)}))))
