@@ -175,8 +175,11 @@ def export_front(
         tdir = out / "trials" / f"{r['trial']:05d}"
         src = tdir / "model.pt"
         if str(r["trial"]) in finals and (tdir / "model_final.pt").is_file():
-            # The final stage's longer fine-tune: deploy that model, keep the short result too.
-            r["final"] = finals[str(r["trial"])]
+            # The final stage's longer fine-tune: deploy that model. Its numbers become the row's
+            # accuracy/latency (what a user picks and deploys); the search-time ones stay as search_*.
+            f = finals[str(r["trial"])]
+            r.update(final=f, search_accuracy=r["accuracy"], search_latency_ms=r["latency_ms"],
+                     accuracy=f["final_accuracy"], latency_ms=f["final_latency_ms"])
             src = tdir / "model_final.pt"
         if not src.is_file():
             r["artifacts"] = None  # trial ran on another worker without a shared run folder
@@ -185,6 +188,7 @@ def export_front(
         name = f"trial_{r['trial']:05d}"
         export_trial_artifacts(model, example, tmp / name, r, meta_extra, exporter)
         r["artifacts"] = f"{PARETO_DIR}/{name}"
+    rows.sort(key=lambda r: (r["latency_ms"], -r["accuracy"]))  # final-stage numbers may reorder
     # Swap in the new front only once it is complete: a crash never leaves a half-written front.
     shutil.rmtree(pdir, ignore_errors=True)
     os.replace(tmp, pdir)

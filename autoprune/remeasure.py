@@ -110,7 +110,7 @@ def remeasure(run_dir: str | Path, device_profile: str, include_dense: bool = Tr
         "input_shape": list(x.shape),
         "dense": dense,
         "rows": sorted(out_rows, key=lambda r: r["latency_ms"]),
-        "still_non_dominated": [r["trial"] for r, nd in zip(out_rows, mask) if nd],
+        "still_non_dominated": [r["trial"] for r in sorted(out_rows, key=lambda r: r["latency_ms"]) if r["non_dominated"]],
         "versions": versions(),
     }
     dest = run_dir / REMEASURE_DIR / f"{profile.name}.json"

@@ -237,12 +237,11 @@ def write_report(run_dir: str | Path, out: Optional[str | Path] = None, storage:
         raise ConfigError(f"{run_dir}: no finished trials yet; nothing to report (see 'autoprune dashboard {run_dir}' for a live view)")
     dense = study.user_attrs.get("dense", {})
     rows = front(study, dense)
-    arts = {}
     pj = run_dir / "pareto.json"
     if pj.is_file():
-        arts = {r["trial"]: r.get("artifacts") for r in json.loads(pj.read_text()).get("pareto", [])}
-    for r in rows:
-        r["artifacts"] = arts.get(r["trial"])
+        # The exported front: the deployed models' numbers (after the final stage, if any) and files.
+        exported = {r["trial"]: r for r in json.loads(pj.read_text()).get("pareto", [])}
+        rows = [exported.get(r["trial"], {**r, "artifacts": None}) for r in rows]
     remeasures = _remeasures(run_dir)
     figs = [
         ("pareto", "Pareto front", fig_pareto(study, dense)),

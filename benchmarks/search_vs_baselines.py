@@ -113,10 +113,21 @@ def main() -> int:
     # One dense model for everyone: train it once in the first run folder, copy to the others.
     variants: dict[str, dict[str, Any]] = {
         "autoprune": {"search.trials": trials, "search.sampler": "nsga2"},
-        "random": {"search.trials": trials, "search.sampler": "random", "search_space": None,
+        "random": {"search.trials": trials, "search.sampler": "random",
                    "efficiency.bn_recalibration": False, "efficiency.sensitivity_scan": False, "efficiency.multi_fidelity": False},
         "uniform": {"search.trials": len(uniform), "search.sampler": "random",
                     "efficiency.bn_recalibration": False, "efficiency.sensitivity_scan": False, "efficiency.multi_fidelity": False},
+    }
+    # All three search the same box: every group's ratio in [0, 0.9] (the uniform sweep's range).
+    import yaml
+
+    from autoprune.config import SearchSpace
+
+    out.mkdir(parents=True, exist_ok=True)
+    spaces = {
+        "autoprune": SearchSpace(name="bench", high=0.9, step=0.05, seed_uniform=[0.25, 0.5, 0.75]),
+        "random": SearchSpace(name="bench-random", high=0.9, step=0.05, seed_uniform=[]),
+        "uniform": SearchSpace(name="bench-uniform", high=0.9, step=0.05, seed_uniform=uniform),
     }
     results: dict[str, Any] = {}
     first_dir: Path | None = None
@@ -125,18 +136,11 @@ def main() -> int:
         if first_dir is not None:
             run_dir.mkdir(parents=True, exist_ok=True)
             shutil.copy(first_dir / "base_model.pt", run_dir / "base_model.pt")
+        # uniform: every trial is an enqueued uniform ratio, exactly the hand-made sweep.
+        space_path = out / f"space_{name}.yaml"
+        space_path.write_text(yaml.safe_dump(spaces[name].model_dump(mode="json")))
+        extra = {**extra, "search_space": str(space_path)}
         cfg = load_run_config(None, out=str(run_dir), **common, **{k: v for k, v in extra.items() if v is not None})
-        if name == "uniform":
-            # Every trial is an enqueued uniform ratio: exactly the hand-made sweep.
-            from autoprune.config import SearchSpace
-
-            space_path = run_dir / "uniform_space.yaml"
-            run_dir.mkdir(parents=True, exist_ok=True)
-            base_space = SearchSpace(high=0.9, step=0.05, seed_uniform=uniform)
-            import yaml
-
-            space_path.write_text(yaml.safe_dump(base_space.model_dump(mode="json")))
-            cfg = cfg.model_copy(update={"search_space": str(space_path)})
         t0 = time.perf_counter()
         res = run(cfg)
         wall = time.perf_counter() - t0

@@ -19,6 +19,21 @@ FAST_PROFILE = {
 }
 
 
+#: Run-config keys that skip the per-group sensitivity scan: tests about faults, workers or
+#: exports, where the scan would cost more than the trials under test.
+FAST_EXTRAS = {"efficiency": {"sensitivity_scan": False}}
+
+
+@pytest.fixture(scope="module")
+def run_copy(tiny_run, tmp_path_factory) -> Path:
+    """A private copy of the shared tiny run (without per-trial files) for tests that write into it."""
+    import shutil
+
+    dest = tmp_path_factory.mktemp("runcopy") / "run"
+    shutil.copytree(tiny_run.out, dest, ignore=shutil.ignore_patterns("trials"))
+    return dest
+
+
 def write_yaml(path: Path, data: dict) -> Path:
     path.write_text(yaml.safe_dump(data))
     return path

@@ -55,12 +55,7 @@ def test_choose_errors_name_the_way_out():
         pick("unused", max_sizemb=1)
 
 
-@pytest.fixture(scope="module")
-def run_copy(tiny_run, tmp_path_factory) -> Path:
-    """Our own copy: picking writes into the run folder and other tests read the shared one."""
-    dest = tmp_path_factory.mktemp("deploy") / "run"
-    shutil.copytree(tiny_run.out, dest, ignore=shutil.ignore_patterns("trials"))
-    return dest
+# run_copy (conftest): picking writes into the run folder and other tests read the shared one.
 
 
 @pytest.fixture(scope="module")

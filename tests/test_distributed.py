@@ -22,6 +22,8 @@ import pytest
 import yaml
 from optuna.trial import TrialState
 
+from conftest import FAST_EXTRAS
+
 PG_ENV = "AUTOPRUNE_TEST_POSTGRES_URL"
 
 PROFILE = {"name": "ort-fast", "backend": "onnxruntime", "device": "cpu", "threads": 1, "warmup": 1,
@@ -39,24 +41,13 @@ def pg_url() -> str:
     return url
 
 
-def _fast_extras() -> dict:
-    """Skip the (default-on) per-group sensitivity scan in prepare(): these tests are about
-    faults and workers, and the scan costs more than the trials do on a 2-core machine."""
-    from autoprune.config import RunConfig
-
-    field = RunConfig.model_fields.get("efficiency")
-    if field is not None and "sensitivity_scan" in getattr(field.annotation, "model_fields", {}):
-        return {"efficiency": {"sensitivity_scan": False}}
-    return {}
-
-
 def _config(tmp: Path, out: Path, trials: int, finetune_steps: int = 3, **search) -> Path:
     prof = tmp / "profile.yaml"
     prof.write_text(yaml.safe_dump(PROFILE))
     cfg = {
         "model": "demo", "data": "digits", "pretrain_seconds": 1, "device_profile": str(prof), "out": str(out),
         "exporter": "torchscript", "finetune": {"steps": finetune_steps, "batch_size": 32},
-        "search": {"trials": trials, "seed": 0, "heartbeat_interval": 1, "grace_period": 3, **search}, **_fast_extras(),
+        "search": {"trials": trials, "seed": 0, "heartbeat_interval": 1, "grace_period": 3, **search}, **FAST_EXTRAS,
     }
     path = tmp / "run.yaml"
     path.write_text(yaml.safe_dump(cfg))

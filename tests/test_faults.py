@@ -16,6 +16,8 @@ import pytest
 import torch
 import yaml
 from optuna.trial import TrialState
+
+from conftest import FAST_EXTRAS
 from rich.console import Console
 
 from autoprune.api import run
@@ -38,17 +40,6 @@ def template(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
-def _fast_extras() -> dict:
-    """Skip the (default-on) per-group sensitivity scan in prepare(): these tests are about
-    faults and workers, and the scan costs more than the trials do on a 2-core machine."""
-    from autoprune.config import RunConfig
-
-    field = RunConfig.model_fields.get("efficiency")
-    if field is not None and "sensitivity_scan" in getattr(field.annotation, "model_fields", {}):
-        return {"efficiency": {"sensitivity_scan": False}}
-    return {}
-
-
 def _cfg(root: Path, out: Path, trials: int, template: Path | None = None, **over: Any) -> RunConfig:
     if template is not None and not out.exists():
         # base_model.pt, dense.json and whatever else prepare() caches (e.g. sensitivity.json)
@@ -56,7 +47,7 @@ def _cfg(root: Path, out: Path, trials: int, template: Path | None = None, **ove
     data: dict[str, Any] = {
         "model": "demo", "data": "digits", "pretrain_seconds": 1, "device_profile": str(root / "profile.yaml"),
         "out": str(out), "exporter": "torchscript", "finetune": {"steps": 2, "batch_size": 32},
-        "search": {"trials": trials, "seed": 0}, **_fast_extras(),
+        "search": {"trials": trials, "seed": 0}, **FAST_EXTRAS,
     }
     for k, v in over.items():
         data[k] = {**data[k], **v} if isinstance(v, dict) else v

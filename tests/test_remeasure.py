@@ -25,13 +25,6 @@ def _profile(folder: Path, name: str, **kw) -> Path:
 
 
 @pytest.fixture(scope="module")
-def run_copy(tiny_run, tmp_path_factory) -> Path:
-    dest = tmp_path_factory.mktemp("remeasure") / "run"
-    shutil.copytree(tiny_run.out, dest, ignore=shutil.ignore_patterns("trials"))
-    return dest
-
-
-@pytest.fixture(scope="module")
 def ov_result(run_copy) -> dict:
     return remeasure(run_copy, str(_profile(run_copy.parent, "ov-tiny", backend="openvino", device="CPU")))
 

@@ -24,13 +24,6 @@ needs_chromium = pytest.mark.skipif(
 
 
 @pytest.fixture(scope="module")
-def run_copy(tiny_run, tmp_path_factory) -> Path:
-    dest = tmp_path_factory.mktemp("report") / "run"
-    shutil.copytree(tiny_run.out, dest, ignore=shutil.ignore_patterns("trials"))
-    return dest
-
-
-@pytest.fixture(scope="module")
 def report(run_copy) -> Path:
     # a re-measure on another target shows up as extra table columns
     front = json.loads((run_copy / "pareto.json").read_text())["pareto"]

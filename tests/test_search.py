@@ -32,6 +32,7 @@ def test_front_is_nonempty_and_truly_non_dominated(tiny_run):
     assert {r["trial"] for r in front} == expected
     # no front member is dominated by any finished trial
     for r in front:
+        r = {**r, "accuracy": r.get("search_accuracy", r["accuracy"]), "latency_ms": r.get("search_latency_ms", r["latency_ms"])}
         assert not any(a >= r["accuracy"] and lat <= r["latency_ms"] and (a > r["accuracy"] or lat < r["latency_ms"]) for a, lat in pts)
 
 
@@ -65,7 +66,8 @@ def test_artifacts_written(tiny_run):
     for r in data["pareto"]:
         # final stage: every Pareto model got the longer fine-tune and was re-measured
         f = finals[str(r["trial"])]
-        assert r["final"] == f and f["steps"] == 2 and f["short_accuracy"] == r["accuracy"]
+        assert r["final"] == f and f["steps"] == 2 and f["short_accuracy"] == r["search_accuracy"]
+        assert r["accuracy"] == f["final_accuracy"] and r["latency_ms"] == f["final_latency_ms"]
         assert 0 <= f["final_accuracy"] <= 1 and f["final_latency_ms"] > 0
         d = out / r["artifacts"]
         meta = json.loads((d / "metadata.json").read_text())
