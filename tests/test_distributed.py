@@ -45,7 +45,7 @@ def _config(tmp: Path, out: Path, trials: int, finetune_steps: int = 3, **search
     prof = tmp / "profile.yaml"
     prof.write_text(yaml.safe_dump(PROFILE))
     cfg = {
-        "model": "demo", "data": "digits", "pretrain_seconds": 1, "device_profile": str(prof), "out": str(out),
+        "model": "demo", "data": "digits", "pretrain_steps": 20, "device_profile": str(prof), "out": str(out),
         "exporter": "torchscript", "finetune": {"steps": finetune_steps, "batch_size": 32},
         "search": {"trials": trials, "seed": 0, "heartbeat_interval": 1, "grace_period": 3, **search}, **FAST_EXTRAS,
     }

@@ -45,7 +45,7 @@ def _cfg(root: Path, out: Path, trials: int, template: Path | None = None, **ove
         # base_model.pt, dense.json and whatever else prepare() caches (e.g. sensitivity.json)
         shutil.copytree(template / "template", out, ignore=shutil.ignore_patterns("*.lock", "study.db*"))
     data: dict[str, Any] = {
-        "model": "demo", "data": "digits", "pretrain_seconds": 1, "device_profile": str(root / "profile.yaml"),
+        "model": "demo", "data": "digits", "pretrain_steps": 20, "device_profile": str(root / "profile.yaml"),
         "out": str(out), "exporter": "torchscript", "finetune": {"steps": 2, "batch_size": 32},
         "search": {"trials": trials, "seed": 0}, **FAST_EXTRAS,
     }
