@@ -124,25 +124,9 @@ def choose(
 def open_run_study(run_dir: Path, storage: Optional[str] = None, study_name: Optional[str] = None) -> Any:
     """Open the Optuna study of a run folder (its ``study.db``, or ``storage`` for shared
     PostgreSQL/MySQL studies). Read-only use: nothing here writes trials."""
-    import optuna
+    from .rebuild import load_run_study
 
-    run_dir = Path(run_dir)
-    url = storage
-    if url is None:
-        db = run_dir / "study.db"
-        if not db.is_file():
-            raise ConfigError(f"{run_dir}: no study.db; pass --storage with the URL the search used "
-                              f"(e.g. postgresql://...) or run 'autoprune search --out {run_dir}'")
-        url = f"sqlite:///{db.resolve()}"
-    try:
-        names = optuna.get_all_study_names(url)
-    except Exception as exc:  # noqa: BLE001 - sqlalchemy raises many types
-        raise ConfigError(f"storage {url}: cannot read Optuna studies ({type(exc).__name__}: {exc})") from None
-    if study_name is None:
-        study_name = "autoprune" if "autoprune" in names else (names[0] if len(names) == 1 else None)
-    if study_name not in names:
-        raise ConfigError(f"storage {url}: pick a study with --study-name (studies there: {names or 'none'})")
-    return optuna.load_study(study_name=study_name, storage=url)
+    return load_run_study(Path(run_dir), storage, study_name)
 
 
 def _trial_latency(run_dir: Path, trial: int) -> Optional[dict[str, Any]]:

@@ -35,12 +35,15 @@ def load_run_study(run_dir: Path, storage: Optional[str] = None, study_name: Opt
             raise ConfigError(f"{run_dir}: no study.db; pass --storage (and --study-name) if the study lives in a database server")
         check_sqlite_file(db)
         storage = f"sqlite:///{db.resolve()}"
-    name = study_name or "autoprune"
     shown = storage.split("@")[-1]
     try:
         rdb = optuna.storages.RDBStorage(sqlalchemy_url(storage))
     except Exception as exc:  # noqa: BLE001
         raise ConfigError(f"storage {shown}: cannot open it ({type(exc).__name__}: {str(exc)[:300]})") from None
+    name = study_name
+    if name is None:  # the default name, else the only study there
+        names = optuna.get_all_study_names(rdb)
+        name = "autoprune" if "autoprune" in names or len(names) != 1 else names[0]
     try:
         return optuna.load_study(study_name=name, storage=rdb)
     except KeyError:
