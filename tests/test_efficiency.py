@@ -25,12 +25,18 @@ def test_recalibrated_bn_stats_equal_activation_statistics():
     assert bn.momentum == 0.1 and not net.training
 
 
-def test_recalibration_recovers_accuracy_after_pruning():
+@pytest.fixture(scope="module")
+def trained():
+    """Digits, a demo model trained for 80 steps, and an example input."""
     d = load_digits()
     torch.manual_seed(0)
     base = DemoResNet()
     pretrain(base, d, 0, steps=80)
-    x = d.example_input()
+    return d, base, d.example_input()
+
+
+def test_recalibration_recovers_accuracy_after_pruning(trained):
+    d, base, x = trained
     groups = find_groups(base, x, 10)
     pruned = copy.deepcopy(base)
     apply_plan(pruned, x, PruningPlan({g.name: 0.6 for g in groups}), 10)
@@ -41,12 +47,8 @@ def test_recalibration_recovers_accuracy_after_pruning():
     assert after > before + 0.05, (before, after)
 
 
-def test_sensitivity_scan_and_range_shaping():
-    d = load_digits()
-    torch.manual_seed(0)
-    base = DemoResNet()
-    pretrain(base, d, 0, steps=40)
-    x = d.example_input()
+def test_sensitivity_scan_and_range_shaping(trained):
+    d, base, x = trained
     groups = find_groups(base, x, 10)
     for g in groups:
         g.low, g.high = 0.0, 0.7
