@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, Literal, Optional
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 #: Repository root when installed editable / run from a checkout; shipped YAML lives here.
 PACKAGE_ROOT = Path(__file__).resolve().parent

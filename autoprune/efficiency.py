@@ -22,6 +22,7 @@ import torch
 import torch.nn as nn
 
 from .data import DataBundle
+from .export import atomic_torch_save, atomic_write_text
 from .models import evaluate
 from .plan import PruningPlan, apply_plan
 from .structure import PrunableGroup
@@ -95,9 +96,7 @@ def load_or_scan(path: Path, **kwargs: Any) -> dict[str, float]:
     if path.is_file():
         return json.loads(path.read_text())
     drops = sensitivity_scan(**kwargs)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(drops, indent=2))
-    tmp.replace(path)
+    atomic_write_text(path, json.dumps(drops, indent=2))
     return drops
 
 
@@ -128,11 +127,9 @@ def final_stage(ctx: Any, rows: list[dict[str, Any]], say: Any = print) -> dict[
             finetune(model, ctx.data, ctx.cfg.finetune, teacher=ctx.base, steps=steps, seed=ctx.cfg.search.seed + 100_003 + r["trial"])
         acc = evaluate(model, ctx.data)
         measured = measure_model(model, ctx.example, ctx.profile, tdir / "model_final.onnx", ctx.cfg.exporter, calib=ctx.calib)
-        torch.save(model, tdir / "model_final.pt")
+        atomic_torch_save(model, tdir / "model_final.pt")
         done[key] = {"steps": steps, "short_accuracy": r["accuracy"], "final_accuracy": acc,
                      "short_latency_ms": r["latency_ms"], "final_latency_ms": measured["latency"]["median_ms"]}
         say(f"final fine-tune of trial {r['trial']}: accuracy {r['accuracy']:.4f} -> {acc:.4f} ({steps} steps)")
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(json.dumps(done, indent=2))
-        tmp.replace(path)
+        atomic_write_text(path, json.dumps(done, indent=2))
     return done

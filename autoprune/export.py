@@ -81,6 +81,33 @@ def export_openvino(onnx_path: Path, xml_path: Path) -> Path:
     return xml_path
 
 
+def atomic_write_text(path: Path, text: str) -> Path:
+    """Write via a temporary file and rename: a crash or a full disk never leaves a half-written
+    file where a resumed search or another worker would read it."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def atomic_torch_save(obj: object, path: Path) -> Path:
+    """``torch.save`` with the same write-then-rename guarantee as :func:`atomic_write_text`."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
 def file_size(path: Path) -> int:
     return Path(path).stat().st_size
 

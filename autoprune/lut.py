@@ -17,7 +17,6 @@ reports the prediction error against measurement.
 from __future__ import annotations
 
 import json
-import os
 import tempfile
 from pathlib import Path
 from typing import Any, Optional
@@ -27,6 +26,7 @@ import torch
 import torch.nn as nn
 
 from .config import DeviceProfile
+from .export import atomic_write_text
 
 LayerKey = str
 
@@ -82,11 +82,8 @@ class LatencyLUT:
         return cls(Path(run_dir) / "lut" / f"{profile.name}-{profile_key(profile)}.json", profile)
 
     def save(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"profile": self.profile.name, "table": self.table, "pairs": self.pairs,
-                                   "predictions": self.predictions}, indent=1))
-        os.replace(tmp, self.path)
+        atomic_write_text(self.path, json.dumps({"profile": self.profile.name, "table": self.table, "pairs": self.pairs,
+                                                 "predictions": self.predictions}, indent=1))
 
     def _measure_layer(self, layer: nn.Module, shape: tuple[int, ...]) -> float:
         from . import backends

@@ -8,6 +8,7 @@ so a model can be traced back to (and rebuilt from) its search.
 from __future__ import annotations
 
 import csv
+import io
 import json
 import os
 import platform
@@ -19,7 +20,7 @@ import numpy as np
 import optuna
 import torch
 
-from .export import export_onnx, export_openvino, file_size, gzip_size
+from .export import atomic_write_text, export_onnx, export_openvino, file_size, gzip_size
 
 PARETO_DIR = "pareto"
 
@@ -73,18 +74,14 @@ CSV_FIELDS = [
 
 
 def write_tables(rows: list[dict[str, Any]], out: Path, dense: dict[str, Any]) -> None:
-    out.mkdir(parents=True, exist_ok=True)
-    payload = {"dense": dense, "pareto": rows}
-    tmp = out / "pareto.json.tmp"
-    tmp.write_text(json.dumps(payload, indent=2))
-    os.replace(tmp, out / "pareto.json")
+    atomic_write_text(out / "pareto.json", json.dumps({"dense": dense, "pareto": rows}, indent=2))
     groups = sorted({g for r in rows for g in r["ratios"]})
-    with open(out / "pareto.csv.tmp", "w", newline="") as fh:
-        w = csv.writer(fh)
-        w.writerow(CSV_FIELDS + [f"ratio:{g}" for g in groups] + [f"method:{g}" for g in groups])
-        for r in rows:
-            w.writerow([r[k] for k in CSV_FIELDS] + [r["ratios"].get(g, 0.0) for g in groups] + [r["methods"].get(g, "") for g in groups])
-    os.replace(out / "pareto.csv.tmp", out / "pareto.csv")
+    buf = io.StringIO(newline="")
+    w = csv.writer(buf)
+    w.writerow(CSV_FIELDS + [f"ratio:{g}" for g in groups] + [f"method:{g}" for g in groups])
+    for r in rows:
+        w.writerow([r[k] for k in CSV_FIELDS] + [r["ratios"].get(g, 0.0) for g in groups] + [r["methods"].get(g, "") for g in groups])
+    atomic_write_text(out / "pareto.csv", buf.getvalue())
 
 
 def versions() -> dict[str, str]:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
-import os
 from pathlib import Path
 from typing import Any, Optional
 
@@ -19,6 +18,7 @@ import numpy as np
 
 from .config import ConfigError, DeviceProfile, load_device_profile
 from .deploy import REMEASURE_DIR, load_front, search_profile_name
+from .export import atomic_write_text
 
 
 def _input_for(profile: DeviceProfile, input_shape: list[int]) -> np.ndarray:
@@ -114,8 +114,6 @@ def remeasure(run_dir: str | Path, device_profile: str, include_dense: bool = Tr
         "versions": versions(),
     }
     dest = run_dir / REMEASURE_DIR / f"{profile.name}.json"
-    tmp_file = dest.with_suffix(".json.tmp")
-    tmp_file.write_text(json.dumps(result, indent=2))
-    os.replace(tmp_file, dest)
+    atomic_write_text(dest, json.dumps(result, indent=2))
     result["path"] = str(dest)
     return result

@@ -18,7 +18,6 @@ import hashlib
 import json
 import logging
 import math
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,13 +39,13 @@ from .config import (
     load_search_space,
 )
 from .data import DataBundle, load_data
-from .efficiency import dominated_at_fidelity, recalibrate_bn
-from .export import export_onnx, file_size, gzip_size
+from .efficiency import dominated_at_fidelity, load_or_scan, recalibrate_bn, shape_ranges
+from .export import atomic_torch_save, atomic_write_text, export_onnx, file_size, gzip_size
 from .finetune import finetune
 from .models import build_model, count_flops, count_params, evaluate, pretrain
 from .methods import hold_zeros, weight_sparsity
 from .methods.space import suggest_granularities
-from .plan import PruningPlan, apply_plan, apply_schedule
+from .plan import PruningPlan, apply_schedule
 from .structure import PrunableGroup, apply_rules, find_groups
 
 log = logging.getLogger("autoprune")
@@ -78,20 +77,6 @@ class SearchContext:
 
 
 # --------------------------------------------------------------------------- preparation
-def _atomic_torch_save(obj: Any, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def measure_model(model: nn.Module, example: torch.Tensor, profile: DeviceProfile, onnx_path: Path, exporter: str,
                   calib: Optional[list[Any]] = None) -> dict[str, Any]:
     """Export ``model`` and time it on the profile's backend; returns latency stats and sizes.
@@ -167,7 +152,7 @@ def prepare(cfg: RunConfig, console: Optional[Callable[[str], None]] = None) -> 
             budget = f"{cfg.pretrain_steps} steps" if cfg.pretrain_steps else f"{cfg.pretrain_seconds:.0f}s"
             say(f"training the dense {cfg.model} model for {budget} (no trained weights were given)")
             pretrain(base, data, cfg.pretrain_seconds, seed=cfg.search.seed, steps=cfg.pretrain_steps)
-        _atomic_torch_save(base, base_path)
+        atomic_torch_save(base, base_path)
     base.eval()
 
     shape = tuple(profile.input_shape) if profile.input_shape else data.input_shape
@@ -188,8 +173,6 @@ def prepare(cfg: RunConfig, console: Optional[Callable[[str], None]] = None) -> 
     calib_n = max(4, eff.bn_batches)
     calib = [b for _, b in zip(range(calib_n), data.loader("train", cfg.finetune.batch_size, shuffle=True, seed=cfg.search.seed))]
     if eff.sensitivity_scan:
-        from .efficiency import load_or_scan, shape_ranges
-
         drops = load_or_scan(
             out / "sensitivity.json", base=base, groups=groups, data=data, example=example[:1],
             calib=calib[: eff.bn_batches] if eff.bn_recalibration else [], ratio=eff.sensitivity_ratio, round_to=space.round_to,
@@ -208,7 +191,7 @@ def prepare(cfg: RunConfig, console: Optional[Callable[[str], None]] = None) -> 
             "profile": profile.name,
             **measure_model(base, example, profile, out / "dense" / "model.onnx", cfg.exporter, calib=calib),
         }
-        _atomic_write_text(dense_path, json.dumps(dense, indent=2))
+        atomic_write_text(dense_path, json.dumps(dense, indent=2))
     return SearchContext(cfg, space, profile, out, data, base, example, groups, dense, calib)
 
 
@@ -336,7 +319,7 @@ def run_trial(trial: optuna.trial.Trial, ctx: SearchContext) -> tuple[float, flo
         attrs["quantized_model"] = str(qpath)
     attrs["accuracy"] = acc
     attrs["trial_s"] = time.perf_counter() - t0
-    _atomic_torch_save(model, tdir / "model.pt")
+    atomic_torch_save(model, tdir / "model.pt")
     for k, v in attrs.items():
         trial.set_user_attr(k, v)
     if ctx.cfg.search.size_objective:
