@@ -7,6 +7,7 @@ both are needed before anything is pruned.
 from __future__ import annotations
 
 import importlib
+import math
 import time
 from pathlib import Path
 from typing import Any, Optional
@@ -153,6 +154,9 @@ def pretrain(
     loaded machine). The demo needs a trained dense model to prune. Returns the steps taken."""
     torch.manual_seed(seed)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
+    # A known step count gets a cosine decay: the last steps settle the weights instead of
+    # leaving them wherever the constant-rate noise put them (a few points on small data).
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps))) if steps else None
     model.train()
     target = steps
     done, t0, epoch = 0, time.perf_counter(), 0
@@ -165,6 +169,8 @@ def pretrain(
             opt.zero_grad(set_to_none=True)
             F.cross_entropy(model(x), y).backward()
             opt.step()
+            if sched is not None:
+                sched.step()
             done += 1
             if finished():
                 break
