@@ -82,7 +82,7 @@ def run(cfg: RunConfig, console: Optional[Console] = None, export: bool = True) 
     with lock:
         study = open_study(ctx)
         if local:
-            n = _fail_stale_local_trials(study)
+            n = _fail_stale_local_trials(study, cfg.search.max_retries)
             if n:
                 console.log(f"{n} trial(s) left running by a killed search were marked failed and re-queued")
         # (with shared storage, optimize() enqueues the seeds under the study-wide lock)

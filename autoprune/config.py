@@ -109,6 +109,10 @@ class SearchSpace(_Strict):
     layers: list[LayerRule] = Field(default_factory=list)
     #: Uniform ratios enqueued as first trials: cheap, strong seeds for the sampler.
     seed_uniform: list[float] = Field(default_factory=lambda: [0.25, 0.5])
+    #: With the sensitivity scan on, each uniform seed also gets a non-uniform twin around the
+    #: same level: groups that lose least accuracy per FLOP saved pruned up to ``seed_spread``/2
+    #: more, the dearest ones that much less (efficiency.allocate_ratios). 0 = uniform seeds only.
+    seed_spread: float = Field(0.3, ge=0, le=1)
 
     @model_validator(mode="after")
     def _range(self) -> "SearchSpace":

@@ -91,6 +91,53 @@ def shape_ranges(groups: list[PrunableGroup], drops: dict[str, float], strength:
     return groups
 
 
+def flops_savings(
+    base: nn.Module, groups: list[PrunableGroup], example: torch.Tensor, num_classes: int, ratio: float = 0.5, round_to: int = 8
+) -> dict[str, float]:
+    """Fraction of the dense FLOPs removed when only one group is pruned by ``ratio``: what a
+    group *buys*, to weigh against what it costs in accuracy (:func:`sensitivity_scan`)."""
+    from .models import count_flops
+
+    dense = count_flops(base, example)
+    out: dict[str, float] = {}
+    for g in groups:
+        r = min(max(ratio, g.low), g.high) if g.high > 0 else 0.0
+        if r <= 0 or dense <= 0:
+            out[g.name] = 0.0
+            continue
+        m = copy.deepcopy(base)
+        apply_plan(m, example, PruningPlan({g.name: r}, round_to=round_to), num_classes)
+        out[g.name] = max(0.0, 1.0 - count_flops(m, example) / dense)
+    return out
+
+
+def allocate_ratios(
+    groups: list[PrunableGroup], drops: dict[str, float], savings: dict[str, float], level: float, spread: float
+) -> dict[str, float]:
+    """Non-uniform ratios around a uniform ``level``: groups ranked by accuracy lost per FLOP
+    saved (drop / saving); the cheapest group gets ``level + spread/2``, the dearest
+    ``level − spread/2``, linearly by rank, each clipped to its own range. Rank, not raw value:
+    the scan's drops are noisy, their order is what carries over to the fine-tuned model."""
+    free = [g for g in groups if g.low < g.high]
+    score = {g.name: max(drops.get(g.name, 0.0), 0.0) / max(savings.get(g.name, 0.0), 1e-6) for g in free}
+    order = sorted(free, key=lambda g: (score[g.name], g.name))
+    n = len(order)
+    out: dict[str, float] = {}
+    for i, g in enumerate(order):
+        rank = i / (n - 1) if n > 1 else 0.5
+        out[g.name] = min(max(level + spread * (0.5 - rank), g.low), g.high)
+    return out
+
+
+def load_or_compute(path: Path, fn: Any, **kwargs: Any) -> dict[str, float]:
+    """Cache a per-group scan in the run folder: resumed searches and other workers reuse it."""
+    if path.is_file():
+        return json.loads(path.read_text())
+    values = fn(**kwargs)
+    atomic_write_text(path, json.dumps(values, indent=2))
+    return values
+
+
 def load_or_scan(path: Path, **kwargs: Any) -> dict[str, float]:
     """Cache the scan in the run folder: resumed searches and other workers reuse it."""
     if path.is_file():
@@ -112,6 +159,7 @@ def final_stage(ctx: Any, rows: list[dict[str, Any]], say: Any = print) -> dict[
     resumed search does not redo finished final fine-tunes."""
     from .finetune import finetune
     from .methods import hold_zeros
+    from .rebuild import final_seed
     from .search import measure_model, trial_dir
 
     steps = ctx.cfg.efficiency.final_finetune_steps
@@ -124,7 +172,7 @@ def final_stage(ctx: Any, rows: list[dict[str, Any]], say: Any = print) -> dict[
             continue
         model = torch.load(tdir / "model.pt", map_location="cpu", weights_only=False)
         with hold_zeros(model):
-            finetune(model, ctx.data, ctx.cfg.finetune, teacher=ctx.base, steps=steps, seed=ctx.cfg.search.seed + 100_003 + r["trial"])
+            finetune(model, ctx.data, ctx.cfg.finetune, teacher=ctx.base, steps=steps, seed=final_seed(ctx.cfg, r["trial"]))
         acc = evaluate(model, ctx.data)
         measured = measure_model(model, ctx.example, ctx.profile, tdir / "model_final.onnx", ctx.cfg.exporter, calib=ctx.calib)
         atomic_torch_save(model, tdir / "model_final.pt")

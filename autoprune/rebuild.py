@@ -10,6 +10,7 @@ accuracy within ``tolerance`` — a model that does not is refused rather than s
 from __future__ import annotations
 
 import dataclasses
+import json
 import tempfile
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -92,6 +93,18 @@ class _ReplayTrial(optuna.trial.FixedTrial):
         self.study = _ReplayStudy(bool(frozen.user_attrs.get("stopped_at_rung0")))
 
 
+def final_seed(cfg: RunConfig, trial: int) -> int:
+    """The seed of a trial's final-stage fine-tune (efficiency.final_stage uses the same)."""
+    return cfg.search.seed + 100_003 + trial
+
+
+def _final_entry(run_dir: Path, trial: int) -> Optional[dict[str, Any]]:
+    path = run_dir / "final.json"
+    if not path.is_file():
+        return None
+    return json.loads(path.read_text()).get(str(trial))
+
+
 def rebuild_trial(
     run_dir: str | Path,
     trial: int,
@@ -162,6 +175,32 @@ def rebuild_trial(
                 "from the search's. Nothing was exported."
             )
         row = trial_row(frozen, ctx.dense)
+        check = {"accuracy": acc, "stored_accuracy": stored_acc, "tolerance": tolerance, "finetune_seed": seed}
+        final = _final_entry(run_dir, trial)
+        if final is not None:
+            # The final stage's longer fine-tune is what export_front deploys for this trial: export
+            # the same model (stored, or re-created with the final stage's seed) and check it too.
+            final_pt = trial_dir(run_dir, trial) / "model_final.pt"
+            if final_pt.is_file() and not rebuild:
+                model, source = torch.load(final_pt, map_location="cpu", weights_only=False), str(final_pt)
+            else:
+                from .finetune import finetune
+                from .methods import hold_zeros
+
+                say(f"trial {trial}: repeating its final fine-tune ({final['steps']} steps)")
+                with hold_zeros(model):
+                    finetune(model, ctx.data, cfg.finetune, teacher=ctx.base, steps=final["steps"], seed=final_seed(cfg, trial))
+                source += " + final fine-tune"
+            model.eval()
+            facc = evaluate(model, ctx.data)
+            if abs(facc - final["final_accuracy"]) > tolerance:
+                raise ConfigError(
+                    f"trial {trial}: the final-stage model has accuracy {facc:.4f} but final.json recorded "
+                    f"{final['final_accuracy']:.4f} (tolerance {tolerance}); nothing was exported."
+                )
+            row.update(final=final, search_accuracy=row["accuracy"], search_latency_ms=row["latency_ms"],
+                       accuracy=final["final_accuracy"], latency_ms=final["final_latency_ms"])
+            check["final"] = {"accuracy": facc, "stored_accuracy": final["final_accuracy"], "finetune_seed": final_seed(cfg, trial)}
         out = Path(dest) if dest else run_dir / "export" / f"trial_{trial:05d}"
         meta_extra = {
             "device_profile": ctx.profile.model_dump(mode="json"),
@@ -169,7 +208,7 @@ def rebuild_trial(
             "search_space": study.user_attrs.get("search_space"),
             "dense": ctx.dense,
             "source": source,
-            "check": {"accuracy": acc, "stored_accuracy": stored_acc, "tolerance": tolerance, "finetune_seed": seed},
+            "check": check,
         }
         meta = export_trial_artifacts(model, ctx.example, out, row, meta_extra, cfg.exporter)
     meta["dest"] = str(out)

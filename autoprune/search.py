@@ -39,7 +39,15 @@ from .config import (
     load_search_space,
 )
 from .data import DataBundle, load_data
-from .efficiency import dominated_at_fidelity, load_or_scan, recalibrate_bn, shape_ranges
+from .efficiency import (
+    allocate_ratios,
+    dominated_at_fidelity,
+    flops_savings,
+    load_or_compute,
+    load_or_scan,
+    recalibrate_bn,
+    shape_ranges,
+)
 from .export import atomic_torch_save, atomic_write_text, export_onnx, file_size, gzip_size
 from .finetune import finetune
 from .models import build_model, count_flops, count_params, evaluate, pretrain
@@ -70,6 +78,9 @@ class SearchContext:
     groups: list[PrunableGroup]
     dense: dict[str, Any]
     calib: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
+    #: Per-group accuracy drop (sensitivity scan) and FLOPs fraction saved, when scanned.
+    sensitivity: dict[str, float] = field(default_factory=dict)
+    savings: dict[str, float] = field(default_factory=dict)
 
     @property
     def example1(self) -> torch.Tensor:
@@ -172,11 +183,18 @@ def prepare(cfg: RunConfig, console: Optional[Callable[[str], None]] = None) -> 
     eff = cfg.efficiency
     calib_n = max(4, eff.bn_batches)
     calib = [b for _, b in zip(range(calib_n), data.loader("train", cfg.finetune.batch_size, shuffle=True, seed=cfg.search.seed))]
+    drops: dict[str, float] = {}
+    savings: dict[str, float] = {}
     if eff.sensitivity_scan:
         drops = load_or_scan(
             out / "sensitivity.json", base=base, groups=groups, data=data, example=example[:1],
             calib=calib[: eff.bn_batches] if eff.bn_recalibration else [], ratio=eff.sensitivity_ratio, round_to=space.round_to,
         )
+        if space.seed_spread > 0 and space.seed_uniform:
+            savings = load_or_compute(
+                out / "flops_savings.json", flops_savings, base=base, groups=groups, example=example[:1],
+                num_classes=num_classes, ratio=eff.sensitivity_ratio, round_to=space.round_to,
+            )
         groups = shape_ranges(groups, drops, eff.sensitivity_strength)
 
     dense_path = out / "dense.json"
@@ -192,7 +210,7 @@ def prepare(cfg: RunConfig, console: Optional[Callable[[str], None]] = None) -> 
             **measure_model(base, example, profile, out / "dense" / "model.onnx", cfg.exporter, calib=calib),
         }
         atomic_write_text(dense_path, json.dumps(dense, indent=2))
-    return SearchContext(cfg, space, profile, out, data, base, example, groups, dense, calib)
+    return SearchContext(cfg, space, profile, out, data, base, example, groups, dense, calib, drops, savings)
 
 
 # --------------------------------------------------------------------------- trial
@@ -368,7 +386,8 @@ def open_study(ctx: SearchContext) -> optuna.Study:
 
     shown = url.split("@")[-1]  # never print a password
     try:
-        storage = make_storage(url, ctx.cfg.search, requeue_trial)
+        retries = ctx.cfg.search.max_retries
+        storage = make_storage(url, ctx.cfg.search, lambda st, t: requeue_trial(st, t, retries))
         study = optuna.create_study(
             storage=storage, study_name=name, directions=study_directions(ctx), sampler=_sampler(ctx), load_if_exists=True
         )
@@ -399,41 +418,54 @@ def open_study(ctx: SearchContext) -> optuna.Study:
     return study
 
 
+def seed_plans(ctx: SearchContext) -> list[dict[str, float]]:
+    """The first trials' ratios: each ``seed_uniform`` level as one ratio for every group, and,
+    when a sensitivity scan ran and ``seed_spread`` > 0, its sensitivity-allocated twin.
+    Ordered by level, so the sampler's first generation spans the whole latency range."""
+    sp = ctx.space
+    free = [g for g in ctx.groups if g.low != g.high]
+    out: list[dict[str, float]] = []
+    for r in sorted(sp.seed_uniform):
+        plans = [{g.name: r for g in free}]
+        if sp.seed_spread > 0 and ctx.sensitivity and ctx.savings:
+            plans.append(allocate_ratios(free, ctx.sensitivity, ctx.savings, r, sp.seed_spread))
+        for plan in plans:
+            snapped = {
+                RATIO_PREFIX + g.name: _snap(plan[g.name], g.low, g.high, sp.step if sp.step and sp.step <= g.high - g.low else None)
+                for g in free
+            }
+            if snapped not in out:
+                out.append(snapped)
+    return out
+
+
 def enqueue_seeds(study: optuna.Study, ctx: SearchContext) -> None:
-    """On a fresh study, enqueue uniform-ratio candidates: strong, cheap starting points."""
+    """On a fresh study, enqueue the seed plans: strong, cheap starting points."""
     if study.trials:
         return
-    for r in ctx.space.seed_uniform:
-        params: dict[str, Any] = {}
-        for g in ctx.groups:
-            if g.low != g.high:
-                params[RATIO_PREFIX + g.name] = _snap(r, g.low, g.high, ctx.space.step if ctx.space.step and ctx.space.step <= g.high - g.low else None)
+    for params in seed_plans(ctx):
         study.enqueue_trial(params, skip_if_exists=True)
 
 
-MAX_RETRY = 2
+def requeue_trial(study: optuna.Study, trial: optuna.trial.FrozenTrial, max_retries: int = 2) -> None:
+    """Re-run a trial whose worker died, with the same parameters, at most ``max_retries``
+    (``search.max_retries``) times; only parameters are copied (workers.requeue)."""
+    from .workers import requeue
+
+    requeue(study, trial, max_retries, "worker died (heartbeat stopped)")
 
 
-def requeue_trial(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
-    """Re-run a trial whose worker died, with the same parameters, at most ``MAX_RETRY`` times.
-
-    Only parameters are copied: constraints and metrics of the dead attempt must not leak in.
-    """
-    history = list(trial.user_attrs.get("retry_history", [])) + [trial.number]
-    if len(history) > MAX_RETRY:
-        return
-    study.enqueue_trial(trial.params, user_attrs={"retry_history": history})
-
-
-def _fail_stale_local_trials(study: optuna.Study) -> int:
+def _fail_stale_local_trials(study: optuna.Study, max_retries: int = 2) -> int:
     """With the run-folder lock held nobody else runs this study, so RUNNING trials are leftovers
-    of a killed process: mark them failed (the retry callback re-queues their parameters)."""
+    of a killed process: mark them failed and re-queue their parameters."""
+    from .workers import requeue
+
     stale = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
     for t in stale:
         # The reason first: a finished trial's attributes can no longer be written.
         study._storage.set_trial_user_attr(t._trial_id, "fail_reason", "worker died (found RUNNING at restart)")
         study._storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
-        requeue_trial(study, t)
+        requeue(study, t, max_retries, "worker died (found RUNNING at restart)")
     return len(stale)
 
 

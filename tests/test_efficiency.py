@@ -70,3 +70,33 @@ def test_dominated_at_fidelity():
     assert dominated_at_fidelity(0.80, 1.0, [(0.90, 0.9)])
     assert not dominated_at_fidelity(0.80, 1.0, [(0.90, 1.1), (0.70, 0.5)])
     assert not dominated_at_fidelity(0.80, 1.0, [(0.85, 0.9)], margin=0.1)
+
+
+def test_flops_savings_measure_what_each_group_buys(trained):
+    from autoprune.efficiency import flops_savings
+
+    d, base, x = trained
+    groups = find_groups(base, x, 10)
+    for g in groups:
+        g.low, g.high = 0.0, 0.7
+    savings = flops_savings(base, groups, x, 10, ratio=0.5)
+    assert set(savings) == {g.name for g in groups}
+    assert all(0.0 < v < 1.0 for v in savings.values()), savings
+    # pruning every group together saves more than any single group alone
+    from autoprune.models import count_flops
+
+    both = copy.deepcopy(base)
+    apply_plan(both, x, PruningPlan({g.name: 0.5 for g in groups}), 10)
+    assert 1 - count_flops(both, x) / count_flops(base, x) > max(savings.values())
+
+
+def test_allocate_ratios_prunes_cheap_groups_more_around_the_level():
+    from autoprune.efficiency import allocate_ratios
+
+    gs = [PrunableGroup(n, 64, low=0.0, high=0.9) for n in ("cheap", "mid", "dear")] + [PrunableGroup("fixed", 64, low=0.3, high=0.3)]
+    drops = {"cheap": 0.01, "mid": 0.05, "dear": 0.05}
+    savings = {"cheap": 0.2, "mid": 0.2, "dear": 0.05}  # dear: same drop, a quarter of the saving
+    r = allocate_ratios(gs, drops, savings, level=0.5, spread=0.4)
+    assert r == pytest.approx({"cheap": 0.7, "mid": 0.5, "dear": 0.3})  # fixed groups are left out
+    clipped = allocate_ratios(gs[:3], drops, savings, level=0.8, spread=0.4)
+    assert clipped["cheap"] == pytest.approx(0.9) and clipped["dear"] == pytest.approx(0.6)

@@ -274,3 +274,17 @@ def test_ctrl_c_on_a_real_process_exits_cleanly_and_prints_resume(template: Path
     assert hit.state == TrialState.FAIL and hit.user_attrs["fail_reason"].startswith("interrupted")
     assert any(t.state == TrialState.WAITING and t.user_attrs.get("retry_of") == hit.number for t in ts)
     assert not [t for t in ts if t.state == TrialState.RUNNING]
+
+
+def test_leftover_running_trials_respect_search_max_retries(tmp_path: Path) -> None:
+    """A killed local search's RUNNING trial is re-queued at restart only while search.max_retries allows."""
+    from autoprune.search import _fail_stale_local_trials
+
+    for cap, requeued in ((0, False), (1, True)):
+        study = optuna.create_study(storage=f"sqlite:///{tmp_path / f'r{cap}.db'}", directions=["maximize", "minimize"])
+        t = study.ask()
+        t.suggest_float("ratio/x", 0.0, 0.5)
+        assert _fail_stale_local_trials(study, max_retries=cap) == 1
+        states = [x.state for x in study.trials]
+        assert states[0] == TrialState.FAIL
+        assert (states[1:] == [TrialState.WAITING]) is requeued

@@ -139,3 +139,46 @@ def test_changed_search_space_refuses_to_mix(tmp_path, fast_profile):
     space = write_yaml(tmp_path / "space.yaml", {"low": 0.1, "high": 0.5})
     with pytest.raises(ConfigError, match="different model, data, search space"):
         autoprune.run(load_run_config(str(write_yaml(tmp_path / "b.yaml", {**cfg, "search_space": str(space)}))))
+
+
+def test_seed_plans_pair_each_uniform_level_with_a_sensitivity_allocated_twin():
+    from types import SimpleNamespace
+
+    from autoprune.config import SearchSpace
+    from autoprune.search import RATIO_PREFIX, seed_plans
+    from autoprune.structure import PrunableGroup
+
+    groups = [PrunableGroup("a", 64, low=0.0, high=0.9), PrunableGroup("b", 64, low=0.0, high=0.9), PrunableGroup("stem", 16, low=0.0, high=0.0)]
+    ctx = SimpleNamespace(space=SearchSpace(high=0.9, seed_uniform=[0.6, 0.3], seed_spread=0.2), groups=groups,
+                          sensitivity={"a": 0.01, "b": 0.1}, savings={"a": 0.2, "b": 0.2})
+    plans = seed_plans(ctx)
+    assert plans == [
+        {RATIO_PREFIX + "a": 0.3, RATIO_PREFIX + "b": 0.3},
+        {RATIO_PREFIX + "a": 0.4, RATIO_PREFIX + "b": 0.2},  # b costs more accuracy per FLOP saved
+        {RATIO_PREFIX + "a": 0.6, RATIO_PREFIX + "b": 0.6},
+        {RATIO_PREFIX + "a": 0.7, RATIO_PREFIX + "b": 0.5},
+    ]
+    ctx.space = ctx.space.model_copy(update={"seed_spread": 0.0})
+    assert len(seed_plans(ctx)) == 2
+    ctx.space, ctx.sensitivity = ctx.space.model_copy(update={"seed_spread": 0.2}), {}  # no scan: uniform only
+    assert len(seed_plans(ctx)) == 2
+
+
+def test_export_trial_exports_the_final_stage_model_stored_or_rebuilt(tiny_run, run_copy, tmp_path):
+    """`autoprune export --trial N` of a Pareto trial that had the final fine-tune exports that
+    model (what pareto/ deploys), from model_final.pt or re-created: short model + final fine-tune."""
+    from autoprune.rebuild import rebuild_trial
+
+    finals = json.loads((tiny_run.out / "final.json").read_text())
+    n = int(next(iter(finals)))
+    stored = rebuild_trial(tiny_run.out, n, dest=tmp_path / "stored", tolerance=1e-9)
+    assert stored["source"].endswith("model_final.pt")
+    assert stored["accuracy"] == finals[str(n)]["final_accuracy"] == stored["check"]["final"]["accuracy"]
+    assert stored["search_accuracy"] == finals[str(n)]["short_accuracy"]
+    rebuilt = rebuild_trial(run_copy, n, dest=tmp_path / "rebuilt", tolerance=1e-9)  # the copy has no trials/ folder
+    assert rebuilt["source"] == "rebuilt from stored parameters + final fine-tune"
+    assert rebuilt["check"]["final"]["accuracy"] == pytest.approx(finals[str(n)]["final_accuracy"], abs=1e-9)
+    ref = torch.load(tiny_run.out / "trials" / f"{n:05d}" / "model_final.pt", weights_only=False)
+    got = torch.load(tmp_path / "rebuilt" / "model.pt", weights_only=False)
+    for (k, a), b in zip(ref.state_dict().items(), got.state_dict().values()):
+        assert torch.equal(a, b), k
