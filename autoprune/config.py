@@ -209,6 +209,10 @@ class FinetuneConfig(_Strict):
 
 class SearchSettings(_Strict):
     trials: int = Field(20, ge=1)
+    #: The accuracy you are prepared to lose (fraction, e.g. 0.05 = 5 points below the dense
+    #: model). Trials below it are infeasible (an Optuna constraint), so NSGA-II spends its
+    #: population on the region you would deploy from. null = no floor.
+    max_accuracy_drop: Optional[float] = Field(None, gt=0, le=1)
     sampler: Literal["nsga2", "tpe", "random", "gp"] = "nsga2"
     population_size: Optional[int] = Field(None, ge=2)
     seed: int = 0

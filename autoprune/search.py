@@ -88,6 +88,36 @@ class SearchContext:
 
 
 # --------------------------------------------------------------------------- preparation
+def _lut_rejection(lut: Any, predicted: Optional[float], model: nn.Module, example: torch.Tensor, profile: DeviceProfile) -> Optional[dict[str, Any]]:
+    """A result without export or measurement when the latency table predicts a clear budget
+    violation (over ``max_latency_ms`` by more than ``lut_margin``); None otherwise."""
+    from .latency import LatencyStats
+
+    b = profile.budget.max_latency_ms
+    if predicted is None or not b or predicted <= b * (1 + profile.lut_margin):
+        return None
+    est = sum(p.numel() * p.element_size() for p in model.parameters())
+    st = LatencyStats(predicted, predicted, predicted, predicted, 0.0, 0, 0.0, int(example.shape[0]))
+    return {"latency": st.to_dict(), "latency_predicted": True, "lut_predicted_ms": predicted,
+            "onnx_bytes": est, "onnx_gzip_bytes": est, "onnx_bytes_estimated": True}
+
+
+def _reference_artifact(run_dir: Path, onnx_path: Path, profile: DeviceProfile) -> Optional[backends.ModelArtifact]:
+    """The dense model to time interleaved with a candidate (``measure_reference: true``): its
+    ONNX file (int8 profiles: the quantized file made when the dense model was measured)."""
+    dense_onnx = run_dir / "dense" / "model.onnx"
+    if not profile.measure_reference or not dense_onnx.is_file() or dense_onnx.resolve() == Path(onnx_path).resolve():
+        return None
+    base_pt = run_dir / "base_model.pt"
+    dense_torch = torch.load(base_pt, map_location="cpu", weights_only=False) if profile.backend == "torch" and base_pt.is_file() else None
+    if profile.precision == "int8":
+        from .quantize import quantized_path
+
+        if quantized_path(dense_onnx, profile).is_file():
+            return backends.ModelArtifact(quantized_path(dense_onnx, profile), dense_torch, quantized=True)
+    return backends.ModelArtifact(dense_onnx, dense_torch)
+
+
 def measure_model(model: nn.Module, example: torch.Tensor, profile: DeviceProfile, onnx_path: Path, exporter: str,
                   calib: Optional[list[Any]] = None) -> dict[str, Any]:
     """Export ``model`` and time it on the profile's backend; returns latency stats and sizes.
@@ -96,43 +126,30 @@ def measure_model(model: nn.Module, example: torch.Tensor, profile: DeviceProfil
     (``latency_cache.py``; profile key ``cache``). ``precision: int8`` quantizes first, calibrated on
     ``calib`` batches. ``measure_reference: true`` times the dense model (``<run>/dense/model.onnx``)
     interleaved with the candidate and records ``latency.speedup``, steadier than absolute times.
+    ``lut: true`` predicts latency first and skips export and measurement of clear violations.
     """
     from .latency_cache import LatencyCache, architecture_hash, run_folder_of
     from .quantize import calibration_batches
 
     run_dir = run_folder_of(onnx_path)
     lut, predicted = None, None
-    if profile.lut:  # predict before export; reject clear budget violations without measuring (lut.py)
-        from .latency import LatencyStats
+    if profile.lut:
         from .lut import LatencyLUT
 
         lut = LatencyLUT.for_run(run_dir, profile)
         predicted = lut.predict(model, example)
-        b = profile.budget.max_latency_ms
-        if predicted is not None and b and predicted > b * (1 + profile.lut_margin):
-            est = sum(p.numel() * p.element_size() for p in model.parameters())
-            st = LatencyStats(predicted, predicted, predicted, predicted, 0.0, 0, 0.0, int(example.shape[0]))
-            return {"latency": st.to_dict(), "latency_predicted": True, "lut_predicted_ms": predicted,
-                    "onnx_bytes": est, "onnx_gzip_bytes": est, "onnx_bytes_estimated": True}
+        rejected = _lut_rejection(lut, predicted, model, example, profile)
+        if rejected is not None:
+            return rejected
     export_onnx(model, example, onnx_path, exporter)
     arch = architecture_hash(onnx_path)
     cache = LatencyCache(run_dir / "latency_cache.sqlite") if profile.cache else None
     stats = cache.get(profile, arch) if cache else None
     cached = stats is not None
     if stats is None:
-        ref = None
-        dense_onnx = run_dir / "dense" / "model.onnx"
-        if profile.measure_reference and dense_onnx.is_file() and dense_onnx.resolve() != Path(onnx_path).resolve():
-            base_pt = run_dir / "base_model.pt"
-            dense_torch = torch.load(base_pt, map_location="cpu", weights_only=False) if profile.backend == "torch" and base_pt.is_file() else None
-            ref = backends.ModelArtifact(dense_onnx, dense_torch)
-            if profile.precision == "int8":  # the dense model was quantized when it was measured: reuse that file
-                from .quantize import quantized_path
-
-                if quantized_path(dense_onnx, profile).is_file():
-                    ref = backends.ModelArtifact(quantized_path(dense_onnx, profile), dense_torch, quantized=True)
         batches = calibration_batches(calib, int(example.shape[0]), profile.calib_samples) if calib and profile.precision == "int8" else None
-        stats = backends.measure(backends.ModelArtifact(onnx_path, model), profile, example.numpy(), reference=ref, calib=batches)
+        stats = backends.measure(backends.ModelArtifact(onnx_path, model), profile, example.numpy(),
+                                 reference=_reference_artifact(run_dir, onnx_path, profile), calib=batches)
         if cache:
             cache.put(profile, arch, stats)
         if lut is not None:
@@ -257,6 +274,29 @@ def _constraints(ctx: SearchContext, lat_ms: float, params: int, flops: float, s
     }
 
 
+#: After this many duplicate architectures in a row the space is taken as exhausted and
+#: duplicates are run anyway (each is then a fresh fine-tune sample), so a search never spins.
+MAX_DUPLICATES_IN_ROW = 5
+
+
+def architecture_key(widths: dict[str, Any], plan: PruningPlan) -> str:
+    """What makes two trials the same pruned model: kept widths per group plus how each group
+    was pruned. Different ratios often round to the same widths (``round_to``)."""
+    key = {"widths": {k: list(v) for k, v in sorted(widths.items())}, "methods": sorted(plan.methods.items()),
+           "granularity": sorted((g, str(plan.granularity_for(g))) for g in plan.ratios), "wratios": sorted(plan.weight_ratios.items())}
+    return hashlib.sha256(json.dumps(key, default=str).encode()).hexdigest()[:16]
+
+
+def duplicate_of(trial: optuna.trial.Trial, key: str) -> Optional[int]:
+    """The number of a finished trial that already evaluated this architecture, unless the last
+    trials were all such duplicates (the space is exhausted: then run it anyway)."""
+    done = trial.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED))
+    recent = sorted(done, key=lambda t: t.number)[-MAX_DUPLICATES_IN_ROW:]
+    if len(recent) == MAX_DUPLICATES_IN_ROW and all("duplicate_of" in t.user_attrs for t in recent):
+        return None
+    return next((t.number for t in done if t.state == TrialState.COMPLETE and t.user_attrs.get("arch_key") == key), None)
+
+
 def trial_dir(out: Path, number: int) -> Path:
     return out / "trials" / f"{number:05d}"
 
@@ -298,6 +338,13 @@ def run_trial(trial: optuna.trial.Trial, ctx: SearchContext) -> tuple[float, flo
     if eff.bn_recalibration:  # EagleEye: BN statistics of the pruned net, before any training
         recalibrate_bn(model, ctx.calib[: eff.bn_batches])
     t_prune = time.perf_counter() - t0
+    key = architecture_key(widths, plan)
+    trial.set_user_attr("arch_key", key)
+    if "retry_history" not in trial.user_attrs and (dup := duplicate_of(trial, key)) is not None:
+        # Samplers (NSGA-II's crossover especially) re-propose models already evaluated; re-running
+        # one only re-samples fine-tune noise. Pruned trials do not count: the sampler draws again.
+        trial.set_user_attr("duplicate_of", dup)
+        raise optuna.TrialPruned(f"same pruned architecture as trial {dup}")
     params = count_params(model)
     flops = count_flops(model, ctx.example1)
     tdir = trial_dir(ctx.out, trial.number)
@@ -336,6 +383,8 @@ def run_trial(trial: optuna.trial.Trial, ctx: SearchContext) -> tuple[float, flo
         acc, qpath = quantized_accuracy(model, ctx.example, ctx.profile, tdir / "model.onnx", ctx.cfg.exporter, ctx.calib, ctx.data)
         attrs["quantized_model"] = str(qpath)
     attrs["accuracy"] = acc
+    drop = ctx.cfg.search.max_accuracy_drop
+    trial.set_constraint("accuracy_drop", (ctx.dense["accuracy"] - acc) - drop if drop else -1.0)
     attrs["trial_s"] = time.perf_counter() - t0
     atomic_torch_save(model, tdir / "model.pt")
     for k, v in attrs.items():

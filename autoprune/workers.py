@@ -329,6 +329,8 @@ class _Objective:
             if not all(isinstance(v, (int, float)) and math.isfinite(v) for v in values):
                 raise ValueError(f"objective values are not finite: accuracy, latency_ms = {values}")
             return values
+        except optuna.TrialPruned:
+            raise  # not a failure: e.g. a duplicate architecture (search.run_trial)
         except KeyboardInterrupt:
             self._record(trial, "interrupted (Ctrl-C / SIGTERM); parameters re-queued")
             with contextlib.suppress(Exception):

@@ -182,3 +182,24 @@ def test_export_trial_exports_the_final_stage_model_stored_or_rebuilt(tiny_run, 
     got = torch.load(tmp_path / "rebuilt" / "model.pt", weights_only=False)
     for (k, a), b in zip(ref.state_dict().items(), got.state_dict().values()):
         assert torch.equal(a, b), k
+
+
+def test_duplicate_architectures_are_not_rerun_and_accuracy_floor_is_a_constraint(tmp_path, fast_profile):
+    """Every ratio in [0, 0.01] keeps the same (rounded) widths: proposals are pruned as duplicates and
+    does not count; once every proposal is a duplicate the space is exhausted and one runs anyway.
+    search.max_accuracy_drop becomes the 'accuracy_drop' constraint."""
+    from autoprune.search import MAX_DUPLICATES_IN_ROW
+
+    space = write_yaml(tmp_path / "space.yaml", {"name": "tiny", "low": 0.0, "high": 0.01, "step": None, "seed_uniform": [0.0]})
+    cfg = write_yaml(tmp_path / "run.yaml", tiny_run_config(tmp_path / "out", fast_profile, trials=2, search_space=str(space),
+                                                            search={"max_accuracy_drop": 0.5}))
+    res = autoprune.run(load_run_config(str(cfg)))
+    ts = res.study.trials
+    complete = [t for t in ts if t.state == TrialState.COMPLETE]
+    pruned = [t for t in ts if t.state == TrialState.PRUNED]
+    assert len(complete) == 2 and len(pruned) == MAX_DUPLICATES_IN_ROW
+    assert all(t.user_attrs["duplicate_of"] == 0 for t in pruned)
+    assert ts[1].state == TrialState.PRUNED and complete[1].number == MAX_DUPLICATES_IN_ROW + 1
+    assert complete[0].user_attrs["arch_key"] == complete[1].user_attrs["arch_key"]
+    for t in complete:
+        assert t.constraints["accuracy_drop"] == pytest.approx(res.dense["accuracy"] - t.values[0] - 0.5)
