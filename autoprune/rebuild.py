@@ -76,10 +76,15 @@ class _ReplayStudy:
     same branch as the original, which the trial recorded (``stopped_at_rung0``)."""
 
     def __init__(self, stopped_early: bool) -> None:
-        beaten = optuna.trial.create_trial(
-            values=[float("inf"), float("-inf")], user_attrs={"accuracy_rung0": float("inf")}
-        )
-        self._trials = [beaten] if stopped_early else []
+        # Unbeatable finished trials (infinitely accurate, infinitely fast), enough of them for
+        # efficiency.hopeless_at_rung0 to judge: the replay stops at rung 0 exactly when the original did.
+        from .efficiency import MIN_FULL_TRIALS
+
+        unbeatable = [
+            optuna.trial.create_trial(values=[float("inf"), float("-inf")], user_attrs={"accuracy_rung0": 0.0})
+            for _ in range(MIN_FULL_TRIALS)
+        ]
+        self._trials = unbeatable if stopped_early else []
 
     def get_trials(self, deepcopy: bool = True, states: Any = None) -> list[optuna.trial.FrozenTrial]:
         return list(self._trials)

@@ -41,7 +41,7 @@ from .config import (
 from .data import DataBundle, load_data
 from .efficiency import (
     allocate_ratios,
-    dominated_at_fidelity,
+    hopeless_at_rung0,
     flops_savings,
     load_or_compute,
     load_or_scan,
@@ -301,11 +301,21 @@ def trial_dir(out: Path, number: int) -> Path:
     return out / "trials" / f"{number:05d}"
 
 
+def rung0_history(study: Any) -> tuple[list[tuple[float, float, float]], list[tuple[float, float]]]:
+    """(rung-0 accuracy, final accuracy, latency) of finished fully fine-tuned trials, and
+    (accuracy, latency) of every finished trial: what hopeless_at_rung0 judges by."""
+    finished = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)) if t.values]
+    full = [(t.user_attrs["accuracy_rung0"], t.values[0], t.values[1]) for t in finished
+            if "accuracy_rung0" in t.user_attrs and not t.user_attrs.get("stopped_at_rung0")]
+    return full, [(t.values[0], t.values[1]) for t in finished]
+
+
 def _finetune_multi_fidelity(trial: optuna.trial.Trial, ctx: SearchContext, model: nn.Module, lat: float) -> dict[str, Any]:
-    """Fine-tune in two rungs. After the first ``rung0_fraction`` of the steps, a trial whose
-    (accuracy, latency) is already beaten on both by an earlier trial *at the same rung* stops:
-    promising trials get the full budget, hopeless ones a third of it. (Optuna's pruners do not
-    support multi-objective studies, hence this small rule.)"""
+    """Fine-tune in two rungs. After the first ``rung0_fraction`` of the steps, a trial stops if
+    even an optimistic projection of its final accuracy is beaten by a finished trial that is at
+    least as fast (efficiency.hopeless_at_rung0): hopeless candidates cost a third of the steps,
+    anything that might reach the front gets them all. (Optuna's pruners do not support
+    multi-objective studies, hence this rule.)"""
     ft, eff, seed = ctx.cfg.finetune, ctx.cfg.efficiency, ctx.cfg.search.seed + trial.number
     if not eff.multi_fidelity or ft.steps < 3:
         return {"finetune_steps": finetune(model, ctx.data, ft, teacher=ctx.base, seed=seed)}
@@ -313,12 +323,7 @@ def _finetune_multi_fidelity(trial: optuna.trial.Trial, ctx: SearchContext, mode
     done = finetune(model, ctx.data, ft, teacher=ctx.base, steps=rung0, seed=seed)
     acc0 = evaluate(model, ctx.data)
     trial.set_user_attr("accuracy_rung0", acc0)
-    others = [
-        (t.user_attrs["accuracy_rung0"], t.values[1])
-        for t in trial.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-        if "accuracy_rung0" in t.user_attrs and t.values
-    ]
-    if dominated_at_fidelity(acc0, lat, others):
+    if hopeless_at_rung0(acc0, lat, ctx.dense["accuracy"], *rung0_history(trial.study)):
         return {"finetune_steps": done, "stopped_at_rung0": True}
     done += finetune(model, ctx.data, ft, teacher=ctx.base, steps=ft.steps - rung0, seed=seed + 7919)
     return {"finetune_steps": done, "stopped_at_rung0": False}

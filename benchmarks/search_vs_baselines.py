@@ -95,6 +95,13 @@ def main() -> int:
     ap.add_argument("--trials", type=int, default=30)
     ap.add_argument("--finetune-steps", type=int, default=40)
     ap.add_argument("--pretrain-steps", type=int, default=300)
+    ap.add_argument("--sampler", default="nsga2", choices=["nsga2", "tpe", "gp", "random"], help="autoprune's sampler")
+    ap.add_argument("--seed-spread", type=float, default=0.3, help="autoprune's search_space.seed_spread")
+    ap.add_argument("--equal-wall", action="store_true",
+                    help="also run random search for as long as autoprune took (as many trials as fit)")
+    ap.add_argument("--accuracy-window", type=float, default=0.10,
+                    help="hypervolume counts models within this accuracy of dense; autoprune gets it as search.max_accuracy_drop")
+    ap.add_argument("--methods", default="autoprune,random,uniform", help="comma-separated subset to run (pilots)")
     ap.add_argument("--out", default="runs/bench-search")
     ap.add_argument("--small", action="store_true", help="tiny CI version: 6 trials, 3 uniform ratios, 4 fine-tune steps")
     ap.add_argument("--json", default=None, help="write results here (default: <out>/results.json)")
@@ -103,8 +110,10 @@ def main() -> int:
     trials, ft, pre = args.trials, args.finetune_steps, args.pretrain_steps
     uniform = [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9]
     exporter = "dynamo"
+    seed_levels = [0.2, 0.4, 0.6, 0.8]  # autoprune's seeds: each level uniform + sensitivity-allocated
     if args.small:
         trials, ft, pre, uniform, exporter = 6, 4, 60, [0.25, 0.5, 0.75], "torchscript"
+        seed_levels = [0.3, 0.7]
     out = Path(args.out)
     shutil.rmtree(out, ignore_errors=True)
     common = dict(model=args.model, data=args.data, image_size=args.image_size, device_profile=args.device_profile,
@@ -112,7 +121,7 @@ def main() -> int:
 
     # One dense model for everyone: train it once in the first run folder, copy to the others.
     variants: dict[str, dict[str, Any]] = {
-        "autoprune": {"search.trials": trials, "search.sampler": "nsga2"},
+        "autoprune": {"search.trials": trials, "search.sampler": args.sampler, "search.max_accuracy_drop": args.accuracy_window},
         "random": {"search.trials": trials, "search.sampler": "random",
                    "efficiency.bn_recalibration": False, "efficiency.sensitivity_scan": False, "efficiency.multi_fidelity": False},
         "uniform": {"search.trials": len(uniform), "search.sampler": "random",
@@ -125,17 +134,31 @@ def main() -> int:
 
     out.mkdir(parents=True, exist_ok=True)
     spaces = {
-        "autoprune": SearchSpace(name="bench", high=0.9, step=0.05, seed_uniform=[0.25, 0.5, 0.75]),
-        "random": SearchSpace(name="bench-random", high=0.9, step=0.05, seed_uniform=[]),
-        "uniform": SearchSpace(name="bench-uniform", high=0.9, step=0.05, seed_uniform=uniform),
+        "autoprune": SearchSpace(name="bench", high=0.9, step=0.05, seed_uniform=seed_levels, seed_spread=args.seed_spread),
+        "random": SearchSpace(name="bench-random", high=0.9, step=0.05, seed_uniform=[], seed_spread=0),
+        "uniform": SearchSpace(name="bench-uniform", high=0.9, step=0.05, seed_uniform=uniform, seed_spread=0),
     }
+    # One dense model for everyone, trained (and measured) before any timed run, so no method's
+    # wall time includes training it.
+    from autoprune.search import prepare
+
+    dense_dir = out / "dense-model"
+    t0 = time.perf_counter()
+    prepare(load_run_config(None, out=str(dense_dir), **common, **{"efficiency.sensitivity_scan": False}), console=print)
+    print(f"[dense] trained and measured in {time.perf_counter() - t0:.0f}s", flush=True)
+    if args.equal_wall:
+        variants["random-wall"] = {**variants["random"]}  # same wall time as autoprune (set below)
+        spaces["random-wall"] = spaces["random"]
+    wanted = set(args.methods.split(",")) | ({"random-wall"} if args.equal_wall else set())
+    variants = {k: v for k, v in variants.items() if k in wanted}
     results: dict[str, Any] = {}
-    first_dir: Path | None = None
     for name, extra in variants.items():
         run_dir = out / name
-        if first_dir is not None:
-            run_dir.mkdir(parents=True, exist_ok=True)
-            shutil.copy(first_dir / "base_model.pt", run_dir / "base_model.pt")
+        run_dir.mkdir(parents=True, exist_ok=True)
+        shutil.copy(dense_dir / "base_model.pt", run_dir / "base_model.pt")
+        if name == "random-wall":
+            # As many random trials as fit in autoprune's wall time (the last may overrun a little).
+            extra = {**extra, "search.trials": 100_000, "search.timeout_s": max(1.0, results["autoprune"]["wall_s"] - results["random"]["prep_s"])}
         # uniform: every trial is an enqueued uniform ratio, exactly the hand-made sweep.
         space_path = out / f"space_{name}.yaml"
         space_path.write_text(yaml.safe_dump(spaces[name].model_dump(mode="json")))
@@ -144,34 +167,44 @@ def main() -> int:
         t0 = time.perf_counter()
         res = run(cfg)
         wall = time.perf_counter() - t0
-        first_dir = first_dir or run_dir
-        results[name] = {"wall_s": wall, "trials": trials if name != "uniform" else len(uniform), "dense": res.dense, "pareto": res.pareto, "dir": str(run_dir)}
-        print(f"[{name}] {len(res.pareto)} Pareto models, wall {wall:.0f}s", flush=True)
+        trial_s = [t.user_attrs.get("trial_s", 0.0) for t in res.study.trials if t.state.name == "COMPLETE"]
+        results[name] = {"wall_s": wall, "trials": len(trial_s), "trial_s_sum": sum(trial_s), "prep_s": wall - sum(trial_s),
+                         "dense": res.dense, "pareto": res.pareto, "dir": str(run_dir)}
+        print(f"[{name}] {len(res.pareto)} Pareto models, {len(trial_s)} trials, wall {wall:.0f}s", flush=True)
 
     # Re-measure every front model + dense side by side.
-    files = {"dense": Path(results["autoprune"]["dir"]) / "dense" / "model.onnx"}
+    first = next(iter(results.values()))
+    files = {"dense": Path(first["dir"]) / "dense" / "model.onnx"}
     for name, r in results.items():
         for row in r["pareto"]:
             if row.get("artifacts"):
                 files[f"{name}:{row['trial']}"] = Path(r["dir"]) / row["artifacts"] / "model.onnx"
     lat = remeasure_interleaved(files, args.device_profile)
     dense_lat = lat["dense"]
-    dense_acc = results["autoprune"]["dense"]["accuracy"]
+    dense_acc = first["dense"]["accuracy"]
     summary = {}
     for name, r in results.items():
         pts = [(row["accuracy"], lat[f"{name}:{row['trial']}"] / dense_lat) for row in r["pareto"] if f"{name}:{row['trial']}" in lat]
         summary[name] = {
-            "hypervolume": hypervolume(pts, dense_acc),
+            "hypervolume": hypervolume(pts, dense_acc, args.accuracy_window),
             "speedup_at_equal_accuracy": speedup_at_equal_accuracy(pts, dense_acc),
             "front": [{"accuracy": a, "latency_ratio": x} for a, x in sorted(pts, key=lambda p: p[1])],
             "wall_s": r["wall_s"],
             "trials": r["trials"],
+            "trial_s_sum": r["trial_s_sum"],
         }
     hv = {k: v["hypervolume"] for k, v in summary.items()}
+    def over(a: str, b: str) -> float:
+        if a not in hv or b not in hv:
+            return float("nan")  # a pilot that ran a subset of the methods
+        return hv[a] / hv[b] if hv[b] else float("inf")
+
     ratios = {
-        "hv_autoprune_over_random": hv["autoprune"] / hv["random"] if hv["random"] else float("inf"),
-        "hv_autoprune_over_uniform": hv["autoprune"] / hv["uniform"] if hv["uniform"] else float("inf"),
-        "speedup_autoprune_minus_uniform": summary["autoprune"]["speedup_at_equal_accuracy"] - summary["uniform"]["speedup_at_equal_accuracy"],
+        "hv_autoprune_over_random": over("autoprune", "random"),
+        **({"hv_autoprune_over_random_equal_wall": over("autoprune", "random-wall")} if "random-wall" in hv else {}),
+        "hv_autoprune_over_uniform": over("autoprune", "uniform"),
+        "speedup_autoprune_minus_uniform": (summary["autoprune"]["speedup_at_equal_accuracy"] - summary["uniform"]["speedup_at_equal_accuracy"])
+        if {"autoprune", "uniform"} <= set(summary) else float("nan"),
     }
     report = {"dense_accuracy": dense_acc, "dense_latency_ms": dense_lat, "profile": args.device_profile, "model": args.model,
               "small": args.small, "summary": summary, "ratios": ratios}

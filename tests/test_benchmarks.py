@@ -29,13 +29,16 @@ def test_speedup_at_equal_accuracy():
 
 def test_small_benchmark_runs_end_to_end(tmp_path):
     out = tmp_path / "bench"
-    p = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "search_vs_baselines.py"), "--small", "--out", str(out)],
+    p = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "search_vs_baselines.py"), "--small", "--equal-wall", "--out", str(out)],
                        capture_output=True, text=True, timeout=1200)
     assert p.returncode == 0, p.stderr[-3000:]
     res = json.loads((out / "results.json").read_text())
-    assert set(res["summary"]) == {"autoprune", "random", "uniform"}
+    assert set(res["summary"]) == {"autoprune", "random", "uniform", "random-wall"}
     for s in res["summary"].values():
         assert s["hypervolume"] >= 0 and s["front"]
     assert res["summary"]["uniform"]["trials"] == 3
-    assert "hv_autoprune_over_random" in res["ratios"]
+    assert "hv_autoprune_over_random" in res["ratios"] and "hv_autoprune_over_random_equal_wall" in res["ratios"]
+    # equal wall-clock: random search ran until autoprune's wall time was used up (the last trial may overrun)
+    s = res["summary"]
+    assert s["random-wall"]["wall_s"] >= 0.8 * s["autoprune"]["wall_s"] and s["random-wall"]["trials"] >= 1
     assert "autoprune" in p.stdout and "ratios:" in p.stdout

@@ -5,7 +5,7 @@ import torch
 import torch.nn as nn
 
 from autoprune.data import load_digits
-from autoprune.efficiency import dominated_at_fidelity, recalibrate_bn, sensitivity_scan, shape_ranges
+from autoprune.efficiency import hopeless_at_rung0, recalibrate_bn, sensitivity_scan, shape_ranges
 from autoprune.models import DemoResNet, evaluate, pretrain
 from autoprune.plan import PruningPlan, apply_plan
 from autoprune.structure import PrunableGroup, find_groups
@@ -66,10 +66,18 @@ def test_shape_ranges_narrows_sensitive_groups_only():
     assert gs[2].high == pytest.approx(0.2 + 0.4 * 0.75)
 
 
-def test_dominated_at_fidelity():
-    assert dominated_at_fidelity(0.80, 1.0, [(0.90, 0.9)])
-    assert not dominated_at_fidelity(0.80, 1.0, [(0.90, 1.1), (0.70, 0.5)])
-    assert not dominated_at_fidelity(0.80, 1.0, [(0.85, 0.9)], margin=0.1)
+def test_hopeless_at_rung0_uses_an_optimistic_projection():
+    # Three fully fine-tuned trials: recovery fractions 0.5, 0.25, 0.0 of the gap to dense (0.9).
+    full = [(0.70, 0.80, 0.5), (0.50, 0.60, 0.3), (0.85, 0.85, 0.8)]
+    done = [(0.80, 0.5), (0.60, 0.3), (0.85, 0.8)]
+    # acc0 0.60 at latency 0.6: optimistic 0.60 + 0.5*0.30 = 0.75 < 0.80 of a faster trial -> stop
+    assert hopeless_at_rung0(0.60, 0.6, 0.9, full, done)
+    # acc0 0.72: optimistic 0.81 > 0.80 -> might reach the front, keep going
+    assert not hopeless_at_rung0(0.72, 0.6, 0.9, full, done)
+    # nothing at least as fast beats it
+    assert not hopeless_at_rung0(0.40, 0.2, 0.9, full, done)
+    # too few fully fine-tuned trials to know how much the rest of the fine-tune recovers
+    assert not hopeless_at_rung0(0.10, 0.9, 0.9, full[:2], done)
 
 
 def test_flops_savings_measure_what_each_group_buys(trained):
@@ -100,3 +108,14 @@ def test_allocate_ratios_prunes_cheap_groups_more_around_the_level():
     assert r == pytest.approx({"cheap": 0.7, "mid": 0.5, "dear": 0.3})  # fixed groups are left out
     clipped = allocate_ratios(gs[:3], drops, savings, level=0.8, spread=0.4)
     assert clipped["cheap"] == pytest.approx(0.9) and clipped["dear"] == pytest.approx(0.6)
+
+
+def test_replayed_trial_takes_the_same_rung0_branch_as_the_original():
+    """export --trial N re-runs a trial through run_trial; a trial that stopped at rung 0 must stop
+    there again, whatever its accuracy, and one that did not must not."""
+    from autoprune.rebuild import _ReplayStudy
+    from autoprune.search import rung0_history
+
+    for acc0 in (0.0, 0.5, 0.99):
+        assert hopeless_at_rung0(acc0, 1.0, 0.99, *rung0_history(_ReplayStudy(True)))
+        assert not hopeless_at_rung0(acc0, 1.0, 0.99, *rung0_history(_ReplayStudy(False)))
