@@ -1,26 +1,30 @@
 """Does the search beat what an engineer does by hand? autoprune vs uniform sweep vs random search.
 
-Same model, data, device profile and fine-tune for all three:
+Same model, data, device profile and fine-tune for all; one dense model, trained before any timed
+run and copied into each run folder:
 
-* ``autoprune``: NSGA-II + uniform seeds + sensitivity-shaped ranges + BN recalibration +
-  multi-fidelity (the defaults), ``--trials`` trials;
-* ``random``:    random sampler over the same space, same trial count, no efficiency features;
-* ``uniform``:   one L1 ratio for every group, 0.1 … 0.9 (9 trials), same fine-tune.
+* ``autoprune``:   the defaults (NSGA-II, uniform + sensitivity-allocated seeds, sensitivity-shaped
+  ranges, BN recalibration, multi-fidelity, duplicate skipping), ``--trials`` trials, and the
+  hypervolume window as ``search.max_accuracy_drop``;
+* ``random``:      random sampler over the same [0, 0.9] box, same trial count, no efficiency features;
+* ``random-wall``: (``--equal-wall``) the same, for as long as autoprune took (as many trials as fit);
+* ``uniform``:     one L1 ratio for every group, 0.1 … 0.9 (9 trials).
 
-All three share one trained dense model (copied into each run folder). Latency noise across runs
-made minutes apart would dominate sub-millisecond models, so at the end every front model and the
-dense model are **re-measured interleaved in one loop** (round-robin, medians), and hypervolume
-and speed-ups use those numbers.
+Latency noise across runs made minutes apart would dominate sub-millisecond models, so at the end
+every front model and the dense model are **re-measured interleaved in one loop** (round-robin,
+medians), and hypervolume and speed-ups use those numbers.
 
 Hypervolume is computed by Optuna (``optuna._hypervolume.compute_hypervolume``) on
 (1 − accuracy, latency / dense latency) with reference point (1 − (dense accuracy − 0.10), 1.0):
 it rewards models within 10 accuracy points of the dense model that are faster than it.
-Speed-up at equal accuracy: the best dense/latency ratio among front models whose accuracy is
-within 1 point of the dense model.
+``hypervolume_2x`` uses latency reference 0.5 (only models ≥ 2× faster): a view of where methods
+differ, not the goal metric. Speed-up at equal accuracy: the best dense/latency ratio among front
+models whose accuracy is within 1 point of the dense model.
 
-    python benchmarks/search_vs_baselines.py --small          # what CI runs (tests/test_benchmarks.py)
-    python benchmarks/search_vs_baselines.py --trials 40      # the full digits run
-    python benchmarks/search_vs_baselines.py --model resnet18 --trials 40 --image-size 32
+    python benchmarks/search_vs_baselines.py --small --equal-wall   # what CI runs (tests/test_benchmarks.py)
+    python benchmarks/search_vs_baselines.py --trials 30 --equal-wall --out runs/bench-digits-final
+    python benchmarks/search_vs_baselines.py --model resnet18 --data digits-cluttered --pretrain-steps 1500 \
+        --trials 40 --equal-wall --out runs/bench-r18c-final
 """
 
 from __future__ import annotations
@@ -44,11 +48,11 @@ from autoprune.backends import ModelArtifact, get  # noqa: E402
 from autoprune.config import load_device_profile, load_run_config  # noqa: E402
 
 
-def hypervolume(points: list[tuple[float, float]], dense_acc: float, acc_window: float = 0.10) -> float:
-    """HV of (accuracy ↑, latency ratio ↓) points against (dense acc − window, ratio 1.0)."""
+def hypervolume(points: list[tuple[float, float]], dense_acc: float, acc_window: float = 0.10, lat_ref: float = 1.0) -> float:
+    """HV of (accuracy ↑, latency ratio ↓) points against (dense acc − window, ratio ``lat_ref``)."""
     from optuna._hypervolume import compute_hypervolume
 
-    ref = np.array([1.0 - (dense_acc - acc_window), 1.0])
+    ref = np.array([1.0 - (dense_acc - acc_window), lat_ref])
     loss = np.array([[1.0 - a, r] for a, r in points if 1.0 - a < ref[0] and r < ref[1]])
     if len(loss) == 0:
         return 0.0
@@ -187,6 +191,9 @@ def main() -> int:
         pts = [(row["accuracy"], lat[f"{name}:{row['trial']}"] / dense_lat) for row in r["pareto"] if f"{name}:{row['trial']}" in lat]
         summary[name] = {
             "hypervolume": hypervolume(pts, dense_acc, args.accuracy_window),
+            # Secondary view, not the goal metric: only models at least 2x faster than dense.
+            # Most of the main HV is a region every method covers (slow, accurate models).
+            "hypervolume_2x": hypervolume(pts, dense_acc, args.accuracy_window, lat_ref=0.5),
             "speedup_at_equal_accuracy": speedup_at_equal_accuracy(pts, dense_acc),
             "front": [{"accuracy": a, "latency_ratio": x} for a, x in sorted(pts, key=lambda p: p[1])],
             "wall_s": r["wall_s"],
@@ -211,9 +218,9 @@ def main() -> int:
     path = Path(args.json) if args.json else out / "results.json"
     path.write_text(json.dumps(report, indent=2))
     print(f"dense: acc {dense_acc:.4f}, latency {dense_lat:.3f} ms (re-measured)")
-    print(f"{'method':<10} {'trials':>6} {'wall s':>7} {'HV':>8} {'speed-up@acc-1pt':>17}")
+    print(f"{'method':<12} {'trials':>6} {'wall s':>7} {'HV':>8} {'HV(>=2x)':>9} {'speed-up@acc-1pt':>17}")
     for name, s in summary.items():
-        print(f"{name:<10} {s['trials']:>6} {s['wall_s']:>7.0f} {s['hypervolume']:>8.4f} {s['speedup_at_equal_accuracy']:>16.2f}x")
+        print(f"{name:<12} {s['trials']:>6} {s['wall_s']:>7.0f} {s['hypervolume']:>8.4f} {s['hypervolume_2x']:>9.4f} {s['speedup_at_equal_accuracy']:>16.2f}x")
     print("ratios: " + ", ".join(f"{k}={v:.3f}" for k, v in ratios.items()))
     print(f"wrote {path}")
     return 0
