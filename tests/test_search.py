@@ -42,7 +42,8 @@ def test_trials_record_objectives_and_attrs(tiny_run):
         ua = t.user_attrs
         assert t.values[0] == ua["accuracy"] and t.values[1] == ua["latency"]["median_ms"]
         assert 0 < ua["params"] <= dense["params"] and 0 < ua["flops"] <= dense["flops"]
-        assert set(t.constraints) == {"latency_ms", "params", "flops", "size_mb"}
+        assert set(t.constraints) == {"latency_ms", "params", "flops", "size_mb", "accuracy_drop"}
+        assert t.constraints["accuracy_drop"] == -1.0  # no search.max_accuracy_drop: always feasible
         # multi-fidelity: 1 step (rung 0), then the other 2 unless already dominated at rung 0
         assert ua["finetune_steps"] == (1 if ua["stopped_at_rung0"] else 3)
         assert 0 <= ua["accuracy_rung0"] <= 1
