@@ -66,6 +66,8 @@ def _run_config(study: optuna.Study, run_dir: Path, tmp: Path, storage: Optional
             data[key] = str(p)
     data["out"] = str(run_dir)
     data.setdefault("search", {})
+    # Studies made before data_seed existed split their data with search.seed.
+    data.setdefault("data_seed", data["search"].get("seed", 0))
     data["search"] = {**data["search"], "storage": storage, "study_name": study_name}
     return validate(RunConfig, data, f"{run_dir} (config stored in the study)")
 

@@ -168,7 +168,7 @@ def prepare(cfg: RunConfig, console: Optional[Callable[[str], None]] = None) -> 
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.search.seed)
 
-    data = load_data(cfg.data, cfg.image_size, cfg.val_fraction, cfg.search.seed)
+    data = load_data(cfg.data, cfg.image_size, cfg.val_fraction, cfg.data_seed)
     num_classes = cfg.num_classes or data.num_classes
     base_path = out / "base_model.pt"
     if base_path.is_file():

@@ -105,6 +105,8 @@ def main() -> int:
                     help="also run random search for as long as autoprune took (as many trials as fit)")
     ap.add_argument("--accuracy-window", type=float, default=0.10,
                     help="hypervolume counts models within this accuracy of dense; autoprune gets it as search.max_accuracy_drop")
+    ap.add_argument("--search-seed", type=int, default=0,
+                    help="sampler / fine-tune seed of every method (repeat runs with others for a spread); the data split stays data_seed 0")
     ap.add_argument("--methods", default="autoprune,random,uniform", help="comma-separated subset to run (pilots)")
     ap.add_argument("--out", default="runs/bench-search")
     ap.add_argument("--small", action="store_true", help="tiny CI version: 6 trials, 3 uniform ratios, 4 fine-tune steps")
@@ -121,7 +123,7 @@ def main() -> int:
     out = Path(args.out)
     shutil.rmtree(out, ignore_errors=True)
     common = dict(model=args.model, data=args.data, image_size=args.image_size, device_profile=args.device_profile,
-                  pretrain_steps=pre, exporter=exporter, **{"finetune.steps": ft})
+                  pretrain_steps=pre, exporter=exporter, **{"finetune.steps": ft, "search.seed": args.search_seed})
 
     # One dense model for everyone: train it once in the first run folder, copy to the others.
     variants: dict[str, dict[str, Any]] = {

@@ -204,3 +204,26 @@ def test_duplicate_architectures_are_not_rerun_and_accuracy_floor_is_a_constrain
     assert complete[0].user_attrs["arch_key"] == complete[1].user_attrs["arch_key"]
     for t in complete:
         assert t.constraints["accuracy_drop"] == pytest.approx(res.dense["accuracy"] - t.values[0] - 0.5)
+
+
+def test_data_split_follows_data_seed_not_the_sampler_seed(tmp_path, fast_profile, monkeypatch):
+    """Repeating a search with another search.seed must score trials on the same held-out images."""
+    import importlib
+
+    search = importlib.import_module("autoprune.search")  # the package exports a search() function too
+
+    seen = []
+
+    class Stop(Exception):
+        pass
+
+    def fake_load_data(ref, image_size, val_fraction, seed):
+        seen.append(seed)
+        raise Stop
+
+    monkeypatch.setattr(search, "load_data", fake_load_data)
+    for extra in ({"search": {"seed": 7}}, {"search": {"seed": 7}, "data_seed": 3}):
+        cfg = write_yaml(tmp_path / "run.yaml", tiny_run_config(tmp_path / "out", fast_profile, **extra))
+        with pytest.raises(Stop):
+            search.prepare(load_run_config(str(cfg)))
+    assert seen == [0, 3]
