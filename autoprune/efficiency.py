@@ -139,12 +139,8 @@ def load_or_compute(path: Path, fn: Any, **kwargs: Any) -> dict[str, float]:
 
 
 def load_or_scan(path: Path, **kwargs: Any) -> dict[str, float]:
-    """Cache the scan in the run folder: resumed searches and other workers reuse it."""
-    if path.is_file():
-        return json.loads(path.read_text())
-    drops = sensitivity_scan(**kwargs)
-    atomic_write_text(path, json.dumps(drops, indent=2))
-    return drops
+    """The sensitivity scan, cached in the run folder (see :func:`load_or_compute`)."""
+    return load_or_compute(path, sensitivity_scan, **kwargs)
 
 
 #: Fully fine-tuned trials needed before any trial may be stopped at the first rung.

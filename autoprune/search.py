@@ -41,8 +41,8 @@ from .config import (
 from .data import DataBundle, load_data
 from .efficiency import (
     allocate_ratios,
-    hopeless_at_rung0,
     flops_savings,
+    hopeless_at_rung0,
     load_or_compute,
     load_or_scan,
     recalibrate_bn,
@@ -88,7 +88,7 @@ class SearchContext:
 
 
 # --------------------------------------------------------------------------- preparation
-def _lut_rejection(lut: Any, predicted: Optional[float], model: nn.Module, example: torch.Tensor, profile: DeviceProfile) -> Optional[dict[str, Any]]:
+def _lut_rejection(predicted: Optional[float], model: nn.Module, example: torch.Tensor, profile: DeviceProfile) -> Optional[dict[str, Any]]:
     """A result without export or measurement when the latency table predicts a clear budget
     violation (over ``max_latency_ms`` by more than ``lut_margin``); None otherwise."""
     from .latency import LatencyStats
@@ -138,7 +138,7 @@ def measure_model(model: nn.Module, example: torch.Tensor, profile: DeviceProfil
 
         lut = LatencyLUT.for_run(run_dir, profile)
         predicted = lut.predict(model, example)
-        rejected = _lut_rejection(lut, predicted, model, example, profile)
+        rejected = _lut_rejection(predicted, model, example, profile)
         if rejected is not None:
             return rejected
     export_onnx(model, example, onnx_path, exporter)
