@@ -50,6 +50,19 @@ def recalibrate_bn(model: nn.Module, batches: Sequence[tuple[torch.Tensor, torch
     return len(bns)
 
 
+def pruned_alone(
+    base: nn.Module, group: PrunableGroup, example: torch.Tensor, num_classes: int, ratio: float, round_to: int
+) -> Optional[nn.Module]:
+    """A copy of ``base`` with only ``group`` pruned (L1) by ``ratio`` clipped to the group's
+    range; None when that leaves nothing to prune. What the per-group scans measure."""
+    r = min(max(ratio, group.low), group.high) if group.high > 0 else 0.0
+    if r <= 0:
+        return None
+    m = copy.deepcopy(base)
+    apply_plan(m, example, PruningPlan({group.name: r}, round_to=round_to), num_classes)
+    return m
+
+
 def sensitivity_scan(
     base: nn.Module,
     groups: list[PrunableGroup],
@@ -68,12 +81,10 @@ def sensitivity_scan(
     dense_acc = evaluate(ref, data, max_batches=max_batches)
     out: dict[str, float] = {}
     for g in groups:
-        r = min(max(ratio, g.low), g.high) if g.high > 0 else 0.0
-        if r <= 0:
+        m = pruned_alone(base, g, example, data.num_classes, ratio, round_to)
+        if m is None:
             out[g.name] = 0.0
             continue
-        m = copy.deepcopy(base)
-        apply_plan(m, example, PruningPlan({g.name: r}, round_to=round_to), data.num_classes)
         recalibrate_bn(m, calib)
         out[g.name] = dense_acc - evaluate(m, data, max_batches=max_batches)
     return out
@@ -101,13 +112,8 @@ def flops_savings(
     dense = count_flops(base, example)
     out: dict[str, float] = {}
     for g in groups:
-        r = min(max(ratio, g.low), g.high) if g.high > 0 else 0.0
-        if r <= 0 or dense <= 0:
-            out[g.name] = 0.0
-            continue
-        m = copy.deepcopy(base)
-        apply_plan(m, example, PruningPlan({g.name: r}, round_to=round_to), num_classes)
-        out[g.name] = max(0.0, 1.0 - count_flops(m, example) / dense)
+        m = pruned_alone(base, g, example, num_classes, ratio, round_to) if dense > 0 else None
+        out[g.name] = 0.0 if m is None else max(0.0, 1.0 - count_flops(m, example) / dense)
     return out
 
 
@@ -169,13 +175,25 @@ def hopeless_at_rung0(
     return any(a > optimistic and l <= lat for a, l in done)
 
 
+def final_seed(cfg: Any, trial: int) -> int:
+    """The seed of a trial's final-stage fine-tune."""
+    return cfg.search.seed + 100_003 + trial
+
+
+def final_finetune(model: nn.Module, data: DataBundle, cfg: Any, teacher: nn.Module, trial: int, steps: int) -> int:
+    """The final stage's longer fine-tune of one trial's model, in place; its seed depends only
+    on the config and trial number, so ``export --trial N --rebuild`` repeats it exactly."""
+    from .finetune import finetune
+    from .methods import hold_zeros
+
+    with hold_zeros(model):  # unstructured / N:M zeros stay zero
+        return finetune(model, data, cfg.finetune, teacher=teacher, steps=steps, seed=final_seed(cfg, trial))
+
+
 def final_stage(ctx: Any, rows: list[dict[str, Any]], say: Any = print) -> dict[str, dict[str, Any]]:
     """Longer fine-tune for each Pareto model, then re-measure it. Writes ``final.json`` and
     ``trials/N/model_final.pt``; export prefers the final model. Idempotent per trial, so a
     resumed search does not redo finished final fine-tunes."""
-    from .finetune import finetune
-    from .methods import hold_zeros
-    from .rebuild import final_seed
     from .search import measure_model, trial_dir
 
     steps = ctx.cfg.efficiency.final_finetune_steps
@@ -187,8 +205,7 @@ def final_stage(ctx: Any, rows: list[dict[str, Any]], say: Any = print) -> dict[
         if (key in done and done[key].get("steps") == steps) or not (tdir / "model.pt").is_file():
             continue
         model = torch.load(tdir / "model.pt", map_location="cpu", weights_only=False)
-        with hold_zeros(model):
-            finetune(model, ctx.data, ctx.cfg.finetune, teacher=ctx.base, steps=steps, seed=final_seed(ctx.cfg, r["trial"]))
+        final_finetune(model, ctx.data, ctx.cfg, ctx.base, r["trial"], steps)
         acc = evaluate(model, ctx.data)
         measured = measure_model(model, ctx.example, ctx.profile, tdir / "model_final.onnx", ctx.cfg.exporter, calib=ctx.calib)
         atomic_torch_save(model, tdir / "model_final.pt")

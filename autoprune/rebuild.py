@@ -100,11 +100,6 @@ class _ReplayTrial(optuna.trial.FixedTrial):
         self.study = _ReplayStudy(bool(frozen.user_attrs.get("stopped_at_rung0")))
 
 
-def final_seed(cfg: RunConfig, trial: int) -> int:
-    """The seed of a trial's final-stage fine-tune (efficiency.final_stage uses the same)."""
-    return cfg.search.seed + 100_003 + trial
-
-
 def _final_entry(run_dir: Path, trial: int) -> Optional[dict[str, Any]]:
     path = run_dir / "final.json"
     if not path.is_file():
@@ -127,6 +122,7 @@ def rebuild_trial(
 
     ``rebuild``: re-create the model from the stored parameters even if ``trials/N/model.pt`` exists.
     """
+    from .efficiency import final_finetune, final_seed
     from .pareto import export_trial_artifacts, trial_row
     from .search import prepare, run_trial, trial_dir
     from .models import evaluate
@@ -191,12 +187,8 @@ def rebuild_trial(
             if final_pt.is_file() and not rebuild:
                 model, source = torch.load(final_pt, map_location="cpu", weights_only=False), str(final_pt)
             else:
-                from .finetune import finetune
-                from .methods import hold_zeros
-
                 say(f"trial {trial}: repeating its final fine-tune ({final['steps']} steps)")
-                with hold_zeros(model):
-                    finetune(model, ctx.data, cfg.finetune, teacher=ctx.base, steps=final["steps"], seed=final_seed(cfg, trial))
+                final_finetune(model, ctx.data, cfg, ctx.base, trial, final["steps"])
                 source += " + final fine-tune"
             model.eval()
             facc = evaluate(model, ctx.data)

@@ -239,6 +239,11 @@ def _snap(v: float, low: float, high: float, step: Optional[float]) -> float:
     return round(v, 10)
 
 
+def _group_step(sp: SearchSpace, g: PrunableGroup) -> Optional[float]:
+    """The ratio grid of one group: the space's ``step``, unless the group's range is narrower."""
+    return sp.step if sp.step and sp.step <= (g.high - g.low) else None
+
+
 def suggest_plan(trial: optuna.trial.BaseTrial, ctx: SearchContext) -> PruningPlan:
     """Trial parameters → pruning plan. Parameter names are ``ratio/<group>`` (and ``method``)."""
     sp = ctx.space
@@ -247,7 +252,7 @@ def suggest_plan(trial: optuna.trial.BaseTrial, ctx: SearchContext) -> PruningPl
         if g.low == g.high:
             ratios[g.name] = g.low
         else:
-            step = sp.step if sp.step and sp.step <= (g.high - g.low) else None
+            step = _group_step(sp, g)
             high = _snap(g.high, g.low, g.high, step) if step else g.high
             ratios[g.name] = trial.suggest_float(RATIO_PREFIX + g.name, g.low, high, step=step)
     if sp.global_method:
@@ -485,7 +490,7 @@ def seed_plans(ctx: SearchContext) -> list[dict[str, float]]:
             plans.append(allocate_ratios(free, ctx.sensitivity, ctx.savings, r, sp.seed_spread))
         for plan in plans:
             snapped = {
-                RATIO_PREFIX + g.name: _snap(plan[g.name], g.low, g.high, sp.step if sp.step and sp.step <= g.high - g.low else None)
+                RATIO_PREFIX + g.name: _snap(plan[g.name], g.low, g.high, _group_step(sp, g))
                 for g in free
             }
             if snapped not in out:
