@@ -10,12 +10,32 @@ from typing import Any, Optional
 
 import optuna
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 
-from .config import RunConfig, load_device_profile, load_run_config
-from .pareto import export_front, front
-from .workers import public_config, redact_url
-from .search import SearchContext, _fail_stale_local_trials, completed, enqueue_seeds, open_study, optimize, prepare, run_lock
+from autoprune.config import RunConfig, load_device_profile, load_run_config
+from autoprune.errors import ConfigError
+from autoprune.measure import backends
+from autoprune.results.artifacts import export_front
+from autoprune.results.front import front
+from autoprune.runfolder import file_lock
+from autoprune.study.context import SearchContext, prepare
+from autoprune.study.final import final_stage
+from autoprune.study.storage import public_config, redact_url
+from autoprune.study.study import (
+    _fail_stale_local_trials,
+    completed,
+    enqueue_seeds,
+    open_study,
+    optimize,
+    run_lock,
+)
 
 
 @dataclass
@@ -71,7 +91,6 @@ def run(cfg: RunConfig, console: Optional[Console] = None, export: bool = True) 
     """Run (or resume) the search described by ``cfg`` and export its Pareto front."""
     console = console or Console(stderr=True)
     t0 = time.perf_counter()
-    from .workers import file_lock
 
     # Workers sharing the run folder: the first trains and measures the dense model, the others
     # wait here and load its base_model.pt / dense.json (the study checks the weights' hash).
@@ -109,7 +128,6 @@ def run(cfg: RunConfig, console: Optional[Console] = None, export: bool = True) 
             # Workers sharing a run folder finish together: one writes pareto/ at a time.
             with file_lock(ctx.out / ".export.lock"):
                 if cfg.efficiency.final_finetune_steps:
-                    from .efficiency import final_stage
 
                     final_stage(ctx, front(study, ctx.dense), say=lambda s: console.log(s))
                 result.export()
@@ -155,8 +173,6 @@ def bench(onnx_path: str, device_profile: str = "onnxruntime-cpu", batch_size: O
     import numpy as np
     import onnx
 
-    from . import backends
-    from .config import ConfigError
 
     p = Path(onnx_path)
     if not p.is_file():

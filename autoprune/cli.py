@@ -10,7 +10,7 @@ from typing import Optional, Sequence
 from rich.console import Console
 from rich.table import Table
 
-from .config import ConfigError
+from autoprune.errors import ConfigError
 
 
 def _fmt_row_table(rows: list[dict], dense: Optional[dict], title: str) -> Table:
@@ -27,8 +27,8 @@ def _fmt_row_table(rows: list[dict], dense: Optional[dict], title: str) -> Table
 
 
 def cmd_search(args: argparse.Namespace, console: Console) -> int:
-    from .api import run
-    from .config import load_run_config
+    from autoprune.api import run
+    from autoprune.config import load_run_config
 
     overrides = {
         "model": args.model, "data": args.data, "search_space": args.search_space, "device_profile": args.device_profile,
@@ -47,7 +47,8 @@ def cmd_search(args: argparse.Namespace, console: Console) -> int:
 
 
 def cmd_pick(args: argparse.Namespace, console: Console) -> int:
-    from .deploy import load_front, pick
+    from autoprune.deploy.pick import pick
+    from autoprune.results.front import load_front
 
     row, dest = pick(args.run, args.dest, profile=args.profile, max_latency_ms=args.max_latency_ms, max_params=args.max_params,
                      min_accuracy=args.min_accuracy, max_flops=args.max_flops, max_size_mb=args.max_size_mb, trial=args.trial)
@@ -58,7 +59,7 @@ def cmd_pick(args: argparse.Namespace, console: Console) -> int:
 
 
 def cmd_bench(args: argparse.Namespace, console: Console) -> int:
-    from .api import bench
+    from autoprune.api import bench
 
     res = bench(args.onnx, args.device_profile, args.batch_size)
     if args.json:
@@ -74,10 +75,10 @@ def cmd_groups(args: argparse.Namespace, console: Console) -> int:
     """Show the prunable groups of a model: the names search-space patterns match."""
     import torch
 
-    from .config import load_search_space
-    from .data import load_data
-    from .models import build_model
-    from .structure import apply_rules, find_groups
+    from autoprune.config import load_search_space
+    from autoprune.prune.structure import apply_rules, find_groups
+    from autoprune.train.data import load_data
+    from autoprune.train.models import build_model
 
     data = load_data(args.data)
     model = build_model(args.model, data.num_classes, data.input_shape[0])
@@ -97,7 +98,7 @@ def cmd_serve_latency(args: argparse.Namespace, console: Console) -> int:
     import os
     from pathlib import Path
 
-    from .serve import make_server
+    from autoprune.measure.server import make_server
 
     token = Path(args.token_file).read_text().strip() if args.token_file else os.environ.get(args.token_env, "")
     if not token:
@@ -116,7 +117,7 @@ def cmd_serve_latency(args: argparse.Namespace, console: Console) -> int:
 
 def cmd_report(args: argparse.Namespace, console: Console) -> int:
     """Self-contained HTML report of a run (plots + Pareto table); opens offline."""
-    from .report import write_report
+    from autoprune.results.report import write_report
 
     dest = write_report(args.run, args.out, args.storage, args.study_name)
     console.print(f"wrote {dest} ({dest.stat().st_size / 1e6:.1f} MB, self-contained; open it in a browser)")
@@ -125,7 +126,7 @@ def cmd_report(args: argparse.Namespace, console: Console) -> int:
 
 def cmd_dashboard(args: argparse.Namespace, console: Console) -> int:
     """optuna-dashboard on the run's study (live while a search runs)."""
-    from .dashboard import serve
+    from autoprune.results.dashboard import serve
 
     if args.host not in ("127.0.0.1", "localhost", "::1"):
         console.print(f"[yellow]warning:[/yellow] serving on {args.host}: optuna-dashboard has no authentication")
@@ -139,7 +140,7 @@ def cmd_dashboard(args: argparse.Namespace, console: Console) -> int:
 
 def cmd_remeasure(args: argparse.Namespace, console: Console) -> int:
     """Latency of the Pareto models on another device profile; which stay non-dominated there."""
-    from .remeasure import remeasure
+    from autoprune.results.remeasure import remeasure
 
     progress = Console(stderr=True)  # progress on stderr, the table (result) on the given console
     res = remeasure(args.run, args.device_profile, say=lambda s: progress.log(s))
@@ -160,7 +161,7 @@ def cmd_remeasure(args: argparse.Namespace, console: Console) -> int:
 
 def cmd_export(args: argparse.Namespace, console: Console) -> int:
     """Deploy files of any trial: its stored model, or rebuilt from its parameters and seed."""
-    from .rebuild import rebuild_trial
+    from autoprune.deploy.replay import rebuild_trial
 
     meta = rebuild_trial(args.run, args.trial, storage=args.storage, study_name=args.study_name, dest=args.dest,
                          rebuild=args.rebuild, tolerance=args.tolerance, console=lambda s: console.log(s))
@@ -271,7 +272,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     _quiet_library_warnings()
     console = Console()  # results on stdout; progress and logs go to stderr
-    from .backends import BackendUnavailable
+    from autoprune.errors import BackendUnavailable
 
     try:
         return args.fn(args, console)

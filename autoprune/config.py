@@ -2,10 +2,13 @@
 
 Three kinds of file exist, each in its own folder so users can mix and match:
 
-* ``search_spaces/*.yaml``  – which groups may be pruned, ratio ranges, per-layer overrides;
-* ``device_profiles/*.yaml`` – the target backend, how to measure latency, and budgets;
-* a run config (``examples/*.yaml``) – model, data, fine-tune and search settings that
-  point at one search space and one device profile.
+* search spaces – which groups may be pruned, ratio ranges, per-layer overrides;
+* device profiles – the target backend, how to measure latency, and budgets;
+* a run config – model, data, fine-tune and search settings that point at one search space
+  and one device profile.
+
+Each is a YAML path or a name: ``./<folder>/<name>.yaml`` in the working directory wins (a user's
+own ``device_profiles/openvino-cpu.yaml``), else the one shipped in ``autoprune/shipped/<folder>/``.
 
 Every loader raises :class:`ConfigError` naming the file, the key and what is allowed, because
 a search that dies on a typo twenty minutes in is the worst user experience we can offer.
@@ -14,6 +17,7 @@ a search that dies on a typo twenty minutes in is the worst user experience we c
 from __future__ import annotations
 
 import hashlib
+import importlib.resources
 import json
 from pathlib import Path
 from typing import Any, Literal, Optional
@@ -21,13 +25,18 @@ from typing import Any, Literal, Optional
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-#: Repository root when installed editable / run from a checkout; shipped YAML lives here.
-PACKAGE_ROOT = Path(__file__).resolve().parent
-REPO_ROOT = PACKAGE_ROOT.parent
+from autoprune.errors import ConfigError
+from autoprune.prune import methods as registry
+from autoprune.prune.methods.granularity import GRANULARITY_HELP, parse
+
+#: Device profiles, search spaces and example run configs ship inside the package (package
+#: data, so a wheel installed from an index has them too): ``autoprune/shipped/<folder>/``.
+SHIPPED_FOLDERS = ("device_profiles", "search_spaces", "examples")
 
 
-class ConfigError(ValueError):
-    """A configuration problem the user must fix; the message names file, key and allowed values."""
+def shipped_dir(folder: str) -> Path:
+    """The installed folder of shipped YAML files of one kind (``device_profiles`` ...)."""
+    return Path(str(importlib.resources.files("autoprune") / "shipped" / folder))
 
 
 class _Strict(BaseModel):
@@ -55,8 +64,6 @@ class LayerRule(_Strict):
 
 def _check_methods(methods: Optional[list[str]], granularities: Optional[list[str]]) -> None:
     """Unknown criterion or granularity names fail at load time with the allowed values."""
-    from . import methods as registry  # lazy: pulls in torch
-    from .methods.granularity import GRANULARITY_HELP, parse
 
     for m in methods or []:
         if m not in registry.available():
@@ -336,12 +343,14 @@ def resolve_named(ref: str, folder: str) -> Path:
         if not p.is_file():
             raise ConfigError(f"{ref}: file not found")
         return p
-    candidates = [Path.cwd() / folder / f"{ref}.yaml", REPO_ROOT / folder / f"{ref}.yaml"]
+    candidates = [Path.cwd() / folder / f"{ref}.yaml", shipped_dir(folder) / f"{ref}.yaml"]
     for c in candidates:
         if c.is_file():
             return c
-    shipped = sorted(q.stem for q in (REPO_ROOT / folder).glob("*.yaml"))
-    raise ConfigError(f"{ref!r} is neither a YAML file nor a shipped name in {folder}/ (shipped: {', '.join(shipped)})")
+    shipped = sorted(q.stem for q in shipped_dir(folder).glob("*.yaml"))
+    raise ConfigError(
+        f"{ref!r} is neither a YAML file nor a name in ./{folder}/ (shipped: {', '.join(shipped)})"
+    )
 
 
 def load_search_space(ref: str) -> SearchSpace:
@@ -359,7 +368,7 @@ def load_run_config(path: Optional[str], **overrides: Any) -> RunConfig:
     data: dict[str, Any] = {}
     source = "<defaults>"
     if path is not None:
-        p = Path(path)
+        p = resolve_named(path, "examples")
         source = str(p)
         data = load_yaml(p) or {}
         if not isinstance(data, dict):

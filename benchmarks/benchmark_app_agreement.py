@@ -43,8 +43,8 @@ def run_benchmark_app(onnx: Path, threads: int, seconds: float) -> float:
 def run_ours(onnx: Path, threads: int, seconds: float) -> dict:
     import numpy as np
 
-    from autoprune import backends
     from autoprune.config import DeviceProfile
+    from autoprune.measure import backends
 
     prof = DeviceProfile(name=f"openvino-cpu-{threads}t", backend="openvino", device="CPU", threads=threads,
                          warmup=10, repeats=50, target_rel_ci=0.005, max_time_s=seconds)
@@ -67,7 +67,7 @@ def main() -> int:
         import torch
         import torchvision
 
-        from autoprune.export import export_onnx
+        from autoprune.measure.onnx import export_onnx
 
         export_onnx(torchvision.models.resnet18(weights=None).eval(), torch.randn(1, 3, 224, 224), onnx, "torchscript")
     results = []

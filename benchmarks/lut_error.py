@@ -21,10 +21,10 @@ import torch
 import torchvision
 
 from autoprune.config import load_device_profile
-from autoprune.lut import LatencyLUT
-from autoprune.plan import PruningPlan, apply_plan
-from autoprune.structure import find_groups
-from autoprune.search import measure_model
+from autoprune.measure.candidate import measure_model
+from autoprune.measure.lut import LatencyLUT
+from autoprune.prune.plan import PruningPlan, apply_plan
+from autoprune.prune.structure import find_groups
 
 
 def main() -> int:

@@ -28,18 +28,17 @@ import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn as nn
 
-from autoprune import methods
 from autoprune.config import FinetuneConfig
-from autoprune.data import load_data
-from autoprune.export import export_onnx, export_openvino
-from autoprune.finetune import finetune
-from autoprune.models import DemoResNet, count_params, evaluate, pretrain
-from autoprune.plan import PruningPlan, apply_plan
-from autoprune.structure import find_groups
+from autoprune.measure.onnx import export_onnx, export_openvino
+from autoprune.prune import methods
+from autoprune.prune.plan import PruningPlan, apply_plan
+from autoprune.prune.structure import find_groups
+from autoprune.train.data import load_data
+from autoprune.train.finetune import finetune
+from autoprune.train.models import DemoResNet, count_params, evaluate, pretrain
 
 VARIANTS: dict[str, dict[str, Any]] = {
     "dense": {},

@@ -44,8 +44,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from autoprune.api import run  # noqa: E402
-from autoprune.backends import ModelArtifact, get  # noqa: E402
 from autoprune.config import load_device_profile, load_run_config  # noqa: E402
+from autoprune.measure.backends import ModelArtifact, get  # noqa: E402
 
 
 def hypervolume(points: list[tuple[float, float]], dense_acc: float, acc_window: float = 0.10, lat_ref: float = 1.0) -> float:
@@ -146,7 +146,7 @@ def main() -> int:
     }
     # One dense model for everyone, trained (and measured) before any timed run, so no method's
     # wall time includes training it.
-    from autoprune.search import prepare
+    from autoprune.study.context import prepare
 
     dense_dir = out / "dense-model"
     t0 = time.perf_counter()

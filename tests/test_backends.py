@@ -10,10 +10,11 @@ import pytest
 import torch
 import torch.nn as nn
 
-from autoprune import backends
-from autoprune.backends import BackendUnavailable, ModelArtifact
-from autoprune.config import REPO_ROOT, ConfigError, DeviceProfile, load_device_profile, validate
-from autoprune.export import export_onnx
+from autoprune.config import DeviceProfile, load_device_profile, shipped_dir, validate
+from autoprune.errors import BackendUnavailable, ConfigError
+from autoprune.measure import backends
+from autoprune.measure.backends import ModelArtifact
+from autoprune.measure.onnx import export_onnx
 
 FAST = dict(threads=1, warmup=2, repeats=10, target_rel_ci=None)
 LOCAL = [("onnxruntime", "cpu"), ("openvino", "CPU"), ("torch", "cpu")]
@@ -79,9 +80,10 @@ def test_dense_reference_speedup(tmp_path: Path):
 
 @pytest.mark.parametrize("backend,device,suffix", [("onnxruntime", "cpu", ".int8.onnx"), ("openvino", "CPU", ".int8.xml")])
 def test_int8_quantization_keeps_predictions(tmp_path: Path, backend, device, suffix):
-    from autoprune.data import load_digits
-    from autoprune.models import evaluate
-    from autoprune.quantize import calibration_batches, evaluate_model_file, quantize_artifact
+    from autoprune.measure.candidate import evaluate_model_file
+    from autoprune.measure.quantize import calibration_batches, quantize_artifact
+    from autoprune.train.data import load_digits
+    from autoprune.train.models import evaluate
 
     data = load_digits()
     torch.manual_seed(0)
@@ -137,7 +139,7 @@ def test_profile_validation_names_the_problem():
 
 
 def test_shipped_profiles_validate():
-    names = sorted(p.stem for p in (REPO_ROOT / "device_profiles").glob("*.yaml"))
+    names = sorted(p.stem for p in shipped_dir("device_profiles").glob("*.yaml"))
     assert {"openvino-cpu-int8", "onnxruntime-cpu-int8", "torch-cpu", "remote-example"} <= set(names)
     for n in names:
         assert load_device_profile(n).name == n
@@ -176,9 +178,10 @@ def test_torch_compile_cpu(tiny):
 def test_search_with_int8_reference_and_cache(tmp_path: Path):
     """A tiny search on onnxruntime int8: accuracy is the quantized model's, the dense reference
     ratio is recorded, and the architecture cache is populated."""
+    from conftest import FAST_PROFILE, tiny_run_config, write_yaml
+
     import autoprune
     from autoprune.config import load_run_config
-    from conftest import FAST_PROFILE, tiny_run_config, write_yaml
 
     prof = write_yaml(tmp_path / "int8.yaml", {**FAST_PROFILE, "name": "ort-int8", "precision": "int8",
                                                 "measure_reference": True, "calib_samples": 32})

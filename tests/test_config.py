@@ -3,20 +3,20 @@ from pathlib import Path
 import pytest
 
 from autoprune.config import (
-    REPO_ROOT,
-    ConfigError,
     load_device_profile,
     load_run_config,
     load_search_space,
+    shipped_dir,
 )
+from autoprune.errors import ConfigError
 
 
 def test_shipped_yaml_all_validate():
-    for p in (REPO_ROOT / "search_spaces").glob("*.yaml"):
+    for p in shipped_dir("search_spaces").glob("*.yaml"):
         assert load_search_space(str(p)).round_to >= 1
-    names = {load_device_profile(str(p)).name for p in (REPO_ROOT / "device_profiles").glob("*.yaml")}
+    names = {load_device_profile(str(p)).name for p in shipped_dir("device_profiles").glob("*.yaml")}
     assert {"onnxruntime-cpu", "openvino-cpu", "onnxruntime-cuda", "torch-cuda"} <= names
-    assert load_run_config(str(REPO_ROOT / "examples" / "digits.yaml")).search.trials == 20
+    assert load_run_config(str(shipped_dir("examples") / "digits.yaml")).search.trials == 20
 
 
 def test_shipped_names_resolve():

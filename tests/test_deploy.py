@@ -14,8 +14,9 @@ import numpy as np
 import pytest
 import torch
 
-from autoprune.config import ConfigError
-from autoprune.deploy import choose, pick, rebuild_model
+from autoprune.deploy.bundle import rebuild_model
+from autoprune.deploy.pick import choose, pick
+from autoprune.errors import ConfigError
 
 
 def _row(trial: int, acc: float, lat: float, params: int = 1000, flops: float = 1e6, onnx_bytes: int = 2_000_000) -> dict:
@@ -86,7 +87,7 @@ def test_bundle_files_and_model_card(bundle, tiny_run):
     assert card["sizes"]["onnx"] == (dest / "model.onnx").stat().st_size
     assert card["config"]["data"] == "digits" and card["config"]["finetune"]["steps"] == 3
     assert {"torch", "onnxruntime", "openvino", "optuna"} <= set(card["versions"]["bundle"])
-    assert card["rebuild"]["class"] == "autoprune.models.DemoResNet"
+    assert card["rebuild"]["class"] == "autoprune.train.models.DemoResNet"
     assert card["max_abs_diff_vs_pytorch"]["onnxruntime"] < 1e-4
     assert card["max_abs_diff_vs_pytorch"]["openvino_f32"] < 1e-3
     assert card["input"]["shape"] == [1, 1, 16, 16] and card["output"]["shape"] == [1, 10]
@@ -108,7 +109,7 @@ CLEAN_EVAL = textwrap.dedent(
     bundle = sys.argv[1]
     sys.path.insert(0, bundle)
     import infer_example as ie
-    from autoprune.data import load_data  # only to rebuild the held-out split named in the card
+    from autoprune.train.data import load_data  # only to rebuild the held-out split named in the card
 
     card = ie.card()
     ev = card["evaluation"]

@@ -20,9 +20,8 @@ from urllib.parse import urlsplit
 import optuna
 import pytest
 import yaml
-from optuna.trial import TrialState
-
 from conftest import FAST_EXTRAS
+from optuna.trial import TrialState
 
 PG_ENV = "AUTOPRUNE_TEST_POSTGRES_URL"
 
@@ -61,7 +60,7 @@ def _worker(cfg: Path, url: str, name: str, log: Path) -> subprocess.Popen:
 
 
 def _study(url: str, name: str) -> optuna.Study:
-    from autoprune.workers import sqlalchemy_url
+    from autoprune.study.storage import sqlalchemy_url
 
     return optuna.load_study(study_name=name, storage=optuna.storages.RDBStorage(sqlalchemy_url(url)))
 

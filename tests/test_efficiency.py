@@ -4,11 +4,13 @@ import pytest
 import torch
 import torch.nn as nn
 
-from autoprune.data import load_digits
-from autoprune.efficiency import hopeless_at_rung0, recalibrate_bn, sensitivity_scan, shape_ranges
-from autoprune.models import DemoResNet, evaluate, pretrain
-from autoprune.plan import PruningPlan, apply_plan
-from autoprune.structure import PrunableGroup, find_groups
+from autoprune.prune.plan import PruningPlan, apply_plan
+from autoprune.prune.structure import PrunableGroup, find_groups
+from autoprune.study.fidelity import hopeless_at_rung0
+from autoprune.study.priors import sensitivity_scan, shape_ranges
+from autoprune.train.bn import recalibrate_bn
+from autoprune.train.data import load_digits
+from autoprune.train.models import DemoResNet, evaluate, pretrain
 
 
 def test_recalibrated_bn_stats_equal_activation_statistics():
@@ -81,7 +83,7 @@ def test_hopeless_at_rung0_uses_an_optimistic_projection():
 
 
 def test_flops_savings_measure_what_each_group_buys(trained):
-    from autoprune.efficiency import flops_savings
+    from autoprune.study.priors import flops_savings
 
     d, base, x = trained
     groups = find_groups(base, x, 10)
@@ -91,7 +93,7 @@ def test_flops_savings_measure_what_each_group_buys(trained):
     assert set(savings) == {g.name for g in groups}
     assert all(0.0 < v < 1.0 for v in savings.values()), savings
     # pruning every group together saves more than any single group alone
-    from autoprune.models import count_flops
+    from autoprune.train.models import count_flops
 
     both = copy.deepcopy(base)
     apply_plan(both, x, PruningPlan({g.name: 0.5 for g in groups}), 10)
@@ -99,7 +101,7 @@ def test_flops_savings_measure_what_each_group_buys(trained):
 
 
 def test_allocate_ratios_prunes_cheap_groups_more_around_the_level():
-    from autoprune.efficiency import allocate_ratios
+    from autoprune.study.priors import allocate_ratios
 
     gs = [PrunableGroup(n, 64, low=0.0, high=0.9) for n in ("cheap", "mid", "dear")] + [PrunableGroup("fixed", 64, low=0.3, high=0.3)]
     drops = {"cheap": 0.01, "mid": 0.05, "dear": 0.05}
@@ -113,8 +115,8 @@ def test_allocate_ratios_prunes_cheap_groups_more_around_the_level():
 def test_replayed_trial_takes_the_same_rung0_branch_as_the_original():
     """export --trial N re-runs a trial through run_trial; a trial that stopped at rung 0 must stop
     there again, whatever its accuracy, and one that did not must not."""
-    from autoprune.rebuild import _ReplayStudy
-    from autoprune.search import rung0_history
+    from autoprune.deploy.replay import _ReplayStudy
+    from autoprune.study.fidelity import rung0_history
 
     for acc0 in (0.0, 0.5, 0.99):
         assert hopeless_at_rung0(acc0, 1.0, 0.99, *rung0_history(_ReplayStudy(True)))

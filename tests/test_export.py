@@ -4,12 +4,13 @@ import numpy as np
 import pytest
 import torch
 
-from autoprune.backends import ModelArtifact, get
 from autoprune.config import DeviceProfile
-from autoprune.export import ExportError, export_onnx, export_openvino
-from autoprune.models import build_model
-from autoprune.plan import PruningPlan, apply_plan
-from autoprune.structure import find_groups
+from autoprune.errors import ExportError
+from autoprune.measure.backends import ModelArtifact, get
+from autoprune.measure.onnx import export_onnx, export_openvino
+from autoprune.prune.plan import PruningPlan, apply_plan
+from autoprune.prune.structure import find_groups
+from autoprune.train.models import build_model
 
 
 @pytest.mark.parametrize(

@@ -15,13 +15,13 @@ import optuna
 import pytest
 import torch
 import yaml
-from optuna.trial import TrialState
-
 from conftest import FAST_EXTRAS
+from optuna.trial import TrialState
 from rich.console import Console
 
 from autoprune.api import run
-from autoprune.config import ConfigError, RunConfig, validate
+from autoprune.config import RunConfig, validate
+from autoprune.errors import ConfigError
 
 PROFILE = {"name": "ort-fast", "backend": "onnxruntime", "device": "cpu", "threads": 1, "warmup": 1,
            "repeats": 5, "target_rel_ci": None, "batch_size": 1}
@@ -31,7 +31,7 @@ PROFILE = {"name": "ort-fast", "backend": "onnxruntime", "device": "cpu", "threa
 def template(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A run folder holding only a trained dense model and its measurements: copying it lets each
     test skip the pre-training (trials are what is under test)."""
-    from autoprune.search import prepare
+    from autoprune.study.context import prepare
 
     root = tmp_path_factory.mktemp("faults")
     (root / "profile.yaml").write_text(yaml.safe_dump(PROFILE))
@@ -66,7 +66,7 @@ def _fail_on_calls(monkeypatch: pytest.MonkeyPatch, faults: dict[int, BaseExcept
     """Make the n-th fine-tune call (1-based) raise ``faults[n]``; the others run for real."""
     import importlib
 
-    search = importlib.import_module("autoprune.search")  # (autoprune.search is also a function)
+    search = importlib.import_module("autoprune.study.fidelity")
     real, calls = search.finetune, [0]
 
     def finetune(*a: Any, **k: Any) -> int:
@@ -79,7 +79,7 @@ def _fail_on_calls(monkeypatch: pytest.MonkeyPatch, faults: dict[int, BaseExcept
 
 
 def test_crashing_trials_are_recorded_and_ctrl_c_resumes(template: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from autoprune.finetune import NonFiniteLoss
+    from autoprune.errors import NonFiniteLoss
 
     out = template / "crash"
     cfg = _cfg(template, out, trials=2, template=template)
@@ -111,7 +111,7 @@ def test_crashing_trials_are_recorded_and_ctrl_c_resumes(template: Path, monkeyp
 
 
 def test_non_finite_objective_fails_with_reason() -> None:
-    from autoprune.workers import SlotLock, _Objective
+    from autoprune.study.workers import SlotLock, _Objective
 
     study = optuna.create_study(directions=["maximize", "minimize"])
     obj = _Objective(lambda t: (float("nan"), 1.0), SlotLock(study, "", "x"), max_retries=2)
@@ -121,7 +121,7 @@ def test_non_finite_objective_fails_with_reason() -> None:
 
 
 def test_disk_full_stops_with_clear_error_and_study_intact(template: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from autoprune.workers import DiskFullError
+    from autoprune.errors import DiskFullError
 
     out = template / "full"
     cfg = _cfg(template, out, trials=1, template=template, search_space=str(template / "space.yaml"))
@@ -169,7 +169,7 @@ def test_corrupt_or_foreign_sqlite_is_refused_untouched(template: Path) -> None:
 
 
 def test_other_search_space_or_dense_model_is_refused(template: Path) -> None:
-    from autoprune.models import DemoResNet
+    from autoprune.train.models import DemoResNet
 
     out = template / "mixed"
     run(_cfg(template, out, trials=1, template=template), console=_quiet(), export=False)
@@ -202,11 +202,12 @@ def test_trial_of_worker_that_died_before_its_first_heartbeat_is_retried(tmp_pat
     study forever (counted as running). workers.fail_dead_trials retries them after a while."""
     from datetime import datetime, timedelta
 
-    import autoprune.workers as workers
+    import autoprune.study.storage as storage
+    import autoprune.study.workers as workers
     from autoprune.config import SearchSettings
 
     s = SearchSettings(heartbeat_interval=1, grace_period=2)
-    study = optuna.create_study(storage=workers.make_storage(f"sqlite:///{tmp_path / 'h.db'}", s, lambda *a: None),
+    study = optuna.create_study(storage=storage.make_storage(f"sqlite:///{tmp_path / 'h.db'}", s, lambda *a: None),
                                 directions=["maximize", "minimize"])
     t = study.ask()  # RUNNING, never beats: its worker "died" right after creating it
     t.suggest_float("ratio/x", 0.0, 0.5)
@@ -226,7 +227,7 @@ def test_trial_of_worker_that_died_before_its_first_heartbeat_is_retried(tmp_pat
 
 
 def test_retries_of_the_same_parameters_are_capped() -> None:
-    from autoprune.workers import requeue
+    from autoprune.study.workers import requeue
 
     study = optuna.create_study(directions=["maximize", "minimize"])
     for attempt in range(4):  # each attempt's worker dies; the cap is search.max_retries = 2
@@ -278,7 +279,7 @@ def test_ctrl_c_on_a_real_process_exits_cleanly_and_prints_resume(template: Path
 
 def test_leftover_running_trials_respect_search_max_retries(tmp_path: Path) -> None:
     """A killed local search's RUNNING trial is re-queued at restart only while search.max_retries allows."""
-    from autoprune.search import _fail_stale_local_trials
+    from autoprune.study.study import _fail_stale_local_trials
 
     for cap, requeued in ((0, False), (1, True)):
         study = optuna.create_study(storage=f"sqlite:///{tmp_path / f'r{cap}.db'}", directions=["maximize", "minimize"])

@@ -12,9 +12,15 @@ import torch
 import torch.nn as nn
 
 from autoprune.config import DeviceProfile
-from autoprune.export import export_onnx
-from autoprune.latency import LatencyStats, median_rel_ci, summarize, time_callable, time_pair
-from autoprune.latency_cache import LatencyCache, architecture_hash, run_folder_of
+from autoprune.measure.cache import LatencyCache, architecture_hash, run_folder_of
+from autoprune.measure.onnx import export_onnx
+from autoprune.measure.stats import (
+    LatencyStats,
+    median_rel_ci,
+    summarize,
+    time_callable,
+    time_pair,
+)
 
 FAST = dict(name="ort-test", backend="onnxruntime", device="cpu", threads=1, warmup=1, repeats=8, target_rel_ci=None)
 
@@ -91,7 +97,7 @@ def test_architecture_hash_ignores_weights_but_not_widths(tmp_path: Path):
 
 
 def test_cache_hits_on_identical_architecture_per_profile(tmp_path: Path):
-    from autoprune.search import measure_model
+    from autoprune.measure.candidate import measure_model
 
     run = tmp_path / "run"
     prof = DeviceProfile(**FAST)
@@ -114,8 +120,8 @@ def test_cache_hits_on_identical_architecture_per_profile(tmp_path: Path):
 
 
 def test_lut_predicts_and_rejects_before_export(tmp_path: Path):
-    from autoprune.lut import LatencyLUT, layer_configs
-    from autoprune.search import measure_model
+    from autoprune.measure.candidate import measure_model
+    from autoprune.measure.lut import LatencyLUT, layer_configs
 
     run = tmp_path / "run"
     x = torch.randn(1, 8, 32, 32)

@@ -13,11 +13,16 @@ import pytest
 import torch
 import torch.nn as nn
 
-from autoprune import methods
-from autoprune.methods import granularity as gr
-from autoprune.models import DemoResNet
-from autoprune.plan import PruningPlan, apply_plan, apply_schedule, kept_channels
-from autoprune.structure import build_graph, find_groups, iter_groups, output_layers
+from autoprune.prune import methods
+from autoprune.prune.methods import granularity as gr
+from autoprune.prune.plan import PruningPlan, apply_plan, apply_schedule, kept_channels
+from autoprune.prune.structure import (
+    build_graph,
+    find_groups,
+    iter_groups,
+    output_layers,
+)
+from autoprune.train.models import DemoResNet
 
 ALL_METHODS = methods.available()
 GRANULARITIES = ["structured", "unstructured", "nm:2:4", "hybrid"]
@@ -287,8 +292,8 @@ def test_search_samples_granularity_per_group_and_records_it() -> None:
     import optuna
 
     from autoprune.config import LayerRule, SearchSpace
-    from autoprune.methods.space import suggest_granularities
-    from autoprune.structure import PrunableGroup
+    from autoprune.prune.structure import PrunableGroup
+    from autoprune.study.space import suggest_granularities
 
     sp = SearchSpace(
         granularities=["structured", "unstructured", "nm:2:4", "hybrid"], global_granularity=False,
@@ -309,7 +314,8 @@ def test_search_samples_granularity_per_group_and_records_it() -> None:
 
 
 def test_config_rejects_unknown_method_and_granularity(tmp_path: Path) -> None:
-    from autoprune.config import ConfigError, load_search_space
+    from autoprune.config import load_search_space
+    from autoprune.errors import ConfigError
 
     p = tmp_path / "s.yaml"
     p.write_text("methods: [l1, l3]\n")
@@ -333,7 +339,7 @@ def _export_and_check(model: nn.Module, x: torch.Tensor, dest: Path) -> None:
     import onnxruntime as ort
     import openvino as ov
 
-    from autoprune.export import export_onnx, export_openvino
+    from autoprune.measure.onnx import export_onnx, export_openvino
 
     model.eval()
     onnx_path = export_onnx(model, x, dest / "model.onnx", exporter="torchscript")
@@ -392,10 +398,10 @@ def test_full_cross_product_on_demo_model() -> None:
 
 def test_search_records_granularity_and_size_objective(tmp_path: Path, fast_profile: Path) -> None:
     """A 2-trial search over methods × granularities with gzip size as a third objective."""
+    from conftest import tiny_run_config, write_yaml
+
     import autoprune
     from autoprune.config import load_run_config
-
-    from conftest import tiny_run_config, write_yaml
 
     space = write_yaml(tmp_path / "space.yaml", {
         "methods": ["l1", "taylor", "apoz"], "global_method": False, "high": 0.6,

@@ -7,9 +7,9 @@ import pytest
 import torch
 from PIL import Image
 
-from autoprune.config import ConfigError
-from autoprune.data import load_data
-from autoprune.models import DemoResNet, build_model, evaluate, pretrain
+from autoprune.errors import ConfigError
+from autoprune.train.data import load_data
+from autoprune.train.models import DemoResNet, build_model, evaluate, pretrain
 
 
 def _write_image_folder(root: Path, classes=("cat", "dog"), n=6, size=20) -> Path:
@@ -79,7 +79,7 @@ def test_torchvision_adapts_input_channels():
 
 
 def test_factory_model(tmp_path):
-    m = build_model("autoprune.models:DemoResNet", 7)
+    m = build_model("autoprune.train.models:DemoResNet", 7)
     assert m.fc.out_features == 7
 
 
@@ -93,7 +93,7 @@ def test_pretrain_learns_digits():
 def test_cluttered_digits_is_deterministic_split_by_source_and_learnable():
     """The harder shipped-data task for benchmarks: reproducible, normalised, and a small net
     learns it well above chance (0.1) but far from perfect in a few steps."""
-    from autoprune.data import load_cluttered_digits
+    from autoprune.train.data import load_cluttered_digits
 
     a = load_cluttered_digits(image_size=24, seed=3, train_size=1500, val_size=400)
     b = load_cluttered_digits(image_size=24, seed=3, train_size=1500, val_size=400)

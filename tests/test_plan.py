@@ -2,9 +2,9 @@ import pytest
 import torch
 import torch.nn as nn
 
-from autoprune.models import DemoResNet, build_model, count_params
-from autoprune.plan import PruningPlan, apply_plan, kept_channels
-from autoprune.structure import find_groups
+from autoprune.prune.plan import PruningPlan, apply_plan, kept_channels
+from autoprune.prune.structure import find_groups
+from autoprune.train.models import DemoResNet, build_model, count_params
 
 
 @pytest.mark.parametrize(

@@ -3,15 +3,14 @@
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import pytest
 
-from autoprune.config import ConfigError
-from autoprune.deploy import pick
-from autoprune.pareto import non_dominated
-from autoprune.remeasure import remeasure
+from autoprune.deploy.pick import pick
+from autoprune.errors import ConfigError
+from autoprune.results.front import non_dominated
+from autoprune.results.remeasure import remeasure
 
 TINY = {"device": "cpu", "threads": 1, "warmup": 1, "repeats": 5, "target_rel_ci": None, "batch_size": 1}
 

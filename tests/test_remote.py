@@ -11,12 +11,13 @@ import pytest
 import torch
 import torch.nn as nn
 
-from autoprune import backends
-from autoprune.backends import BackendUnavailable, ModelArtifact
-from autoprune.backends.remote import RemoteError, post_parts
 from autoprune.config import DeviceProfile
-from autoprune.export import export_onnx
-from autoprune.serve import make_server
+from autoprune.errors import BackendUnavailable, RemoteError
+from autoprune.measure import backends
+from autoprune.measure.backends import ModelArtifact
+from autoprune.measure.backends.remote import post_parts
+from autoprune.measure.onnx import export_onnx
+from autoprune.measure.server import make_server
 
 TOKEN = "test-token-0123456789"
 

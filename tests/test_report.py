@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from autoprune.report import write_plots, write_report
+from autoprune.results.report import write_plots, write_report
 
 CHROMIUM = shutil.which("chromium") or ("/usr/bin/chromium" if Path("/usr/bin/chromium").exists() else None)
 needs_chromium = pytest.mark.skipif(

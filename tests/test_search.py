@@ -8,16 +8,16 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import optuna
 import pytest
 import torch
+from conftest import FAST_PROFILE, tiny_run_config, write_yaml
 from optuna.trial import TrialState
 
 import autoprune
-from autoprune.config import ConfigError, load_run_config
-from autoprune.pareto import non_dominated
-from conftest import FAST_PROFILE, tiny_run_config, write_yaml
+from autoprune.config import load_run_config
+from autoprune.errors import ConfigError
+from autoprune.results.front import non_dominated
 
 
 def test_front_is_nonempty_and_truly_non_dominated(tiny_run):
@@ -146,8 +146,8 @@ def test_seed_plans_pair_each_uniform_level_with_a_sensitivity_allocated_twin():
     from types import SimpleNamespace
 
     from autoprune.config import SearchSpace
-    from autoprune.search import RATIO_PREFIX, seed_plans
-    from autoprune.structure import PrunableGroup
+    from autoprune.prune.structure import PrunableGroup
+    from autoprune.study.space import RATIO_PREFIX, seed_plans
 
     groups = [PrunableGroup("a", 64, low=0.0, high=0.9), PrunableGroup("b", 64, low=0.0, high=0.9), PrunableGroup("stem", 16, low=0.0, high=0.0)]
     ctx = SimpleNamespace(space=SearchSpace(high=0.9, seed_uniform=[0.6, 0.3], seed_spread=0.2), groups=groups,
@@ -168,7 +168,7 @@ def test_seed_plans_pair_each_uniform_level_with_a_sensitivity_allocated_twin():
 def test_export_trial_exports_the_final_stage_model_stored_or_rebuilt(tiny_run, run_copy, tmp_path):
     """`autoprune export --trial N` of a Pareto trial that had the final fine-tune exports that
     model (what pareto/ deploys), from model_final.pt or re-created: short model + final fine-tune."""
-    from autoprune.rebuild import rebuild_trial
+    from autoprune.deploy.replay import rebuild_trial
 
     finals = json.loads((tiny_run.out / "final.json").read_text())
     n = int(next(iter(finals)))
@@ -189,7 +189,7 @@ def test_duplicate_architectures_are_not_rerun_and_accuracy_floor_is_a_constrain
     """Every ratio in [0, 0.01] keeps the same (rounded) widths: proposals are pruned as duplicates and
     does not count; once every proposal is a duplicate the space is exhausted and one runs anyway.
     search.max_accuracy_drop becomes the 'accuracy_drop' constraint."""
-    from autoprune.search import MAX_DUPLICATES_IN_ROW
+    from autoprune.study.trial import MAX_DUPLICATES_IN_ROW
 
     space = write_yaml(tmp_path / "space.yaml", {"name": "tiny", "low": 0.0, "high": 0.01, "step": None, "seed_uniform": [0.0]})
     cfg = write_yaml(tmp_path / "run.yaml", tiny_run_config(tmp_path / "out", fast_profile, trials=2, search_space=str(space),
@@ -210,7 +210,7 @@ def test_data_split_follows_data_seed_not_the_sampler_seed(tmp_path, fast_profil
     """Repeating a search with another search.seed must score trials on the same held-out images."""
     import importlib
 
-    search = importlib.import_module("autoprune.search")  # the package exports a search() function too
+    search = importlib.import_module("autoprune.study.context")
 
     seen = []
 

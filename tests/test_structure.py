@@ -2,9 +2,10 @@ import pytest
 import torch
 import torch.nn as nn
 
-from autoprune.config import ConfigError, LayerRule
-from autoprune.models import DemoResNet, build_model
-from autoprune.structure import apply_rules, find_groups
+from autoprune.config import LayerRule
+from autoprune.errors import ConfigError
+from autoprune.prune.structure import apply_rules, find_groups
+from autoprune.train.models import DemoResNet, build_model
 
 
 def _group_of(groups, member):

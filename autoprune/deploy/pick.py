@@ -1,0 +1,104 @@
+"""[from autoprune.deploy]
+Pick a Pareto model for a budget and write its deploy bundle.
+
+A bundle is everything a deployment needs without the search: ONNX, OpenVINO IR, the PyTorch
+model (pickled module, state dict, and ``torch.export`` / TorchScript files where the model
+allows), a ``model_card.json`` that records where the model came from and how it measured, and
+``infer_example.py`` that runs it with onnxruntime and with OpenVINO (no autoprune import).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Optional
+
+from autoprune.deploy.bundle import write_bundle
+from autoprune.errors import ConfigError
+from autoprune.results.front import (
+    _profile_name,
+    load_front,
+    load_remeasure,
+    search_profile_name,
+)
+
+BUDGET_KEYS = ("max_latency_ms", "max_params", "min_accuracy", "max_flops", "max_size_mb", "trial")
+
+
+def rows_on_profile(run_dir: Path, profile: Optional[str] = None) -> tuple[list[dict[str, Any]], str]:
+    """Pareto rows with ``latency_ms`` on ``profile``: the search's own numbers for the search
+    profile, re-measured numbers (``autoprune remeasure``) for any other."""
+    front = load_front(run_dir)
+    rows = front["pareto"]
+    searched = search_profile_name(run_dir, front)
+    if profile is None or _profile_name(profile) == searched:
+        return rows, searched
+    rem = load_remeasure(run_dir, profile)
+    by_trial = {r["trial"]: r for r in rem["rows"]}
+    out = []
+    for r in rows:
+        m = by_trial.get(r["trial"])
+        if m is None:
+            continue  # front changed after the re-measure (resumed search): not measured there
+        out.append({**r, "latency_ms": m["latency"]["median_ms"], "latency_p90_ms": m["latency"]["p90_ms"],
+                    "latency_cv": m["latency"]["cv"], "non_dominated_on_profile": m.get("non_dominated")})
+    if not out:
+        raise ConfigError(f"{run_dir}: the re-measure on {rem['profile_name']!r} covers none of the current Pareto "
+                          f"trials; run 'autoprune remeasure {run_dir} --device-profile {profile}' again")
+    return out, rem["profile_name"]
+
+
+def choose(
+    rows: list[dict[str, Any]],
+    max_latency_ms: Optional[float] = None,
+    max_params: Optional[int] = None,
+    min_accuracy: Optional[float] = None,
+    max_flops: Optional[float] = None,
+    trial: Optional[int] = None,
+    max_size_mb: Optional[float] = None,
+) -> dict[str, Any]:
+    """The most accurate Pareto model within every given budget (ties: the faster one).
+
+    Size is the ONNX file in MB (10^6 bytes), the same quantity the search's ``max_size_mb``
+    budget constrains.
+    """
+    if trial is not None:
+        hit = [r for r in rows if r["trial"] == trial]
+        if not hit:
+            raise ConfigError(f"trial {trial} is not on the Pareto front (front trials: {[r['trial'] for r in rows]})")
+        return hit[0]
+    ok = [
+        r for r in rows
+        if (max_latency_ms is None or r["latency_ms"] <= max_latency_ms)
+        and (max_params is None or r["params"] <= max_params)
+        and (min_accuracy is None or r["accuracy"] >= min_accuracy)
+        and (max_flops is None or r["flops"] <= max_flops)
+        and (max_size_mb is None or (r.get("onnx_bytes") or 0) / 1e6 <= max_size_mb)
+    ]
+    if not ok:
+        lo = min(rows, key=lambda r: r["latency_ms"]) if rows else None
+        hint = ""
+        if lo:
+            hint = (f" fastest Pareto model: {lo['latency_ms']:.3f} ms, acc {lo['accuracy']:.4f}, {lo['params']:,} params, "
+                    f"{(lo.get('onnx_bytes') or 0) / 1e6:.2f} MB; most accurate: "
+                    f"{max(r['accuracy'] for r in rows):.4f}. Relax a budget or pick with --trial.")
+        raise ConfigError(f"no Pareto model meets the budget.{hint}")
+    return max(ok, key=lambda r: (r["accuracy"], -r["latency_ms"]))
+
+
+def pick(run_dir: str | Path, dest: Optional[str | Path] = None, profile: Optional[str] = None,
+         **budget: Any) -> tuple[dict[str, Any], Path]:
+    """Choose a model and write its deploy bundle (default ``<run>/picked``).
+
+    ``max_latency_ms`` applies to the search's device profile, or to ``profile`` when given
+    (another profile needs ``autoprune remeasure`` first). Other budgets: ``max_params``,
+    ``max_flops``, ``max_size_mb`` (ONNX file), ``min_accuracy``; or ``trial`` to name one.
+    """
+    unknown = set(budget) - set(BUDGET_KEYS)
+    if unknown:
+        raise TypeError(f"pick(): unknown budget {sorted(unknown)}; allowed: {', '.join(BUDGET_KEYS)}")
+    run_dir = Path(run_dir)
+    rows, prof_name = rows_on_profile(run_dir, profile)
+    row = choose(rows, **budget)
+    dest = Path(dest) if dest else run_dir / "picked"
+    write_bundle(run_dir, row, dest, budget, prof_name)
+    return row, dest

@@ -1,0 +1,193 @@
+"""[from autoprune.rebuild]
+``autoprune export RUN --trial N``: deploy files for any trial, not only the Pareto front.
+
+A trial's model is ``trials/NNNNN/model.pt`` when the worker that ran it shared the run folder.
+Otherwise (or with ``rebuild=True``) it is re-created from what the study stores: the trial's
+parameters are replayed through the search's own ``run_trial`` (same pruning, same fine-tune
+seed ``search.seed + N``) on the run's dense model, and the result must reproduce the stored
+accuracy within ``tolerance`` — a model that does not is refused rather than silently exported.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import tempfile
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import optuna
+import torch
+import yaml
+
+from autoprune.config import RunConfig, validate
+from autoprune.errors import ConfigError
+from autoprune.results.artifacts import export_trial_artifacts
+from autoprune.results.front import trial_row
+from autoprune.runfolder import file_lock, trial_dir
+from autoprune.study.context import prepare
+from autoprune.study.fidelity import MIN_FULL_TRIALS
+from autoprune.study.final import final_finetune, final_seed
+from autoprune.study.storage import load_run_study, model_hash
+from autoprune.study.trial import run_trial
+from autoprune.train.models import evaluate
+
+#: Default |rebuilt - stored| accuracy allowed. Replays are exact on the same machine and build;
+#: other CPUs / library versions may change the last bits of a fine-tune.
+TOLERANCE = 0.02
+
+
+def _run_config(study: optuna.Study, run_dir: Path, tmp: Path, storage: Optional[str], study_name: Optional[str]) -> RunConfig:
+    """The run's exact config from the study, with the stored search space and device profile
+    written out (the original YAML paths may not exist on this machine)."""
+    ua = study.user_attrs
+    if "config" not in ua:
+        raise ConfigError(f"{run_dir}: the study has no stored config (not made by autoprune search?)")
+    data = dict(ua["config"])
+    for key, attr in (("search_space", "search_space"), ("device_profile", "device_profile")):
+        if attr in ua:
+            p = tmp / f"{attr}.yaml"
+            p.write_text(yaml.safe_dump(ua[attr]))
+            data[key] = str(p)
+    data["out"] = str(run_dir)
+    data.setdefault("search", {})
+    # Studies made before data_seed existed split their data with search.seed.
+    data.setdefault("data_seed", data["search"].get("seed", 0))
+    data["search"] = {**data["search"], "storage": storage, "study_name": study_name}
+    return validate(RunConfig, data, f"{run_dir} (config stored in the study)")
+
+
+class _ReplayStudy:
+    """What ``run_trial`` may ask of ``trial.study`` during a replay. The multi-fidelity fine-tune
+    stops a trial early when earlier trials beat it at the first rung; a replay must take the
+    same branch as the original, which the trial recorded (``stopped_at_rung0``)."""
+
+    def __init__(self, stopped_early: bool) -> None:
+        # Unbeatable finished trials (infinitely accurate, infinitely fast), enough of them for
+        # efficiency.hopeless_at_rung0 to judge: the replay stops at rung 0 exactly when the original did.
+
+        unbeatable = [
+            optuna.trial.create_trial(values=[float("inf"), float("-inf")], user_attrs={"accuracy_rung0": 0.0})
+            for _ in range(MIN_FULL_TRIALS)
+        ]
+        self._trials = unbeatable if stopped_early else []
+
+    def get_trials(self, deepcopy: bool = True, states: Any = None) -> list[optuna.trial.FrozenTrial]:
+        return list(self._trials)
+
+
+class _ReplayTrial(optuna.trial.FixedTrial):
+    """A stored trial's parameters and number, replayed through the search's own ``run_trial``."""
+
+    def __init__(self, frozen: optuna.trial.FrozenTrial) -> None:
+        super().__init__(frozen.params, number=frozen.number)
+        self.study = _ReplayStudy(bool(frozen.user_attrs.get("stopped_at_rung0")))
+
+
+def _final_entry(run_dir: Path, trial: int) -> Optional[dict[str, Any]]:
+    path = run_dir / "final.json"
+    if not path.is_file():
+        return None
+    return json.loads(path.read_text()).get(str(trial))
+
+
+def rebuild_trial(
+    run_dir: str | Path,
+    trial: int,
+    *,
+    storage: Optional[str] = None,
+    study_name: Optional[str] = None,
+    dest: Optional[str | Path] = None,
+    rebuild: bool = False,
+    tolerance: float = TOLERANCE,
+    console: Optional[Callable[[str], None]] = None,
+) -> dict[str, Any]:
+    """Write ONNX / OpenVINO IR / PyTorch / metadata of trial ``trial`` to ``dest``; returns the metadata.
+
+    ``rebuild``: re-create the model from the stored parameters even if ``trials/N/model.pt`` exists.
+    """
+
+    say = console or (lambda s: None)
+    run_dir = Path(run_dir)
+    study = load_run_study(run_dir, storage, study_name)
+    frozen = next((t for t in study.get_trials(deepcopy=False) if t.number == trial), None)
+    if frozen is None:
+        raise ConfigError(f"{run_dir}: the study has no trial {trial} (it has {len(study.trials)} trials, numbered from 0)")
+    if frozen.state != optuna.trial.TrialState.COMPLETE:
+        reason = frozen.user_attrs.get("fail_reason", "")
+        raise ConfigError(f"trial {trial} is {frozen.state.name}{' (' + reason + ')' if reason else ''}; only complete trials can be exported")
+
+    with tempfile.TemporaryDirectory(prefix="autoprune-rebuild-") as tmpd:
+        tmp = Path(tmpd)
+        cfg = _run_config(study, run_dir, tmp, storage, study_name)
+        if not (run_dir / "base_model.pt").is_file() and not Path(cfg.model).is_file():
+            raise ConfigError(
+                f"{run_dir}: no base_model.pt; copy it from a worker's run folder (the dense model every trial was pruned from)"
+            )
+        with file_lock(run_dir / ".prepare.lock"):
+            ctx = prepare(cfg, console=say)
+        stored_hash = study.user_attrs.get("base_model_sha256")
+        if stored_hash and model_hash(ctx.base) != stored_hash:
+            raise ConfigError(
+                f"{run_dir / 'base_model.pt'}: not the dense model the study was run with (hash {model_hash(ctx.base)} != {stored_hash}); "
+                "copy base_model.pt from the run folder of the workers"
+            )
+        stored_pt = trial_dir(run_dir, trial) / "model.pt"
+        seed = cfg.search.seed + trial
+        if stored_pt.is_file() and not rebuild:
+            say(f"trial {trial}: using {stored_pt}")
+            model = torch.load(stored_pt, map_location="cpu", weights_only=False)
+            source = str(stored_pt)
+        else:
+            say(f"trial {trial}: rebuilding from its parameters (fine-tune seed {seed})")
+            replay = _ReplayTrial(frozen)
+            try:
+                run_trial(replay, dataclasses.replace(ctx, out=tmp))  # type: ignore[arg-type]
+            except ValueError as exc:
+                raise ConfigError(f"trial {trial}: its stored parameters do not fit this run's search space ({exc})") from None
+            model = torch.load(trial_dir(tmp, trial) / "model.pt", map_location="cpu", weights_only=False)
+            source = "rebuilt from stored parameters"
+        model.eval()
+        acc = evaluate(model, ctx.data)
+        stored_acc = frozen.values[0]
+        if abs(acc - stored_acc) > tolerance:
+            raise ConfigError(
+                f"trial {trial}: the {'rebuilt' if source.startswith('rebuilt') else 'stored'} model has accuracy {acc:.4f} but the "
+                f"study recorded {stored_acc:.4f} (tolerance {tolerance}); the run folder, code or library versions differ "
+                "from the search's. Nothing was exported."
+            )
+        row = trial_row(frozen, ctx.dense)
+        check = {"accuracy": acc, "stored_accuracy": stored_acc, "tolerance": tolerance, "finetune_seed": seed}
+        final = _final_entry(run_dir, trial)
+        if final is not None:
+            # The final stage's longer fine-tune is what export_front deploys for this trial: export
+            # the same model (stored, or re-created with the final stage's seed) and check it too.
+            final_pt = trial_dir(run_dir, trial) / "model_final.pt"
+            if final_pt.is_file() and not rebuild:
+                model, source = torch.load(final_pt, map_location="cpu", weights_only=False), str(final_pt)
+            else:
+                say(f"trial {trial}: repeating its final fine-tune ({final['steps']} steps)")
+                final_finetune(model, ctx.data, cfg, ctx.base, trial, final["steps"])
+                source += " + final fine-tune"
+            model.eval()
+            facc = evaluate(model, ctx.data)
+            if abs(facc - final["final_accuracy"]) > tolerance:
+                raise ConfigError(
+                    f"trial {trial}: the final-stage model has accuracy {facc:.4f} but final.json recorded "
+                    f"{final['final_accuracy']:.4f} (tolerance {tolerance}); nothing was exported."
+                )
+            row.update(final=final, search_accuracy=row["accuracy"], search_latency_ms=row["latency_ms"],
+                       accuracy=final["final_accuracy"], latency_ms=final["final_latency_ms"])
+            check["final"] = {"accuracy": facc, "stored_accuracy": final["final_accuracy"], "finetune_seed": final_seed(cfg, trial)}
+        out = Path(dest) if dest else run_dir / "export" / f"trial_{trial:05d}"
+        meta_extra = {
+            "device_profile": ctx.profile.model_dump(mode="json"),
+            "config": study.user_attrs.get("config"),
+            "search_space": study.user_attrs.get("search_space"),
+            "dense": ctx.dense,
+            "source": source,
+            "check": check,
+        }
+        meta = export_trial_artifacts(model, ctx.example, out, row, meta_extra, cfg.exporter)
+    meta["dest"] = str(out)
+    return meta

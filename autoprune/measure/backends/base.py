@@ -1,0 +1,45 @@
+"""What every latency backend implements: a small abstract class and the runner it returns."""
+
+from __future__ import annotations
+
+import abc
+from typing import Any, Callable, Optional, Protocol
+
+import numpy as np
+
+from autoprune.config import DeviceProfile
+from autoprune.measure.onnx import ModelArtifact
+from autoprune.measure.stats import LatencyStats
+
+
+class Runner(Protocol):
+    def __call__(self, x: np.ndarray) -> np.ndarray: ...
+
+
+class FnRunner:
+    """A runner from a function; ``timed`` (optional) returns the device-side seconds of one run."""
+
+    def __init__(self, fn: Callable[[np.ndarray], np.ndarray], timed: Optional[Callable[[np.ndarray], float]] = None,
+                 clock: str = "perf_counter", info: Optional[dict[str, Any]] = None) -> None:
+        self.fn = fn
+        self.timed = timed
+        self.clock = clock
+        #: What the runtime was actually configured with (threads, streams, precision, providers).
+        self.info = info or {}
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        return self.fn(x)
+
+
+class Backend(abc.ABC):
+    """A latency backend: turns an exported model into a :class:`Runner` set up as the profile
+    says. Backends that time on another machine (``remote``) override :meth:`measure`."""
+
+    name: str = ""
+
+    @abc.abstractmethod
+    def load(self, artifact: ModelArtifact, profile: DeviceProfile) -> Runner:
+        """A runner for one synchronous inference of ``artifact`` on this backend."""
+
+    #: Optional: ``measure(artifact, profile, x, reference) -> LatencyStats`` timed elsewhere.
+    measure: Optional[Callable[..., LatencyStats]] = None

@@ -1,0 +1,91 @@
+"""onnxruntime: CPU always; CUDA/TensorRT when ``onnxruntime-gpu`` is installed (extra ``cuda``).
+
+Threads are fixed (``intra_op_num_threads`` = profile threads, one inter-op thread, sequential
+execution) so a number measured today is comparable with one measured tomorrow. int8 models come
+from :mod:`autoprune.quantize` as QDQ ONNX files, which every execution provider runs as is.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from autoprune.config import DeviceProfile
+from autoprune.errors import BackendUnavailable
+from autoprune.measure.backends.base import Backend, FnRunner, Runner
+from autoprune.measure.onnx import ModelArtifact
+from autoprune.registry import BACKENDS
+
+_DEVICE_PROVIDERS = {
+    "cpu": ["CPUExecutionProvider"],
+    "cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"],
+    "tensorrt": ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"],
+}
+
+_INSTALL_GPU = (
+    "For CUDA/TensorRT install the GPU build: pip install 'autoprune[cuda]' (onnxruntime-gpu, which replaces "
+    "onnxruntime: uninstall onnxruntime first, never install both) on a machine with an NVIDIA GPU and driver."
+)
+
+
+def session_options(threads: int) -> Any:
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads
+    so.inter_op_num_threads = 1
+    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    so.log_severity_level = 3
+    return so
+
+
+class OnnxRuntimeBackend(Backend):
+    name = "onnxruntime"
+
+    def load(self, artifact: ModelArtifact, profile: DeviceProfile) -> Runner:
+        import onnxruntime as ort
+
+        if artifact.onnx_path is None or str(artifact.onnx_path).endswith(".xml"):
+            raise ValueError("onnxruntime backend needs an ONNX file")
+        dev = profile.device.lower()
+        providers = profile.providers or _DEVICE_PROVIDERS.get(dev)
+        if providers is None:
+            raise BackendUnavailable(
+                f"device profile {profile.name}: device {profile.device!r} is not one of {sorted(_DEVICE_PROVIDERS)} for "
+                "onnxruntime (or list execution providers explicitly under `providers:`)"
+            )
+        have = ort.get_available_providers()
+        if providers[0] not in have:
+            raise BackendUnavailable(
+                f"device profile {profile.name}: onnxruntime provider {providers[0]} is not available "
+                f"(available: {have}). {_INSTALL_GPU}"
+            )
+        provider_options: list[dict[str, Any]] = [{} for _ in providers]
+        if profile.precision == "fp16":
+            if providers[0] != "TensorrtExecutionProvider":
+                raise BackendUnavailable(
+                    f"device profile {profile.name}: precision fp16 on onnxruntime needs device: tensorrt "
+                    "(TensorRT builds fp16 engines); for fp16 use backend openvino (inference-precision hint) or torch on cuda"
+                )
+            provider_options[0]["trt_fp16_enable"] = True
+        if profile.precision == "int8" and providers[0] == "TensorrtExecutionProvider":
+            provider_options[0]["trt_int8_enable"] = True  # QDQ nodes carry the scales
+        pairs = [(p, o) for p, o in zip(providers, provider_options) if p in have]
+        sess = ort.InferenceSession(
+            str(artifact.onnx_path), sess_options=session_options(profile.threads),
+            providers=[p for p, _ in pairs], provider_options=[o for _, o in pairs],
+        )
+        in_name = sess.get_inputs()[0].name
+        in_type = sess.get_inputs()[0].type
+
+        def run(x: np.ndarray) -> np.ndarray:
+            if in_type == "tensor(float16)" and x.dtype != np.float16:
+                x = x.astype(np.float16)
+            return np.asarray(sess.run(None, {in_name: x})[0]).astype(np.float32, copy=False)
+
+        return FnRunner(run, info={"providers": sess.get_providers(), "threads": profile.threads, "precision": profile.precision})
+
+
+BACKENDS.register("onnxruntime", OnnxRuntimeBackend)

@@ -1,0 +1,96 @@
+"""OpenVINO: reads ONNX (or IR .xml) directly; configured like ``benchmark_app -hint none
+-nstreams 1 -nthreads N -nireq 1 -api sync -infer_precision f32`` so our numbers can be checked
+against it (``benchmarks/benchmark_app_agreement.py``).
+
+The device name is passed through: ``CPU``, ``GPU``, ``GPU.1``, ``NPU``, ``AUTO:GPU,CPU``, ...
+Precision: fp32 pins ``INFERENCE_PRECISION_HINT=f32`` (on CPUs with AMX/AVX512-BF16 OpenVINO
+otherwise silently runs bf16, which is neither what was asked nor comparable across machines);
+fp16 sets the f16 hint; int8 models arrive already quantized by NNCF (:mod:`autoprune.quantize`).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from autoprune.config import DeviceProfile
+from autoprune.errors import BackendUnavailable
+from autoprune.measure.backends.base import Backend, FnRunner, Runner
+from autoprune.measure.onnx import ModelArtifact
+from autoprune.registry import BACKENDS
+
+_VIRTUAL = ("AUTO", "HETERO", "MULTI", "BATCH")
+_DRIVER_HINT = {
+    "GPU": "Intel GPU: install the Intel graphics compute runtime (intel-opencl-icd / level-zero) and add the user to the 'render' group",
+    "NPU": "Intel NPU: install the Intel NPU driver (linux-npu-driver) and OpenVINO >= 2024.x",
+}
+
+
+def _physical(device: str) -> list[str]:
+    """``AUTO:GPU,CPU`` → [GPU, CPU]; ``GPU.1`` → [GPU.1]."""
+    head, _, rest = device.partition(":")
+    if head in _VIRTUAL:
+        return [d for d in rest.split(",") if d]
+    return [device]
+
+
+def check_device(core: Any, device: str, profile_name: str) -> None:
+    have = list(core.available_devices)
+    have_base = {d.split(".")[0] for d in have}
+    for d in _physical(device):
+        if d not in have and (("." in d) or d not in have_base):
+            hint = _DRIVER_HINT.get(d.split(".")[0], "check the device name")
+            raise BackendUnavailable(
+                f"device profile {profile_name}: OpenVINO device {d!r} not found (available: {have}). {hint}."
+            )
+
+
+def compile_config(core: Any, device: str, profile: DeviceProfile) -> dict[str, str]:
+    """Properties for ``compile_model``; only those the device supports (an NPU rejects CPU keys)."""
+    cfg: dict[str, str] = {
+        "PERFORMANCE_HINT": "THROUGHPUT" if profile.mode == "throughput" else "LATENCY",
+        "NUM_STREAMS": "1",
+        "INFERENCE_NUM_THREADS": str(profile.threads),
+        "INFERENCE_PRECISION_HINT": {"fp32": "f32", "fp16": "f16", "int8": "f32"}[profile.precision],
+    }
+    head = device.partition(":")[0]
+    if head in _VIRTUAL:
+        return {k: v for k, v in cfg.items() if k == "PERFORMANCE_HINT"}
+    try:
+        supported = set(core.get_property(device, "SUPPORTED_PROPERTIES"))
+    except Exception:  # noqa: BLE001 - old plugins
+        supported = set(cfg)
+    if profile.precision == "fp16":
+        caps = set(core.get_property(device, "OPTIMIZATION_CAPABILITIES"))
+        if "FP16" not in caps:
+            raise BackendUnavailable(
+                f"device profile {profile.name}: OpenVINO device {device} has no native fp16 (capabilities: {sorted(caps)}); "
+                "use precision fp32 or int8 there, or a GPU/NPU device"
+            )
+    return {k: v for k, v in cfg.items() if k in supported}
+
+
+class OpenVINOBackend(Backend):
+    name = "openvino"
+
+    def load(self, artifact: ModelArtifact, profile: DeviceProfile) -> Runner:
+        import openvino as ov
+
+        if artifact.onnx_path is None:
+            raise ValueError("openvino backend needs an ONNX (or IR .xml) file")
+        core = ov.Core()
+        device = profile.device.upper()
+        check_device(core, device, profile.name)
+        config = compile_config(core, device, profile)
+        compiled = core.compile_model(str(artifact.onnx_path), device, config)
+        request = compiled.create_infer_request()
+
+        def run(x: np.ndarray) -> np.ndarray:
+            request.infer({0: x})
+            return request.get_output_tensor(0).data.copy()
+
+        return FnRunner(run, info={"device": device, "config": config})
+
+
+BACKENDS.register("openvino", OpenVINOBackend)

@@ -1,0 +1,69 @@
+"""PyTorch: CPU eager as a reference, CUDA timed with CUDA events, optional ``torch.compile``.
+
+On CUDA the host clock would time kernel *launches* (asynchronous); CUDA events recorded on the
+stream around the forward pass give the device time, then we synchronise once per inference.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import torch
+
+from autoprune.config import DeviceProfile
+from autoprune.errors import BackendUnavailable
+from autoprune.measure.backends.base import Backend, FnRunner, Runner
+from autoprune.measure.onnx import ModelArtifact
+from autoprune.registry import BACKENDS
+
+
+class TorchBackend(Backend):
+    name = "torch"
+
+    def load(self, artifact: ModelArtifact, profile: DeviceProfile) -> Runner:
+        if artifact.torch_model is None:
+            raise ValueError("torch backend needs the PyTorch module (it does not read ONNX); use backend onnxruntime or openvino for ONNX files")
+        dev = profile.device.lower()
+        if dev.startswith("cuda") and not torch.cuda.is_available():
+            raise BackendUnavailable(
+                f"device profile {profile.name}: no CUDA device (torch.cuda.is_available() is False; "
+                f"torch {torch.__version__}, built for CUDA {torch.version.cuda}). Run on a machine with an NVIDIA GPU "
+                "and a CUDA build of torch (see https://pytorch.org/get-started/locally/)."
+            )
+        device = torch.device(dev)
+        # A copy: moving/halving/compiling must not change the caller's (CPU, fp32) model.
+        model = copy.deepcopy(artifact.torch_model).to(device).eval()
+        dtype = torch.float16 if profile.precision == "fp16" else torch.float32
+        model = model.to(dtype)
+        if device.type == "cpu":
+            torch.set_num_threads(profile.threads)
+        if profile.compile:
+            model = torch.compile(model, mode="max-autotune-no-cudagraphs" if device.type == "cuda" else "default")
+
+        @torch.inference_mode()
+        def forward(x: np.ndarray) -> torch.Tensor:
+            return model(torch.from_numpy(x).to(device, dtype, non_blocking=True))
+
+        def run(x: np.ndarray) -> np.ndarray:
+            out = forward(x)
+            return out.float().cpu().numpy()
+
+        if device.type != "cuda":
+            return FnRunner(run, info={"device": dev, "threads": profile.threads, "compile": profile.compile})
+
+        def timed(x: np.ndarray) -> float:
+            xt = torch.from_numpy(x).to(device, dtype)
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            with torch.inference_mode():
+                start.record()
+                model(xt)
+                end.record()
+            end.synchronize()
+            return start.elapsed_time(end) / 1000.0
+
+        return FnRunner(run, timed=timed, clock="cuda_events",
+                        info={"device": dev, "precision": profile.precision, "compile": profile.compile})
+
+
+BACKENDS.register("torch", TorchBackend)

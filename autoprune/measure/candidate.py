@@ -1,0 +1,142 @@
+"""[from autoprune.search]
+The search: an Optuna multi-objective study over per-group sparsity ratios (and methods).
+
+Each trial: copy the dense model → prune → export ONNX → measure latency on the profile's
+backend → (only if within the latency budget) short distilled fine-tune → held-out accuracy.
+Objectives are (maximize accuracy, minimize median latency); FLOPs, params and sizes are user
+attributes; budgets are Optuna constraints set with ``trial.set_constraint``.
+
+The study lives in SQLite inside the run folder unless ``storage`` names another Optuna
+storage (e.g. PostgreSQL for several workers). Re-running the same command resumes it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from autoprune.config import (
+    DeviceProfile,
+)
+from autoprune.measure import backends
+from autoprune.measure.cache import LatencyCache, architecture_hash, run_folder_of
+from autoprune.measure.lut import LatencyLUT
+from autoprune.measure.onnx import export_onnx, file_size, gzip_size
+from autoprune.measure.quantize import (
+    _input_shape,
+    calibration_batches,
+    quantize_artifact,
+    quantized_path,
+)
+from autoprune.measure.stats import LatencyStats
+
+
+# --------------------------------------------------------------------------- preparation
+def _lut_rejection(predicted: Optional[float], model: nn.Module, example: torch.Tensor, profile: DeviceProfile) -> Optional[dict[str, Any]]:
+    """A result without export or measurement when the latency table predicts a clear budget
+    violation (over ``max_latency_ms`` by more than ``lut_margin``); None otherwise."""
+
+    b = profile.budget.max_latency_ms
+    if predicted is None or not b or predicted <= b * (1 + profile.lut_margin):
+        return None
+    est = sum(p.numel() * p.element_size() for p in model.parameters())
+    st = LatencyStats(predicted, predicted, predicted, predicted, 0.0, 0, 0.0, int(example.shape[0]))
+    return {"latency": st.to_dict(), "latency_predicted": True, "lut_predicted_ms": predicted,
+            "onnx_bytes": est, "onnx_gzip_bytes": est, "onnx_bytes_estimated": True}
+
+
+def _reference_artifact(run_dir: Path, onnx_path: Path, profile: DeviceProfile) -> Optional[backends.ModelArtifact]:
+    """The dense model to time interleaved with a candidate (``measure_reference: true``): its
+    ONNX file (int8 profiles: the quantized file made when the dense model was measured)."""
+    dense_onnx = run_dir / "dense" / "model.onnx"
+    if not profile.measure_reference or not dense_onnx.is_file() or dense_onnx.resolve() == Path(onnx_path).resolve():
+        return None
+    base_pt = run_dir / "base_model.pt"
+    dense_torch = torch.load(base_pt, map_location="cpu", weights_only=False) if profile.backend == "torch" and base_pt.is_file() else None
+    if profile.precision == "int8":
+
+        if quantized_path(dense_onnx, profile).is_file():
+            return backends.ModelArtifact(quantized_path(dense_onnx, profile), dense_torch, quantized=True)
+    return backends.ModelArtifact(dense_onnx, dense_torch)
+
+
+def measure_model(model: nn.Module, example: torch.Tensor, profile: DeviceProfile, onnx_path: Path, exporter: str,
+                  calib: Optional[list[Any]] = None) -> dict[str, Any]:
+    """Export ``model`` and time it on the profile's backend; returns latency stats and sizes.
+
+    An architecture already measured on this profile in this run folder is not measured again
+    (``latency_cache.py``; profile key ``cache``). ``precision: int8`` quantizes first, calibrated on
+    ``calib`` batches. ``measure_reference: true`` times the dense model (``<run>/dense/model.onnx``)
+    interleaved with the candidate and records ``latency.speedup``, steadier than absolute times.
+    ``lut: true`` predicts latency first and skips export and measurement of clear violations.
+    """
+
+    run_dir = run_folder_of(onnx_path)
+    lut, predicted = None, None
+    if profile.lut:
+
+        lut = LatencyLUT.for_run(run_dir, profile)
+        predicted = lut.predict(model, example)
+        rejected = _lut_rejection(predicted, model, example, profile)
+        if rejected is not None:
+            return rejected
+    export_onnx(model, example, onnx_path, exporter)
+    arch = architecture_hash(onnx_path)
+    cache = LatencyCache(run_dir / "latency_cache.sqlite") if profile.cache else None
+    stats = cache.get(profile, arch) if cache else None
+    cached = stats is not None
+    if stats is None:
+        batches = calibration_batches(calib, int(example.shape[0]), profile.calib_samples) if calib and profile.precision == "int8" else None
+        stats = backends.measure(backends.ModelArtifact(onnx_path, model), profile, example.numpy(),
+                                 reference=_reference_artifact(run_dir, onnx_path, profile), calib=batches)
+        if cache:
+            cache.put(profile, arch, stats)
+        if lut is not None:
+            lut.record(model, example, stats.median_ms, predicted)
+    extra = {"lut_predicted_ms": predicted} if lut is not None else {}
+    return {"latency": stats.to_dict(), "latency_cached": cached, "arch_hash": arch, **extra,
+            "onnx_bytes": file_size(onnx_path), "onnx_gzip_bytes": gzip_size(onnx_path)}
+
+
+def _eval_profile(profile: DeviceProfile) -> DeviceProfile:
+    """Accuracy of a remote profile's QDQ model is computed locally with onnxruntime CPU."""
+    if profile.backend in ("onnxruntime", "openvino"):
+        return profile
+    return DeviceProfile(name=profile.name + "-local-eval", backend="onnxruntime", device="cpu", threads=profile.threads,
+                         precision="int8")
+
+
+def evaluate_model_file(path: Path, data: Any, profile: DeviceProfile, batch_size: Optional[int] = None) -> float:
+    """Top-1 accuracy of an exported (e.g. quantized) model file on the held-out split, run by the
+    profile's runtime. The file's batch axis is static, so the last batch is padded and the
+    padding ignored."""
+
+    prof = _eval_profile(profile)
+    runner = backends.load(backends.ModelArtifact(Path(path), quantized=True), prof)
+    b = batch_size or _input_shape(Path(path))[0]
+    correct = total = 0
+    for x, y in data.loader("val", 256):
+        xs = x.numpy().astype(np.float32)
+        for i in range(0, len(xs), b):
+            chunk = xs[i:i + b]
+            n = len(chunk)
+            if n < b:
+                chunk = np.concatenate([chunk, np.repeat(chunk[-1:], b - n, 0)], 0)
+            pred = np.asarray(runner(chunk))[:n].argmax(1)
+            correct += int((pred == y.numpy()[i:i + n]).sum())
+            total += n
+    return correct / max(total, 1)
+
+
+def quantized_accuracy(model: Any, example: Any, profile: DeviceProfile, onnx_path: Path, exporter: str,
+                       calib: Sequence[Any], data: Any) -> tuple[float, Path]:
+    """Export the (fine-tuned) ``model``, quantize it on ``calib`` and return (accuracy, int8 file)."""
+
+    export_onnx(model, example, onnx_path, exporter)
+    batches = calibration_batches(calib, int(example.shape[0]), profile.calib_samples)
+    art = quantize_artifact(backends.ModelArtifact(Path(onnx_path), model), profile, batches)
+    return evaluate_model_file(Path(art.onnx_path), data, profile), Path(art.onnx_path)

@@ -1,0 +1,133 @@
+"""Per-layer latency lookup table: predict a candidate's latency before exporting it.
+
+Measuring a candidate costs an export plus tens of inferences; for large models that dominates a
+trial that is going to be rejected anyway. The table maps each Conv2d / Linear *configuration*
+(channels, kernel, stride, groups, input size, batch) to its measured latency as a stand-alone
+one-layer ONNX model on the profile's backend. Pruned widths snap to multiples of ``round_to``, so
+configurations repeat across trials and the table fills quickly; it is stored per device profile
+(JSON, ``<run>/lut/<profile key>.json``) and reused by later trials and resumed runs.
+
+A prediction is ``scale × Σ layer latencies``: the layers are measured in isolation, so the sum
+misses the rest of the graph (activations, pooling, adds) and fusion effects; ``scale`` is the
+median ratio measured/sum over the models measured so far (the dense model first), which absorbs
+both. Every measured candidate adds a (prediction, measurement) pair, and :meth:`LatencyLUT.error`
+reports the prediction error against measurement.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from autoprune.config import DeviceProfile
+from autoprune.measure import backends
+from autoprune.measure.cache import profile_key
+from autoprune.measure.onnx import export_onnx
+from autoprune.runfolder import atomic_write_text
+
+LayerKey = str
+
+
+def layer_configs(model: nn.Module, example: torch.Tensor) -> list[tuple[LayerKey, nn.Module, tuple[int, ...]]]:
+    """(key, a fresh stand-alone copy of the layer, input shape) for every Conv2d/Linear run by ``model(example)``."""
+    found: list[tuple[LayerKey, nn.Module, tuple[int, ...]]] = []
+    hooks = []
+
+    def hook(mod: nn.Module, inp: tuple[torch.Tensor, ...], _out: Any) -> None:
+        shape = tuple(inp[0].shape)
+        if isinstance(mod, nn.Conv2d):
+            key = (f"conv:{mod.in_channels}:{mod.out_channels}:{mod.kernel_size}:{mod.stride}:{mod.padding}:"
+                   f"{mod.dilation}:{mod.groups}:{mod.bias is not None}:{shape}")
+            fresh: nn.Module = nn.Conv2d(mod.in_channels, mod.out_channels, mod.kernel_size, mod.stride, mod.padding,
+                                         mod.dilation, mod.groups, mod.bias is not None)
+        else:
+            key = f"linear:{mod.in_features}:{mod.out_features}:{mod.bias is not None}:{shape}"
+            fresh = nn.Linear(mod.in_features, mod.out_features, mod.bias is not None)
+        found.append((key.replace(" ", ""), fresh, shape))
+
+    for m in model.modules():
+        if isinstance(m, (nn.Conv2d, nn.Linear)):
+            hooks.append(m.register_forward_hook(hook))
+    try:
+        with torch.no_grad():
+            model.eval()(example)
+    finally:
+        for h in hooks:
+            h.remove()
+    return found
+
+
+class LatencyLUT:
+    """Per-layer latency table for one device profile, persisted as JSON."""
+
+    def __init__(self, path: Path, profile: DeviceProfile) -> None:
+        self.path = Path(path)
+        self.profile = profile
+        self.table: dict[str, float] = {}
+        self.pairs: list[tuple[float, float]] = []  # (sum of layer ms, measured ms)
+        self.predictions: list[tuple[float, float]] = []  # (predicted ms, measured ms) made before measuring
+        if self.path.is_file():
+            d = json.loads(self.path.read_text())
+            self.table = d.get("table", {})
+            self.pairs = [tuple(p) for p in d.get("pairs", [])]
+            self.predictions = [tuple(p) for p in d.get("predictions", [])]
+
+    @classmethod
+    def for_run(cls, run_dir: Path, profile: DeviceProfile) -> "LatencyLUT":
+
+        return cls(Path(run_dir) / "lut" / f"{profile.name}-{profile_key(profile)}.json", profile)
+
+    def save(self) -> None:
+        atomic_write_text(self.path, json.dumps({"profile": self.profile.name, "table": self.table, "pairs": self.pairs,
+                                                 "predictions": self.predictions}, indent=1))
+
+    def _measure_layer(self, layer: nn.Module, shape: tuple[int, ...]) -> float:
+
+        prof = self.profile.model_copy(update={"warmup": 3, "repeats": 15, "target_rel_ci": None, "measure_reference": False})
+        x = torch.randn(*shape)
+        with tempfile.TemporaryDirectory(prefix="autoprune-lut-") as d:
+            p = export_onnx(layer.eval(), x, Path(d) / "layer.onnx", "torchscript")
+            return backends.measure(backends.ModelArtifact(p, layer), prof, x.numpy()).median_ms
+
+    def layer_sum(self, model: nn.Module, example: torch.Tensor) -> float:
+        """Σ of the table entries for ``model``'s layers, measuring (and storing) missing ones."""
+        total, added = 0.0, False
+        for key, layer, shape in layer_configs(model, example):
+            if key not in self.table:
+                self.table[key] = self._measure_layer(layer, shape)
+                added = True
+            total += self.table[key]
+        if added:
+            self.save()
+        return total
+
+    @property
+    def scale(self) -> Optional[float]:
+        """Median of measured / Σ-layers over calibration models; None before the first one."""
+        return float(np.median([m / s for s, m in self.pairs if s > 0])) if self.pairs else None
+
+    def predict(self, model: nn.Module, example: torch.Tensor) -> Optional[float]:
+        """Predicted median latency (ms) of ``model`` at ``example``'s shape; None until calibrated."""
+        s = self.layer_sum(model, example)
+        return None if self.scale is None else self.scale * s
+
+    def record(self, model: nn.Module, example: torch.Tensor, measured_ms: float, predicted_ms: Optional[float] = None) -> None:
+        """Add a measured model: refines ``scale``; with ``predicted_ms`` also scores the prediction."""
+        self.pairs.append((self.layer_sum(model, example), float(measured_ms)))
+        if predicted_ms is not None:
+            self.predictions.append((float(predicted_ms), float(measured_ms)))
+        self.save()
+
+    def error(self) -> dict[str, Any]:
+        """Prediction error against measurement (predictions made *before* each measurement)."""
+        if not self.predictions:
+            return {"n": 0}
+        rel = np.array([(p - m) / m for p, m in self.predictions])
+        return {"n": int(rel.size), "median_abs_pct": float(np.median(np.abs(rel)) * 100),
+                "p90_abs_pct": float(np.percentile(np.abs(rel), 90) * 100), "mean_pct": float(rel.mean() * 100)}

@@ -1,0 +1,106 @@
+"""[from autoprune.export]
+Export: PyTorch → ONNX (what every backend reads) → OpenVINO IR (what OpenVINO deploys).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gzip
+import io
+import logging
+import os
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+import torch.nn as nn
+
+from autoprune.errors import ExportError
+
+
+@contextlib.contextmanager
+def _quiet():
+    """The exporters print progress and warnings per call; a search exports hundreds of models."""
+    logging.getLogger("torch.onnx").setLevel(logging.ERROR)
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+        warnings.simplefilter("ignore")
+        yield
+
+
+def _root_cause(exc: BaseException) -> BaseException:
+    """The exporters wrap the real error in pages of advice; users need the innermost message."""
+    seen = set()
+    while (exc.__cause__ or exc.__context__) is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__  # type: ignore[assignment]
+    return exc
+
+
+def export_onnx(model: nn.Module, example: torch.Tensor, path: Path, exporter: str = "dynamo", opset: int = 18) -> Path:
+    """Write ``model`` as ONNX with input ``input`` and output ``logits``; the batch axis stays
+    static (latency is measured at the profile's batch size, and static shapes let runtimes plan)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    model = model.eval()
+    tmp = path.with_suffix(".onnx.tmp")
+    try:
+        kwargs = {"external_data": False} if exporter == "dynamo" else {}
+        with _quiet(), torch.no_grad():
+            torch.onnx.export(
+                model,
+                (example,),
+                str(tmp),
+                input_names=["input"],
+                output_names=["logits"],
+                opset_version=opset,
+                dynamo=(exporter == "dynamo"),
+                **kwargs,
+            )
+        os.replace(tmp, path)
+    except Exception as exc:  # noqa: BLE001 - exporters raise many types
+        tmp.unlink(missing_ok=True)
+        root = _root_cause(exc)
+        raise ExportError(
+            f"ONNX export ({exporter}) failed: {type(root).__name__}: {str(root)[:500]}"
+            + ("" if root is exc else f" (reported as {type(exc).__name__}); try exporter: torchscript if the model is not torch.export-able")
+        ) from exc
+    return path
+
+
+def export_openvino(onnx_path: Path, xml_path: Path) -> Path:
+    """Convert ONNX to OpenVINO IR (.xml + .bin), keeping fp32 weights so accuracy is unchanged."""
+    import openvino as ov
+
+    xml_path = Path(xml_path)
+    xml_path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        ov_model = ov.convert_model(str(onnx_path))
+        ov.save_model(ov_model, str(xml_path), compress_to_fp16=False)
+    except Exception as exc:  # noqa: BLE001
+        raise ExportError(f"OpenVINO conversion of {onnx_path} failed: {exc}") from exc
+    return xml_path
+
+
+def file_size(path: Path) -> int:
+    return Path(path).stat().st_size
+
+
+def gzip_size(path: Path) -> int:
+    """Compressed size: what zeroed (unstructured) weights actually save on disk or over the wire."""
+    return len(gzip.compress(Path(path).read_bytes(), compresslevel=6))
+
+
+@dataclass
+class ModelArtifact:
+    """What a backend may need: the ONNX file always, the torch module for the torch backend.
+
+    ``onnx_path`` may also be an OpenVINO IR ``.xml`` (the openvino backend reads both).
+    ``quantized`` marks a file that already went through post-training quantization, so an int8
+    profile does not quantize it again.
+    """
+
+    onnx_path: Optional[Path] = None
+    torch_model: Optional[nn.Module] = None
+    quantized: bool = False

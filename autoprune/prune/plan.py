@@ -1,0 +1,232 @@
+"""Pruning plan: per-group ratios (and criteria) → a physically smaller model.
+
+Only physical channel removal speeds up dense CPU inference (measured: zeroed weights run
+exactly as fast on onnxruntime and OpenVINO), so ``structured`` (the default granularity) slices
+tensors; ``unstructured`` / ``nm:N:M`` / ``hybrid`` also write zeros (smaller gzip size, see
+``methods/granularity.py``). Kept widths
+are rounded to a multiple of ``round_to`` because odd channel counts can be slower than the
+dense model on vectorised kernels.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional
+
+import torch
+import torch.nn as nn
+
+from autoprune.prune import methods
+from autoprune.prune.structure import (
+    build_graph,
+    channel_groups,
+    iter_groups,
+    output_layers,
+)
+
+
+@dataclass
+class PruningPlan:
+    """What to remove, per group name: a ratio, the criterion that ranks, and the granularity.
+
+    ``ratios[g]`` is the fraction removed *at the group's granularity*: channels for
+    ``structured`` and ``hybrid``, weights (per layer) for ``unstructured``; ignored by
+    ``nm:N:M``, whose sparsity is 1 - N/M. ``weight_ratios[g]`` is, for ``hybrid``, the fraction
+    of the remaining weights zeroed after channel removal.
+    """
+
+    ratios: dict[str, float]
+    methods: dict[str, str] = field(default_factory=dict)
+    round_to: int = 8
+    default_method: str = "l1"
+    granularity: dict[str, str] = field(default_factory=dict)
+    weight_ratios: dict[str, float] = field(default_factory=dict)
+    default_granularity: str = "structured"
+    #: Network slimming: L1 penalty on BN scales for ``bn_l1_steps`` steps on the calibration
+    #: batches before ``bn_scale`` ranks channels (0 = off).
+    bn_l1: float = 0.0
+    bn_l1_steps: int = 20
+
+    def method_for(self, group: str) -> str:
+        return self.methods.get(group, self.default_method)
+
+    def granularity_for(self, group: str) -> "methods.Granularity":
+        return methods.parse_granularity(self.granularity.get(group, self.default_granularity))
+
+    def active(self, group: str) -> bool:
+        """Whether the plan changes this group at all."""
+        gr = self.granularity_for(group)
+        return gr.kind == "nm" or self.ratios.get(group, 0.0) > 0 or (gr.kind == "hybrid" and self.weight_ratios.get(group, 0.0) > 0)
+
+
+def kept_channels(n: int, ratio: float, round_to: int = 8, ch_groups: int = 1) -> int:
+    """Channels kept when removing ``ratio`` of ``n``: nearest multiple of the rounding unit,
+    at least one unit, never more than ``n`` (a group smaller than the unit is left whole)."""
+    if not 0.0 <= ratio < 1.0:
+        raise ValueError(f"ratio {ratio} outside [0, 1)")
+    unit = math.lcm(max(1, round_to), max(1, ch_groups))
+    if ratio == 0.0 or n <= unit:
+        return n
+    keep = int(round(n * (1.0 - ratio) / unit)) * unit
+    return min(n, max(unit, keep))
+
+
+def _drop_indices(imp: torch.Tensor, n: int, keep: int, g: int) -> list[int]:
+    """Lowest-scored channels to remove; grouped convs drop the same pattern in every group."""
+    imp = imp.detach().float().cpu()
+    if g > 1:
+        per = n // g
+        local = imp.view(g, per).mean(0)
+        drop_local = torch.argsort(local)[: per - keep // g]
+        return sorted(int(i) + j * per for j in range(g) for i in drop_local)
+    return sorted(torch.argsort(imp)[: n - keep].tolist())
+
+
+def apply_plan(
+    model: nn.Module,
+    example: torch.Tensor,
+    plan: PruningPlan,
+    num_classes: Optional[int] = None,
+    calib: Optional[list[tuple[torch.Tensor, torch.Tensor]]] = None,
+) -> dict[str, tuple[int, int]]:
+    """Prune ``model`` in place. Returns {group: (channels before, channels after)}.
+
+    1. calibration statistics (gradients / Fisher / activations), once, if a criterion needs them;
+    2. every structured/hybrid group is scored on the *unpruned* network, then sliced;
+    3. unstructured / N:M / hybrid groups get per-weight masks on what remains, written as zeros.
+    """
+    outputs = output_layers(model, num_classes)
+    DG = build_graph(model, example)
+    groups = list(iter_groups(DG, outputs))
+    active = [(name, grp) for name, grp in groups if plan.active(name)]
+    criteria = {m: methods.get(m) for m in {plan.method_for(name) for name, _ in active}}
+    if plan.bn_l1 > 0 and "bn_scale" in criteria:
+        if not calib:
+            raise ValueError("bn_l1 > 0 (network slimming) needs calibration batches; none were given")
+        methods.bn_l1_finetune(model, calib, plan.bn_l1, plan.bn_l1_steps)
+    def _stats() -> methods.CalibStats:
+        need_grad = any(c.needs_grad for c in criteria.values())
+        need_act = any(getattr(c, "needs_activations", False) for c in criteria.values())
+        if (need_grad or need_act) and not calib:
+            raise ValueError(f"methods {sorted(criteria)} need calibration batches (gradients/activations); none were given")
+        return methods.collect(model, calib, need_grad, need_act)
+
+    stats = _stats()
+    widths: dict[str, tuple[int, int]] = {}
+    cuts: list[tuple[nn.Module, list[int]]] = []
+    for name, group in groups:
+        root = group[0].dep.target.module
+        n = int(DG.get_out_channels(root))
+        widths[name] = (n, n)
+        gran = plan.granularity_for(name)
+        ratio = float(plan.ratios.get(name, 0.0))
+        if not gran.removes_channels or ratio <= 0:
+            continue
+        g = channel_groups(DG, group)
+        keep = kept_channels(n, ratio, plan.round_to, g)
+        if keep >= n:
+            continue
+        imp = criteria[plan.method_for(name)](group, stats)
+        if imp is None:  # torch-pruning returns None for groups it cannot score
+            continue
+        widths[name] = (n, keep)
+        cuts.append((root, _drop_indices(imp, n, keep, g)))
+    for root, idxs in cuts:  # indices of one group never shift when another group is sliced
+        DG.get_pruning_group(root, DG.get_pruner_of_module(root).prune_out_channels, idxs).prune()
+
+    weighted = [name for name, _ in active if plan.granularity_for(name).zeros_weights]
+    if weighted:
+        if cuts:  # shapes changed: rebuild the graph and re-measure on the pruned network
+            DG = build_graph(model, example)
+            stats = _stats()
+        live = dict(iter_groups(DG, outputs))
+        masks: list[tuple[nn.Module, torch.Tensor]] = []
+        for name in weighted:
+            group = live[name]
+            gran = plan.granularity_for(name)
+            crit = criteria[plan.method_for(name)]
+            chan = crit(group, stats) if getattr(crit, "weight_is_derived", False) else None
+            sparsity = float(plan.weight_ratios.get(name, 0.0) if gran.kind == "hybrid" else plan.ratios.get(name, 0.0))
+            for layer, root_idxs in methods.producers(group):
+                rows = chan[root_idxs] if chan is not None else None
+                scores = crit.weights(layer, stats, rows)
+                if gran.kind == "nm":
+                    masks.append((layer, methods.nm_mask(layer.weight, scores, gran.n, gran.m)))
+                elif sparsity > 0:
+                    masks.append((layer, methods.unstructured_mask(layer.weight, scores, sparsity)))
+        for layer, mask in masks:
+            methods.apply_mask(layer, mask)
+    model.zero_grad(set_to_none=True)
+    return widths
+
+
+def apply_schedule(
+    model: nn.Module,
+    example: torch.Tensor,
+    plan: PruningPlan,
+    num_classes: Optional[int] = None,
+    calib: Optional[list[tuple[torch.Tensor, torch.Tensor]]] = None,
+    steps: int = 1,
+    mode: str = "iterative",
+    between: Optional[Callable[[nn.Module], Any]] = None,
+) -> dict[str, tuple[int, int]]:
+    """Reach ``plan`` in ``steps`` prune → ``between`` (fine-tune) rounds instead of one shot.
+
+    * ``iterative``: every round prunes all groups a bit more; round k targets ratio·k/steps
+      (channels rounded to ``round_to`` against the *original* width, so the last round lands
+      exactly on the one-shot width; weight sparsity per layer likewise). N:M is applied in
+      the last round (a pattern cannot be reached gradually).
+    * ``layerwise`` (hierarchical): groups are split, in network order, into ``steps`` chunks;
+      round k applies the full plan to chunk k only; the last round also tops zeroed weights of
+      earlier chunks back up to their target (later slicing removed some of their zeros).
+
+    Zeroed weights are held at zero during ``between`` (:func:`methods.hold_zeros`). Returns
+    {group: (original channels, final channels)}.
+    """
+    if mode not in ("iterative", "layerwise"):
+        raise ValueError(f"schedule mode {mode!r}; allowed: iterative, layerwise")
+    if steps < 1:
+        raise ValueError(f"schedule steps={steps}; must be >= 1")
+    if steps == 1:
+        return apply_plan(model, example, plan, num_classes, calib)
+    DG = build_graph(model, example)
+    info = {name: (int(DG.get_out_channels(grp[0].dep.target.module)), channel_groups(DG, grp)) for name, grp in iter_groups(DG, output_layers(model, num_classes))}
+    order = list(info)
+    chunks = [order[i * len(order) // steps:(i + 1) * len(order) // steps] for i in range(steps)]
+    current = {name: n for name, (n, _) in info.items()}
+    for k in range(1, steps + 1):
+        sub = copy.deepcopy(plan)
+        for name, (n0, g) in info.items():
+            gran = plan.granularity_for(name)
+            r = float(plan.ratios.get(name, 0.0))
+            w = float(plan.weight_ratios.get(name, 0.0))
+            if mode == "layerwise":
+                on = name in chunks[k - 1]
+                frac = 1.0
+            else:
+                on, frac = True, k / steps
+            if not on and k == steps and gran.zeros_weights:
+                # Later chunks sliced inputs of this group's layers: top the zeros back up to target.
+                sub.granularity[name] = "nm:%d:%d" % (gran.n, gran.m) if gran.kind == "nm" else "unstructured"
+                sub.ratios[name] = w if gran.kind == "hybrid" else r
+                continue
+            if not on or (gran.kind == "nm" and k < steps and mode == "iterative"):
+                sub.ratios[name], sub.weight_ratios[name] = 0.0, 0.0
+                sub.granularity[name] = "structured"
+                continue
+            if gran.removes_channels:
+                target = kept_channels(n0, r * frac, plan.round_to, g)
+                cur = current[name]
+                sub.ratios[name] = 1.0 - target / cur if target < cur else 0.0
+            else:
+                sub.ratios[name] = r * frac
+            sub.weight_ratios[name] = w * frac
+        widths = apply_plan(model, example, sub, num_classes, calib)
+        for name, (_, after) in widths.items():
+            current[name] = after
+        if between is not None and k < steps:
+            with methods.hold_zeros(model):
+                between(model)
+    return {name: (info[name][0], current[name]) for name in info}

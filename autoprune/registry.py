@@ -1,0 +1,66 @@
+"""One registry class for every plug-in kind: pruning methods and latency backends.
+
+Modelled on timm's ``register_model``: a plug-in registers a zero-argument factory under a name;
+YAML files name plug-ins, so names are the public interface. Registering a name twice is almost
+always a mistake (two plug-ins fighting over ``l1``), so it warns and names both; pass
+``override=True`` to replace a shipped plug-in on purpose. An unknown name is a
+:class:`~autoprune.errors.ConfigError` that lists what is registered.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Callable, Generic, Optional, TypeVar
+
+from autoprune.errors import ConfigError
+
+T = TypeVar("T")
+
+
+class Registry(Generic[T]):
+    """Name → zero-argument factory of a plug-in of one kind (``kind`` is used in messages)."""
+
+    def __init__(self, kind: str) -> None:
+        self.kind = kind
+        self._factories: dict[str, Callable[[], T]] = {}
+
+    def register(self, name: str, factory: Optional[Callable[[], T]] = None, *, override: bool = False) -> Callable[..., T]:
+        """Register ``factory`` under ``name``; without ``factory`` this is a decorator."""
+
+        def deco(f: Callable[[], T]) -> Callable[[], T]:
+            old = self._factories.get(name)
+            if old is not None and old is not f and not override:
+                warnings.warn(
+                    f"{self.kind} {name!r} is registered twice ({_where(old)} and {_where(f)}); the later one wins. "
+                    "Pass override=True if that is intended, or choose another name.",
+                    UserWarning,
+                    stacklevel=3,
+                )
+            self._factories[name] = f
+            return f
+
+        return deco(factory) if factory is not None else deco  # type: ignore[return-value]
+
+    def available(self) -> list[str]:
+        return sorted(self._factories)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._factories
+
+    def get(self, name: str) -> T:
+        """A fresh plug-in instance."""
+        try:
+            factory = self._factories[name]
+        except KeyError:
+            raise ConfigError(f"unknown {self.kind} {name!r}; available: {', '.join(self.available())}") from None
+        return factory()
+
+
+def _where(f: Callable[..., object]) -> str:
+    return f"{getattr(f, '__module__', '?')}.{getattr(f, '__qualname__', repr(f))}"
+
+
+#: Channel/weight importance criteria (autoprune.prune.methods registers the shipped ones).
+METHODS: Registry = Registry("pruning method")
+#: Latency backends (autoprune.measure.backends registers the shipped ones).
+BACKENDS: Registry = Registry("backend")

@@ -1,0 +1,135 @@
+"""[from autoprune.pareto]
+Pareto front: which trials are non-dominated, and their deployable artifacts.
+
+For every Pareto trial we write the fine-tuned model as ONNX, OpenVINO IR and PyTorch state,
+plus a metadata JSON that records the device profile and the exact config that produced it,
+so a model can be traced back to (and rebuilt from) its search.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shutil
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import optuna
+import torch
+
+from autoprune import __version__
+from autoprune.measure.onnx import export_onnx, export_openvino, file_size, gzip_size
+from autoprune.results.front import front, write_tables
+from autoprune.results.report import write_plots
+
+PARETO_DIR = "pareto"
+
+
+def versions() -> dict[str, str]:
+    import onnx
+    import onnxruntime
+    import openvino
+    import torch_pruning
+
+
+    return {
+        "autoprune": __version__,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torch_pruning": torch_pruning.__version__,
+        "optuna": optuna.__version__,
+        "onnx": onnx.__version__,
+        "onnxruntime": onnxruntime.__version__,
+        "openvino": openvino.__version__,
+    }
+
+
+def export_trial_artifacts(
+    model: torch.nn.Module,
+    example: torch.Tensor,
+    dest: Path,
+    row: dict[str, Any],
+    meta_extra: dict[str, Any],
+    exporter: str = "dynamo",
+) -> dict[str, Any]:
+    """Write ONNX, OpenVINO IR, PyTorch state and metadata.json for one model into ``dest``."""
+    import onnxruntime as ort
+
+    dest.mkdir(parents=True, exist_ok=True)
+    model.eval()
+    onnx_path = export_onnx(model, example, dest / "model.onnx", exporter)
+    export_openvino(onnx_path, dest / "model.xml")
+    torch.save(model, dest / "model.pt")
+    torch.save(model.state_dict(), dest / "state_dict.pt")
+    # Check that the deployable file computes what the PyTorch model computes.
+    sess = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    with torch.no_grad():
+        ref = model(example).numpy()
+    got = sess.run(None, {sess.get_inputs()[0].name: example.numpy()})[0]
+    meta = {
+        **row,
+        **meta_extra,
+        "input_shape": list(example.shape),
+        "files": {
+            "onnx": "model.onnx",
+            "openvino_xml": "model.xml",
+            "openvino_bin": "model.bin",
+            "torch_module": "model.pt",
+            "torch_state_dict": "state_dict.pt",
+        },
+        "sizes": {
+            "onnx_bytes": file_size(onnx_path),
+            "onnx_gzip_bytes": gzip_size(onnx_path),
+            "openvino_bin_bytes": file_size(dest / "model.bin"),
+        },
+        "onnx_max_abs_diff": float(np.abs(got - ref).max()),
+        "versions": versions(),
+    }
+    (dest / "metadata.json").write_text(json.dumps(meta, indent=2, default=str))
+    return meta
+
+
+def export_front(
+    study: optuna.Study,
+    out: Path,
+    example: torch.Tensor,
+    meta_extra: dict[str, Any],
+    exporter: str = "dynamo",
+    dense: Optional[dict[str, Any]] = None,
+) -> list[dict[str, Any]]:
+    """(Re)write ``out/pareto/``: one folder per Pareto trial, plus tables and plots."""
+
+    dense = dense if dense is not None else study.user_attrs.get("dense", {})
+    rows = front(study, dense)
+    pdir = out / PARETO_DIR
+    tmp = out / (PARETO_DIR + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    final_path = out / "final.json"
+    finals = json.loads(final_path.read_text()) if final_path.is_file() else {}
+    for r in rows:
+        tdir = out / "trials" / f"{r['trial']:05d}"
+        src = tdir / "model.pt"
+        if str(r["trial"]) in finals and (tdir / "model_final.pt").is_file():
+            # The final stage's longer fine-tune: deploy that model. Its numbers become the row's
+            # accuracy/latency (what a user picks and deploys); the search-time ones stay as search_*.
+            f = finals[str(r["trial"])]
+            r.update(final=f, search_accuracy=r["accuracy"], search_latency_ms=r["latency_ms"],
+                     accuracy=f["final_accuracy"], latency_ms=f["final_latency_ms"])
+            src = tdir / "model_final.pt"
+        if not src.is_file():
+            r["artifacts"] = None  # trial ran on another worker without a shared run folder
+            continue
+        model = torch.load(src, map_location="cpu", weights_only=False)
+        name = f"trial_{r['trial']:05d}"
+        export_trial_artifacts(model, example, tmp / name, r, meta_extra, exporter)
+        r["artifacts"] = f"{PARETO_DIR}/{name}"
+    rows.sort(key=lambda r: (r["latency_ms"], -r["accuracy"]))  # final-stage numbers may reorder
+    # Swap in the new front only once it is complete: a crash never leaves a half-written front.
+    shutil.rmtree(pdir, ignore_errors=True)
+    os.replace(tmp, pdir)
+    write_tables(rows, out, dense)
+    write_plots(study, out, dense)
+    return rows

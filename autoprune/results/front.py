@@ -1,0 +1,126 @@
+"""[from autoprune.pareto]
+Pareto front: which trials are non-dominated, and their deployable artifacts.
+
+For every Pareto trial we write the fine-tuned model as ONNX, OpenVINO IR and PyTorch state,
+plus a metadata JSON that records the device profile and the exact config that produced it,
+so a model can be traced back to (and rebuilt from) its search.
+
+[from autoprune.deploy]
+Pick a Pareto model for a budget and write its deploy bundle.
+
+A bundle is everything a deployment needs without the search: ONNX, OpenVINO IR, the PyTorch
+model (pickled module, state dict, and ``torch.export`` / TorchScript files where the model
+allows), a ``model_card.json`` that records where the model came from and how it measured, and
+``infer_example.py`` that runs it with onnxruntime and with OpenVINO (no autoprune import).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import numpy as np
+import optuna
+
+from autoprune.config import load_device_profile
+from autoprune.errors import ConfigError
+from autoprune.runfolder import atomic_write_text
+
+
+def trial_row(t: optuna.trial.FrozenTrial, dense: dict[str, Any]) -> dict[str, Any]:
+    """Flatten a finished trial into the metrics a user compares."""
+    ua = t.user_attrs
+    lat = ua.get("latency", {})
+    dense_lat = dense.get("latency", {}).get("median_ms")
+    return {
+        "trial": t.number,
+        "accuracy": t.values[0] if t.values else ua.get("accuracy"),
+        "latency_ms": t.values[1] if t.values else lat.get("median_ms"),
+        "latency_p90_ms": lat.get("p90_ms"),
+        "latency_cv": lat.get("cv"),
+        "speedup": (dense_lat / lat["median_ms"]) if dense_lat and lat.get("median_ms") else None,
+        "flops": ua.get("flops"),
+        "params": ua.get("params"),
+        "onnx_bytes": ua.get("onnx_bytes"),
+        "onnx_gzip_bytes": ua.get("onnx_gzip_bytes"),
+        "feasible": all(v <= 0 for v in t.constraints.values()) if t.constraints else True,
+        "finetune_steps": ua.get("finetune_steps"),
+        "ratios": ua.get("ratios", {}),
+        "methods": ua.get("methods", {}),
+        "granularity": ua.get("granularity", {}),
+        "weight_sparsity": ua.get("weight_sparsity"),
+        "widths": ua.get("widths", {}),
+    }
+
+
+def non_dominated(points: Sequence[tuple[float, float]]) -> list[bool]:
+    """Mask of points (accuracy ↑, latency ↓) that no other point dominates. Used to verify fronts."""
+    pts = np.asarray(points, dtype=float)
+    mask = []
+    for i, (a, lat) in enumerate(pts):
+        dominated = np.any((pts[:, 0] >= a) & (pts[:, 1] <= lat) & ((pts[:, 0] > a) | (pts[:, 1] < lat)))
+        mask.append(not bool(dominated))
+    return mask
+
+
+def front(study: optuna.Study, dense: dict[str, Any]) -> list[dict[str, Any]]:
+    """Feasible, non-dominated trials (Optuna's ``best_trials`` honours constraints), by latency."""
+    rows = [trial_row(t, dense) for t in study.best_trials]
+    return sorted(rows, key=lambda r: (r["latency_ms"], -r["accuracy"]))
+
+
+CSV_FIELDS = [
+    "trial", "accuracy", "latency_ms", "latency_p90_ms", "latency_cv", "speedup", "flops", "params",
+    "onnx_bytes", "onnx_gzip_bytes", "finetune_steps",
+]
+
+
+def write_tables(rows: list[dict[str, Any]], out: Path, dense: dict[str, Any]) -> None:
+    atomic_write_text(out / "pareto.json", json.dumps({"dense": dense, "pareto": rows}, indent=2))
+    groups = sorted({g for r in rows for g in r["ratios"]})
+    buf = io.StringIO(newline="")
+    w = csv.writer(buf)
+    w.writerow(CSV_FIELDS + [f"ratio:{g}" for g in groups] + [f"method:{g}" for g in groups])
+    for r in rows:
+        w.writerow([r[k] for k in CSV_FIELDS] + [r["ratios"].get(g, 0.0) for g in groups] + [r["methods"].get(g, "") for g in groups])
+    atomic_write_text(out / "pareto.csv", buf.getvalue())
+
+REMEASURE_DIR = "remeasure"
+
+
+def load_front(run_dir: Path) -> dict[str, Any]:
+    p = Path(run_dir) / "pareto.json"
+    if not p.is_file():
+        raise ConfigError(f"{run_dir}: no pareto.json; run 'autoprune search --out {run_dir}' first")
+    return json.loads(p.read_text())
+
+
+def search_profile_name(run_dir: Path, front: Optional[dict[str, Any]] = None) -> str:
+    """Name of the device profile the search measured latency on (recorded with the dense model)."""
+    front = front or load_front(run_dir)
+    return str(front.get("dense", {}).get("profile", "?"))
+
+
+def load_remeasure(run_dir: Path, profile: str) -> dict[str, Any]:
+    """Results of ``autoprune remeasure`` for ``profile`` (a profile name or YAML path)."""
+    name = _profile_name(profile)
+    p = Path(run_dir) / REMEASURE_DIR / f"{name}.json"
+    if not p.is_file():
+        have = sorted(q.stem for q in (Path(run_dir) / REMEASURE_DIR).glob("*.json"))
+        raise ConfigError(
+            f"{run_dir}: no latencies on profile {name!r} (re-measured profiles: {have or 'none'}); run "
+            f"'autoprune remeasure {run_dir} --device-profile {profile}' first"
+        )
+    return json.loads(p.read_text())
+
+
+def _profile_name(profile: str) -> str:
+    """A profile reference (shipped name or YAML path) → the ``name`` inside it."""
+
+    p = Path(profile)
+    if p.suffix in (".yaml", ".yml") or p.exists():
+        return load_device_profile(profile).name
+    return profile

@@ -1,0 +1,144 @@
+"""[from autoprune.search]
+The search: an Optuna multi-objective study over per-group sparsity ratios (and methods).
+
+Each trial: copy the dense model → prune → export ONNX → measure latency on the profile's
+backend → (only if within the latency budget) short distilled fine-tune → held-out accuracy.
+Objectives are (maximize accuracy, minimize median latency); FLOPs, params and sizes are user
+attributes; budgets are Optuna constraints set with ``trial.set_constraint``.
+
+The study lives in SQLite inside the run folder unless ``storage`` names another Optuna
+storage (e.g. PostgreSQL for several workers). Re-running the same command resumes it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import torch
+import torch.nn as nn
+
+from autoprune.config import (
+    DeviceProfile,
+    RunConfig,
+    SearchSpace,
+    load_device_profile,
+    load_search_space,
+)
+from autoprune.errors import ConfigError
+from autoprune.measure.candidate import measure_model
+from autoprune.prune.structure import PrunableGroup, apply_rules, find_groups
+from autoprune.runfolder import atomic_torch_save, atomic_write_text
+from autoprune.study.priors import (
+    flops_savings,
+    load_or_compute,
+    load_or_scan,
+    shape_ranges,
+)
+from autoprune.train.data import DataBundle, load_data
+from autoprune.train.models import (
+    build_model,
+    count_flops,
+    count_params,
+    evaluate,
+    pretrain,
+)
+
+log = logging.getLogger("autoprune")
+
+
+@dataclass
+class SearchContext:
+    """Everything prepared once per run and shared by all trials."""
+
+    cfg: RunConfig
+    space: SearchSpace
+    profile: DeviceProfile
+    out: Path
+    data: DataBundle
+    base: nn.Module
+    example: torch.Tensor  # at the profile's batch size: what latency is measured on
+    groups: list[PrunableGroup]
+    dense: dict[str, Any]
+    calib: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
+    #: Per-group accuracy drop (sensitivity scan) and FLOPs fraction saved, when scanned.
+    sensitivity: dict[str, float] = field(default_factory=dict)
+    savings: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def example1(self) -> torch.Tensor:
+        return self.example[:1]
+
+
+def prepare(cfg: RunConfig, console: Optional[Callable[[str], None]] = None) -> SearchContext:
+    """Load config files, data and the dense model; measure the dense baseline once per run folder."""
+    say = console or (lambda s: log.info(s))
+    space = load_search_space(cfg.search_space)
+    profile = load_device_profile(cfg.device_profile)
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(cfg.search.seed)
+
+    data = load_data(cfg.data, cfg.image_size, cfg.val_fraction, cfg.data_seed)
+    num_classes = cfg.num_classes or data.num_classes
+    base_path = out / "base_model.pt"
+    if base_path.is_file():
+        base = torch.load(base_path, map_location="cpu", weights_only=False)
+    else:
+        base = build_model(cfg.model, num_classes, in_channels=data.input_shape[0])
+        is_checkpoint = Path(cfg.model).is_file()
+        if not is_checkpoint and (cfg.pretrain_steps or (cfg.pretrain_steps is None and cfg.pretrain_seconds > 0)):
+            budget = f"{cfg.pretrain_steps} steps" if cfg.pretrain_steps else f"{cfg.pretrain_seconds:.0f}s"
+            say(f"training the dense {cfg.model} model for {budget} (no trained weights were given)")
+            pretrain(base, data, cfg.pretrain_seconds, seed=cfg.search.seed, steps=cfg.pretrain_steps)
+        atomic_torch_save(base, base_path)
+    base.eval()
+
+    shape = tuple(profile.input_shape) if profile.input_shape else data.input_shape
+    example = torch.randn(profile.batch_size, *shape, generator=torch.Generator().manual_seed(cfg.search.seed))
+    try:
+        with torch.no_grad():
+            base(example[:1])
+    except Exception as exc:  # noqa: BLE001
+        raise ConfigError(f"model {cfg.model} does not accept input of shape {list(example[:1].shape)}: {exc}") from None
+
+    groups = apply_rules(
+        find_groups(base, example[:1], num_classes), space.low, space.high, space.methods, space.layers, f"search space {cfg.search_space}"
+    )
+    if not groups:
+        raise ConfigError(f"search space {cfg.search_space}: every prunable group is skipped; nothing to search")
+
+    eff = cfg.efficiency
+    calib_n = max(4, eff.bn_batches)
+    calib = [b for _, b in zip(range(calib_n), data.loader("train", cfg.finetune.batch_size, shuffle=True, seed=cfg.search.seed))]
+    drops: dict[str, float] = {}
+    savings: dict[str, float] = {}
+    if eff.sensitivity_scan:
+        drops = load_or_scan(
+            out / "sensitivity.json", base=base, groups=groups, data=data, example=example[:1],
+            calib=calib[: eff.bn_batches] if eff.bn_recalibration else [], ratio=eff.sensitivity_ratio, round_to=space.round_to,
+        )
+        if space.seed_spread > 0 and space.seed_uniform:
+            savings = load_or_compute(
+                out / "flops_savings.json", flops_savings, base=base, groups=groups, example=example[:1],
+                num_classes=num_classes, ratio=eff.sensitivity_ratio, round_to=space.round_to,
+            )
+        groups = shape_ranges(groups, drops, eff.sensitivity_strength)
+
+    dense_path = out / "dense.json"
+    if dense_path.is_file():
+        dense = json.loads(dense_path.read_text())
+    else:
+        say("measuring the dense model")
+        dense = {
+            "accuracy": evaluate(base, data),
+            "params": count_params(base),
+            "flops": count_flops(base, example[:1]),
+            "profile": profile.name,
+            **measure_model(base, example, profile, out / "dense" / "model.onnx", cfg.exporter, calib=calib),
+        }
+        atomic_write_text(dense_path, json.dumps(dense, indent=2))
+    return SearchContext(cfg, space, profile, out, data, base, example, groups, dense, calib, drops, savings)

@@ -1,0 +1,92 @@
+"""[from autoprune.search]
+The search: an Optuna multi-objective study over per-group sparsity ratios (and methods).
+
+Each trial: copy the dense model → prune → export ONNX → measure latency on the profile's
+backend → (only if within the latency budget) short distilled fine-tune → held-out accuracy.
+Objectives are (maximize accuracy, minimize median latency); FLOPs, params and sizes are user
+attributes; budgets are Optuna constraints set with ``trial.set_constraint``.
+
+The study lives in SQLite inside the run folder unless ``storage`` names another Optuna
+storage (e.g. PostgreSQL for several workers). Re-running the same command resumes it.
+
+[from autoprune.efficiency]
+Making trials cheap and predictive: BN recalibration, sensitivity priors, multi-fidelity, final stage.
+
+* Adaptive BN recalibration (EagleEye, Li et al. 2020): after channels are removed the BN
+  running statistics describe the *dense* network's activations; re-estimating them on a few
+  training batches (no gradients) makes a pruned model's un-fine-tuned accuracy a far better
+  predictor of its fine-tuned accuracy, at the cost of a few forward passes.
+* Sensitivity scan: prune each group alone and record the accuracy drop; sensitive groups get a
+  narrower ratio range, so the sampler does not waste trials on hopeless candidates.
+* Multi-fidelity: a trial first fine-tunes for a fraction of the steps; if even an optimistic
+  projection of its final accuracy is beaten by a finished, faster trial, it stops there.
+* Final stage: Pareto models get a longer fine-tune and are re-measured.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import optuna
+import torch.nn as nn
+from optuna.trial import TrialState
+
+from autoprune.study.context import SearchContext
+from autoprune.train.finetune import finetune
+from autoprune.train.models import (
+    evaluate,
+)
+
+
+def rung0_history(study: Any) -> tuple[list[tuple[float, float, float]], list[tuple[float, float]]]:
+    """(rung-0 accuracy, final accuracy, latency) of finished fully fine-tuned trials, and
+    (accuracy, latency) of every finished trial: what hopeless_at_rung0 judges by."""
+    finished = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)) if t.values]
+    full = [(t.user_attrs["accuracy_rung0"], t.values[0], t.values[1]) for t in finished
+            if "accuracy_rung0" in t.user_attrs and not t.user_attrs.get("stopped_at_rung0")]
+    return full, [(t.values[0], t.values[1]) for t in finished]
+
+
+def _finetune_multi_fidelity(trial: optuna.trial.Trial, ctx: SearchContext, model: nn.Module, lat: float) -> dict[str, Any]:
+    """Fine-tune in two rungs. After the first ``rung0_fraction`` of the steps, a trial stops if
+    even an optimistic projection of its final accuracy is beaten by a finished trial that is at
+    least as fast (efficiency.hopeless_at_rung0): hopeless candidates cost a third of the steps,
+    anything that might reach the front gets them all. (Optuna's pruners do not support
+    multi-objective studies, hence this rule.)"""
+    ft, eff, seed = ctx.cfg.finetune, ctx.cfg.efficiency, ctx.cfg.search.seed + trial.number
+    if not eff.multi_fidelity or ft.steps < 3:
+        return {"finetune_steps": finetune(model, ctx.data, ft, teacher=ctx.base, seed=seed)}
+    rung0 = max(1, int(round(ft.steps * eff.rung0_fraction)))
+    done = finetune(model, ctx.data, ft, teacher=ctx.base, steps=rung0, seed=seed)
+    acc0 = evaluate(model, ctx.data)
+    trial.set_user_attr("accuracy_rung0", acc0)
+    if hopeless_at_rung0(acc0, lat, ctx.dense["accuracy"], *rung0_history(trial.study)):
+        return {"finetune_steps": done, "stopped_at_rung0": True}
+    done += finetune(model, ctx.data, ft, teacher=ctx.base, steps=ft.steps - rung0, seed=seed + 7919)
+    return {"finetune_steps": done, "stopped_at_rung0": False}
+
+
+#: Fully fine-tuned trials needed before any trial may be stopped at the first rung.
+MIN_FULL_TRIALS = 3
+
+
+def hopeless_at_rung0(
+    acc0: float, lat: float, dense_acc: float, full: Sequence[tuple[float, float, float]], done: Sequence[tuple[float, float]]
+) -> bool:
+    """Stop a trial after its first fine-tune rung only if it cannot reach the front.
+
+    ``full``: (rung-0 accuracy, final accuracy, latency) of trials that got the whole fine-tune;
+    ``done``: (accuracy, latency) of every finished trial. The rest of the fine-tune recovers a
+    fraction of what the trial is still below the dense model; the *largest* fraction seen so far,
+    ``k``, gives an optimistic final accuracy ``acc0 + k·(dense − acc0)``. The trial stops when a
+    finished trial at least as fast is already more accurate than that optimistic value.
+
+    Why not compare rung-0 results with each other: recovery differs a lot by how much was
+    pruned (a heavily pruned net gains 10-20 points in the remaining steps, a lightly pruned one
+    1-3), so rung-0 dominance stopped trials that would have ended on the front.
+    """
+    if len(full) < MIN_FULL_TRIALS:
+        return False
+    k = max(max(0.0, f - a) / max(dense_acc - a, 1e-3) for a, f, _ in full)
+    optimistic = acc0 + min(k, 1.0) * max(dense_acc - acc0, 0.0)
+    return any(a > optimistic and l <= lat for a, l in done)

@@ -1,0 +1,147 @@
+"""[from autoprune.search]
+The search: an Optuna multi-objective study over per-group sparsity ratios (and methods).
+
+Each trial: copy the dense model → prune → export ONNX → measure latency on the profile's
+backend → (only if within the latency budget) short distilled fine-tune → held-out accuracy.
+Objectives are (maximize accuracy, minimize median latency); FLOPs, params and sizes are user
+attributes; budgets are Optuna constraints set with ``trial.set_constraint``.
+
+The study lives in SQLite inside the run folder unless ``storage`` names another Optuna
+storage (e.g. PostgreSQL for several workers). Re-running the same command resumes it.
+
+[from autoprune.methods.space]
+Search-space side of methods: which granularities each group may use, and the Optuna
+parameters that choose them.
+
+Parameter names (stable, stored in studies):
+
+* ``granularity`` — one value for the whole model when ``global_granularity: true`` (default);
+* ``granularity/<group>`` — per group otherwise (choices from the first matching layer rule
+  matching a group decides, the same first-match rule as ``apply_rules``);
+* ``wratio/<group>`` — only for groups that drew ``hybrid``: fraction of the weights left after
+  channel removal that are zeroed, in [weight_low, weight_high] with the space's ``step``.
+
+``ratio/<group>``, ``method`` and ``method/<group>`` are sampled by ``search.suggest_plan``.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import math
+from typing import Any, Optional, Sequence
+
+import optuna
+
+from autoprune.config import (
+    SearchSpace,
+)
+from autoprune.prune.plan import PruningPlan
+from autoprune.prune.structure import PrunableGroup
+from autoprune.study.context import SearchContext
+from autoprune.study.priors import (
+    allocate_ratios,
+)
+
+RATIO_PREFIX = "ratio/"
+METHOD_PREFIX = "method/"
+
+
+# --------------------------------------------------------------------------- trial
+def _snap(v: float, low: float, high: float, step: Optional[float]) -> float:
+    v = min(max(v, low), high)
+    if step:
+        v = low + round((v - low) / step) * step
+        v = min(v, low + math.floor((high - low) / step + 1e-9) * step)
+    return round(v, 10)
+
+
+def _group_step(sp: SearchSpace, g: PrunableGroup) -> Optional[float]:
+    """The ratio grid of one group: the space's ``step``, unless the group's range is narrower."""
+    return sp.step if sp.step and sp.step <= (g.high - g.low) else None
+
+
+def suggest_plan(trial: optuna.trial.BaseTrial, ctx: SearchContext) -> PruningPlan:
+    """Trial parameters → pruning plan. Parameter names are ``ratio/<group>`` (and ``method``)."""
+    sp = ctx.space
+    ratios, meths = {}, {}
+    for g in ctx.groups:
+        if g.low == g.high:
+            ratios[g.name] = g.low
+        else:
+            step = _group_step(sp, g)
+            high = _snap(g.high, g.low, g.high, step) if step else g.high
+            ratios[g.name] = trial.suggest_float(RATIO_PREFIX + g.name, g.low, high, step=step)
+    if sp.global_method:
+        meths_all = sorted(set(sp.methods))
+        m = trial.suggest_categorical("method", meths_all) if len(meths_all) > 1 else meths_all[0]
+        meths = {g.name: m for g in ctx.groups}
+    else:
+        for g in ctx.groups:
+            options = sorted(set(g.methods))
+            meths[g.name] = trial.suggest_categorical(METHOD_PREFIX + g.name, options) if len(options) > 1 else options[0]
+    # ``granularity``/``granularity/<group>`` and, for hybrid groups, ``wratio/<group>`` (methods/space.py).
+    grans, wratios = suggest_granularities(trial, sp, ctx.groups)
+    return PruningPlan(ratios, meths, sp.round_to, granularity=grans, weight_ratios=wratios, bn_l1=sp.bn_l1, bn_l1_steps=sp.bn_l1_steps)
+
+
+def seed_plans(ctx: SearchContext) -> list[dict[str, float]]:
+    """The first trials' ratios: each ``seed_uniform`` level as one ratio for every group, and,
+    when a sensitivity scan ran and ``seed_spread`` > 0, its sensitivity-allocated twin.
+    Ordered by level, so the sampler's first generation spans the whole latency range."""
+    sp = ctx.space
+    free = [g for g in ctx.groups if g.low != g.high]
+    out: list[dict[str, float]] = []
+    for r in sorted(sp.seed_uniform):
+        plans = [{g.name: r for g in free}]
+        if sp.seed_spread > 0 and ctx.sensitivity and ctx.savings:
+            plans.append(allocate_ratios(free, ctx.sensitivity, ctx.savings, r, sp.seed_spread))
+        for plan in plans:
+            snapped = {
+                RATIO_PREFIX + g.name: _snap(plan[g.name], g.low, g.high, _group_step(sp, g))
+                for g in free
+            }
+            if snapped not in out:
+                out.append(snapped)
+    return out
+
+GRAN_PARAM = "granularity"
+GRAN_PREFIX = "granularity/"
+WRATIO_PREFIX = "wratio/"
+
+
+def group_granularities(group: Any, space: Any) -> list[str]:
+    """Allowed granularities of one group: the first layer rule matching the group's root or
+    member names decides (as for ratio ranges); rules without ``granularities`` keep the default."""
+    for rule in space.layers:
+        names = [group.name, *getattr(group, "members", [])]
+        if any(fnmatch.fnmatchcase(n, rule.pattern) for n in names):
+            return sorted(set(rule.granularities)) if rule.granularities else sorted(set(space.granularities))
+    return sorted(set(space.granularities))
+
+
+def suggest_granularities(trial: Any, space: Any, groups: Sequence[Any]) -> tuple[dict[str, str], dict[str, float]]:
+    """Sample granularity (global or per group) and, for hybrid groups, ``wratio/<group>``."""
+    grans: dict[str, str] = {}
+    if space.global_granularity:
+        allowed = sorted(set(space.granularities))
+        pick = trial.suggest_categorical(GRAN_PARAM, allowed) if len(allowed) > 1 else allowed[0]
+        for g in groups:
+            own = group_granularities(g, space)
+            grans[g.name] = pick if pick in own else own[0]
+    else:
+        for g in groups:
+            own = group_granularities(g, space)
+            grans[g.name] = trial.suggest_categorical(GRAN_PREFIX + g.name, own) if len(own) > 1 else own[0]
+    wratios: dict[str, float] = {}
+    lo, hi, step = space.weight_low, space.weight_high, space.step
+    for g in groups:
+        if grans[g.name] != "hybrid":
+            continue
+        if lo == hi:
+            wratios[g.name] = lo
+            continue
+        st = step if step and step <= hi - lo else None
+        if st:
+            hi = lo + int((hi - lo) / st + 1e-9) * st
+        wratios[g.name] = trial.suggest_float(WRATIO_PREFIX + g.name, lo, hi, step=st)
+    return grans, wratios

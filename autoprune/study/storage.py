@@ -1,0 +1,207 @@
+"""[from autoprune.workers]
+Searches that survive: several workers on one study, dead workers, crashing trials, Ctrl-C.
+
+One study (Optuna RDB storage: SQLite for one machine, PostgreSQL for several) is shared by any
+number of ``autoprune search`` processes. This module holds what makes that safe:
+
+* **Exactly ``trials`` complete trials.** Optuna's ``MaxTrialsCallback`` stops a worker only
+  *after* a trial, so two workers that each see ``N-1`` complete trials both start one and the
+  study ends with ``N+1``. Here a worker starts a trial only while *complete + running < N*, and
+  that check and the trial's creation happen under a study-wide lock (a PostgreSQL advisory
+  lock, released by the server if the worker dies; a file lock for SQLite).
+* **Dead workers.** Every running trial sends heartbeats (Optuna RDB heartbeat). A trial whose
+  heartbeat is older than ``search.grace_period`` belongs to a killed worker: it is marked FAIL
+  with a ``fail_reason`` and its parameters are re-queued, at most ``search.max_retries`` times.
+  The SQL transactions of Optuna's storage mean a SIGKILL leaves no half-written rows.
+* **Crashing trials** (export error, out-of-memory, NaN loss, backend failure) are recorded as
+  FAIL with ``fail_reason`` and the search goes on. A full disk stops the search with a clear
+  error instead: every following trial would fail the same way. Ctrl-C (or SIGTERM) marks the
+  trial in flight FAIL, re-queues its parameters and leaves a study that the same command resumes.
+* **Same base model everywhere.** Workers that do not share the run folder train their own dense
+  model; the study stores the dense weights' hash and refuses a worker whose model differs.
+* **Reproducibility.** The sampler of the *k*-th worker session of a study is seeded with
+  ``search.seed + k``: one fresh worker with a given config and seed replays the same trial
+  sequence, while concurrent workers (and resumed sessions) do not redraw each other's points.
+
+[from autoprune.rebuild]
+``autoprune export RUN --trial N``: deploy files for any trial, not only the Pareto front.
+
+A trial's model is ``trials/NNNNN/model.pt`` when the worker that ran it shared the run folder.
+Otherwise (or with ``rebuild=True``) it is re-created from what the study stores: the trial's
+parameters are replayed through the search's own ``run_trial`` (same pruning, same fine-tune
+seed ``search.seed + N``) on the run's dense model, and the result must reproduce the stored
+accuracy within ``tolerance`` — a model that does not is refused rather than silently exported.
+
+[from autoprune.deploy]
+Pick a Pareto model for a budget and write its deploy bundle.
+
+A bundle is everything a deployment needs without the search: ONNX, OpenVINO IR, the PyTorch
+model (pickled module, state dict, and ``torch.export`` / TorchScript files where the model
+allows), a ``model_card.json`` that records where the model came from and how it measured, and
+``infer_example.py`` that runs it with onnxruntime and with OpenVINO (no autoprune import).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import warnings
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import optuna
+import torch.nn as nn
+
+from autoprune.config import SearchSettings
+from autoprune.errors import ConfigError
+
+
+# --------------------------------------------------------------------------- storage
+def sqlalchemy_url(url: str) -> str:
+    """``postgresql://`` → the PostgreSQL driver that is installed.
+
+    SQLAlchemy 2.1 maps a bare ``postgresql://`` to psycopg 3; autoprune's ``postgres`` extra
+    installs psycopg2-binary, so pick whichever driver can be imported.
+    """
+    for prefix in ("postgresql://", "postgres://"):
+        if url.startswith(prefix):
+            rest = url[len(prefix):]
+            for module, dialect in (("psycopg2", "postgresql+psycopg2://"), ("psycopg", "postgresql+psycopg://")):
+                try:
+                    __import__(module)
+                    return dialect + rest
+                except ImportError:
+                    continue
+            raise ConfigError(
+                f"storage {url.split('@')[-1]}: no PostgreSQL driver installed; run pip install 'autoprune[postgres]' "
+                "(psycopg2-binary)"
+            )
+    return url
+
+
+def check_sqlite_file(path: Path) -> None:
+    """Refuse a corrupt file or another program's SQLite database before Optuna writes its tables
+    into it (Optuna would silently add them to any SQLite database it is pointed at)."""
+    if not path.exists() or path.stat().st_size == 0:
+        return
+    import sqlite3
+
+    try:
+        con = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+        try:
+            tables = {r[0] for r in con.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+        finally:
+            con.close()
+    except sqlite3.DatabaseError as exc:
+        raise ConfigError(
+            f"{path}: not a readable SQLite database ({exc}); it is corrupt or not a study. Move it away "
+            "(the trial folders next to it stay usable with 'autoprune export') or use another --out."
+        ) from None
+    if tables and not {"studies", "trials", "version_info"} <= tables:
+        raise ConfigError(
+            f"{path}: an SQLite database of another program (tables: {', '.join(sorted(tables)[:8])}), not an "
+            "Optuna study; autoprune will not write into it. Use another --out or --storage."
+        )
+
+
+def make_storage(url: str, s: SearchSettings, stale_callback: Callable[..., None]) -> optuna.storages.RDBStorage:
+    """An Optuna RDB storage with heartbeats, so the trials of killed workers are detected."""
+    engine_kwargs: dict[str, Any] = {}
+    if url.startswith("sqlite:///"):
+        check_sqlite_file(Path(url[len("sqlite:///"):]))
+    if url.startswith("sqlite"):
+        engine_kwargs = {"connect_args": {"timeout": 60}}
+    elif url.startswith(("postgresql", "postgres")):
+        # Drop connections the server closed (restart, idle timeout) instead of failing a trial.
+        engine_kwargs = {"pool_pre_ping": True}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        return optuna.storages.RDBStorage(
+            sqlalchemy_url(url),
+            heartbeat_interval=s.heartbeat_interval,
+            grace_period=s.grace_period,
+            heartbeat_stale_trial_callback=stale_callback,
+            engine_kwargs=engine_kwargs,
+        )
+
+
+def redact_url(url: Optional[str]) -> Optional[str]:
+    """``postgresql://user:secret@host/db`` → ``postgresql://user:***@host/db``: storage URLs end
+    up in the study's stored config and in every exported model's metadata.json."""
+    if not url or "@" not in url or "://" not in url:
+        return url
+    scheme, rest = url.split("://", 1)
+    cred, host = rest.rsplit("@", 1)
+    user = cred.split(":", 1)[0]
+    return f"{scheme}://{user}{':***' if ':' in cred else ''}@{host}"
+
+
+def public_config(cfg: Any) -> dict[str, Any]:
+    """``cfg.model_dump`` with the storage password removed."""
+    d = cfg.model_dump(mode="json")
+    d.get("search", {})["storage"] = redact_url(d.get("search", {}).get("storage"))
+    return d
+
+
+def _rdb(study: optuna.Study) -> Optional[optuna.storages.RDBStorage]:
+    st = study._storage
+    st = getattr(st, "_backend", st)  # optuna wraps RDBStorage in a cache
+    return st if isinstance(st, optuna.storages.RDBStorage) else None
+
+
+# --------------------------------------------------------------------------- base model
+def model_hash(model: nn.Module) -> str:
+    """Hash of the weights (not of the pickle, whose bytes vary between saves)."""
+    h = hashlib.sha256()
+    for k, v in sorted(model.state_dict().items()):
+        h.update(k.encode())
+        h.update(str(tuple(v.shape)).encode())
+        h.update(v.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def check_base_model(study: optuna.Study, base: nn.Module, out: Path) -> str:
+    """Store the dense model's hash in a new study; refuse a worker whose dense model differs."""
+    h = model_hash(base)
+    stored = study.user_attrs.get("base_model_sha256")
+    if stored is None:
+        study.set_user_attr("base_model_sha256", h)
+    elif stored != h:
+        raise ConfigError(
+            f"{out / 'base_model.pt'}: this worker's dense model (weights hash {h}) is not the one the study was "
+            f"started with ({stored}); trials would not be comparable. Share the run folder between workers, or copy "
+            "base_model.pt from the first worker's run folder into this one (or pass the same checkpoint as --model)."
+        )
+    return h
+
+
+def load_run_study(run_dir: Path, storage: Optional[str] = None, study_name: Optional[str] = None) -> optuna.Study:
+    """Open the study of ``run_dir`` (its study.db, or ``storage`` for shared studies) read-mostly."""
+
+    if storage is None:
+        db = run_dir / "study.db"
+        if not db.is_file():
+            raise ConfigError(f"{run_dir}: no study.db; pass --storage (and --study-name) if the study lives in a database server")
+        check_sqlite_file(db)
+        storage = f"sqlite:///{db.resolve()}"
+    shown = storage.split("@")[-1]
+    try:
+        rdb = optuna.storages.RDBStorage(sqlalchemy_url(storage))
+    except Exception as exc:  # noqa: BLE001
+        raise ConfigError(f"storage {shown}: cannot open it ({type(exc).__name__}: {str(exc)[:300]})") from None
+    name = study_name
+    if name is None:  # the default name, else the only study there
+        names = optuna.get_all_study_names(rdb)
+        name = "autoprune" if "autoprune" in names or len(names) != 1 else names[0]
+    try:
+        return optuna.load_study(study_name=name, storage=rdb)
+    except KeyError:
+        names = optuna.get_all_study_names(rdb)
+        raise ConfigError(f"storage {shown}: no study named {name!r} (studies there: {', '.join(names) or 'none'}); pass --study-name") from None
+
+
+# --------------------------------------------------------------------------- run folder → study
+def open_run_study(run_dir: Path, storage: Optional[str] = None, study_name: Optional[str] = None) -> Any:
+    """Open the Optuna study of a run folder (its ``study.db``, or ``storage`` for shared
+    PostgreSQL/MySQL studies). Read-only use: nothing here writes trials."""
+
+    return load_run_study(Path(run_dir), storage, study_name)

@@ -1,0 +1,197 @@
+"""Model loading: the demo residual CNN, torchvision architectures, factories and checkpoints.
+
+Also holds the short pre-training used for the embedded demo, and accuracy evaluation, because
+both are needed before anything is pruned.
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from autoprune.errors import ConfigError
+from autoprune.train.data import DataBundle
+
+
+class BasicBlock(nn.Module):
+    def __init__(self, cin: int, cout: int, stride: int = 1) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.shortcut: nn.Module = nn.Identity()
+        if stride != 1 or cin != cout:
+            self.shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return F.relu(out + self.shortcut(x))
+
+
+class DemoResNet(nn.Module):
+    """A small ResNet for 1×16×16 digits: residual adds couple channels across blocks, which is
+    exactly what a naive per-layer pruner gets wrong and the dependency graph gets right."""
+
+    def __init__(self, num_classes: int = 10, in_channels: int = 1, widths: tuple[int, ...] = (32, 64, 128)) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(in_channels, widths[0], 3, 1, 1, bias=False), nn.BatchNorm2d(widths[0]), nn.ReLU())
+        layers = []
+        cin = widths[0]
+        for i, w in enumerate(widths):
+            layers.append(BasicBlock(cin, w, stride=1 if i == 0 else 2))
+            layers.append(BasicBlock(w, w))
+            cin = w
+        self.layers = nn.Sequential(*layers)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(cin, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.layers(self.stem(x))
+        return self.fc(torch.flatten(self.pool(x), 1))
+
+
+def _adapt_input_channels(model: nn.Module, in_channels: int) -> nn.Module:
+    """torchvision nets expect RGB; swap the first conv when the data has another channel count."""
+    for name, m in model.named_modules():
+        if isinstance(m, nn.Conv2d):
+            if m.in_channels == in_channels:
+                return model
+            new = nn.Conv2d(in_channels, m.out_channels, m.kernel_size, m.stride, m.padding, m.dilation, 1, m.bias is not None)
+            parent = model.get_submodule(name.rsplit(".", 1)[0]) if "." in name else model
+            setattr(parent, name.rsplit(".", 1)[-1], new)
+            return model
+    return model
+
+
+def _torchvision(name: str, num_classes: int) -> Optional[nn.Module]:
+    import torchvision.models as tvm
+
+    if name not in tvm.list_models(module=tvm):
+        return None
+    # weights=None: nothing is downloaded; users bring trained weights as a checkpoint.
+    return tvm.get_model(name, weights=None, num_classes=num_classes)
+
+
+def _from_checkpoint(path: Path, num_classes: int) -> nn.Module:
+    try:
+        obj: Any = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as exc:  # noqa: BLE001 - torch raises many types for a bad file
+        raise ConfigError(f"model: cannot read checkpoint {path}: {exc}") from None
+    if isinstance(obj, nn.Module):
+        return obj
+    if isinstance(obj, dict) and isinstance(obj.get("model"), nn.Module):
+        return obj["model"]
+    if isinstance(obj, dict) and "arch" in obj and "state_dict" in obj:
+        model = build_model(str(obj["arch"]), int(obj.get("num_classes", num_classes)))
+        model.load_state_dict(obj["state_dict"])
+        return model
+    raise ConfigError(
+        f"model: {path} holds {type(obj).__name__}; save the nn.Module itself (torch.save(model, path)) "
+        "or a dict {'arch': <torchvision name or module:function>, 'state_dict': ..., 'num_classes': N}"
+    )
+
+
+def build_model(ref: str, num_classes: int, in_channels: Optional[int] = None) -> nn.Module:
+    """``demo`` | a torchvision name (random weights) | ``module:function`` | a checkpoint file."""
+    p = Path(ref)
+    if ref == "demo":
+        return DemoResNet(num_classes, in_channels or 1)
+    if p.suffix in (".pt", ".pth", ".ckpt") or p.is_file():
+        if not p.is_file():
+            raise ConfigError(f"model: checkpoint file {ref} not found")
+        model = _from_checkpoint(p, num_classes)
+    elif ":" in ref:
+        mod_name, _, fn_name = ref.partition(":")
+        try:
+            fn = getattr(importlib.import_module(mod_name), fn_name)
+        except (ImportError, AttributeError) as exc:
+            raise ConfigError(f"model: cannot import {ref!r} ({exc}); expected 'package.module:function'") from None
+        try:
+            model = fn(num_classes=num_classes)
+        except TypeError:
+            model = fn()
+    else:
+        tv = _torchvision(ref, num_classes)
+        if tv is None:
+            raise ConfigError(
+                f"model: {ref!r} is not 'demo', a checkpoint file, 'module:function' or a torchvision model name "
+                "(e.g. resnet18, mobilenet_v2)"
+            )
+        model = tv
+    if not isinstance(model, nn.Module):
+        raise ConfigError(f"model: {ref} gave {type(model).__name__}, not a torch.nn.Module")
+    if in_channels is not None:
+        model = _adapt_input_channels(model, in_channels)
+    return model
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, data: DataBundle, batch_size: int = 256, max_batches: Optional[int] = None) -> float:
+    """Top-1 accuracy on the held-out split."""
+    model.eval()
+    correct = total = 0
+    for i, (x, y) in enumerate(data.loader("val", batch_size)):
+        if max_batches is not None and i >= max_batches:
+            break
+        correct += int((model(x).argmax(1) == y).sum())
+        total += int(y.numel())
+    return correct / max(total, 1)
+
+
+def pretrain(
+    model: nn.Module, data: DataBundle, seconds: float, lr: float = 3e-3, batch_size: int = 64, seed: int = 0, steps: Optional[int] = None
+) -> int:
+    """Train for a wall-clock budget, or exactly ``steps`` steps when given (reproducible on a
+    loaded machine). The demo needs a trained dense model to prune. Returns the steps taken."""
+    torch.manual_seed(seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
+    # A known step count gets a cosine decay: the last steps settle the weights instead of
+    # leaving them wherever the constant-rate noise put them (a few points on small data).
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps))) if steps else None
+    model.train()
+    target = steps
+    done, t0, epoch = 0, time.perf_counter(), 0
+
+    def finished() -> bool:
+        return done >= target if target is not None else time.perf_counter() - t0 >= seconds
+
+    while not finished():
+        for x, y in data.loader("train", batch_size, shuffle=True, seed=seed + epoch):
+            opt.zero_grad(set_to_none=True)
+            F.cross_entropy(model(x), y).backward()
+            opt.step()
+            if sched is not None:
+                sched.step()
+            done += 1
+            if finished():
+                break
+        epoch += 1
+    model.eval()
+    return done
+
+
+def count_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def count_flops(model: nn.Module, example: torch.Tensor) -> float:
+    """Multiply-accumulate count by fvcore (what papers call FLOPs), for one forward of ``example``."""
+    import logging
+
+    from fvcore.nn import FlopCountAnalysis
+
+    model.eval()
+    fca = FlopCountAnalysis(model, example)
+    fca.unsupported_ops_warnings(False).uncalled_modules_warnings(False)
+    logging.getLogger("fvcore").setLevel(logging.ERROR)
+    with torch.no_grad():
+        return float(fca.total())
