@@ -1,41 +1,7 @@
-"""[from autoprune.search]
-The search: an Optuna multi-objective study over per-group sparsity ratios (and methods).
+"""The run folder: where every file of a search lives, and how files are written there.
 
-Each trial: copy the dense model → prune → export ONNX → measure latency on the profile's
-backend → (only if within the latency budget) short distilled fine-tune → held-out accuracy.
-Objectives are (maximize accuracy, minimize median latency); FLOPs, params and sizes are user
-attributes; budgets are Optuna constraints set with ``trial.set_constraint``.
-
-The study lives in SQLite inside the run folder unless ``storage`` names another Optuna
-storage (e.g. PostgreSQL for several workers). Re-running the same command resumes it.
-
-[from autoprune.workers]
-Searches that survive: several workers on one study, dead workers, crashing trials, Ctrl-C.
-
-One study (Optuna RDB storage: SQLite for one machine, PostgreSQL for several) is shared by any
-number of ``autoprune search`` processes. This module holds what makes that safe:
-
-* **Exactly ``trials`` complete trials.** Optuna's ``MaxTrialsCallback`` stops a worker only
-  *after* a trial, so two workers that each see ``N-1`` complete trials both start one and the
-  study ends with ``N+1``. Here a worker starts a trial only while *complete + running < N*, and
-  that check and the trial's creation happen under a study-wide lock (a PostgreSQL advisory
-  lock, released by the server if the worker dies; a file lock for SQLite).
-* **Dead workers.** Every running trial sends heartbeats (Optuna RDB heartbeat). A trial whose
-  heartbeat is older than ``search.grace_period`` belongs to a killed worker: it is marked FAIL
-  with a ``fail_reason`` and its parameters are re-queued, at most ``search.max_retries`` times.
-  The SQL transactions of Optuna's storage mean a SIGKILL leaves no half-written rows.
-* **Crashing trials** (export error, out-of-memory, NaN loss, backend failure) are recorded as
-  FAIL with ``fail_reason`` and the search goes on. A full disk stops the search with a clear
-  error instead: every following trial would fail the same way. Ctrl-C (or SIGTERM) marks the
-  trial in flight FAIL, re-queues its parameters and leaves a study that the same command resumes.
-* **Same base model everywhere.** Workers that do not share the run folder train their own dense
-  model; the study stores the dense weights' hash and refuses a worker whose model differs.
-* **Reproducibility.** The sampler of the *k*-th worker session of a study is seeded with
-  ``search.seed + k``: one fresh worker with a given config and seed replays the same trial
-  sequence, while concurrent workers (and resumed sessions) do not redraw each other's points.
-
-[from autoprune.export]
-Export: PyTorch → ONNX (what every backend reads) → OpenVINO IR (what OpenVINO deploys).
+Multi-file and single-file outputs are written beside their destination and swapped in with a
+rename, so a killed process never leaves a half-written file under the final name.
 """
 
 from __future__ import annotations

@@ -1,10 +1,9 @@
-"""[from autoprune.deploy]
-Pick a Pareto model for a budget and write its deploy bundle.
+"""A deploy bundle: everything a deployment needs without the search.
 
-A bundle is everything a deployment needs without the search: ONNX, OpenVINO IR, the PyTorch
-model (pickled module, state dict, and ``torch.export`` / TorchScript files where the model
-allows), a ``model_card.json`` that records where the model came from and how it measured, and
-``infer_example.py`` that runs it with onnxruntime and with OpenVINO (no autoprune import).
+ONNX, OpenVINO IR, the PyTorch model (pickled module, state dict, and ``torch.export`` /
+TorchScript files where the model allows), a ``model_card.json`` that records where the model
+came from and how it measured, and ``infer_example.py`` that runs it with onnxruntime and with
+OpenVINO (no autoprune import).
 """
 
 from __future__ import annotations

@@ -1,11 +1,11 @@
-"""[from autoprune.rebuild]
-``autoprune export RUN --trial N``: deploy files for any trial, not only the Pareto front.
+"""``autoprune export RUN --trial N``: deploy files for any trial, not only the Pareto front.
 
 A trial's model is ``trials/NNNNN/model.pt`` when the worker that ran it shared the run folder.
 Otherwise (or with ``rebuild=True``) it is re-created from what the study stores: the trial's
-parameters are replayed through the search's own ``run_trial`` (same pruning, same fine-tune
-seed ``search.seed + N``) on the run's dense model, and the result must reproduce the stored
-accuracy within ``tolerance`` — a model that does not is refused rather than silently exported.
+parameters are replayed through the search's own build and fine-tune steps (same pruning, same
+fine-tune seed ``search.seed + N``) on the run's dense model, and the result must reproduce the
+stored accuracy within ``tolerance`` — a model that does not is refused rather than silently
+exported.
 """
 
 from __future__ import annotations

@@ -1,5 +1,4 @@
-"""[from autoprune.export]
-Export: PyTorch → ONNX (what every backend reads) → OpenVINO IR (what OpenVINO deploys).
+"""Export: PyTorch → ONNX (what every backend reads) → OpenVINO IR (what OpenVINO deploys).
 """
 
 from __future__ import annotations

@@ -1,1 +1,3 @@
-"""TODO"""
+"""Stage 4, results: the Pareto front, its files, the HTML report, and re-measurement elsewhere.
+"""
+

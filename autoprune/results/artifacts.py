@@ -1,9 +1,7 @@
-"""[from autoprune.pareto]
-Pareto front: which trials are non-dominated, and their deployable artifacts.
+"""Deployable files of the front: ONNX, OpenVINO IR, PyTorch state and metadata per model.
 
-For every Pareto trial we write the fine-tuned model as ONNX, OpenVINO IR and PyTorch state,
-plus a metadata JSON that records the device profile and the exact config that produced it,
-so a model can be traced back to (and rebuilt from) its search.
+Every Pareto model is written with a metadata JSON that records the device profile and the
+exact config that produced it, so a model can be traced back to (and rebuilt from) its search.
 """
 
 from __future__ import annotations

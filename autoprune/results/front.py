@@ -1,17 +1,4 @@
-"""[from autoprune.pareto]
-Pareto front: which trials are non-dominated, and their deployable artifacts.
-
-For every Pareto trial we write the fine-tuned model as ONNX, OpenVINO IR and PyTorch state,
-plus a metadata JSON that records the device profile and the exact config that produced it,
-so a model can be traced back to (and rebuilt from) its search.
-
-[from autoprune.deploy]
-Pick a Pareto model for a budget and write its deploy bundle.
-
-A bundle is everything a deployment needs without the search: ONNX, OpenVINO IR, the PyTorch
-model (pickled module, state dict, and ``torch.export`` / TorchScript files where the model
-allows), a ``model_card.json`` that records where the model came from and how it measured, and
-``infer_example.py`` that runs it with onnxruntime and with OpenVINO (no autoprune import).
+"""The Pareto front: which trials are non-dominated, as rows, tables and the files that hold them.
 """
 
 from __future__ import annotations

@@ -1,13 +1,8 @@
-"""[from autoprune.search]
-The search: an Optuna multi-objective study over per-group sparsity ratios (and methods).
+"""What a search prepares once per run folder and shares with every trial.
 
-Each trial: copy the dense model → prune → export ONNX → measure latency on the profile's
-backend → (only if within the latency budget) short distilled fine-tune → held-out accuracy.
-Objectives are (maximize accuracy, minimize median latency); FLOPs, params and sizes are user
-attributes; budgets are Optuna constraints set with ``trial.set_constraint``.
-
-The study lives in SQLite inside the run folder unless ``storage`` names another Optuna
-storage (e.g. PostgreSQL for several workers). Re-running the same command resumes it.
+Config files, data, the dense model (trained first when no weights were given), the prunable
+groups with their search-space ranges, the calibration batches, the sensitivity priors, and the
+dense model's own measurement on the target (``dense.json``).
 """
 
 from __future__ import annotations

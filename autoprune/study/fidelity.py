@@ -1,26 +1,8 @@
-"""[from autoprune.search]
-The search: an Optuna multi-objective study over per-group sparsity ratios (and methods).
+"""Multi-fidelity fine-tuning: stop hopeless trials after a first rung.
 
-Each trial: copy the dense model → prune → export ONNX → measure latency on the profile's
-backend → (only if within the latency budget) short distilled fine-tune → held-out accuracy.
-Objectives are (maximize accuracy, minimize median latency); FLOPs, params and sizes are user
-attributes; budgets are Optuna constraints set with ``trial.set_constraint``.
-
-The study lives in SQLite inside the run folder unless ``storage`` names another Optuna
-storage (e.g. PostgreSQL for several workers). Re-running the same command resumes it.
-
-[from autoprune.efficiency]
-Making trials cheap and predictive: BN recalibration, sensitivity priors, multi-fidelity, final stage.
-
-* Adaptive BN recalibration (EagleEye, Li et al. 2020): after channels are removed the BN
-  running statistics describe the *dense* network's activations; re-estimating them on a few
-  training batches (no gradients) makes a pruned model's un-fine-tuned accuracy a far better
-  predictor of its fine-tuned accuracy, at the cost of a few forward passes.
-* Sensitivity scan: prune each group alone and record the accuracy drop; sensitive groups get a
-  narrower ratio range, so the sampler does not waste trials on hopeless candidates.
-* Multi-fidelity: a trial first fine-tunes for a fraction of the steps; if even an optimistic
-  projection of its final accuracy is beaten by a finished, faster trial, it stops there.
-* Final stage: Pareto models get a longer fine-tune and are re-measured.
+Optuna's pruners do not support multi-objective studies, so the rule lives here: a trial first
+fine-tunes for ``rung0_fraction`` of the steps; it stops only if even an optimistic projection of
+its final accuracy is already beaten by a finished trial that is at least as fast.
 """
 
 from __future__ import annotations

@@ -1,27 +1,9 @@
-"""[from autoprune.search]
-The search: an Optuna multi-objective study over per-group sparsity ratios (and methods).
+"""The search space as Optuna parameters, and the plans they describe.
 
-Each trial: copy the dense model → prune → export ONNX → measure latency on the profile's
-backend → (only if within the latency budget) short distilled fine-tune → held-out accuracy.
-Objectives are (maximize accuracy, minimize median latency); FLOPs, params and sizes are user
-attributes; budgets are Optuna constraints set with ``trial.set_constraint``.
-
-The study lives in SQLite inside the run folder unless ``storage`` names another Optuna
-storage (e.g. PostgreSQL for several workers). Re-running the same command resumes it.
-
-[from autoprune.methods.space]
-Search-space side of methods: which granularities each group may use, and the Optuna
-parameters that choose them.
-
-Parameter names (stable, stored in studies):
-
-* ``granularity`` — one value for the whole model when ``global_granularity: true`` (default);
-* ``granularity/<group>`` — per group otherwise (choices from the first matching layer rule
-  matching a group decides, the same first-match rule as ``apply_rules``);
-* ``wratio/<group>`` — only for groups that drew ``hybrid``: fraction of the weights left after
-  channel removal that are zeroed, in [weight_low, weight_high] with the space's ``step``.
-
-``ratio/<group>``, ``method`` and ``method/<group>`` are sampled by ``search.suggest_plan``.
+Parameter names are stable (they are stored in studies): ``ratio/<group>``, ``method`` or
+``method/<group>``, ``granularity`` or ``granularity/<group>``, and ``wratio/<group>`` for groups
+that drew ``hybrid`` (the fraction of the remaining weights zeroed after channel removal).
+``seed_plans`` gives the first trials: uniform levels and their sensitivity-allocated twins.
 """
 
 from __future__ import annotations

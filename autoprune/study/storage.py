@@ -1,44 +1,8 @@
-"""[from autoprune.workers]
-Searches that survive: several workers on one study, dead workers, crashing trials, Ctrl-C.
+"""Where a study lives: Optuna RDB storages (SQLite in the run folder, PostgreSQL for workers).
 
-One study (Optuna RDB storage: SQLite for one machine, PostgreSQL for several) is shared by any
-number of ``autoprune search`` processes. This module holds what makes that safe:
-
-* **Exactly ``trials`` complete trials.** Optuna's ``MaxTrialsCallback`` stops a worker only
-  *after* a trial, so two workers that each see ``N-1`` complete trials both start one and the
-  study ends with ``N+1``. Here a worker starts a trial only while *complete + running < N*, and
-  that check and the trial's creation happen under a study-wide lock (a PostgreSQL advisory
-  lock, released by the server if the worker dies; a file lock for SQLite).
-* **Dead workers.** Every running trial sends heartbeats (Optuna RDB heartbeat). A trial whose
-  heartbeat is older than ``search.grace_period`` belongs to a killed worker: it is marked FAIL
-  with a ``fail_reason`` and its parameters are re-queued, at most ``search.max_retries`` times.
-  The SQL transactions of Optuna's storage mean a SIGKILL leaves no half-written rows.
-* **Crashing trials** (export error, out-of-memory, NaN loss, backend failure) are recorded as
-  FAIL with ``fail_reason`` and the search goes on. A full disk stops the search with a clear
-  error instead: every following trial would fail the same way. Ctrl-C (or SIGTERM) marks the
-  trial in flight FAIL, re-queues its parameters and leaves a study that the same command resumes.
-* **Same base model everywhere.** Workers that do not share the run folder train their own dense
-  model; the study stores the dense weights' hash and refuses a worker whose model differs.
-* **Reproducibility.** The sampler of the *k*-th worker session of a study is seeded with
-  ``search.seed + k``: one fresh worker with a given config and seed replays the same trial
-  sequence, while concurrent workers (and resumed sessions) do not redraw each other's points.
-
-[from autoprune.rebuild]
-``autoprune export RUN --trial N``: deploy files for any trial, not only the Pareto front.
-
-A trial's model is ``trials/NNNNN/model.pt`` when the worker that ran it shared the run folder.
-Otherwise (or with ``rebuild=True``) it is re-created from what the study stores: the trial's
-parameters are replayed through the search's own ``run_trial`` (same pruning, same fine-tune
-seed ``search.seed + N``) on the run's dense model, and the result must reproduce the stored
-accuracy within ``tolerance`` — a model that does not is refused rather than silently exported.
-
-[from autoprune.deploy]
-Pick a Pareto model for a budget and write its deploy bundle.
-
-A bundle is everything a deployment needs without the search: ONNX, OpenVINO IR, the PyTorch
-model (pickled module, state dict, and ``torch.export`` / TorchScript files where the model
-allows), a ``model_card.json`` that records where the model came from and how it measured, and
-``infer_example.py`` that runs it with onnxruntime and with OpenVINO (no autoprune import).
+Opening a storage (driver selection, heartbeats), refusing files that are not studies, keeping
+passwords out of anything written or printed, and the dense model's weights hash that every
+worker of a study must share.
 """
 
 from __future__ import annotations

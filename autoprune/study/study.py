@@ -1,13 +1,8 @@
-"""[from autoprune.search]
-The search: an Optuna multi-objective study over per-group sparsity ratios (and methods).
+"""The study: sampler, resume check, seed trials, and the loop that runs trials.
 
-Each trial: copy the dense model → prune → export ONNX → measure latency on the profile's
-backend → (only if within the latency budget) short distilled fine-tune → held-out accuracy.
-Objectives are (maximize accuracy, minimize median latency); FLOPs, params and sizes are user
-attributes; budgets are Optuna constraints set with ``trial.set_constraint``.
-
-The study lives in SQLite inside the run folder unless ``storage`` names another Optuna
-storage (e.g. PostgreSQL for several workers). Re-running the same command resumes it.
+The study lives in SQLite inside the run folder unless ``search.storage`` names another Optuna
+storage (PostgreSQL for several workers). Re-running the same command resumes it; a config that
+would score trials differently is refused (``search_hash``).
 """
 
 from __future__ import annotations

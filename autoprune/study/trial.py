@@ -1,13 +1,7 @@
-"""[from autoprune.search]
-The search: an Optuna multi-objective study over per-group sparsity ratios (and methods).
+"""One trial, top to bottom: suggest → build → measure → constraints → fine-tune → score → persist.
 
-Each trial: copy the dense model → prune → export ONNX → measure latency on the profile's
-backend → (only if within the latency budget) short distilled fine-tune → held-out accuracy.
-Objectives are (maximize accuracy, minimize median latency); FLOPs, params and sizes are user
-attributes; budgets are Optuna constraints set with ``trial.set_constraint``.
-
-The study lives in SQLite inside the run folder unless ``storage`` names another Optuna
-storage (e.g. PostgreSQL for several workers). Re-running the same command resumes it.
+Objectives are (maximize accuracy, minimize median latency on the target); FLOPs, params and
+sizes are user attributes; budgets are Optuna constraints set with ``trial.set_constraint``.
 """
 
 from __future__ import annotations

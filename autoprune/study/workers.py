@@ -1,5 +1,4 @@
-"""[from autoprune.workers]
-Searches that survive: several workers on one study, dead workers, crashing trials, Ctrl-C.
+"""Searches that survive: several workers on one study, dead workers, crashing trials, Ctrl-C.
 
 One study (Optuna RDB storage: SQLite for one machine, PostgreSQL for several) is shared by any
 number of ``autoprune search`` processes. This module holds what makes that safe:
@@ -12,13 +11,10 @@ number of ``autoprune search`` processes. This module holds what makes that safe
 * **Dead workers.** Every running trial sends heartbeats (Optuna RDB heartbeat). A trial whose
   heartbeat is older than ``search.grace_period`` belongs to a killed worker: it is marked FAIL
   with a ``fail_reason`` and its parameters are re-queued, at most ``search.max_retries`` times.
-  The SQL transactions of Optuna's storage mean a SIGKILL leaves no half-written rows.
 * **Crashing trials** (export error, out-of-memory, NaN loss, backend failure) are recorded as
   FAIL with ``fail_reason`` and the search goes on. A full disk stops the search with a clear
   error instead: every following trial would fail the same way. Ctrl-C (or SIGTERM) marks the
   trial in flight FAIL, re-queues its parameters and leaves a study that the same command resumes.
-* **Same base model everywhere.** Workers that do not share the run folder train their own dense
-  model; the study stores the dense weights' hash and refuses a worker whose model differs.
 * **Reproducibility.** The sampler of the *k*-th worker session of a study is seeded with
   ``search.seed + k``: one fresh worker with a given config and seed replays the same trial
   sequence, while concurrent workers (and resumed sessions) do not redraw each other's points.

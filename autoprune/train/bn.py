@@ -1,15 +1,9 @@
-"""[from autoprune.efficiency]
-Making trials cheap and predictive: BN recalibration, sensitivity priors, multi-fidelity, final stage.
+"""Adaptive BN recalibration (EagleEye, Li et al. 2020).
 
-* Adaptive BN recalibration (EagleEye, Li et al. 2020): after channels are removed the BN
-  running statistics describe the *dense* network's activations; re-estimating them on a few
-  training batches (no gradients) makes a pruned model's un-fine-tuned accuracy a far better
-  predictor of its fine-tuned accuracy, at the cost of a few forward passes.
-* Sensitivity scan: prune each group alone and record the accuracy drop; sensitive groups get a
-  narrower ratio range, so the sampler does not waste trials on hopeless candidates.
-* Multi-fidelity: a trial first fine-tunes for a fraction of the steps; if even an optimistic
-  projection of its final accuracy is beaten by a finished, faster trial, it stops there.
-* Final stage: Pareto models get a longer fine-tune and are re-measured.
+After channels are removed the BN running statistics describe the *dense* network's
+activations; re-estimating them on a few training batches (no gradients) makes a pruned
+model's un-fine-tuned accuracy a far better predictor of its fine-tuned accuracy, at the cost
+of a few forward passes.
 """
 
 from __future__ import annotations
