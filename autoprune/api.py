@@ -24,7 +24,7 @@ from autoprune.errors import ConfigError
 from autoprune.measure import backends
 from autoprune.results.artifacts import export_front
 from autoprune.results.front import front
-from autoprune.runfolder import file_lock
+from autoprune.runfolder import RunFolder, file_lock
 from autoprune.study.context import SearchContext, prepare
 from autoprune.study.final import final_stage
 from autoprune.study.storage import public_config, redact_url
@@ -60,7 +60,7 @@ class SearchResult:
             "search_space": self.ctx.space.model_dump(mode="json"),
             "dense": self.ctx.dense,
         }
-        self.pareto = export_front(self.study, self.out, self.ctx.example, meta, self.ctx.cfg.exporter, self.ctx.dense)
+        self.pareto = export_front(self.study, self.ctx.run, self.ctx.example, meta, self.ctx.cfg.exporter, self.ctx.dense)
         return self.pareto
 
 
@@ -94,10 +94,10 @@ def run(cfg: RunConfig, console: Optional[Console] = None, export: bool = True) 
 
     # Workers sharing the run folder: the first trains and measures the dense model, the others
     # wait here and load its base_model.pt / dense.json (the study checks the weights' hash).
-    with file_lock(Path(cfg.out) / ".prepare.lock"):
+    with file_lock(RunFolder(Path(cfg.out)).prepare_lock):
         ctx = prepare(cfg, console=lambda s: console.log(s))
     local = cfg.search.storage is None
-    lock = run_lock(ctx.out) if local else contextlib.nullcontext()
+    lock = run_lock(ctx.run) if local else contextlib.nullcontext()
     with lock:
         study = open_study(ctx)
         if local:
@@ -111,7 +111,7 @@ def run(cfg: RunConfig, console: Optional[Console] = None, export: bool = True) 
         console.log(
             f"{len(ctx.groups)} prunable groups; dense: acc {ctx.dense['accuracy']:.3f}, "
             f"latency {ctx.dense['latency']['median_ms']:.3f} ms on {ctx.profile.name}; "
-            f"{already}/{cfg.search.trials} trials already done; study in {cfg.search.storage or ctx.out / 'study.db'}"
+            f"{already}/{cfg.search.trials} trials already done; study in {redact_url(cfg.search.storage) or ctx.run.study_db}"
         )
         with Progress(
             TextColumn("[bold]trials"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TextColumn("ETA"),
@@ -126,9 +126,8 @@ def run(cfg: RunConfig, console: Optional[Console] = None, export: bool = True) 
         result = SearchResult(ctx.out, study, ctx)
         if export:
             # Workers sharing a run folder finish together: one writes pareto/ at a time.
-            with file_lock(ctx.out / ".export.lock"):
+            with file_lock(ctx.run.export_lock):
                 if cfg.efficiency.final_finetune_steps:
-
                     final_stage(ctx, front(study, ctx.dense), say=lambda s: console.log(s))
                 result.export()
     result.wall_s = time.perf_counter() - t0

@@ -9,14 +9,114 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
 import torch
 
 
-def trial_dir(out: Path, number: int) -> Path:
-    return out / "trials" / f"{number:05d}"
+@dataclass(frozen=True)
+class RunFolder:
+    """Every path in a run folder, in one place.
+
+    Code asks this object for a file instead of joining names itself, and nothing works back from
+    a file to its run folder: with ``--out X/trials`` everything lives under ``X/trials``.
+    """
+
+    root: Path
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "root", Path(self.root))
+
+    # -- the study and the locks around it
+    @property
+    def study_db(self) -> Path:
+        return self.root / "study.db"
+
+    @property
+    def lock(self) -> Path:
+        """Held by the single-machine (SQLite) search for its whole run."""
+        return self.root / ".lock"
+
+    @property
+    def prepare_lock(self) -> Path:
+        """Held while the dense model is trained and measured (workers sharing the folder wait)."""
+        return self.root / ".prepare.lock"
+
+    @property
+    def export_lock(self) -> Path:
+        """Held while the front is written (workers sharing the folder finish together)."""
+        return self.root / ".export.lock"
+
+    # -- the dense model and what is computed from it once per run
+    @property
+    def base_model(self) -> Path:
+        return self.root / "base_model.pt"
+
+    @property
+    def dense_json(self) -> Path:
+        return self.root / "dense.json"
+
+    @property
+    def dense_onnx(self) -> Path:
+        return self.root / "dense" / "model.onnx"
+
+    @property
+    def sensitivity(self) -> Path:
+        return self.root / "sensitivity.json"
+
+    @property
+    def flops_savings(self) -> Path:
+        return self.root / "flops_savings.json"
+
+    # -- measurement caches (shared by the workers of one folder)
+    @property
+    def latency_cache(self) -> Path:
+        return self.root / "latency_cache.sqlite"
+
+    def lut(self, profile_key: str) -> Path:
+        return self.root / "lut" / f"{profile_key}.json"
+
+    # -- trials and the final stage
+    def trial(self, number: int) -> Path:
+        return self.root / "trials" / f"{number:05d}"
+
+    @property
+    def final_json(self) -> Path:
+        return self.root / "final.json"
+
+    # -- results
+    @property
+    def pareto_dir(self) -> Path:
+        return self.root / "pareto"
+
+    @property
+    def pareto_json(self) -> Path:
+        return self.root / "pareto.json"
+
+    @property
+    def pareto_csv(self) -> Path:
+        return self.root / "pareto.csv"
+
+    @property
+    def report_html(self) -> Path:
+        return self.root / "report.html"
+
+    @property
+    def remeasure_dir(self) -> Path:
+        return self.root / "remeasure"
+
+    def remeasure(self, profile_name: str) -> Path:
+        return self.remeasure_dir / f"{profile_name}.json"
+
+    # -- deployment
+    @property
+    def picked(self) -> Path:
+        return self.root / "picked"
+
+    def export(self, number: int) -> Path:
+        return self.root / "export" / f"trial_{number:05d}"
 
 
 @contextlib.contextmanager

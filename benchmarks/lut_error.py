@@ -22,6 +22,7 @@ import torchvision
 
 from autoprune.config import load_device_profile
 from autoprune.measure.candidate import measure_model
+from autoprune.runfolder import RunFolder
 from autoprune.measure.lut import LatencyLUT
 from autoprune.prune.plan import PruningPlan, apply_plan
 from autoprune.prune.structure import find_groups
@@ -44,7 +45,8 @@ def main() -> int:
     x = torch.randn(1, 3, args.size, args.size)
     groups = find_groups(base, x, 10)
     t0 = time.perf_counter()
-    dense = measure_model(base, x, prof, run / "dense" / "model.onnx", "torchscript")
+    rf = RunFolder(run)
+    dense = measure_model(base, x, prof, rf.dense_onnx, "torchscript", run=rf)
     t_dense = time.perf_counter() - t0
     rows = []
     for i in range(args.candidates):
@@ -52,12 +54,12 @@ def main() -> int:
         m = copy.deepcopy(base)
         apply_plan(m, x, PruningPlan(ratios, round_to=8), 10)
         t0 = time.perf_counter()
-        r = measure_model(m, x, prof, run / "trials" / f"{i:05d}" / "model.onnx", "torchscript")
+        r = measure_model(m, x, prof, rf.trial(i) / "model.onnx", "torchscript", run=rf)
         rows.append({"predicted_ms": r["lut_predicted_ms"], "measured_ms": r["latency"]["median_ms"],
                      "error_pct": 100 * (r["lut_predicted_ms"] - r["latency"]["median_ms"]) / r["latency"]["median_ms"],
                      "wall_s": time.perf_counter() - t0})
         print(json.dumps(rows[-1]), flush=True)
-    lut = LatencyLUT.for_run(run, prof)
+    lut = LatencyLUT.for_run(rf, prof)
     summary = {"profile": prof.name, "input": list(x.shape), "dense_ms": dense["latency"]["median_ms"],
                "dense_wall_s_incl_lut_build": t_dense, "lut_entries": len(lut.table), "error": lut.error(),
                "candidates": rows}

@@ -112,12 +112,18 @@ def test_allocate_ratios_prunes_cheap_groups_more_around_the_level():
     assert clipped["cheap"] == pytest.approx(0.9) and clipped["dear"] == pytest.approx(0.6)
 
 
-def test_replayed_trial_takes_the_same_rung0_branch_as_the_original():
-    """export --trial N re-runs a trial through run_trial; a trial that stopped at rung 0 must stop
-    there again, whatever its accuracy, and one that did not must not."""
-    from autoprune.deploy.replay import _ReplayStudy
-    from autoprune.study.fidelity import rung0_history
+def test_fine_tune_rungs_follow_the_stop_decision():
+    """The rung-0 decision is the caller's: the search asks hopeless_at_rung0, a replay (export
+    --trial N) answers what the trial recorded, so it takes the same branch as the original."""
+    from autoprune.config import EfficiencyConfig, FinetuneConfig
+    from autoprune.study.fidelity import finetune_in_rungs
+    from autoprune.train.models import DemoResNet
 
-    for acc0 in (0.0, 0.5, 0.99):
-        assert hopeless_at_rung0(acc0, 1.0, 0.99, *rung0_history(_ReplayStudy(True)))
-        assert not hopeless_at_rung0(acc0, 1.0, 0.99, *rung0_history(_ReplayStudy(False)))
+    data = load_digits(image_size=8)
+    ft, eff = FinetuneConfig(steps=6, batch_size=16), EfficiencyConfig(rung0_fraction=0.34)
+    seen = []
+    for stop in (True, False):
+        m = DemoResNet(10, 1, widths=(8, 8, 8))
+        out = finetune_in_rungs(m, data, ft, eff, m, 0, lambda acc0, stop=stop: seen.append(acc0) or stop)
+        assert out["stopped_at_rung0"] is stop and out["accuracy_rung0"] == seen[-1]
+        assert out["finetune_steps"] == (2 if stop else 6)

@@ -12,7 +12,8 @@ import torch
 import torch.nn as nn
 
 from autoprune.config import DeviceProfile
-from autoprune.measure.cache import LatencyCache, architecture_hash, run_folder_of
+from autoprune.measure.cache import LatencyCache, architecture_hash
+from autoprune.runfolder import RunFolder
 from autoprune.measure.onnx import export_onnx
 from autoprune.measure.stats import (
     LatencyStats,
@@ -102,21 +103,36 @@ def test_cache_hits_on_identical_architecture_per_profile(tmp_path: Path):
     run = tmp_path / "run"
     prof = DeviceProfile(**FAST)
     x = torch.randn(1, 1, 8, 8)
-    first = measure_model(_net(16), x, prof, run / "trials" / "00000" / "model.onnx", "torchscript")
+    rf = RunFolder(run)
+    first = measure_model(_net(16), x, prof, run / "trials" / "00000" / "model.onnx", "torchscript", run=rf)
     other_weights = _net(16)
     with torch.no_grad():
         for p in other_weights.parameters():
             p.mul_(-2)
-    second = measure_model(other_weights, x, prof, run / "trials" / "00001" / "model.onnx", "torchscript")
+    second = measure_model(other_weights, x, prof, run / "trials" / "00001" / "model.onnx", "torchscript", run=rf)
     assert first["latency_cached"] is False and second["latency_cached"] is True
     assert second["latency"] == first["latency"] and second["arch_hash"] == first["arch_hash"]
     # Another width, or the same width on another thread count, is a new measurement.
-    assert measure_model(_net(24), x, prof, run / "trials" / "00002" / "model.onnx", "torchscript")["latency_cached"] is False
+    assert measure_model(_net(24), x, prof, run / "trials" / "00002" / "model.onnx", "torchscript", run=rf)["latency_cached"] is False
     prof2 = prof.model_copy(update={"threads": 2})
-    assert measure_model(_net(16), x, prof2, run / "trials" / "00003" / "model.onnx", "torchscript")["latency_cached"] is False
+    assert measure_model(_net(16), x, prof2, run / "trials" / "00003" / "model.onnx", "torchscript", run=rf)["latency_cached"] is False
     assert (run / "latency_cache.sqlite").is_file()
     assert LatencyCache(run / "latency_cache.sqlite").stats() == {"entries": 3, "hits": 1}
-    assert run_folder_of(run / "dense" / "model.onnx") == run.resolve()
+
+
+def test_measurement_caches_live_in_the_run_folder_it_is_given(tmp_path: Path):
+    """The run folder is said, never guessed from a file path: with --out X/trials the dense
+    model's cache and lookup table belong to X/trials, not to X (they used to land in X)."""
+    from autoprune.measure.candidate import measure_model
+
+    rf = RunFolder(tmp_path / "X" / "trials")
+    prof = DeviceProfile(**{**FAST, "lut": True})
+    measure_model(_net(16), torch.randn(1, 1, 8, 8), prof, rf.dense_onnx, "torchscript", run=rf)
+    assert rf.latency_cache.is_file() and list((rf.root / "lut").glob("*.json"))
+    assert sorted(p.name for p in (tmp_path / "X").iterdir()) == ["trials"]
+    # Without a run folder nothing is cached or tabled anywhere.
+    measure_model(_net(16), torch.randn(1, 1, 8, 8), prof, tmp_path / "alone" / "m.onnx", "torchscript")
+    assert sorted(p.name for p in (tmp_path / "alone").iterdir()) == ["m.onnx"]
 
 
 def test_lut_predicts_and_rejects_before_export(tmp_path: Path):
@@ -131,14 +147,15 @@ def test_lut_predicts_and_rejects_before_export(tmp_path: Path):
                           nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 10)).eval()
     assert [k.split(":")[0] for k, _, _ in layer_configs(big, x)] == ["conv", "conv", "linear"]
     prof = DeviceProfile(**{**FAST, "lut": True, "cache": False, "repeats": 20})
-    dense = measure_model(big, x, prof, run / "dense" / "model.onnx", "torchscript")
+    rf = RunFolder(run)
+    dense = measure_model(big, x, prof, rf.dense_onnx, "torchscript", run=rf)
     assert dense["lut_predicted_ms"] is None  # nothing to scale by before the first measurement
-    cand = measure_model(small, x, prof, run / "trials" / "00000" / "model.onnx", "torchscript")
+    cand = measure_model(small, x, prof, rf.trial(0) / "model.onnx", "torchscript", run=rf)
     assert cand["lut_predicted_ms"] > 0
-    lut = LatencyLUT.for_run(run, prof)
+    lut = LatencyLUT.for_run(rf, prof)
     assert len(lut.table) == 6 and lut.error()["n"] == 1
     assert lut.predict(small, x) < lut.predict(big, x)
     # A budget far below the prediction: rejected without export or measurement.
     tight = prof.model_copy(update={"budget": prof.budget.model_copy(update={"max_latency_ms": 1e-6})})
-    out = measure_model(big, x, tight, run / "trials" / "00001" / "model.onnx", "torchscript")
+    out = measure_model(big, x, tight, rf.trial(1) / "model.onnx", "torchscript", run=rf)
     assert out["latency_predicted"] is True and not (run / "trials" / "00001" / "model.onnx").exists()

@@ -81,7 +81,19 @@ def test_artifacts_written(tiny_run):
         assert sum(p.numel() for p in model.parameters()) == r["params"]
 
 
-def test_latency_budget_skips_finetune_and_marks_infeasible(tmp_path, fast_profile):
+def test_latency_budget_skips_finetune_and_marks_infeasible(tmp_path, fast_profile, monkeypatch):
+    """Latency first: a candidate over budget costs seconds. No fine-tune, no full validation
+    pass, no model.pt (it was saved, and fully evaluated, before the trial function was split)."""
+    import autoprune.study.trial as trial_mod
+
+    calls = []
+    real = trial_mod.evaluate
+
+    def evaluate(model, data, batch_size=256, max_batches=None):
+        calls.append(max_batches)
+        return real(model, data, batch_size=batch_size, max_batches=max_batches)
+
+    monkeypatch.setattr(trial_mod, "evaluate", evaluate)
     prof = write_yaml(tmp_path / "p.yaml", {**FAST_PROFILE, "budget": {"max_latency_ms": 1e-4}})
     cfg = write_yaml(tmp_path / "run.yaml", tiny_run_config(tmp_path / "out", prof, trials=2))
     res = autoprune.run(load_run_config(str(cfg)))
@@ -90,6 +102,9 @@ def test_latency_budget_skips_finetune_and_marks_infeasible(tmp_path, fast_profi
     for t in trials:
         assert t.constraints["latency_ms"] > 0
         assert t.user_attrs["finetune_steps"] == 0 and "budget" in t.user_attrs["skipped_finetune"]
+        assert t.user_attrs["accuracy_estimated"] is True and 0.0 <= t.values[0] <= 1.0
+        assert not (res.ctx.run.trial(t.number) / "model.pt").exists()
+    assert calls == [trial_mod.OVER_BUDGET_EVAL_BATCHES] * 2  # never a full pass
     assert res.pareto == []  # nothing feasible
     with pytest.raises(ConfigError, match="no Pareto model"):
         autoprune.pick(res.out, max_latency_ms=1.0)
@@ -165,10 +180,17 @@ def test_seed_plans_pair_each_uniform_level_with_a_sensitivity_allocated_twin():
     assert len(seed_plans(ctx)) == 2
 
 
-def test_export_trial_exports_the_final_stage_model_stored_or_rebuilt(tiny_run, run_copy, tmp_path):
+def test_export_trial_exports_the_final_stage_model_stored_or_rebuilt(tiny_run, run_copy, tmp_path, monkeypatch):
     """`autoprune export --trial N` of a Pareto trial that had the final fine-tune exports that
-    model (what pareto/ deploys), from model_final.pt or re-created: short model + final fine-tune."""
+    model (what pareto/ deploys), from model_final.pt or re-created: short model + final fine-tune.
+    A rebuild repeats the trial's build and fine-tune steps, not its latency measurement."""
     from autoprune.deploy.replay import rebuild_trial
+    from autoprune.measure import backends
+
+    def no_timing(*a, **k):
+        raise AssertionError("export --trial must not time latency again; the study holds it")
+
+    monkeypatch.setattr(backends, "measure", no_timing)
 
     finals = json.loads((tiny_run.out / "final.json").read_text())
     n = int(next(iter(finals)))

@@ -10,7 +10,6 @@ exported.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import tempfile
 from pathlib import Path
@@ -24,12 +23,12 @@ from autoprune.config import RunConfig, validate
 from autoprune.errors import ConfigError
 from autoprune.results.artifacts import export_trial_artifacts
 from autoprune.results.front import trial_row
-from autoprune.runfolder import file_lock, trial_dir
-from autoprune.study.context import prepare
-from autoprune.study.fidelity import MIN_FULL_TRIALS
+from autoprune.runfolder import RunFolder, file_lock
+from autoprune.study.context import SearchContext, prepare
+from autoprune.study.space import suggest_plan
 from autoprune.study.final import final_finetune, final_seed
 from autoprune.study.storage import load_run_study, model_hash
-from autoprune.study.trial import run_trial
+from autoprune.study.trial import OVER_BUDGET_EVAL_BATCHES, build_candidate, finetune_candidate, trial_seed
 from autoprune.train.models import evaluate
 
 #: Default |rebuilt - stored| accuracy allowed. Replays are exact on the same machine and build;
@@ -57,35 +56,24 @@ def _run_config(study: optuna.Study, run_dir: Path, tmp: Path, storage: Optional
     return validate(RunConfig, data, f"{run_dir} (config stored in the study)")
 
 
-class _ReplayStudy:
-    """What ``run_trial`` may ask of ``trial.study`` during a replay. The multi-fidelity fine-tune
-    stops a trial early when earlier trials beat it at the first rung; a replay must take the
-    same branch as the original, which the trial recorded (``stopped_at_rung0``)."""
-
-    def __init__(self, stopped_early: bool) -> None:
-        # Unbeatable finished trials (infinitely accurate, infinitely fast), enough of them for
-        # efficiency.hopeless_at_rung0 to judge: the replay stops at rung 0 exactly when the original did.
-
-        unbeatable = [
-            optuna.trial.create_trial(values=[float("inf"), float("-inf")], user_attrs={"accuracy_rung0": 0.0})
-            for _ in range(MIN_FULL_TRIALS)
-        ]
-        self._trials = unbeatable if stopped_early else []
-
-    def get_trials(self, deepcopy: bool = True, states: Any = None) -> list[optuna.trial.FrozenTrial]:
-        return list(self._trials)
+def replay_model(ctx: SearchContext, frozen: optuna.trial.FrozenTrial) -> torch.nn.Module:
+    """Re-create a trial's model from its stored parameters with the search's own steps: the
+    same plan (Optuna's FixedTrial answers the suggest calls), the same build, and the same
+    fine-tune and seed, taking the multi-fidelity branch the trial recorded. Latency is not
+    measured again: the study already holds it."""
+    try:
+        plan = suggest_plan(optuna.trial.FixedTrial(frozen.params, number=frozen.number), ctx)
+    except ValueError as exc:
+        raise ConfigError(f"trial {frozen.number}: its stored parameters do not fit this run's search space ({exc})") from None
+    cand = build_candidate(ctx, plan, frozen.number)
+    if not frozen.user_attrs.get("skipped_finetune"):
+        stopped = bool(frozen.user_attrs.get("stopped_at_rung0"))
+        finetune_candidate(ctx, cand.model, frozen.number, lambda _acc0: stopped)
+    return cand.model
 
 
-class _ReplayTrial(optuna.trial.FixedTrial):
-    """A stored trial's parameters and number, replayed through the search's own ``run_trial``."""
-
-    def __init__(self, frozen: optuna.trial.FrozenTrial) -> None:
-        super().__init__(frozen.params, number=frozen.number)
-        self.study = _ReplayStudy(bool(frozen.user_attrs.get("stopped_at_rung0")))
-
-
-def _final_entry(run_dir: Path, trial: int) -> Optional[dict[str, Any]]:
-    path = run_dir / "final.json"
+def _final_entry(run: RunFolder, trial: int) -> Optional[dict[str, Any]]:
+    path = run.final_json
     if not path.is_file():
         return None
     return json.loads(path.read_text()).get(str(trial))
@@ -109,6 +97,7 @@ def rebuild_trial(
 
     say = console or (lambda s: None)
     run_dir = Path(run_dir)
+    run = RunFolder(run_dir)
     study = load_run_study(run_dir, storage, study_name)
     frozen = next((t for t in study.get_trials(deepcopy=False) if t.number == trial), None)
     if frozen is None:
@@ -120,36 +109,33 @@ def rebuild_trial(
     with tempfile.TemporaryDirectory(prefix="autoprune-rebuild-") as tmpd:
         tmp = Path(tmpd)
         cfg = _run_config(study, run_dir, tmp, storage, study_name)
-        if not (run_dir / "base_model.pt").is_file() and not Path(cfg.model).is_file():
+        if not run.base_model.is_file() and not Path(cfg.model).is_file():
             raise ConfigError(
                 f"{run_dir}: no base_model.pt; copy it from a worker's run folder (the dense model every trial was pruned from)"
             )
-        with file_lock(run_dir / ".prepare.lock"):
+        with file_lock(run.prepare_lock):
             ctx = prepare(cfg, console=say)
         stored_hash = study.user_attrs.get("base_model_sha256")
         if stored_hash and model_hash(ctx.base) != stored_hash:
             raise ConfigError(
-                f"{run_dir / 'base_model.pt'}: not the dense model the study was run with (hash {model_hash(ctx.base)} != {stored_hash}); "
+                f"{run.base_model}: not the dense model the study was run with (hash {model_hash(ctx.base)} != {stored_hash}); "
                 "copy base_model.pt from the run folder of the workers"
             )
-        stored_pt = trial_dir(run_dir, trial) / "model.pt"
-        seed = cfg.search.seed + trial
+        stored_pt = run.trial(trial) / "model.pt"
+        seed = trial_seed(ctx, trial)
         if stored_pt.is_file() and not rebuild:
             say(f"trial {trial}: using {stored_pt}")
             model = torch.load(stored_pt, map_location="cpu", weights_only=False)
             source = str(stored_pt)
         else:
             say(f"trial {trial}: rebuilding from its parameters (fine-tune seed {seed})")
-            replay = _ReplayTrial(frozen)
-            try:
-                run_trial(replay, dataclasses.replace(ctx, out=tmp))  # type: ignore[arg-type]
-            except ValueError as exc:
-                raise ConfigError(f"trial {trial}: its stored parameters do not fit this run's search space ({exc})") from None
-            model = torch.load(trial_dir(tmp, trial) / "model.pt", map_location="cpu", weights_only=False)
+            model = replay_model(ctx, frozen)
             source = "rebuilt from stored parameters"
         model.eval()
-        acc = evaluate(model, ctx.data)
-        stored_acc = frozen.values[0]
+        # Over-budget trials were scored on a few batches without a fine-tune; int8 trials on the
+        # quantized file (their fp32 accuracy is kept beside it): check like with like.
+        acc = evaluate(model, ctx.data, max_batches=OVER_BUDGET_EVAL_BATCHES if frozen.user_attrs.get("accuracy_estimated") else None)
+        stored_acc = frozen.user_attrs.get("accuracy_fp32", frozen.values[0])
         if abs(acc - stored_acc) > tolerance:
             raise ConfigError(
                 f"trial {trial}: the {'rebuilt' if source.startswith('rebuilt') else 'stored'} model has accuracy {acc:.4f} but the "
@@ -158,11 +144,11 @@ def rebuild_trial(
             )
         row = trial_row(frozen, ctx.dense)
         check = {"accuracy": acc, "stored_accuracy": stored_acc, "tolerance": tolerance, "finetune_seed": seed}
-        final = _final_entry(run_dir, trial)
+        final = _final_entry(run, trial)
         if final is not None:
             # The final stage's longer fine-tune is what export_front deploys for this trial: export
             # the same model (stored, or re-created with the final stage's seed) and check it too.
-            final_pt = trial_dir(run_dir, trial) / "model_final.pt"
+            final_pt = run.trial(trial) / "model_final.pt"
             if final_pt.is_file() and not rebuild:
                 model, source = torch.load(final_pt, map_location="cpu", weights_only=False), str(final_pt)
             else:
@@ -179,7 +165,7 @@ def rebuild_trial(
             row.update(final=final, search_accuracy=row["accuracy"], search_latency_ms=row["latency_ms"],
                        accuracy=final["final_accuracy"], latency_ms=final["final_latency_ms"])
             check["final"] = {"accuracy": facc, "stored_accuracy": final["final_accuracy"], "finetune_seed": final_seed(cfg, trial)}
-        out = Path(dest) if dest else run_dir / "export" / f"trial_{trial:05d}"
+        out = Path(dest) if dest else run.export(trial)
         meta_extra = {
             "device_profile": ctx.profile.model_dump(mode="json"),
             "config": study.user_attrs.get("config"),

@@ -121,14 +121,3 @@ class LatencyCache:
         with self._conn() as c:
             n, hits = c.execute("SELECT COUNT(*), COALESCE(SUM(hits), 0) FROM latency").fetchone()
         return {"entries": int(n), "hits": int(hits)}
-
-
-def run_folder_of(onnx_path: Path) -> Path:
-    """The run folder for the files search.py writes: ``<run>/trials/NNNNN/model.onnx`` or
-    ``<run>/dense/model.onnx``; otherwise the file's own folder."""
-    p = Path(onnx_path).resolve()
-    if p.parent.parent.name == "trials":
-        return p.parent.parent.parent
-    if p.parent.name == "dense":
-        return p.parent.parent
-    return p.parent

@@ -11,11 +11,9 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from autoprune.config import (
-    DeviceProfile,
-)
+from autoprune.config import DeviceProfile
 from autoprune.measure import backends
-from autoprune.measure.cache import LatencyCache, architecture_hash, run_folder_of
+from autoprune.measure.cache import LatencyCache, architecture_hash
 from autoprune.measure.lut import LatencyLUT
 from autoprune.measure.onnx import export_onnx, file_size, gzip_size
 from autoprune.measure.quantize import (
@@ -25,13 +23,47 @@ from autoprune.measure.quantize import (
     quantized_path,
 )
 from autoprune.measure.stats import LatencyStats
+from autoprune.runfolder import RunFolder
 
 
-# --------------------------------------------------------------------------- preparation
+def measure_model(model: nn.Module, example: torch.Tensor, profile: DeviceProfile, onnx_path: Path, exporter: str, *,
+                  calib: Optional[list[Any]] = None, run: Optional[RunFolder] = None,
+                  dense: Optional[nn.Module] = None) -> dict[str, Any]:
+    """Export ``model`` and time it on the profile's backend; returns latency stats and sizes.
+
+    With a ``run`` folder: an architecture already measured on this profile there is not measured
+    again (``cache: true``); ``lut: true`` predicts latency first and skips export and measurement
+    of clear budget violations; ``measure_reference: true`` times the dense model (the run's
+    ``dense/model.onnx``; ``dense`` is its PyTorch module for the torch backend) interleaved with
+    the candidate and records ``latency.speedup``, steadier than absolute times.
+    ``precision: int8`` quantizes first, calibrated on ``calib`` batches.
+    """
+    lut = LatencyLUT.for_run(run, profile) if run is not None and profile.lut else None
+    predicted = lut.predict(model, example) if lut is not None else None
+    rejected = _lut_rejection(predicted, model, example, profile)
+    if rejected is not None:
+        return rejected
+    export_onnx(model, example, onnx_path, exporter)
+    arch = architecture_hash(onnx_path)
+    cache = LatencyCache(run.latency_cache) if run is not None and profile.cache else None
+    stats = cache.get(profile, arch) if cache else None
+    cached = stats is not None
+    if stats is None:
+        batches = calibration_batches(calib, int(example.shape[0]), profile.calib_samples) if calib and profile.precision == "int8" else None
+        stats = backends.measure(backends.ModelArtifact(onnx_path, model), profile, example.numpy(),
+                                 reference=_reference_artifact(run, onnx_path, profile, dense), calib=batches)
+        if cache:
+            cache.put(profile, arch, stats)
+        if lut is not None:
+            lut.record(model, example, stats.median_ms, predicted)
+    extra = {"lut_predicted_ms": predicted} if lut is not None else {}
+    return {"latency": stats.to_dict(), "latency_cached": cached, "arch_hash": arch, **extra,
+            "onnx_bytes": file_size(onnx_path), "onnx_gzip_bytes": gzip_size(onnx_path)}
+
+
 def _lut_rejection(predicted: Optional[float], model: nn.Module, example: torch.Tensor, profile: DeviceProfile) -> Optional[dict[str, Any]]:
     """A result without export or measurement when the latency table predicts a clear budget
     violation (over ``max_latency_ms`` by more than ``lut_margin``); None otherwise."""
-
     b = profile.budget.max_latency_ms
     if predicted is None or not b or predicted <= b * (1 + profile.lut_margin):
         return None
@@ -41,57 +73,19 @@ def _lut_rejection(predicted: Optional[float], model: nn.Module, example: torch.
             "onnx_bytes": est, "onnx_gzip_bytes": est, "onnx_bytes_estimated": True}
 
 
-def _reference_artifact(run_dir: Path, onnx_path: Path, profile: DeviceProfile) -> Optional[backends.ModelArtifact]:
-    """The dense model to time interleaved with a candidate (``measure_reference: true``): its
-    ONNX file (int8 profiles: the quantized file made when the dense model was measured)."""
-    dense_onnx = run_dir / "dense" / "model.onnx"
-    if not profile.measure_reference or not dense_onnx.is_file() or dense_onnx.resolve() == Path(onnx_path).resolve():
+def _reference_artifact(run: Optional[RunFolder], onnx_path: Path, profile: DeviceProfile,
+                        dense: Optional[nn.Module]) -> Optional[backends.ModelArtifact]:
+    """The dense model to time interleaved with a candidate (``measure_reference: true``): the
+    run's dense ONNX file (int8 profiles: the quantized file made when the dense model was
+    measured), with its PyTorch module for the torch backend."""
+    if run is None or not profile.measure_reference:
         return None
-    base_pt = run_dir / "base_model.pt"
-    dense_torch = torch.load(base_pt, map_location="cpu", weights_only=False) if profile.backend == "torch" and base_pt.is_file() else None
-    if profile.precision == "int8":
-
-        if quantized_path(dense_onnx, profile).is_file():
-            return backends.ModelArtifact(quantized_path(dense_onnx, profile), dense_torch, quantized=True)
-    return backends.ModelArtifact(dense_onnx, dense_torch)
-
-
-def measure_model(model: nn.Module, example: torch.Tensor, profile: DeviceProfile, onnx_path: Path, exporter: str,
-                  calib: Optional[list[Any]] = None) -> dict[str, Any]:
-    """Export ``model`` and time it on the profile's backend; returns latency stats and sizes.
-
-    An architecture already measured on this profile in this run folder is not measured again
-    (``latency_cache.py``; profile key ``cache``). ``precision: int8`` quantizes first, calibrated on
-    ``calib`` batches. ``measure_reference: true`` times the dense model (``<run>/dense/model.onnx``)
-    interleaved with the candidate and records ``latency.speedup``, steadier than absolute times.
-    ``lut: true`` predicts latency first and skips export and measurement of clear violations.
-    """
-
-    run_dir = run_folder_of(onnx_path)
-    lut, predicted = None, None
-    if profile.lut:
-
-        lut = LatencyLUT.for_run(run_dir, profile)
-        predicted = lut.predict(model, example)
-        rejected = _lut_rejection(predicted, model, example, profile)
-        if rejected is not None:
-            return rejected
-    export_onnx(model, example, onnx_path, exporter)
-    arch = architecture_hash(onnx_path)
-    cache = LatencyCache(run_dir / "latency_cache.sqlite") if profile.cache else None
-    stats = cache.get(profile, arch) if cache else None
-    cached = stats is not None
-    if stats is None:
-        batches = calibration_batches(calib, int(example.shape[0]), profile.calib_samples) if calib and profile.precision == "int8" else None
-        stats = backends.measure(backends.ModelArtifact(onnx_path, model), profile, example.numpy(),
-                                 reference=_reference_artifact(run_dir, onnx_path, profile), calib=batches)
-        if cache:
-            cache.put(profile, arch, stats)
-        if lut is not None:
-            lut.record(model, example, stats.median_ms, predicted)
-    extra = {"lut_predicted_ms": predicted} if lut is not None else {}
-    return {"latency": stats.to_dict(), "latency_cached": cached, "arch_hash": arch, **extra,
-            "onnx_bytes": file_size(onnx_path), "onnx_gzip_bytes": gzip_size(onnx_path)}
+    dense_onnx = run.dense_onnx
+    if not dense_onnx.is_file() or dense_onnx.resolve() == Path(onnx_path).resolve():
+        return None
+    if profile.precision == "int8" and quantized_path(dense_onnx, profile).is_file():
+        return backends.ModelArtifact(quantized_path(dense_onnx, profile), dense, quantized=True)
+    return backends.ModelArtifact(dense_onnx, dense)
 
 
 def _eval_profile(profile: DeviceProfile) -> DeviceProfile:

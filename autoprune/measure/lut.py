@@ -27,9 +27,9 @@ import torch.nn as nn
 
 from autoprune.config import DeviceProfile
 from autoprune.measure import backends
-from autoprune.measure.cache import profile_key
 from autoprune.measure.onnx import export_onnx
-from autoprune.runfolder import atomic_write_text
+from autoprune.measure.cache import profile_key
+from autoprune.runfolder import RunFolder, atomic_write_text
 
 LayerKey = str
 
@@ -79,9 +79,9 @@ class LatencyLUT:
             self.predictions = [tuple(p) for p in d.get("predictions", [])]
 
     @classmethod
-    def for_run(cls, run_dir: Path, profile: DeviceProfile) -> "LatencyLUT":
-
-        return cls(Path(run_dir) / "lut" / f"{profile.name}-{profile_key(profile)}.json", profile)
+    def for_run(cls, run: RunFolder, profile: DeviceProfile) -> "LatencyLUT":
+        """The run folder's table for this profile (one file per profile and measurement settings)."""
+        return cls(run.lut(f"{profile.name}-{profile_key(profile)}"), profile)
 
     def save(self) -> None:
         atomic_write_text(self.path, json.dumps({"profile": self.profile.name, "table": self.table, "pairs": self.pairs,

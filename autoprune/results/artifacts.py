@@ -21,8 +21,8 @@ from autoprune import __version__
 from autoprune.measure.onnx import export_onnx, export_openvino, file_size, gzip_size
 from autoprune.results.front import front, write_tables
 from autoprune.results.report import write_plots
+from autoprune.runfolder import RunFolder
 
-PARETO_DIR = "pareto"
 
 
 def versions() -> dict[str, str]:
@@ -91,24 +91,24 @@ def export_trial_artifacts(
 
 def export_front(
     study: optuna.Study,
-    out: Path,
+    run: RunFolder,
     example: torch.Tensor,
     meta_extra: dict[str, Any],
     exporter: str = "dynamo",
     dense: Optional[dict[str, Any]] = None,
 ) -> list[dict[str, Any]]:
-    """(Re)write ``out/pareto/``: one folder per Pareto trial, plus tables and plots."""
+    """(Re)write the run's ``pareto/``: one folder per Pareto trial, plus tables and plots."""
 
     dense = dense if dense is not None else study.user_attrs.get("dense", {})
     rows = front(study, dense)
-    pdir = out / PARETO_DIR
-    tmp = out / (PARETO_DIR + ".tmp")
+    pdir = run.pareto_dir
+    tmp = pdir.with_name(pdir.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    final_path = out / "final.json"
+    final_path = run.final_json
     finals = json.loads(final_path.read_text()) if final_path.is_file() else {}
     for r in rows:
-        tdir = out / "trials" / f"{r['trial']:05d}"
+        tdir = run.trial(r["trial"])
         src = tdir / "model.pt"
         if str(r["trial"]) in finals and (tdir / "model_final.pt").is_file():
             # The final stage's longer fine-tune: deploy that model. Its numbers become the row's
@@ -123,11 +123,11 @@ def export_front(
         model = torch.load(src, map_location="cpu", weights_only=False)
         name = f"trial_{r['trial']:05d}"
         export_trial_artifacts(model, example, tmp / name, r, meta_extra, exporter)
-        r["artifacts"] = f"{PARETO_DIR}/{name}"
+        r["artifacts"] = f"{pdir.name}/{name}"
     rows.sort(key=lambda r: (r["latency_ms"], -r["accuracy"]))  # final-stage numbers may reorder
     # Swap in the new front only once it is complete: a crash never leaves a half-written front.
     shutil.rmtree(pdir, ignore_errors=True)
     os.replace(tmp, pdir)
-    write_tables(rows, out, dense)
-    write_plots(study, out, dense)
+    write_tables(rows, run, dense)
+    write_plots(study, run.root, dense)
     return rows

@@ -14,7 +14,7 @@ import optuna
 
 from autoprune.config import load_device_profile
 from autoprune.errors import ConfigError
-from autoprune.runfolder import atomic_write_text
+from autoprune.runfolder import RunFolder, atomic_write_text
 
 
 def trial_row(t: optuna.trial.FrozenTrial, dense: dict[str, Any]) -> dict[str, Any]:
@@ -65,15 +65,16 @@ CSV_FIELDS = [
 ]
 
 
-def write_tables(rows: list[dict[str, Any]], out: Path, dense: dict[str, Any]) -> None:
-    atomic_write_text(out / "pareto.json", json.dumps({"dense": dense, "pareto": rows}, indent=2))
+def write_tables(rows: list[dict[str, Any]], run: RunFolder, dense: dict[str, Any]) -> None:
+    """``pareto.json`` (everything, what pick reads) and ``pareto.csv`` (the numbers, one row each)."""
+    atomic_write_text(run.pareto_json, json.dumps({"dense": dense, "pareto": rows}, indent=2))
     groups = sorted({g for r in rows for g in r["ratios"]})
     buf = io.StringIO(newline="")
     w = csv.writer(buf)
     w.writerow(CSV_FIELDS + [f"ratio:{g}" for g in groups] + [f"method:{g}" for g in groups])
     for r in rows:
         w.writerow([r[k] for k in CSV_FIELDS] + [r["ratios"].get(g, 0.0) for g in groups] + [r["methods"].get(g, "") for g in groups])
-    atomic_write_text(out / "pareto.csv", buf.getvalue())
+    atomic_write_text(run.pareto_csv, buf.getvalue())
 
 REMEASURE_DIR = "remeasure"
 

@@ -26,7 +26,7 @@ from autoprune.config import (
 from autoprune.errors import ConfigError
 from autoprune.measure.candidate import measure_model
 from autoprune.prune.structure import PrunableGroup, apply_rules, find_groups
-from autoprune.runfolder import atomic_torch_save, atomic_write_text
+from autoprune.runfolder import RunFolder, atomic_torch_save, atomic_write_text
 from autoprune.study.priors import (
     flops_savings,
     load_or_compute,
@@ -52,7 +52,7 @@ class SearchContext:
     cfg: RunConfig
     space: SearchSpace
     profile: DeviceProfile
-    out: Path
+    run: RunFolder
     data: DataBundle
     base: nn.Module
     example: torch.Tensor  # at the profile's batch size: what latency is measured on
@@ -67,19 +67,23 @@ class SearchContext:
     def example1(self) -> torch.Tensor:
         return self.example[:1]
 
+    @property
+    def out(self) -> Path:
+        return self.run.root
+
 
 def prepare(cfg: RunConfig, console: Optional[Callable[[str], None]] = None) -> SearchContext:
     """Load config files, data and the dense model; measure the dense baseline once per run folder."""
     say = console or (lambda s: log.info(s))
     space = load_search_space(cfg.search_space)
     profile = load_device_profile(cfg.device_profile)
-    out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
+    run = RunFolder(Path(cfg.out))
+    run.root.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.search.seed)
 
     data = load_data(cfg.data, cfg.image_size, cfg.val_fraction, cfg.data_seed)
     num_classes = cfg.num_classes or data.num_classes
-    base_path = out / "base_model.pt"
+    base_path = run.base_model
     if base_path.is_file():
         base = torch.load(base_path, map_location="cpu", weights_only=False)
     else:
@@ -113,17 +117,17 @@ def prepare(cfg: RunConfig, console: Optional[Callable[[str], None]] = None) -> 
     savings: dict[str, float] = {}
     if eff.sensitivity_scan:
         drops = load_or_scan(
-            out / "sensitivity.json", base=base, groups=groups, data=data, example=example[:1],
+            run.sensitivity, base=base, groups=groups, data=data, example=example[:1],
             calib=calib[: eff.bn_batches] if eff.bn_recalibration else [], ratio=eff.sensitivity_ratio, round_to=space.round_to,
         )
         if space.seed_spread > 0 and space.seed_uniform:
             savings = load_or_compute(
-                out / "flops_savings.json", flops_savings, base=base, groups=groups, example=example[:1],
+                run.flops_savings, flops_savings, base=base, groups=groups, example=example[:1],
                 num_classes=num_classes, ratio=eff.sensitivity_ratio, round_to=space.round_to,
             )
         groups = shape_ranges(groups, drops, eff.sensitivity_strength)
 
-    dense_path = out / "dense.json"
+    dense_path = run.dense_json
     if dense_path.is_file():
         dense = json.loads(dense_path.read_text())
     else:
@@ -133,7 +137,7 @@ def prepare(cfg: RunConfig, console: Optional[Callable[[str], None]] = None) -> 
             "params": count_params(base),
             "flops": count_flops(base, example[:1]),
             "profile": profile.name,
-            **measure_model(base, example, profile, out / "dense" / "model.onnx", cfg.exporter, calib=calib),
+            **measure_model(base, example, profile, run.dense_onnx, cfg.exporter, calib=calib, run=run),
         }
         atomic_write_text(dense_path, json.dumps(dense, indent=2))
-    return SearchContext(cfg, space, profile, out, data, base, example, groups, dense, calib, drops, savings)
+    return SearchContext(cfg, space, profile, run, data, base, example, groups, dense, calib, drops, savings)

@@ -7,13 +7,13 @@ its final accuracy is already beaten by a finished trial that is at least as fas
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
-import optuna
 import torch.nn as nn
 from optuna.trial import TrialState
 
-from autoprune.study.context import SearchContext
+from autoprune.config import EfficiencyConfig, FinetuneConfig
+from autoprune.train.data import DataBundle
 from autoprune.train.finetune import finetune
 from autoprune.train.models import (
     evaluate,
@@ -29,23 +29,26 @@ def rung0_history(study: Any) -> tuple[list[tuple[float, float, float]], list[tu
     return full, [(t.values[0], t.values[1]) for t in finished]
 
 
-def _finetune_multi_fidelity(trial: optuna.trial.Trial, ctx: SearchContext, model: nn.Module, lat: float) -> dict[str, Any]:
-    """Fine-tune in two rungs. After the first ``rung0_fraction`` of the steps, a trial stops if
-    even an optimistic projection of its final accuracy is beaten by a finished trial that is at
-    least as fast (efficiency.hopeless_at_rung0): hopeless candidates cost a third of the steps,
-    anything that might reach the front gets them all. (Optuna's pruners do not support
-    multi-objective studies, hence this rule.)"""
-    ft, eff, seed = ctx.cfg.finetune, ctx.cfg.efficiency, ctx.cfg.search.seed + trial.number
+def finetune_in_rungs(model: nn.Module, data: DataBundle, ft: FinetuneConfig, eff: EfficiencyConfig, teacher: nn.Module,
+                      seed: int, stop_after_rung0: Callable[[float], bool]) -> dict[str, Any]:
+    """Fine-tune ``model`` in place, in two rungs when ``multi_fidelity`` is on.
+
+    After the first ``rung0_fraction`` of the steps the model is evaluated and
+    ``stop_after_rung0(accuracy)`` decides whether the rest is worth it: in a search that is
+    :func:`hopeless_at_rung0` against the finished trials; in a replay (``export --trial N``) it
+    is the decision the trial recorded, so the replay takes the same branch. Hopeless candidates
+    cost a third of the steps; anything that might reach the front gets them all.
+    Returns the trial attributes: steps done, rung-0 accuracy, whether it stopped there.
+    """
     if not eff.multi_fidelity or ft.steps < 3:
-        return {"finetune_steps": finetune(model, ctx.data, ft, teacher=ctx.base, seed=seed)}
+        return {"finetune_steps": finetune(model, data, ft, teacher=teacher, seed=seed)}
     rung0 = max(1, int(round(ft.steps * eff.rung0_fraction)))
-    done = finetune(model, ctx.data, ft, teacher=ctx.base, steps=rung0, seed=seed)
-    acc0 = evaluate(model, ctx.data)
-    trial.set_user_attr("accuracy_rung0", acc0)
-    if hopeless_at_rung0(acc0, lat, ctx.dense["accuracy"], *rung0_history(trial.study)):
-        return {"finetune_steps": done, "stopped_at_rung0": True}
-    done += finetune(model, ctx.data, ft, teacher=ctx.base, steps=ft.steps - rung0, seed=seed + 7919)
-    return {"finetune_steps": done, "stopped_at_rung0": False}
+    done = finetune(model, data, ft, teacher=teacher, steps=rung0, seed=seed)
+    acc0 = evaluate(model, data)
+    if stop_after_rung0(acc0):
+        return {"finetune_steps": done, "accuracy_rung0": acc0, "stopped_at_rung0": True}
+    done += finetune(model, data, ft, teacher=teacher, steps=ft.steps - rung0, seed=seed + 7919)
+    return {"finetune_steps": done, "accuracy_rung0": acc0, "stopped_at_rung0": False}
 
 
 #: Fully fine-tuned trials needed before any trial may be stopped at the first rung.

@@ -15,7 +15,7 @@ import torch.nn as nn
 
 from autoprune.measure.candidate import measure_model
 from autoprune.prune.methods import hold_zeros
-from autoprune.runfolder import atomic_torch_save, atomic_write_text, trial_dir
+from autoprune.runfolder import atomic_torch_save, atomic_write_text
 from autoprune.train.data import DataBundle
 from autoprune.train.finetune import finetune
 from autoprune.train.models import evaluate
@@ -40,17 +40,18 @@ def final_stage(ctx: Any, rows: list[dict[str, Any]], say: Any = print) -> dict[
     resumed search does not redo finished final fine-tunes."""
 
     steps = ctx.cfg.efficiency.final_finetune_steps
-    path = ctx.out / "final.json"
+    path = ctx.run.final_json
     done: dict[str, dict[str, Any]] = json.loads(path.read_text()) if path.is_file() else {}
     for r in rows:
         key = str(r["trial"])
-        tdir = trial_dir(ctx.out, r["trial"])
+        tdir = ctx.run.trial(r["trial"])
         if (key in done and done[key].get("steps") == steps) or not (tdir / "model.pt").is_file():
             continue
         model = torch.load(tdir / "model.pt", map_location="cpu", weights_only=False)
         final_finetune(model, ctx.data, ctx.cfg, ctx.base, r["trial"], steps)
         acc = evaluate(model, ctx.data)
-        measured = measure_model(model, ctx.example, ctx.profile, tdir / "model_final.onnx", ctx.cfg.exporter, calib=ctx.calib)
+        measured = measure_model(model, ctx.example, ctx.profile, tdir / "model_final.onnx", ctx.cfg.exporter,
+                                 calib=ctx.calib, run=ctx.run, dense=ctx.base)
         atomic_torch_save(model, tdir / "model_final.pt")
         done[key] = {"steps": steps, "short_accuracy": r["accuracy"], "final_accuracy": acc,
                      "short_latency_ms": r["latency_ms"], "final_latency_ms": measured["latency"]["median_ms"]}

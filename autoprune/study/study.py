@@ -12,7 +12,6 @@ import fcntl
 import hashlib
 import json
 import logging
-from pathlib import Path
 from typing import Callable, Iterator, Optional
 
 import optuna
@@ -22,6 +21,7 @@ from autoprune.config import (
     config_hash,
 )
 from autoprune.errors import ConfigError
+from autoprune.runfolder import RunFolder
 from autoprune.study.context import SearchContext
 from autoprune.study.space import seed_plans
 from autoprune.study.storage import check_base_model, make_storage, public_config
@@ -56,7 +56,7 @@ def search_hash(ctx: SearchContext) -> str:
 
 
 def storage_url(ctx: SearchContext) -> str:
-    return ctx.cfg.search.storage or f"sqlite:///{(ctx.out / 'study.db').resolve()}"
+    return ctx.cfg.search.storage or f"sqlite:///{ctx.run.study_db.resolve()}"
 
 
 def study_directions(ctx: SearchContext) -> list[str]:
@@ -132,15 +132,15 @@ def _fail_stale_local_trials(study: optuna.Study, max_retries: int = 2) -> int:
 
 
 @contextlib.contextmanager
-def run_lock(out: Path) -> Iterator[bool]:
+def run_lock(run: RunFolder) -> Iterator[bool]:
     """An exclusive lock on the run folder for the single-machine (SQLite) default."""
-    out.mkdir(parents=True, exist_ok=True)
-    fh = open(out / ".lock", "w")
+    run.root.mkdir(parents=True, exist_ok=True)
+    fh = open(run.lock, "w")
     try:
         fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         fh.close()
-        raise ConfigError(f"{out}: another autoprune search is running in this folder (lock {out / '.lock'})") from None
+        raise ConfigError(f"{run.root}: another autoprune search is running in this folder (lock {run.lock})") from None
     try:
         yield True
     finally:

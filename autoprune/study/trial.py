@@ -1,5 +1,11 @@
 """One trial, top to bottom: suggest → build → measure → constraints → fine-tune → score → persist.
 
+:func:`run_trial` is the whole lifecycle of a trial in one function, as Optuna's
+``_run_trial`` is for Optuna; the steps it calls sit below it and never call back up. The same
+steps serve ``autoprune export --trial N`` (deploy/replay.py): it builds the candidate from the
+stored parameters with :func:`build_candidate` and fine-tunes it with :func:`finetune_candidate`,
+without a study and without timing latency again.
+
 Objectives are (maximize accuracy, minimize median latency on the target); FLOPs, params and
 sizes are user attributes; budgets are Optuna constraints set with ``trial.set_constraint``.
 """
@@ -10,33 +16,157 @@ import copy
 import hashlib
 import json
 import time
-from typing import Any, Optional
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Optional
 
 import optuna
+import torch.nn as nn
 from optuna.trial import TrialState
 
+from autoprune.config import Budget
 from autoprune.measure.candidate import measure_model, quantized_accuracy
 from autoprune.prune.methods import hold_zeros, weight_sparsity
 from autoprune.prune.plan import PruningPlan, apply_schedule
-from autoprune.runfolder import atomic_torch_save, trial_dir
+from autoprune.runfolder import atomic_torch_save
 from autoprune.study.context import SearchContext
-from autoprune.study.fidelity import _finetune_multi_fidelity
+from autoprune.study.fidelity import finetune_in_rungs, hopeless_at_rung0, rung0_history
 from autoprune.study.space import suggest_plan
 from autoprune.train.bn import recalibrate_bn
 from autoprune.train.finetune import finetune
-from autoprune.train.models import (
-    count_flops,
-    count_params,
-    evaluate,
-)
+from autoprune.train.models import count_flops, count_params, evaluate
 
 OBJECTIVES = ("accuracy", "latency_ms")
 DIRECTIONS = ("maximize", "minimize")
 
+#: After this many duplicate architectures in a row the space is taken as exhausted and
+#: duplicates are run anyway (each is then a fresh fine-tune sample), so a search never spins.
+MAX_DUPLICATES_IN_ROW = 5
 
-def _constraints(ctx: SearchContext, lat_ms: float, params: int, flops: float, size_bytes: int) -> dict[str, float]:
+#: Validation batches that estimate the accuracy of a candidate over the latency budget: it is
+#: infeasible whatever its accuracy, so a rough, cheap value is enough for the sampler and plots.
+OVER_BUDGET_EVAL_BATCHES = 2
+
+
+def run_trial(trial: optuna.trial.Trial, ctx: SearchContext) -> tuple[float, ...]:
+    """Run one trial of the search and return its objective values."""
+    t0 = time.perf_counter()
+
+    # 1. Suggest: trial parameters → pruning plan.
+    plan = suggest_plan(trial, ctx)
+
+    # 2. Build the candidate: prune the dense model (channels physically removed), recalibrate BN.
+    cand = build_candidate(ctx, plan, trial.number)
+    trial.set_user_attr("arch_key", cand.key)
+    if "retry_history" not in trial.user_attrs and (dup := duplicate_of(trial, cand.key)) is not None:
+        # Samplers (NSGA-II's crossover especially) re-propose models already evaluated; re-running
+        # one only re-samples fine-tune noise. Pruned trials do not count: the sampler draws again.
+        trial.set_user_attr("duplicate_of", dup)
+        raise optuna.TrialPruned(f"same pruned architecture as trial {dup}")
+
+    # 3. Measure on the target, before any training (latency first).
+    tdir = ctx.run.trial(trial.number)
+    measured = measure_model(cand.model, ctx.example, ctx.profile, tdir / "model.onnx", ctx.cfg.exporter,
+                             calib=ctx.calib, run=ctx.run, dense=ctx.base)
+    lat = measured["latency"]["median_ms"]
+
+    # 4. Constraints: the device profile's budgets (≤ 0 is feasible).
+    cons = budget_constraints(ctx.profile.budget, lat, cand.params, cand.flops, measured["onnx_bytes"])
+    for k, v in cons.items():
+        trial.set_constraint(k, v)
+    attrs: dict[str, Any] = {**cand.attrs(plan), "prune_s": cand.seconds, **measured}
+
+    if cons["latency_ms"] > 0:
+        # 5a. Over the latency budget: no fine-tune, no full evaluation, no int8, no files kept.
+        # The trial is infeasible whatever its accuracy; a few batches give the sampler a value.
+        acc = evaluate(cand.model, ctx.data, max_batches=OVER_BUDGET_EVAL_BATCHES)
+        attrs.update(finetune_steps=0, skipped_finetune="over latency budget", accuracy_estimated=True)
+    else:
+        # 5b. Fine-tune (distilled from the dense model; multi-fidelity rungs).
+        t1 = time.perf_counter()
+        attrs.update(finetune_candidate(ctx, cand.model, trial.number, lambda acc0: hopeless_at_rung0(
+            acc0, lat, ctx.dense["accuracy"], *rung0_history(trial.study))))
+        attrs["finetune_s"] = time.perf_counter() - t1
+
+        # 6. Score: held-out accuracy of what would be deployed (the quantized file on int8 profiles).
+        acc, scored = score_candidate(ctx, cand.model, tdir)
+        attrs.update(scored)
+
+        # 7. Persist the fine-tuned model for export, pick and the final stage.
+        atomic_torch_save(cand.model, tdir / "model.pt")
+
+    drop = ctx.cfg.search.max_accuracy_drop
+    trial.set_constraint("accuracy_drop", (ctx.dense["accuracy"] - acc) - drop if drop else -1.0)
+    attrs.update(accuracy=acc, trial_s=time.perf_counter() - t0)
+    for k, v in attrs.items():
+        trial.set_user_attr(k, v)
+    if ctx.cfg.search.size_objective:
+        return acc, lat, measured["onnx_gzip_bytes"]
+    return acc, lat
+
+
+# --------------------------------------------------------------------------- the steps
+@dataclass
+class Candidate:
+    """A pruned (not yet fine-tuned) model and what is known about it before measuring."""
+
+    model: nn.Module
+    widths: dict[str, Any]
+    key: str
+    params: int
+    flops: float
+    seconds: float
+
+    def attrs(self, plan: PruningPlan) -> dict[str, Any]:
+        """The trial attributes that describe this architecture."""
+        return {
+            "params": self.params,
+            "flops": self.flops,
+            "widths": {k: list(v) for k, v in self.widths.items()},
+            "methods": plan.methods,
+            "ratios": plan.ratios,
+            "granularity": {g: str(plan.granularity_for(g)) for g in plan.ratios},
+            "weight_ratios": plan.weight_ratios,
+            "weight_sparsity": weight_sparsity(self.model),
+        }
+
+
+def build_candidate(ctx: SearchContext, plan: PruningPlan, number: int) -> Candidate:
+    """A copy of the dense model pruned by ``plan`` (its schedule's rounds separated by short
+    fine-tunes), with BatchNorm statistics re-estimated for the pruned net (EagleEye)."""
+    t0 = time.perf_counter()
+    model = copy.deepcopy(ctx.base)
+    sp, ft, eff = ctx.space, ctx.cfg.finetune, ctx.cfg.efficiency
+    widths = apply_schedule(
+        model, ctx.example1, plan, ctx.data.num_classes, ctx.calib,
+        steps=sp.schedule_steps if sp.schedule != "oneshot" else 1, mode="layerwise" if sp.schedule == "layerwise" else "iterative",
+        between=lambda m: finetune(m, ctx.data, ft, teacher=ctx.base, steps=ft.steps // sp.schedule_steps, seed=trial_seed(ctx, number)),
+    )
+    if eff.bn_recalibration:
+        recalibrate_bn(model, ctx.calib[: eff.bn_batches])
+    return Candidate(model, widths, architecture_key(widths, plan), count_params(model), count_flops(model, ctx.example1),
+                     time.perf_counter() - t0)
+
+
+def finetune_candidate(ctx: SearchContext, model: nn.Module, number: int, stop_after_rung0: Callable[[float], bool]) -> dict[str, Any]:
+    """The trial's distilled fine-tune, in place; unstructured / N:M zeros stay zero."""
+    with hold_zeros(model):
+        return finetune_in_rungs(model, ctx.data, ctx.cfg.finetune, ctx.cfg.efficiency, ctx.base, trial_seed(ctx, number),
+                                 stop_after_rung0)
+
+
+def score_candidate(ctx: SearchContext, model: nn.Module, tdir: Path) -> tuple[float, dict[str, Any]]:
+    """Held-out accuracy of the fine-tuned model; on int8 profiles the deployed model is the
+    quantized file, so that is what is scored (fp32 accuracy kept beside it)."""
+    acc = evaluate(model, ctx.data)
+    if ctx.profile.precision != "int8":
+        return acc, {}
+    q_acc, qpath = quantized_accuracy(model, ctx.example, ctx.profile, tdir / "model.onnx", ctx.cfg.exporter, ctx.calib, ctx.data)
+    return q_acc, {"accuracy_fp32": acc, "quantized_model": str(qpath)}
+
+
+def budget_constraints(b: Budget, lat_ms: float, params: int, flops: float, size_bytes: int) -> dict[str, float]:
     """Budget → constraint values (≤ 0 feasible), always the same keys so samplers see a consistent set."""
-    b = ctx.profile.budget
     return {
         "latency_ms": lat_ms - b.max_latency_ms if b.max_latency_ms else -1.0,
         "params": float(params - b.max_params) if b.max_params else -1.0,
@@ -45,9 +175,9 @@ def _constraints(ctx: SearchContext, lat_ms: float, params: int, flops: float, s
     }
 
 
-#: After this many duplicate architectures in a row the space is taken as exhausted and
-#: duplicates are run anyway (each is then a fresh fine-tune sample), so a search never spins.
-MAX_DUPLICATES_IN_ROW = 5
+def trial_seed(ctx: SearchContext, number: int) -> int:
+    """The fine-tune seed of trial ``number``: a replay with the same config repeats it exactly."""
+    return ctx.cfg.search.seed + number
 
 
 def architecture_key(widths: dict[str, Any], plan: PruningPlan) -> str:
@@ -66,72 +196,3 @@ def duplicate_of(trial: optuna.trial.Trial, key: str) -> Optional[int]:
     if len(recent) == MAX_DUPLICATES_IN_ROW and all("duplicate_of" in t.user_attrs for t in recent):
         return None
     return next((t.number for t in done if t.state == TrialState.COMPLETE and t.user_attrs.get("arch_key") == key), None)
-
-
-def run_trial(trial: optuna.trial.Trial, ctx: SearchContext) -> tuple[float, float]:
-    t0 = time.perf_counter()
-    plan = suggest_plan(trial, ctx)
-    model = copy.deepcopy(ctx.base)
-    sp = ctx.space
-    widths = apply_schedule(
-        model, ctx.example1, plan, ctx.data.num_classes, ctx.calib,
-        steps=sp.schedule_steps if sp.schedule != "oneshot" else 1, mode="layerwise" if sp.schedule == "layerwise" else "iterative",
-        between=lambda m: finetune(m, ctx.data, ctx.cfg.finetune, teacher=ctx.base, steps=ctx.cfg.finetune.steps // sp.schedule_steps, seed=ctx.cfg.search.seed + trial.number),
-    )
-    eff = ctx.cfg.efficiency
-    if eff.bn_recalibration:  # EagleEye: BN statistics of the pruned net, before any training
-        recalibrate_bn(model, ctx.calib[: eff.bn_batches])
-    t_prune = time.perf_counter() - t0
-    key = architecture_key(widths, plan)
-    trial.set_user_attr("arch_key", key)
-    if "retry_history" not in trial.user_attrs and (dup := duplicate_of(trial, key)) is not None:
-        # Samplers (NSGA-II's crossover especially) re-propose models already evaluated; re-running
-        # one only re-samples fine-tune noise. Pruned trials do not count: the sampler draws again.
-        trial.set_user_attr("duplicate_of", dup)
-        raise optuna.TrialPruned(f"same pruned architecture as trial {dup}")
-    params = count_params(model)
-    flops = count_flops(model, ctx.example1)
-    tdir = trial_dir(ctx.out, trial.number)
-    measured = measure_model(model, ctx.example, ctx.profile, tdir / "model.onnx", ctx.cfg.exporter, calib=ctx.calib)
-    lat = measured["latency"]["median_ms"]
-    cons = _constraints(ctx, lat, params, flops, measured["onnx_bytes"])
-    for k, v in cons.items():
-        trial.set_constraint(k, v)
-    attrs: dict[str, Any] = {
-        "params": params,
-        "flops": flops,
-        "widths": {k: list(v) for k, v in widths.items()},
-        "methods": plan.methods,
-        "ratios": plan.ratios,
-        "granularity": {g: str(plan.granularity_for(g)) for g in plan.ratios},
-        "weight_ratios": plan.weight_ratios,
-        "weight_sparsity": weight_sparsity(model),
-        "prune_s": t_prune,
-        **measured,
-    }
-    over_latency = cons["latency_ms"] > 0
-    t1 = time.perf_counter()
-    if over_latency:
-        # Latency-first: a candidate already over budget is not worth a fine-tune.
-        attrs["finetune_steps"] = 0
-        attrs["skipped_finetune"] = "over latency budget"
-    else:
-        with hold_zeros(model):  # unstructured / N:M zeros stay zero while fine-tuning
-            attrs.update(_finetune_multi_fidelity(trial, ctx, model, lat))
-    attrs["finetune_s"] = time.perf_counter() - t1
-    acc = evaluate(model, ctx.data)
-    if ctx.profile.precision == "int8":  # the deployed model is the quantized one: score that (quantize.py)
-
-        attrs["accuracy_fp32"] = acc
-        acc, qpath = quantized_accuracy(model, ctx.example, ctx.profile, tdir / "model.onnx", ctx.cfg.exporter, ctx.calib, ctx.data)
-        attrs["quantized_model"] = str(qpath)
-    attrs["accuracy"] = acc
-    drop = ctx.cfg.search.max_accuracy_drop
-    trial.set_constraint("accuracy_drop", (ctx.dense["accuracy"] - acc) - drop if drop else -1.0)
-    attrs["trial_s"] = time.perf_counter() - t0
-    atomic_torch_save(model, tdir / "model.pt")
-    for k, v in attrs.items():
-        trial.set_user_attr(k, v)
-    if ctx.cfg.search.size_objective:
-        return acc, lat, measured["onnx_gzip_bytes"]  # type: ignore[return-value]
-    return acc, lat
