@@ -33,12 +33,13 @@ _NOT_SOURCE = ("build", "dist", "*.egg-info", ".venv", "runs", "__pycache__", ".
 def _source_copy(dest: Path) -> Path:
     """Copy the project as a fresh checkout would have it (working-tree contents of the files git
     tracks or would track), so stale build/ and *.egg-info folders cannot leak into the wheel."""
-    listed = subprocess.run(
-        ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
-        cwd=REPO, capture_output=True, text=True,
-    )
-    if listed.returncode == 0 and listed.stdout:
-        for rel in filter(None, listed.stdout.split("\0")):
+    try:
+        listed = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+                                cwd=REPO, capture_output=True, text=True).stdout
+    except FileNotFoundError:  # no git
+        listed = ""
+    if listed:
+        for rel in filter(None, listed.split("\0")):
             src = REPO / rel
             if src.is_file():  # deleted in the working tree but still in the index: skip
                 (dest / rel).parent.mkdir(parents=True, exist_ok=True)
