@@ -17,6 +17,31 @@ import torch
 
 
 @dataclass(frozen=True)
+class TrialFiles:
+    """The files of one trial: ``trials/NNNNN/``."""
+
+    root: Path
+
+    @property
+    def model(self) -> Path:
+        """The fine-tuned model, what export and the final stage start from."""
+        return self.root / "model.pt"
+
+    @property
+    def onnx(self) -> Path:
+        """The file latency was measured on."""
+        return self.root / "model.onnx"
+
+    @property
+    def final_model(self) -> Path:
+        return self.root / "model_final.pt"
+
+    @property
+    def final_onnx(self) -> Path:
+        return self.root / "model_final.onnx"
+
+
+@dataclass(frozen=True)
 class RunFolder:
     """Every path in a run folder, in one place.
 
@@ -79,8 +104,8 @@ class RunFolder:
         return self.root / "lut" / f"{profile_key}.json"
 
     # -- trials and the final stage
-    def trial(self, number: int) -> Path:
-        return self.root / "trials" / f"{number:05d}"
+    def trial(self, number: int) -> TrialFiles:
+        return TrialFiles(self.root / "trials" / f"{number:05d}")
 
     @property
     def final_json(self) -> Path:
@@ -98,6 +123,14 @@ class RunFolder:
     @property
     def pareto_csv(self) -> Path:
         return self.root / "pareto.csv"
+
+    @property
+    def pareto_png(self) -> Path:
+        return self.root / "pareto.png"
+
+    @property
+    def pareto_html(self) -> Path:
+        return self.root / "pareto.html"
 
     @property
     def report_html(self) -> Path:

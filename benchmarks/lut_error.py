@@ -54,7 +54,7 @@ def main() -> int:
         m = copy.deepcopy(base)
         apply_plan(m, x, PruningPlan(ratios, round_to=8), 10)
         t0 = time.perf_counter()
-        r = measure_model(m, x, prof, rf.trial(i) / "model.onnx", "torchscript", run=rf)
+        r = measure_model(m, x, prof, rf.trial(i).onnx, "torchscript", run=rf)
         rows.append({"predicted_ms": r["lut_predicted_ms"], "measured_ms": r["latency"]["median_ms"],
                      "error_pct": 100 * (r["lut_predicted_ms"] - r["latency"]["median_ms"]) / r["latency"]["median_ms"],
                      "wall_s": time.perf_counter() - t0})

@@ -150,12 +150,12 @@ def test_lut_predicts_and_rejects_before_export(tmp_path: Path):
     rf = RunFolder(run)
     dense = measure_model(big, x, prof, rf.dense_onnx, "torchscript", run=rf)
     assert dense["lut_predicted_ms"] is None  # nothing to scale by before the first measurement
-    cand = measure_model(small, x, prof, rf.trial(0) / "model.onnx", "torchscript", run=rf)
+    cand = measure_model(small, x, prof, rf.trial(0).onnx, "torchscript", run=rf)
     assert cand["lut_predicted_ms"] > 0
     lut = LatencyLUT.for_run(rf, prof)
     assert len(lut.table) == 6 and lut.error()["n"] == 1
     assert lut.predict(small, x) < lut.predict(big, x)
     # A budget far below the prediction: rejected without export or measurement.
     tight = prof.model_copy(update={"budget": prof.budget.model_copy(update={"max_latency_ms": 1e-6})})
-    out = measure_model(big, x, tight, rf.trial(1) / "model.onnx", "torchscript", run=rf)
+    out = measure_model(big, x, tight, rf.trial(1).onnx, "torchscript", run=rf)
     assert out["latency_predicted"] is True and not (run / "trials" / "00001" / "model.onnx").exists()

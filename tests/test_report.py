@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from autoprune.results.report import write_plots, write_report
+from autoprune.runfolder import RunFolder
 
 CHROMIUM = shutil.which("chromium") or ("/usr/bin/chromium" if Path("/usr/bin/chromium").exists() else None)
 needs_chromium = pytest.mark.skipif(
@@ -57,7 +58,7 @@ def test_report_is_self_contained_and_complete(report, tiny_run):
 
 
 def test_write_plots_still_writes_png_and_html(tiny_run, tmp_path):
-    write_plots(tiny_run.study, tmp_path, tiny_run.dense)
+    write_plots(tiny_run.study, RunFolder(tmp_path), tiny_run.dense)
     assert (tmp_path / "pareto.png").read_bytes()[:4] == b"\x89PNG"
     assert "Plotly" in (tmp_path / "pareto.html").read_text()
 

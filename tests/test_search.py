@@ -103,7 +103,7 @@ def test_latency_budget_skips_finetune_and_marks_infeasible(tmp_path, fast_profi
         assert t.constraints["latency_ms"] > 0
         assert t.user_attrs["finetune_steps"] == 0 and "budget" in t.user_attrs["skipped_finetune"]
         assert t.user_attrs["accuracy_estimated"] is True and 0.0 <= t.values[0] <= 1.0
-        assert not (res.ctx.run.trial(t.number) / "model.pt").exists()
+        assert not (res.ctx.run.trial(t.number).model).exists()
     assert calls == [trial_mod.OVER_BUDGET_EVAL_BATCHES] * 2  # never a full pass
     assert res.pareto == []  # nothing feasible
     with pytest.raises(ConfigError, match="no Pareto model"):

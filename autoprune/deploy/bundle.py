@@ -19,7 +19,8 @@ from autoprune.errors import ConfigError
 from autoprune.measure.onnx import file_size
 from autoprune.prune.plan import PruningPlan, apply_plan
 from autoprune.results.artifacts import versions
-from autoprune.results.front import REMEASURE_DIR, search_profile_name
+from autoprune.results.front import search_profile_name
+from autoprune.runfolder import RunFolder
 from autoprune.study.storage import open_run_study
 from autoprune.train.models import build_model
 
@@ -134,7 +135,7 @@ def _model_card(run_dir: Path, row: dict[str, Any], meta: dict[str, Any], model:
         "median_ms": row["latency_ms"], "p90_ms": row.get("latency_p90_ms"), "cv": row.get("latency_cv")}
     latency = {searched: {"backend": prof.get("backend"), "device": prof.get("device"), "threads": prof.get("threads"),
                           "source": "search", **lat_search}}
-    for p in sorted((run_dir / REMEASURE_DIR).glob("*.json")):
+    for p in sorted(RunFolder(run_dir).remeasure_dir.glob("*.json")):
         rem = json.loads(p.read_text())
         hit = [r for r in rem["rows"] if r["trial"] == row["trial"]]
         if hit and rem["profile_name"] != searched:

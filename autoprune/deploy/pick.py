@@ -14,6 +14,7 @@ from autoprune.results.front import (
     load_remeasure,
     search_profile_name,
 )
+from autoprune.runfolder import RunFolder
 
 BUDGET_KEYS = ("max_latency_ms", "max_params", "min_accuracy", "max_flops", "max_size_mb", "trial")
 
@@ -93,6 +94,6 @@ def pick(run_dir: str | Path, dest: Optional[str | Path] = None, profile: Option
     run_dir = Path(run_dir)
     rows, prof_name = rows_on_profile(run_dir, profile)
     row = choose(rows, **budget)
-    dest = Path(dest) if dest else run_dir / "picked"
+    dest = Path(dest) if dest else RunFolder(run_dir).picked
     write_bundle(run_dir, row, dest, budget, prof_name)
     return row, dest

@@ -25,10 +25,15 @@ from autoprune.results.artifacts import export_trial_artifacts
 from autoprune.results.front import trial_row
 from autoprune.runfolder import RunFolder, file_lock
 from autoprune.study.context import SearchContext, prepare
-from autoprune.study.space import suggest_plan
 from autoprune.study.final import final_finetune, final_seed
+from autoprune.study.space import suggest_plan
 from autoprune.study.storage import load_run_study, model_hash
-from autoprune.study.trial import OVER_BUDGET_EVAL_BATCHES, build_candidate, finetune_candidate, trial_seed
+from autoprune.study.trial import (
+    OVER_BUDGET_EVAL_BATCHES,
+    build_candidate,
+    finetune_candidate,
+    trial_seed,
+)
 from autoprune.train.models import evaluate
 
 #: Default |rebuilt - stored| accuracy allowed. Replays are exact on the same machine and build;
@@ -121,7 +126,7 @@ def rebuild_trial(
                 f"{run.base_model}: not the dense model the study was run with (hash {model_hash(ctx.base)} != {stored_hash}); "
                 "copy base_model.pt from the run folder of the workers"
             )
-        stored_pt = run.trial(trial) / "model.pt"
+        stored_pt = run.trial(trial).model
         seed = trial_seed(ctx, trial)
         if stored_pt.is_file() and not rebuild:
             say(f"trial {trial}: using {stored_pt}")
@@ -148,7 +153,7 @@ def rebuild_trial(
         if final is not None:
             # The final stage's longer fine-tune is what export_front deploys for this trial: export
             # the same model (stored, or re-created with the final stage's seed) and check it too.
-            final_pt = run.trial(trial) / "model_final.pt"
+            final_pt = run.trial(trial).final_model
             if final_pt.is_file() and not rebuild:
                 model, source = torch.load(final_pt, map_location="cpu", weights_only=False), str(final_pt)
             else:

@@ -27,8 +27,8 @@ import torch.nn as nn
 
 from autoprune.config import DeviceProfile
 from autoprune.measure import backends
-from autoprune.measure.onnx import export_onnx
 from autoprune.measure.cache import profile_key
+from autoprune.measure.onnx import export_onnx
 from autoprune.runfolder import RunFolder, atomic_write_text
 
 LayerKey = str

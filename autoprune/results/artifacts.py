@@ -24,7 +24,6 @@ from autoprune.results.report import write_plots
 from autoprune.runfolder import RunFolder
 
 
-
 def versions() -> dict[str, str]:
     import onnx
     import onnxruntime
@@ -108,15 +107,15 @@ def export_front(
     final_path = run.final_json
     finals = json.loads(final_path.read_text()) if final_path.is_file() else {}
     for r in rows:
-        tdir = run.trial(r["trial"])
-        src = tdir / "model.pt"
-        if str(r["trial"]) in finals and (tdir / "model_final.pt").is_file():
+        files = run.trial(r["trial"])
+        src = files.model
+        if str(r["trial"]) in finals and files.final_model.is_file():
             # The final stage's longer fine-tune: deploy that model. Its numbers become the row's
             # accuracy/latency (what a user picks and deploys); the search-time ones stay as search_*.
             f = finals[str(r["trial"])]
             r.update(final=f, search_accuracy=r["accuracy"], search_latency_ms=r["latency_ms"],
                      accuracy=f["final_accuracy"], latency_ms=f["final_latency_ms"])
-            src = tdir / "model_final.pt"
+            src = files.final_model
         if not src.is_file():
             r["artifacts"] = None  # trial ran on another worker without a shared run folder
             continue
@@ -129,5 +128,5 @@ def export_front(
     shutil.rmtree(pdir, ignore_errors=True)
     os.replace(tmp, pdir)
     write_tables(rows, run, dense)
-    write_plots(study, run.root, dense)
+    write_plots(study, run, dense)
     return rows

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Optional
 
 from autoprune.errors import ConfigError
+from autoprune.runfolder import RunFolder
 
 OBJECTIVE_NAMES = ["accuracy", "latency_ms"]
 
@@ -18,7 +19,7 @@ def storage_for(run_dir: str | Path, storage: Optional[str] = None) -> str:
     """The study's storage URL: ``storage`` if given, else the run folder's ``study.db``."""
     if storage:
         return storage
-    db = Path(run_dir) / "study.db"
+    db = RunFolder(Path(run_dir)).study_db
     if not db.is_file():
         raise ConfigError(f"{run_dir}: no study.db; start a search with 'autoprune search --out {run_dir}', "
                           "or pass --storage with the URL a shared search uses")

@@ -76,11 +76,10 @@ def write_tables(rows: list[dict[str, Any]], run: RunFolder, dense: dict[str, An
         w.writerow([r[k] for k in CSV_FIELDS] + [r["ratios"].get(g, 0.0) for g in groups] + [r["methods"].get(g, "") for g in groups])
     atomic_write_text(run.pareto_csv, buf.getvalue())
 
-REMEASURE_DIR = "remeasure"
 
 
 def load_front(run_dir: Path) -> dict[str, Any]:
-    p = Path(run_dir) / "pareto.json"
+    p = RunFolder(Path(run_dir)).pareto_json
     if not p.is_file():
         raise ConfigError(f"{run_dir}: no pareto.json; run 'autoprune search --out {run_dir}' first")
     return json.loads(p.read_text())
@@ -95,9 +94,10 @@ def search_profile_name(run_dir: Path, front: Optional[dict[str, Any]] = None) -
 def load_remeasure(run_dir: Path, profile: str) -> dict[str, Any]:
     """Results of ``autoprune remeasure`` for ``profile`` (a profile name or YAML path)."""
     name = _profile_name(profile)
-    p = Path(run_dir) / REMEASURE_DIR / f"{name}.json"
+    run = RunFolder(Path(run_dir))
+    p = run.remeasure(name)
     if not p.is_file():
-        have = sorted(q.stem for q in (Path(run_dir) / REMEASURE_DIR).glob("*.json"))
+        have = sorted(q.stem for q in run.remeasure_dir.glob("*.json"))
         raise ConfigError(
             f"{run_dir}: no latencies on profile {name!r} (re-measured profiles: {have or 'none'}); run "
             f"'autoprune remeasure {run_dir} --device-profile {profile}' first"

@@ -22,12 +22,11 @@ from autoprune.measure import backends
 from autoprune.measure.onnx import export_onnx
 from autoprune.results.artifacts import versions
 from autoprune.results.front import (
-    REMEASURE_DIR,
     load_front,
     non_dominated,
     search_profile_name,
 )
-from autoprune.runfolder import atomic_write_text
+from autoprune.runfolder import RunFolder, atomic_write_text
 
 
 def _input_for(profile: DeviceProfile, input_shape: list[int]) -> np.ndarray:
@@ -69,6 +68,7 @@ def remeasure(run_dir: str | Path, device_profile: str, include_dense: bool = Tr
 
     say = say or (lambda s: None)
     run_dir = Path(run_dir)
+    run = RunFolder(run_dir)
     front = load_front(run_dir)
     profile = load_device_profile(device_profile)
     rows = [r for r in front["pareto"] if r.get("artifacts")]
@@ -77,7 +77,7 @@ def remeasure(run_dir: str | Path, device_profile: str, include_dense: bool = Tr
     meta = json.loads((run_dir / rows[0]["artifacts"] / "metadata.json").read_text())
     exporter = (meta.get("config") or {}).get("exporter", "dynamo")
     x = _input_for(profile, meta.get("input_shape") or [1])
-    work = run_dir / REMEASURE_DIR / profile.name
+    work = run.remeasure_dir / profile.name
     work.mkdir(parents=True, exist_ok=True)
 
     out_rows = []
@@ -91,15 +91,14 @@ def remeasure(run_dir: str | Path, device_profile: str, include_dense: bool = Tr
         r["non_dominated"] = bool(nd)
 
     dense = None
-    dense_dir = run_dir / "dense"
-    if include_dense and (dense_dir / "model.onnx").is_file() and (run_dir / "base_model.pt").is_file():
+    if include_dense and run.dense_onnx.is_file() and run.base_model.is_file():
         # The dense folder holds only the ONNX; the torch backend and re-exports need the module.
         import shutil
 
         tmp = work / "dense_src"
         tmp.mkdir(exist_ok=True)
-        shutil.copy2(dense_dir / "model.onnx", tmp / "model.onnx")
-        shutil.copy2(run_dir / "base_model.pt", tmp / "model.pt")
+        shutil.copy2(run.dense_onnx, tmp / "model.onnx")
+        shutil.copy2(run.base_model, tmp / "model.pt")
         say(f"dense model on {profile.name}")
         dense = {"accuracy": front.get("dense", {}).get("accuracy"), "latency": _measure(tmp, profile, x, exporter, work)}
         shutil.rmtree(tmp, ignore_errors=True)
@@ -119,7 +118,7 @@ def remeasure(run_dir: str | Path, device_profile: str, include_dense: bool = Tr
         "still_non_dominated": [r["trial"] for r in sorted(out_rows, key=lambda r: r["latency_ms"]) if r["non_dominated"]],
         "versions": versions(),
     }
-    dest = run_dir / REMEASURE_DIR / f"{profile.name}.json"
+    dest = run.remeasure(profile.name)
     atomic_write_text(dest, json.dumps(result, indent=2))
     result["path"] = str(dest)
     return result

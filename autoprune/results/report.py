@@ -22,7 +22,8 @@ import optuna
 from optuna.trial import TrialState
 
 from autoprune.errors import ConfigError
-from autoprune.results.front import REMEASURE_DIR, front
+from autoprune.results.front import front
+from autoprune.runfolder import RunFolder
 from autoprune.study.storage import open_run_study
 
 
@@ -80,11 +81,11 @@ def write_html(study: optuna.Study, path: Path, dense: dict[str, Any]) -> Path:
     return path
 
 
-def write_plots(study: optuna.Study, out: Path, dense: dict[str, Any]) -> None:
+def write_plots(study: optuna.Study, run: RunFolder, dense: dict[str, Any]) -> None:
     if not study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
         return
-    write_png(study, out / "pareto.png", dense)
-    write_html(study, out / "pareto.html", dense)
+    write_png(study, run.pareto_png, dense)
+    write_html(study, run.pareto_html, dense)
 
 
 # --------------------------------------------------------------------------- full run report
@@ -183,7 +184,7 @@ def fig_hypervolume(study: optuna.Study, dense: dict[str, Any]) -> Any:
 
 def _remeasures(run_dir: Path) -> list[dict[str, Any]]:
 
-    return [json.loads(p.read_text()) for p in sorted((run_dir / REMEASURE_DIR).glob("*.json"))]
+    return [json.loads(p.read_text()) for p in sorted(RunFolder(run_dir).remeasure_dir.glob("*.json"))]
 
 
 def _table(rows: list[dict[str, Any]], dense: dict[str, Any], remeasures: list[dict[str, Any]]) -> str:
@@ -237,7 +238,7 @@ def write_report(run_dir: str | Path, out: Optional[str | Path] = None, storage:
         raise ConfigError(f"{run_dir}: no finished trials yet; nothing to report (see 'autoprune dashboard {run_dir}' for a live view)")
     dense = study.user_attrs.get("dense", {})
     rows = front(study, dense)
-    pj = run_dir / "pareto.json"
+    pj = RunFolder(run_dir).pareto_json
     if pj.is_file():
         # The exported front: the deployed models' numbers (after the final stage, if any) and files.
         exported = {r["trial"]: r for r in json.loads(pj.read_text()).get("pareto", [])}
@@ -278,7 +279,7 @@ def write_report(run_dir: str | Path, out: Optional[str | Path] = None, storage:
     parts.append(_table(rows, dense, remeasures))
     parts.append(f"<footer>written {_dt.datetime.now(_dt.timezone.utc):%Y-%m-%d %H:%M UTC} by autoprune; "
                  "deploy one with <code>autoprune pick</code>.</footer></body></html>")
-    dest = Path(out) if out else run_dir / "report.html"
+    dest = Path(out) if out else RunFolder(run_dir).report_html
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = dest.with_name(dest.name + ".tmp")
     tmp.write_text("\n".join(parts), encoding="utf-8")

@@ -44,15 +44,15 @@ def final_stage(ctx: Any, rows: list[dict[str, Any]], say: Any = print) -> dict[
     done: dict[str, dict[str, Any]] = json.loads(path.read_text()) if path.is_file() else {}
     for r in rows:
         key = str(r["trial"])
-        tdir = ctx.run.trial(r["trial"])
-        if (key in done and done[key].get("steps") == steps) or not (tdir / "model.pt").is_file():
+        files = ctx.run.trial(r["trial"])
+        if (key in done and done[key].get("steps") == steps) or not files.model.is_file():
             continue
-        model = torch.load(tdir / "model.pt", map_location="cpu", weights_only=False)
+        model = torch.load(files.model, map_location="cpu", weights_only=False)
         final_finetune(model, ctx.data, ctx.cfg, ctx.base, r["trial"], steps)
         acc = evaluate(model, ctx.data)
-        measured = measure_model(model, ctx.example, ctx.profile, tdir / "model_final.onnx", ctx.cfg.exporter,
+        measured = measure_model(model, ctx.example, ctx.profile, files.final_onnx, ctx.cfg.exporter,
                                  calib=ctx.calib, run=ctx.run, dense=ctx.base)
-        atomic_torch_save(model, tdir / "model_final.pt")
+        atomic_torch_save(model, files.final_model)
         done[key] = {"steps": steps, "short_accuracy": r["accuracy"], "final_accuracy": acc,
                      "short_latency_ms": r["latency_ms"], "final_latency_ms": measured["latency"]["median_ms"]}
         say(f"final fine-tune of trial {r['trial']}: accuracy {r['accuracy']:.4f} -> {acc:.4f} ({steps} steps)")

@@ -65,8 +65,8 @@ def run_trial(trial: optuna.trial.Trial, ctx: SearchContext) -> tuple[float, ...
         raise optuna.TrialPruned(f"same pruned architecture as trial {dup}")
 
     # 3. Measure on the target, before any training (latency first).
-    tdir = ctx.run.trial(trial.number)
-    measured = measure_model(cand.model, ctx.example, ctx.profile, tdir / "model.onnx", ctx.cfg.exporter,
+    files = ctx.run.trial(trial.number)
+    measured = measure_model(cand.model, ctx.example, ctx.profile, files.onnx, ctx.cfg.exporter,
                              calib=ctx.calib, run=ctx.run, dense=ctx.base)
     lat = measured["latency"]["median_ms"]
 
@@ -89,11 +89,11 @@ def run_trial(trial: optuna.trial.Trial, ctx: SearchContext) -> tuple[float, ...
         attrs["finetune_s"] = time.perf_counter() - t1
 
         # 6. Score: held-out accuracy of what would be deployed (the quantized file on int8 profiles).
-        acc, scored = score_candidate(ctx, cand.model, tdir)
+        acc, scored = score_candidate(ctx, cand.model, files.onnx)
         attrs.update(scored)
 
         # 7. Persist the fine-tuned model for export, pick and the final stage.
-        atomic_torch_save(cand.model, tdir / "model.pt")
+        atomic_torch_save(cand.model, files.model)
 
     drop = ctx.cfg.search.max_accuracy_drop
     trial.set_constraint("accuracy_drop", (ctx.dense["accuracy"] - acc) - drop if drop else -1.0)
@@ -155,13 +155,13 @@ def finetune_candidate(ctx: SearchContext, model: nn.Module, number: int, stop_a
                                  stop_after_rung0)
 
 
-def score_candidate(ctx: SearchContext, model: nn.Module, tdir: Path) -> tuple[float, dict[str, Any]]:
+def score_candidate(ctx: SearchContext, model: nn.Module, onnx_path: Path) -> tuple[float, dict[str, Any]]:
     """Held-out accuracy of the fine-tuned model; on int8 profiles the deployed model is the
     quantized file, so that is what is scored (fp32 accuracy kept beside it)."""
     acc = evaluate(model, ctx.data)
     if ctx.profile.precision != "int8":
         return acc, {}
-    q_acc, qpath = quantized_accuracy(model, ctx.example, ctx.profile, tdir / "model.onnx", ctx.cfg.exporter, ctx.calib, ctx.data)
+    q_acc, qpath = quantized_accuracy(model, ctx.example, ctx.profile, onnx_path, ctx.cfg.exporter, ctx.calib, ctx.data)
     return q_acc, {"accuracy_fp32": acc, "quantized_model": str(qpath)}
 
 
