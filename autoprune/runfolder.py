@@ -39,9 +39,9 @@ def atomic_write_text(path: Path, text: str) -> Path:
     The temporary file has a unique name in the destination's directory (same filesystem, so
     ``os.replace`` is atomic): workers sharing a run folder that write the same file at once
     each rename their own complete copy instead of truncating or renaming one shared ``.tmp``
-    under each other. It is created with ``O_EXCL`` and mode 0o666 (the umask applies, as for
-    any ordinary file; ``mkstemp``'s 0o600 would hide results from the other users of a shared
-    run folder), fsynced before the rename (no empty file after a power cut), and removed if
+    under each other. It is created exclusively (``open(..., "x")``) with the umask's ordinary
+    permissions (``mkstemp``'s 0o600 would hide results from the other users of a shared run
+    folder), fsynced before the rename (no empty file after a power cut), and removed if
     anything fails.
     """
     path = Path(path)
@@ -49,12 +49,12 @@ def atomic_write_text(path: Path, text: str) -> Path:
     while True:
         tmp = path.with_name(f".{path.name}.{os.getpid()}-{os.urandom(6).hex()}.tmp")
         try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+            fh = open(tmp, "x")  # O_CREAT | O_EXCL, mode 0o666 & ~umask
             break
         except FileExistsError:  # 48 random bits collided: draw another name
             continue
     try:
-        with os.fdopen(fd, "w") as fh:
+        with fh:
             fh.write(text)
             fh.flush()
             os.fsync(fh.fileno())
@@ -72,12 +72,12 @@ def atomic_torch_save(obj: object, path: Path) -> Path:
     while True:
         tmp = path.with_name(f".{path.name}.{os.getpid()}-{os.urandom(6).hex()}.tmp")
         try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+            fh = open(tmp, "xb")  # O_CREAT | O_EXCL, mode 0o666 & ~umask
             break
         except FileExistsError:  # 48 random bits collided: draw another name
             continue
     try:
-        with os.fdopen(fd, "wb") as fh:
+        with fh:
             torch.save(obj, fh)
             fh.flush()
             os.fsync(fh.fileno())
