@@ -81,7 +81,7 @@ def test_unknown_pattern_is_an_error_listing_groups():
 
 def test_group_names_come_from_the_model_not_torch_pruning_privates():
     """Names are the model's own qualified names (``named_modules``/``named_parameters``), not
-    torch-pruning's private ``DG._module2name``; a parameter that no module wraps is named by
+    torch-pruning's private module-to-name map; a parameter that no module wraps is named by
     its parameter name (``scale``), not ``UnwrappedParameter_0 (torch.Size([1, 8, 1, 1]))``."""
     import warnings
 

@@ -71,7 +71,7 @@ def graph_names(DG: tp.DependencyGraph) -> dict[int, str]:
     """Qualified name of every module and parameter of the graph's model, keyed by ``id``.
 
     Built from ``DG.model`` with ``named_modules``/``named_parameters`` (public torch API)
-    instead of torch-pruning's private ``DG._module2name``. Graph nodes can be modules or
+    instead of torch-pruning's private module-to-name map on the graph. Graph nodes can be modules or
     parameters that no module wraps (e.g. a ViT's ``cls_token``); those get their parameter
     name rather than torch-pruning's ``UnwrappedParameter_<i> (<shape>)``. Keyed by ``id``
     because a tensor cannot be compared with a module as a dict key.

@@ -23,7 +23,7 @@ def mean_by_root(imps: list[torch.Tensor], roots: list[list[int]]) -> Optional[t
 
     Each entry of ``imps`` scores some of the group's channels, ``roots`` says which (indices
     into the root layer's channels). This is torch-pruning's ``group_reduction="mean"``, written
-    here because torch-pruning only has it as the private ``Importance._reduce``: scores are
+    here because torch-pruning only has it as a private method of its importances: scores are
     summed per root index, then divided by the number of layers that contributed. The result
     is as long as the first layer's scores. Layers whose root indices are not all known are
     skipped; None if none is left (torch-pruning would return NaNs there).
