@@ -50,6 +50,34 @@ def test_backend_measures_and_agrees_with_pytorch(tiny, backend, device):
     assert st.clock == "perf_counter"
 
 
+def test_torch_cpu_measurement_restores_the_thread_count(tiny):
+    """Defect 3: a torch-cpu profile with threads=1 used to leave the whole process on one
+    thread (every later fine-tune ran single-threaded). The count holds only while measuring,
+    and a runner kept and called later runs on the profile's count without keeping it."""
+    model, x, _, _ = tiny
+    prof = DeviceProfile(name="torch-cpu-t1", backend="torch", device="cpu", **FAST)
+    before = torch.get_num_threads()
+    other = 3 if before != 3 else 2  # differs from the profile's 1 whatever the machine has
+    seen: list[int] = []
+    # registered before load: the backend's deep copy of the model carries the hook
+    hook = model.register_forward_hook(lambda *_: seen.append(torch.get_num_threads()))
+    torch.set_num_threads(other)
+    try:
+        art = ModelArtifact(None, model)
+        st = backends.measure(art, prof, x, reference=art)
+        assert st.n >= 10 and st.speedup is not None
+        assert set(seen) == {1}  # timed on the profile's thread count
+        assert torch.get_num_threads() == other
+        runner = backends.load(art, prof)
+        assert torch.get_num_threads() == other
+        seen.clear()
+        runner(x)
+        assert seen == [1] and torch.get_num_threads() == other
+    finally:
+        hook.remove()
+        torch.set_num_threads(before)
+
+
 def test_onnxruntime_and_openvino_agree_on_the_same_file(tiny):
     _, x, path, _ = tiny
     ort = backends.load(ModelArtifact(path), DeviceProfile(name="a", backend="onnxruntime"))(x)

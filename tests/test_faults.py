@@ -114,7 +114,7 @@ def test_non_finite_objective_fails_with_reason() -> None:
     from autoprune.study.workers import SlotLock, _Objective
 
     study = optuna.create_study(directions=["maximize", "minimize"])
-    obj = _Objective(lambda t: (float("nan"), 1.0), SlotLock(study, "", "x"), max_retries=2)
+    obj = _Objective(lambda t: (float("nan"), 1.0), SlotLock("", "x"), max_retries=2)
     study.optimize(obj, n_trials=1, catch=(Exception,))
     t = study.trials[0]
     assert t.state == TrialState.FAIL and "not finite" in t.user_attrs["fail_reason"]

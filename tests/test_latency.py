@@ -159,3 +159,54 @@ def test_lut_predicts_and_rejects_before_export(tmp_path: Path):
     tight = prof.model_copy(update={"budget": prof.budget.model_copy(update={"max_latency_ms": 1e-6})})
     out = measure_model(big, x, tight, rf.trial(1).onnx, "torchscript", run=rf)
     assert out["latency_predicted"] is True and not (run / "trials" / "00001" / "model.onnx").exists()
+
+
+def test_lut_save_merges_what_other_workers_saved(tmp_path: Path):
+    """Defect 9: ``LatencyLUT.save`` wrote its in-memory copy, so a worker saving after another
+    dropped the layers and calibration pairs the other had stored since it loaded. Saves now
+    read-merge-write under a file lock: interleaved and concurrent writers lose nothing."""
+    import threading
+
+    from autoprune.measure.lut import LatencyLUT
+
+    prof = DeviceProfile(**FAST)
+    path = tmp_path / "lut" / "t.json"
+    a, b = LatencyLUT(path, prof), LatencyLUT(path, prof)  # two workers, both loaded an empty table
+    a.table["conv:a"] = 1.0
+    a.pairs.append((1.0, 2.0))
+    a.save()
+    b.table["conv:b"] = 3.0
+    b.table["conv:a"] = 9.0  # measured by both: the stored (first) value wins everywhere
+    b.pairs.append((3.0, 4.0))
+    b.predictions.append((5.0, 4.0))
+    b.save()
+    a.table["conv:c"] = 5.0
+    a.save()
+    a.save()  # saving twice appends nothing twice
+    got = LatencyLUT(path, prof)
+    assert got.table == {"conv:a": 1.0, "conv:b": 3.0, "conv:c": 5.0}
+    assert got.pairs == [(1.0, 2.0), (3.0, 4.0)] and got.predictions == [(5.0, 4.0)]
+    assert a.table == got.table and a.pairs == got.pairs  # the saver adopts the merged table
+
+    # concurrently: four workers, each adding its own layers and pairs and saving every time
+    errors: list[BaseException] = []
+
+    def worker(w: int) -> None:
+        lut = LatencyLUT(path, prof)
+        try:
+            for i in range(25):
+                lut.table[f"linear:{w}:{i}"] = float(i)
+                lut.pairs.append((float(w), float(i)))
+                lut.save()
+        except BaseException as e:  # noqa: BLE001 - asserted on below
+            errors.append(e)
+
+    threads = [threading.Thread(target=worker, args=(w,)) for w in range(4)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    assert errors == []
+    got = LatencyLUT(path, prof)
+    assert {f"linear:{w}:{i}" for w in range(4) for i in range(25)} <= set(got.table)
+    assert sorted(got.pairs[2:]) == sorted((float(w), float(i)) for w in range(4) for i in range(25))

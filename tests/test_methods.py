@@ -151,6 +151,20 @@ def test_activation_criteria_find_dead_relu_channel(method: str) -> None:
     assert net2.a.out_channels == 7 and float(net2.a.bias.detach().min()) > -1  # the dead channel went
 
 
+def test_mean_by_root_averages_scores_per_root_channel() -> None:
+    """The group reduction of the activation criteria (torch-pruning's ``mean``, which it only
+    has as the private ``_reduce``): scores summed per root channel, divided by the number of
+    layers that contributed; layers with unknown root indices are skipped."""
+    from autoprune.prune.methods.criteria import mean_by_root
+
+    a = torch.tensor([1.0, 2.0, 3.0, 4.0])
+    b = torch.tensor([10.0, 20.0])  # scores root channels 3 and 0 only
+    got = mean_by_root([a, b, torch.tensor([7.0])], [[0, 1, 2, 3], [3, 0], [None]])
+    assert torch.equal(got, torch.tensor([(1 + 20) / 2, 2 / 2, 3 / 2, (4 + 10) / 2]))
+    assert got.dtype == torch.float32
+    assert mean_by_root([torch.tensor([1.0])], [[None]]) is None  # nothing usable: caller falls back
+
+
 def test_apoz_orders_by_zero_rate() -> None:
     """Channels active on a larger share of inputs rank higher."""
     net = TwoLayer()

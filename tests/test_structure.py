@@ -77,3 +77,28 @@ def test_unknown_pattern_is_an_error_listing_groups():
     groups = find_groups(DemoResNet(), torch.zeros(1, 1, 16, 16), 10)
     with pytest.raises(ConfigError, match=r"layer9\.\*.*match no prunable group.*layers\.0\.conv1"):
         apply_rules(groups, 0.0, 0.5, ["l1"], [LayerRule(pattern="layer9.*", skip=True)], "space.yaml")
+
+
+def test_group_names_come_from_the_model_not_torch_pruning_privates():
+    """Names are the model's own qualified names (``named_modules``/``named_parameters``), not
+    torch-pruning's private module-to-name map; a parameter that no module wraps is named by
+    its parameter name (``scale``), not ``UnwrappedParameter_0 (torch.Size([1, 8, 1, 1]))``."""
+    import warnings
+
+    class Scaled(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a = nn.Conv2d(1, 8, 3)
+            self.scale = nn.Parameter(torch.ones(1, 8, 1, 1))
+            self.b = nn.Conv2d(8, 8, 3)
+            self.fc = nn.Linear(8, 4)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.fc(self.b(self.a(x) * self.scale).mean((2, 3)))
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch-pruning warns about the unwrapped parameter
+        groups = {g.name: g for g in find_groups(Scaled(), torch.rand(1, 1, 8, 8), 4)}
+    assert set(groups) == {"a", "b"}
+    assert groups["a"].members == ["a", "scale"] and groups["a"].consumers == ["b"]
+    assert groups["b"].members == ["b"] and groups["b"].consumers == ["fc"]

@@ -29,7 +29,7 @@ from autoprune.config import DeviceProfile
 from autoprune.measure import backends
 from autoprune.measure.cache import profile_key
 from autoprune.measure.onnx import export_onnx
-from autoprune.runfolder import RunFolder, atomic_write_text
+from autoprune.runfolder import RunFolder, atomic_write_text, file_lock
 
 LayerKey = str
 
@@ -72,11 +72,21 @@ class LatencyLUT:
         self.table: dict[str, float] = {}
         self.pairs: list[tuple[float, float]] = []  # (sum of layer ms, measured ms)
         self.predictions: list[tuple[float, float]] = []  # (predicted ms, measured ms) made before measuring
-        if self.path.is_file():
-            d = json.loads(self.path.read_text())
-            self.table = d.get("table", {})
+        # How many leading entries of ``pairs`` / ``predictions`` are already in the file: the
+        # rest were added here since and are what :meth:`save` appends to the file's lists.
+        self._saved_pairs = 0
+        self._saved_predictions = 0
+        d = self._read()
+        if d is not None:
+            self.table = dict(d.get("table", {}))
             self.pairs = [tuple(p) for p in d.get("pairs", [])]
             self.predictions = [tuple(p) for p in d.get("predictions", [])]
+            self._saved_pairs, self._saved_predictions = len(self.pairs), len(self.predictions)
+
+    def _read(self) -> Optional[dict[str, Any]]:
+        """The stored table, or None if there is none yet (files are replaced atomically, so a
+        reader never sees a half-written one)."""
+        return json.loads(self.path.read_text()) if self.path.is_file() else None
 
     @classmethod
     def for_run(cls, run: RunFolder, profile: DeviceProfile) -> "LatencyLUT":
@@ -84,8 +94,24 @@ class LatencyLUT:
         return cls(run.lut(f"{profile.name}-{profile_key(profile)}"), profile)
 
     def save(self) -> None:
-        atomic_write_text(self.path, json.dumps({"profile": self.profile.name, "table": self.table, "pairs": self.pairs,
-                                                 "predictions": self.predictions}, indent=1))
+        """Merge this table into the stored one and write it back, under a file lock.
+
+        Workers sharing a run folder each hold a table and save after measuring; writing only
+        the in-memory copy would drop the layers and calibration pairs another worker saved
+        since this one loaded. So, holding ``<table>.lock``: read the file, keep its entries
+        (a layer measured by both keeps the stored value: first writer wins, all workers then
+        agree), append the pairs/predictions added here since the last save, write atomically,
+        and adopt the merged result.
+        """
+        with file_lock(self.path.with_name(self.path.name + ".lock")):
+            d = self._read() or {}
+            table = {**self.table, **d.get("table", {})}
+            pairs = [tuple(p) for p in d.get("pairs", [])] + self.pairs[self._saved_pairs:]
+            predictions = [tuple(p) for p in d.get("predictions", [])] + self.predictions[self._saved_predictions:]
+            atomic_write_text(self.path, json.dumps({"profile": self.profile.name, "table": table, "pairs": pairs,
+                                                     "predictions": predictions}, indent=1))
+        self.table, self.pairs, self.predictions = table, pairs, predictions
+        self._saved_pairs, self._saved_predictions = len(pairs), len(predictions)
 
     def _measure_layer(self, layer: nn.Module, shape: tuple[int, ...]) -> float:
 

@@ -67,23 +67,38 @@ def channel_groups(DG: tp.DependencyGraph, group: tp.Group) -> int:
     return g
 
 
+def graph_names(DG: tp.DependencyGraph) -> dict[int, str]:
+    """Qualified name of every module and parameter of the graph's model, keyed by ``id``.
+
+    Built from ``DG.model`` with ``named_modules``/``named_parameters`` (public torch API)
+    instead of torch-pruning's private module-to-name map on the graph. Graph nodes can be modules or
+    parameters that no module wraps (e.g. a ViT's ``cls_token``); those get their parameter
+    name rather than torch-pruning's ``UnwrappedParameter_<i> (<shape>)``. Keyed by ``id``
+    because a tensor cannot be compared with a module as a dict key.
+    """
+    names = {id(p): n for n, p in DG.model.named_parameters()}
+    names.update({id(m): n for n, m in DG.model.named_modules()})
+    return names
+
+
 def iter_groups(DG: tp.DependencyGraph, ignored: Sequence[nn.Module]) -> Iterator[tuple[str, tp.Group]]:
     """Yield (root module name, live tp group). Groups reflect the model's current widths."""
-    names = DG._module2name
+    names = graph_names(DG)
     for group in DG.get_all_groups(ignored_layers=list(ignored), root_module_types=ROOT_TYPES):
         root = group[0].dep.target.module
-        yield names[root], group
+        yield names[id(root)], group
 
 
 def find_groups(model: nn.Module, example: torch.Tensor, num_classes: Optional[int] = None) -> list[PrunableGroup]:
     """List every prunable group of ``model`` (the output layer excluded)."""
     DG = build_graph(model, example)
     out = []
+    names = graph_names(DG)
     for name, group in iter_groups(DG, output_layers(model, num_classes)):
         root = group[0].dep.target.module
         members, consumers = set(), set()
         for dep, _ in group:
-            mod_name = DG._module2name.get(dep.target.module)
+            mod_name = names.get(id(dep.target.module))
             if mod_name is None:
                 continue
             (members if DG.is_out_channel_pruning_fn(dep.handler) else consumers).add(mod_name)

@@ -14,6 +14,7 @@ from typing import Any, Callable, Optional
 
 import optuna
 import torch.nn as nn
+from optuna.trial import TrialState
 
 from autoprune.config import SearchSettings
 from autoprune.errors import ConfigError
@@ -106,10 +107,68 @@ def public_config(cfg: Any) -> dict[str, Any]:
     return d
 
 
-def _rdb(study: optuna.Study) -> Optional[optuna.storages.RDBStorage]:
+# --------------------------------------------------------------------------- Optuna internals
+# The only two functions in autoprune that touch Optuna private names. Optuna has no public API
+# for what they do; pyproject.toml pins optuna to the range they are tested with, and
+# tests/test_optuna_internals.py fails loudly if a name they use disappears.
+def trial_store(study: optuna.Study) -> optuna.storages.BaseStorage:
+    """The storage behind ``study`` (RDBStorage for ours), without Optuna's per-process cache.
+
+    A worker must write ``fail_reason`` on a RUNNING trial that another, dead, process owns,
+    before marking it FAIL (a finished trial is read-only), and read the heartbeat table. The
+    public ``Study`` has no storage accessor and no way to set another trial's attributes
+    (``study.tell`` fails a trial but records no reason; ``optuna.trial.Trial(study, id)`` runs
+    the sampler's ``before_trial``). Private: ``Study._storage``, ``_CachedStorage._backend``.
+    Everything done with the result uses public ``BaseStorage`` methods.
+    """
     st = study._storage
-    st = getattr(st, "_backend", st)  # optuna wraps RDBStorage in a cache
-    return st if isinstance(st, optuna.storages.RDBStorage) else None
+    return getattr(st, "_backend", st)
+
+
+def heartbeat_dead_trial_ids(rdb: optuna.storages.RDBStorage, study_id: int, started_long_ago: list[int]) -> list[int]:
+    """Ids of the study's RUNNING trials whose worker is gone.
+
+    Two kinds: heartbeat older than the grace period (Optuna's own check, which
+    ``optuna.storages.fail_stale_trials`` runs but then fails the trials before anyone can
+    record why), and those of ``started_long_ago`` that never recorded a heartbeat (their worker
+    died between creating the trial and its first beat; Optuna's check skips them, and they
+    would block the study forever, counted as running). Optuna exposes neither list. Private:
+    ``RDBStorage._get_stale_trial_ids``, ``optuna.storages._rdb.models.TrialHeartbeatModel``
+    (imported here, so that only this check, not ``import autoprune``, depends on it).
+    """
+    from optuna.storages._rdb import models
+
+    stale = list(rdb._get_stale_trial_ids(study_id))
+    if not started_long_ago:
+        return stale
+    session = rdb.scoped_session()
+    try:
+        silent = [tid for tid in started_long_ago if models.TrialHeartbeatModel.where_trial_id(tid, session) is None]
+    finally:
+        rdb.scoped_session.remove()
+    return stale + [tid for tid in silent if tid not in stale]
+
+
+def fail_running_trial(study: optuna.Study, number: int, reason: str) -> bool:
+    """Record ``reason`` as trial ``number``'s ``fail_reason``, then mark it FAIL.
+
+    For trials whose worker died: the reason goes first, while the trial is still writable;
+    the state change goes through the public ``study.tell`` (the sampler sees the failure as
+    for any failed trial). False when the trial finished meanwhile: another worker failed it,
+    or its slow worker came back and completed it.
+    """
+    store = trial_store(study)
+    tid = store.get_trial_id_from_study_id_trial_number(store.get_study_id_from_name(study.study_name), number)
+    try:
+        store.set_trial_user_attr(tid, "fail_reason", reason)
+        study.tell(number, state=TrialState.FAIL)
+    except optuna.exceptions.UpdateFinishedTrialError:
+        return False
+    except ValueError:  # "Cannot tell a COMPLETE trial": finished between the two calls
+        if store.get_trial(tid).state.is_finished():
+            return False
+        raise
+    return True
 
 
 # --------------------------------------------------------------------------- base model

@@ -24,7 +24,7 @@ from autoprune.errors import ConfigError
 from autoprune.runfolder import RunFolder
 from autoprune.study.context import SearchContext
 from autoprune.study.space import seed_plans
-from autoprune.study.storage import check_base_model, make_storage, public_config
+from autoprune.study.storage import check_base_model, fail_running_trial, make_storage, public_config
 from autoprune.study.trial import DIRECTIONS, run_trial
 from autoprune.study.workers import requeue, work
 
@@ -113,7 +113,13 @@ def enqueue_seeds(study: optuna.Study, ctx: SearchContext) -> None:
 
 def requeue_trial(study: optuna.Study, trial: optuna.trial.FrozenTrial, max_retries: int = 2) -> None:
     """Re-run a trial whose worker died, with the same parameters, at most ``max_retries``
-    (``search.max_retries``) times; only parameters are copied (workers.requeue)."""
+    (``search.max_retries``) times; only parameters are copied (workers.requeue).
+
+    The storage's ``heartbeat_stale_trial_callback``: Optuna's ``fail_stale_trials`` calls it
+    for the stale trials it fails itself (inside ``study.optimize``; the workers' own check,
+    which also records a ``fail_reason``, usually gets there first). Not Optuna's
+    ``RetryHeartbeatStaleTrialCallback``: see workers.requeue for why.
+    """
 
     requeue(study, trial, max_retries, "worker died (heartbeat stopped)")
 
@@ -124,10 +130,9 @@ def _fail_stale_local_trials(study: optuna.Study, max_retries: int = 2) -> int:
 
     stale = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
     for t in stale:
-        # The reason first: a finished trial's attributes can no longer be written.
-        study._storage.set_trial_user_attr(t._trial_id, "fail_reason", "worker died (found RUNNING at restart)")
-        study._storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
-        requeue(study, t, max_retries, "worker died (found RUNNING at restart)")
+        # fail_running_trial records the reason first: a finished trial is read-only.
+        if fail_running_trial(study, t.number, "worker died (found RUNNING at restart)"):
+            requeue(study, t, max_retries, "worker died (found RUNNING at restart)")
     return len(stale)
 
 

@@ -42,7 +42,7 @@ from optuna.trial import TrialState
 
 from autoprune.config import SearchSettings
 from autoprune.errors import ConfigError, DiskFullError
-from autoprune.study.storage import _rdb
+from autoprune.study.storage import fail_running_trial, heartbeat_dead_trial_ids, sqlalchemy_url, trial_store
 
 log = logging.getLogger("autoprune")
 
@@ -59,16 +59,24 @@ class SlotLock:
     PostgreSQL: a session advisory lock on a dedicated connection (the server releases it when a
     worker dies, even by SIGKILL). SQLite: ``fcntl`` lock next to the database file. Other
     storages: no lock (the study may then end with up to one extra trial per worker).
+
+    The PostgreSQL connection comes from an engine of our own on the study's URL (plain
+    SQLAlchemy), not from Optuna's storage, whose engine is reachable only through private
+    attributes of the study.
     """
 
-    def __init__(self, study: optuna.Study, url: str, name: str) -> None:
+    def __init__(self, url: str, name: str) -> None:
+        import sqlalchemy
+
         self._held = False
+        self._engine: Any = None
         self._conn: Any = None
         self._fh: Any = None
         self._key = int.from_bytes(hashlib.sha256(f"autoprune:{name}".encode()).digest()[:8], "big", signed=True)
-        rdb = _rdb(study)
-        if rdb is not None and rdb.engine.dialect.name == "postgresql":
-            self._conn = rdb.engine.connect().execution_options(isolation_level="AUTOCOMMIT")
+        if sqlalchemy_url(url).startswith("postgresql"):
+            # One connection held for the worker's life; no pool keeping others open.
+            self._engine = sqlalchemy.create_engine(sqlalchemy_url(url), poolclass=sqlalchemy.pool.NullPool)
+            self._conn = self._engine.connect().execution_options(isolation_level="AUTOCOMMIT")
         elif url.startswith("sqlite:///"):
             db = Path(url[len("sqlite:///"):])
             self._fh = open(db.with_name(db.name + f".{hashlib.sha256(name.encode()).hexdigest()[:8]}.lock"), "a")
@@ -99,16 +107,28 @@ class SlotLock:
         if self._conn is not None:
             with contextlib.suppress(Exception):
                 self._conn.close()
+        if self._engine is not None:
+            with contextlib.suppress(Exception):
+                self._engine.dispose()
         if self._fh is not None:
             self._fh.close()
 
 
 # --------------------------------------------------------------------------- retries
-def requeue(study: optuna.Study, trial: optuna.trial.FrozenTrial, max_retries: int, reason: str, count: bool = True) -> bool:
+def requeue(study: optuna.Study, trial: optuna.trial.FrozenTrial | optuna.trial.Trial, max_retries: int, reason: str,
+            count: bool = True) -> bool:
     """Enqueue ``trial``'s parameters again (only parameters: no metrics of the dead attempt).
 
     ``retry_history`` lists the trial numbers that ran these parameters before; ``count=False``
     (Ctrl-C, disk full) re-queues without using up a retry, since the parameters are not at fault.
+    ``trial`` may be the live trial of this process or a frozen one (both have public
+    ``params``, ``user_attrs``, ``number``).
+
+    Not Optuna's ``RetryHeartbeatStaleTrialCallback`` (formerly ``RetryFailedTrialCallback``):
+    it copies every user attribute of the dead attempt (its partial metrics, its
+    ``fail_reason``) into the retry, keeps its retry history in system attributes, and only
+    counts heartbeat deaths, while these retries also come from restarts and Ctrl-C and share
+    one cap (``search.max_retries``) through the ``retry_history`` user attribute.
     """
     history = list(trial.user_attrs.get("retry_history", []))
     if count:
@@ -120,42 +140,33 @@ def requeue(study: optuna.Study, trial: optuna.trial.FrozenTrial, max_retries: i
 
 
 def fail_dead_trials(study: optuna.Study, max_retries: int) -> list[int]:
-    """Mark RUNNING trials with a stale heartbeat FAIL (reason recorded first, while the trial is
-    still writable) and re-queue their parameters. Called with the slot lock held."""
-    rdb = _rdb(study)
-    if rdb is None or rdb.get_heartbeat_interval() is None:
+    """Mark RUNNING trials whose worker is gone FAIL (reason recorded first, while the trial is
+    still writable) and re-queue their parameters; the numbers of the trials failed here.
+    Called with the slot lock held.
+
+    Gone: heartbeat older than the grace period, or no heartbeat at all although started long
+    ago (see :func:`autoprune.study.storage.heartbeat_dead_trial_ids`). Optuna's public
+    ``fail_stale_trials`` (which ``study.optimize`` also runs before each trial) cannot be used
+    here: it fails the trials before anyone can record why, and skips the silent ones.
+    """
+    rdb = trial_store(study)
+    if not isinstance(rdb, optuna.storages.RDBStorage) or rdb.get_heartbeat_interval() is None:
         return []
-    failed = []
-    for tid in rdb._get_stale_trial_ids(study._study_id) + _never_beating_trial_ids(study, rdb):
-        reason = f"worker stopped sending heartbeats for over {rdb.grace_period}s (killed or lost its connection)"
-        try:
-            study._storage.set_trial_user_attr(tid, "fail_reason", reason)
-            if not study._storage.set_trial_state_values(tid, TrialState.FAIL):
-                continue
-        except optuna.exceptions.UpdateFinishedTrialError:
-            continue  # finished meanwhile (a slow worker came back)
-        frozen = study._storage.get_trial(tid)
-        requeue(study, frozen, max_retries, reason)
-        failed.append(frozen.number)
-    return failed
-
-
-def _never_beating_trial_ids(study: optuna.Study, rdb: optuna.storages.RDBStorage) -> list[int]:
-    """RUNNING trials that never sent a heartbeat although started long ago: their worker died
-    between creating the trial and its first heartbeat. Optuna's own check skips them, and they
-    would then block the study forever (they count as running)."""
-    from optuna.storages._rdb import models
-
-    limit = 2 * (rdb.grace_period or 2 * (rdb.heartbeat_interval or 10)) + 10  # margin for clock skew
-    old = [t for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+    grace = rdb.grace_period or 2 * rdb.get_heartbeat_interval()
+    limit = 2 * grace + 10  # a silent trial: margin for clock skew between workers
+    study_id = rdb.get_study_id_from_name(study.study_name)
+    old = [rdb.get_trial_id_from_study_id_trial_number(study_id, t.number)
+           for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
            if t.datetime_start is not None and (datetime.now() - t.datetime_start).total_seconds() > limit]
-    if not old:
-        return []
-    session = rdb.scoped_session()
-    try:
-        return [t._trial_id for t in old if models.TrialHeartbeatModel.where_trial_id(t._trial_id, session) is None]
-    finally:
-        rdb.scoped_session.remove()
+    reason = f"worker stopped sending heartbeats for over {grace}s (killed or lost its connection)"
+    failed = []
+    for tid in heartbeat_dead_trial_ids(rdb, study_id, old):
+        number = rdb.get_trial(tid).number
+        if not fail_running_trial(study, number, reason):
+            continue  # finished meanwhile (a slow worker came back)
+        requeue(study, rdb.get_trial(tid), max_retries, reason)
+        failed.append(number)
+    return failed
 
 
 # --------------------------------------------------------------------------- one trial
@@ -195,7 +206,7 @@ class _Objective:
         except KeyboardInterrupt:
             self._record(trial, "interrupted (Ctrl-C / SIGTERM); parameters re-queued")
             with contextlib.suppress(Exception):
-                requeue(trial.study, _frozen(trial), self.max_retries, "interrupted", count=False)
+                requeue(trial.study, trial, self.max_retries, "interrupted", count=False)
             raise
         except Exception as exc:
             full = _is_disk_full(exc)
@@ -203,7 +214,7 @@ class _Objective:
                 self.disk_full = (trial.number, full)
                 self._record(trial, f"disk full: {full}")
                 with contextlib.suppress(Exception):
-                    requeue(trial.study, _frozen(trial), self.max_retries, "disk full", count=False)
+                    requeue(trial.study, trial, self.max_retries, "disk full", count=False)
             else:
                 self._record(trial, f"{type(exc).__name__}: {exc}")
             raise
@@ -212,10 +223,6 @@ class _Objective:
     def _record(trial: optuna.trial.Trial, reason: str) -> None:
         with contextlib.suppress(Exception):  # the storage itself may be what failed
             trial.set_user_attr("fail_reason", reason[:2000])
-
-
-def _frozen(trial: optuna.trial.Trial) -> optuna.trial.FrozenTrial:
-    return trial.study._storage.get_trial(trial._trial_id)
 
 
 @contextlib.contextmanager
@@ -256,6 +263,11 @@ def count(study: optuna.Study, *states: TrialState) -> int:
     return len(study.get_trials(deepcopy=False, states=states))
 
 
+def trial_numbered(study: optuna.Study, number: int) -> optuna.trial.FrozenTrial:
+    """Trial ``number`` of ``study`` as stored now (public API: one read of the study's trials)."""
+    return next(t for t in study.get_trials(deepcopy=False) if t.number == number)
+
+
 def work(
     study: optuna.Study,
     url: str,
@@ -268,7 +280,7 @@ def work(
     setup: Optional[Callable[[], None]] = None,
 ) -> None:
     """Run trials until the study holds ``s.trials`` COMPLETE trials, counting every worker's."""
-    lock = SlotLock(study, url, name)
+    lock = SlotLock(url, name)
     try:
         k = register_session(study, lock, setup)
         study.sampler = make_sampler(s.seed + k)
@@ -308,7 +320,7 @@ def work(
                     )
                 if objective.last_trial == before:
                     continue
-                t = study._storage.get_trial(study._storage.get_trial_id_from_study_id_trial_number(study._study_id, objective.last_trial))
+                t = trial_numbered(study, objective.last_trial)
                 fails_in_row = fails_in_row + 1 if t.state == TrialState.FAIL else 0
                 if fails_in_row >= MAX_CONSECUTIVE_FAILURES:
                     raise ConfigError(

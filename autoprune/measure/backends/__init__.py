@@ -94,11 +94,13 @@ def measure(artifact: ModelArtifact, profile: DeviceProfile, x: np.ndarray, refe
         return own(artifact, profile, x, reference)
     kw = dict(warmup=profile.warmup, repeats=profile.repeats, target_rel_ci=profile.target_rel_ci,
               max_time_s=profile.max_time_s, batch_size=int(x.shape[0]))
-    one = one_inference_timer(backend.load(artifact, profile), x)
-    if reference is None:
-        return time_callable(lambda: None, timed=one, **kw)
-    ref = one_inference_timer(backend.load(reference, profile), x)
-    return time_pair(one, ref, **kw)
+    # Process-wide settings (torch's thread count) hold for loading and timing only.
+    with backend.session(profile):
+        one = one_inference_timer(backend.load(artifact, profile), x)
+        if reference is None:
+            return time_callable(lambda: None, timed=one, **kw)
+        ref = one_inference_timer(backend.load(reference, profile), x)
+        return time_pair(one, ref, **kw)
 
 
 def with_overrides(profile: DeviceProfile, **kw: Any) -> DeviceProfile:

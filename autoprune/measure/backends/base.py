@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import abc
-from typing import Any, Callable, Optional, Protocol
+import contextlib
+from typing import Any, Callable, ContextManager, Optional, Protocol
 
 import numpy as np
 
@@ -40,6 +41,18 @@ class Backend(abc.ABC):
     @abc.abstractmethod
     def load(self, artifact: ModelArtifact, profile: DeviceProfile) -> Runner:
         """A runner for one synchronous inference of ``artifact`` on this backend."""
+
+    def session(self, profile: DeviceProfile) -> ContextManager[Any]:
+        """Process-wide settings the profile asks for (e.g. torch's intra-op thread count), held
+        only inside the ``with`` block and restored after it.
+
+        Settings such as ``torch.set_num_threads`` belong to the whole process: applied in
+        :meth:`load` and never undone they would leak into everything that runs afterwards (a
+        fine-tune on one thread after a ``threads: 1`` measurement). The timing loop wraps
+        loading and timing in this context; runners still apply the setting around each call of
+        their own, so a runner called later, outside the session, behaves the same.
+        """
+        return contextlib.nullcontext()
 
     #: Optional: ``measure(artifact, profile, x, reference) -> LatencyStats`` timed elsewhere.
     measure: Optional[Callable[..., LatencyStats]] = None

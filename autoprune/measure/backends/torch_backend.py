@@ -6,7 +6,9 @@ stream around the forward pass give the device time, then we synchronise once pe
 
 from __future__ import annotations
 
+import contextlib
 import copy
+from typing import Any, ContextManager, Iterator
 
 import numpy as np
 import torch
@@ -18,8 +20,34 @@ from autoprune.measure.onnx import ModelArtifact
 from autoprune.registry import BACKENDS
 
 
+@contextlib.contextmanager
+def torch_threads(n: int) -> Iterator[None]:
+    """Run the block with ``n`` intra-op torch threads, then restore the previous count.
+
+    ``torch.set_num_threads`` is process-wide; a measurement must not leave the process on the
+    profile's thread count (every later fine-tune would run on it). Already at ``n`` (inside a
+    :meth:`TorchBackend.session`) this costs one ``get_num_threads`` call, so the per-inference
+    use in the runner does not distort host-clock timings.
+    """
+    prev = torch.get_num_threads()
+    if prev == n:
+        yield
+        return
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(prev)
+
+
 class TorchBackend(Backend):
     name = "torch"
+
+    def session(self, profile: DeviceProfile) -> ContextManager[Any]:
+        """The profile's thread count for CPU profiles, restored on exit (see :func:`torch_threads`)."""
+        if profile.device.lower().startswith("cpu"):
+            return torch_threads(profile.threads)
+        return contextlib.nullcontext()
 
     def load(self, artifact: ModelArtifact, profile: DeviceProfile) -> Runner:
         if artifact.torch_model is None:
@@ -36,8 +64,6 @@ class TorchBackend(Backend):
         model = copy.deepcopy(artifact.torch_model).to(device).eval()
         dtype = torch.float16 if profile.precision == "fp16" else torch.float32
         model = model.to(dtype)
-        if device.type == "cpu":
-            torch.set_num_threads(profile.threads)
         if profile.compile:
             model = torch.compile(model, mode="max-autotune-no-cudagraphs" if device.type == "cuda" else "default")
 
@@ -46,7 +72,11 @@ class TorchBackend(Backend):
             return model(torch.from_numpy(x).to(device, dtype, non_blocking=True))
 
         def run(x: np.ndarray) -> np.ndarray:
-            out = forward(x)
+            # The thread count holds only while this inference runs (a no-op check inside
+            # ``session``), so a runner kept and called later neither runs on the process's
+            # current count nor changes it.
+            with self.session(profile):
+                out = forward(x)
             return out.float().cpu().numpy()
 
         if device.type != "cuda":

@@ -18,7 +18,24 @@ import torch_pruning as tp
 
 from autoprune.prune.methods.calibration import CalibStats
 
-_REDUCER = tp.importance.GroupMagnitudeImportance(p=1, normalizer=None)  # only its _reduce is used
+def mean_by_root(imps: list[torch.Tensor], roots: list[list[int]]) -> Optional[torch.Tensor]:
+    """Per root channel, the mean of the scores that several layers give it.
+
+    Each entry of ``imps`` scores some of the group's channels, ``roots`` says which (indices
+    into the root layer's channels). This is torch-pruning's ``group_reduction="mean"``, written
+    here because torch-pruning only has it as a private method of its importances: scores are
+    summed per root index, then divided by the number of layers that contributed. The result
+    is as long as the first layer's scores. Layers whose root indices are not all known are
+    skipped; None if none is left (torch-pruning would return NaNs there).
+    """
+    out = torch.zeros_like(imps[0], dtype=torch.float32)
+    n = 0
+    for imp, idx in zip(imps, roots):
+        if any(r is None for r in idx):
+            continue
+        out.scatter_add_(0, torch.tensor(idx, device=out.device, dtype=torch.long), imp.to(out.device, torch.float32))
+        n += 1
+    return out / n if n else None
 
 
 def _handler_name(dep: tp.Dependency) -> str:
@@ -261,9 +278,10 @@ class _Activation(Criterion):
             if m in table and max(idxs, default=-1) < table[m].numel():
                 imps.append(table[m][idxs])
                 roots.append(root)
-        if not imps:
+        reduced = mean_by_root(imps, roots) if imps else None
+        if reduced is None:
             return Magnitude(1).channels(group)  # no measured consumer: magnitude fallback
-        return _REDUCER._reduce(imps, roots)
+        return reduced
 
     def weights(self, layer, stats=None, rows=None):
         table = self._stat(stats)
