@@ -372,6 +372,14 @@ def test_weak_or_malformed_tokens_are_refused(token):
         make_server("127.0.0.1", 0, token)
 
 
+def test_a_port_in_use_is_a_config_error():
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        with pytest.raises(ConfigError, match="cannot listen on 127.0.0.1"):
+            make_server("127.0.0.1", taken.getsockname()[1], TOKEN)
+
+
 def _fake_server(monkeypatch) -> list:
     """Replace make_server in the CLI path: no port is opened (and none on 0.0.0.0)."""
     import autoprune.measure.server as server_mod

@@ -145,7 +145,8 @@ def check_token(token: Optional[str]) -> str:
         raise ConfigError("serve-latency: the token must be printable ASCII without spaces or line breaks (it travels "
                           f"in an HTTP header); make one with {_TOKEN_HINT}")
     if len(token) < MIN_TOKEN_CHARS:
-        raise ConfigError(f"serve-latency: the token has {len(token)} characters; use at least {MIN_TOKEN_CHARS} "
+        raise ConfigError(f"serve-latency: the token is {len(token)} character{'s' if len(token) != 1 else ''} long; "
+                          f"use at least {MIN_TOKEN_CHARS} "
                           f"(a guessable token opens this machine to anyone on the network); make one with {_TOKEN_HINT}")
     return token
 
@@ -224,12 +225,13 @@ class LatencyServer(ThreadingHTTPServer):
         self.uploads = _ByteBudget(self.limits.max_inflight_bytes)
         self._conn_lock = threading.Lock()
         self.connections = 0
+        # Before binding: socketserver calls server_close() when bind fails, and that closes the worker.
+        self.worker = MeasureWorker(allowed_backends, self.limits.max_memory_mb,
+                                    max_reply_bytes=_MB + 32 * self.limits.max_output_bytes)
         try:
             super().__init__(addr, _Handler)
         except OSError as exc:
             raise ConfigError(f"serve-latency: cannot listen on {addr[0]}:{addr[1]} ({exc.strerror or exc})") from None
-        self.worker = MeasureWorker(allowed_backends, self.limits.max_memory_mb,
-                                    max_reply_bytes=_MB + 32 * self.limits.max_output_bytes)
         try:
             self.worker.start()
         except WorkerFailure as exc:
