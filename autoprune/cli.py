@@ -96,22 +96,42 @@ def cmd_groups(args: argparse.Namespace, console: Console) -> int:
 def cmd_serve_latency(args: argparse.Namespace, console: Console) -> int:
     """Run the latency server on this (target) machine until interrupted."""
     import os
+    import signal
     from pathlib import Path
 
-    from autoprune.measure.server import make_server
+    from autoprune.measure import server
 
-    token = Path(args.token_file).read_text().strip() if args.token_file else os.environ.get(args.token_env, "")
+    if args.token_file:
+        try:
+            token = Path(args.token_file).read_text().strip()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"serve-latency: cannot read --token-file {args.token_file} "
+                              f"({getattr(exc, 'strerror', None) or type(exc).__name__})") from None
+    else:
+        token = os.environ.get(args.token_env, "")
     if not token:
         raise ConfigError(f"serve-latency needs a token: set {args.token_env} (e.g. export {args.token_env}=$(python -c "
                           "'import secrets; print(secrets.token_urlsafe(32))')) or pass --token-file")
-    srv = make_server(args.host, args.port, token, args.max_upload_mb)
-    console.print(f"autoprune serve-latency on {srv.url} (POST /v1/measure, GET /v1/info; uploads up to {args.max_upload_mb:g} MB)")
+    server.check_token(token)
+    warning = server.exposure_warning(args.host, args.port)
+    if warning:
+        print(f"warning: {warning}", file=sys.stderr)
+    limits = server.ServerLimits(max_upload_mb=args.max_upload_mb, max_measure_s=args.max_measure_s,
+                                 max_memory_mb=args.max_memory_mb, max_tensor_mb=args.max_tensor_mb,
+                                 max_connections=args.max_connections)
+    console.print("starting the measuring process (loads the runtimes) ...")
+    srv = server.make_server(args.host, args.port, token, limits=limits)
+    console.print(f"autoprune serve-latency on {srv.url} (POST /v1/measure, GET /v1/info; uploads up to {limits.max_upload_mb:g} MB, "
+                  f"{limits.max_measure_s:g} s and {limits.max_memory_mb:g} MB per measurement, {limits.max_connections} connections)")
+    # SIGTERM (systemd, docker stop) ends it like Ctrl-C: the measuring process and its files go too.
+    previous = signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     try:
         srv.serve_forever()
     except KeyboardInterrupt:
         pass
     finally:
         srv.server_close()
+        signal.signal(signal.SIGTERM, previous)
     return 0
 
 
@@ -250,7 +270,13 @@ def build_parser() -> argparse.ArgumentParser:
     sl.add_argument("--port", type=int, default=8765)
     sl.add_argument("--token-env", default="AUTOPRUNE_LATENCY_TOKEN", help="environment variable holding the token")
     sl.add_argument("--token-file", help="read the token from this file instead")
-    sl.add_argument("--max-upload-mb", type=float, default=256.0)
+    sl.add_argument("--max-upload-mb", type=float, default=256.0, help="largest request body (model + reference + input)")
+    sl.add_argument("--max-measure-s", type=float, default=120.0,
+                    help="seconds one request may use the device (loading, warm-up and timing together)")
+    sl.add_argument("--max-memory-mb", type=float, default=4096.0,
+                    help="memory the measuring process may add per model (0: no limit; needed for CUDA/TensorRT)")
+    sl.add_argument("--max-tensor-mb", type=float, default=1024.0, help="largest tensor a model may declare or imply")
+    sl.add_argument("--max-connections", type=int, default=32, help="open connections at once (more get 503)")
     sl.set_defaults(fn=cmd_serve_latency)
     return p
 

@@ -76,6 +76,23 @@ def test_interleaved_reference_ratio_survives_load_drift():
     assert st.reference_median_ms == pytest.approx(4 * st.median_ms)
 
 
+def test_a_deadline_cuts_warmup_and_repeats_short():
+    """The latency server's per-request time cap: counts give way to the clock, one sample at least."""
+    import time
+
+    def slow() -> float:
+        time.sleep(0.01)
+        return 0.01
+
+    for timing in (lambda d: time_callable(lambda: None, timed=slow, warmup=1000, repeats=1000, target_rel_ci=None, deadline=d),
+                   lambda d: time_pair(slow, slow, warmup=1000, repeats=1000, target_rel_ci=None, deadline=d)):
+        t0 = time.perf_counter()
+        st = timing(t0 + 0.3)
+        assert time.perf_counter() - t0 < 1.0 and 1 <= st.n < 1000
+        st = timing(time.perf_counter() - 1)  # already past: warm-up skipped, one sample
+        assert st.n == 1
+
+
 def test_stats_round_trip_through_json_dict():
     s = summarize(np.array([1.0, 2.0, 3.0, 4.0, 5.0]) / 1e3, batch_size=4)
     s.speedup = 2.5

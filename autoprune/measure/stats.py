@@ -81,6 +81,10 @@ def _stable(samples: list[float], target_rel_ci: Optional[float]) -> bool:
     return target_rel_ci is None or median_rel_ci(np.asarray(samples)) <= target_rel_ci
 
 
+def _past(deadline: Optional[float]) -> bool:
+    return deadline is not None and time.perf_counter() >= deadline
+
+
 def _host_timed(fn: Callable[[], object], timer: Callable[[], float]) -> Callable[[], float]:
     def one() -> float:
         t0 = timer()
@@ -99,6 +103,7 @@ def time_callable(
     batch_size: int = 1,
     timer: Callable[[], float] = time.perf_counter,
     timed: Optional[Callable[[], float]] = None,
+    deadline: Optional[float] = None,
 ) -> LatencyStats:
     """Time ``fn`` (one synchronous inference). ``repeats`` is the minimum sample count; with a
     ``target_rel_ci`` we keep sampling in chunks until the median is stable or ``max_time_s``
@@ -106,15 +111,23 @@ def time_callable(
 
     ``timed`` replaces ``fn`` + ``timer`` for runtimes that time themselves (CUDA events): it runs
     one inference and returns its duration in seconds.
+
+    ``deadline`` (a ``time.perf_counter()`` value) overrides the counts: warm-up and sampling stop
+    there, after at least one sample. The latency server uses it so that a request's warm-up and
+    repeats cannot hold the device longer than the server allows, however slow the model.
     """
     one = timed or _host_timed(fn, timer)
     for _ in range(warmup):
+        if _past(deadline):
+            break
         one()
     samples: list[float] = []
     t_start = time.perf_counter()
 
     def run(k: int) -> None:
         for _ in range(k):
+            if samples and _past(deadline):
+                return
             samples.append(one())
 
     run(repeats)
@@ -122,6 +135,7 @@ def time_callable(
         not _stable(samples, target_rel_ci)
         and time.perf_counter() - t_start < max_time_s
         and len(samples) < 100 * repeats
+        and not _past(deadline)
     ):
         run(max(10, repeats // 2))
     st = summarize(np.asarray(samples), batch_size)
@@ -138,6 +152,7 @@ def time_pair(
     target_rel_ci: Optional[float] = 0.02,
     max_time_s: float = 5.0,
     batch_size: int = 1,
+    deadline: Optional[float] = None,
 ) -> LatencyStats:
     """Time a candidate and a dense reference interleaved (A, B, B, A, ...) in one session.
 
@@ -145,9 +160,12 @@ def time_pair(
     drifts on a scale of seconds, so adjacent A/B samples see the same conditions: the median of
     the per-pair ratios ``ref / candidate`` is far steadier than either absolute median. Sampling
     continues until both medians and the ratio are stable (or time runs out). Returns the
-    candidate's stats with ``reference_median_ms`` and ``speedup`` filled in.
+    candidate's stats with ``reference_median_ms`` and ``speedup`` filled in. ``deadline`` as in
+    :func:`time_callable` (at least one pair is timed).
     """
     for _ in range(warmup):
+        if _past(deadline):
+            break
         fn()
         ref()
     a: list[float] = []
@@ -156,6 +174,8 @@ def time_pair(
 
     def run(k: int) -> None:
         for i in range(k):
+            if a and _past(deadline):
+                return
             if i % 2:  # alternate the order so neither model always runs right after the other
                 b.append(ref())
                 a.append(fn())
@@ -171,6 +191,7 @@ def time_pair(
         not (_stable(a, target_rel_ci) and _stable(b, target_rel_ci) and _stable(list(ratios()), target_rel_ci))
         and time.perf_counter() - t_start < max_time_s
         and len(a) < 100 * repeats
+        and not _past(deadline)
     ):
         run(max(10, repeats // 2))
     st = summarize(np.asarray(a), batch_size)

@@ -77,13 +77,14 @@ def ensure_precision(artifact: ModelArtifact, profile: DeviceProfile, calib: Opt
 
 
 def measure(artifact: ModelArtifact, profile: DeviceProfile, x: np.ndarray, reference: Optional[ModelArtifact] = None,
-            calib: Optional[list[np.ndarray]] = None) -> LatencyStats:
+            calib: Optional[list[np.ndarray]] = None, deadline: Optional[float] = None) -> LatencyStats:
     """Load ``artifact`` on the profile's backend and time one inference of ``x``.
 
     With ``reference`` (the dense model) both are timed interleaved in this session and the stats
     carry ``speedup`` = reference time / candidate time. With an int8 profile, unquantized
     artifacts are quantized first (on ``calib`` samples, else on random inputs: fine for latency,
-    not for accuracy).
+    not for accuracy). ``deadline`` (a ``time.perf_counter()`` value) cuts warm-up and repeats
+    short there (local backends only; see :func:`autoprune.measure.stats.time_callable`).
     """
     backend = get(profile.backend)
     artifact = ensure_precision(artifact, profile, calib)
@@ -93,7 +94,7 @@ def measure(artifact: ModelArtifact, profile: DeviceProfile, x: np.ndarray, refe
     if own is not None:
         return own(artifact, profile, x, reference)
     kw = dict(warmup=profile.warmup, repeats=profile.repeats, target_rel_ci=profile.target_rel_ci,
-              max_time_s=profile.max_time_s, batch_size=int(x.shape[0]))
+              max_time_s=profile.max_time_s, batch_size=int(x.shape[0]), deadline=deadline)
     # Process-wide settings (torch's thread count) hold for loading and timing only.
     with backend.session(profile):
         one = one_inference_timer(backend.load(artifact, profile), x)

@@ -8,11 +8,15 @@ settings crosses the wire; the token comes from the environment variable ``token
 Wire format (``POST /v1/measure``): header ``Authorization: Bearer <token>``, header
 ``X-Autoprune-Settings: <json>`` with ``parts`` (``[[kind, nbytes], ...]``, kind ``model``,
 ``reference`` or ``input``: raw float32 of ``input_shape``), body = the parts concatenated.
+Replies are strict JSON: a non-finite number (``rel_ci`` with under 5 samples) comes as null,
+and ``time_limited`` says the server's per-request time cap cut warm-up or repeats short.
 """
 
 from __future__ import annotations
 
 import json
+import logging
+import math
 import os
 import urllib.error
 import urllib.request
@@ -27,6 +31,8 @@ from autoprune.measure.backends.base import Backend, FnRunner, Runner
 from autoprune.measure.onnx import ModelArtifact
 from autoprune.measure.stats import LatencyStats
 from autoprune.registry import BACKENDS
+
+log = logging.getLogger(__name__)
 
 #: Profile keys the server accepts (anything else is ignored there).
 SETTINGS_KEYS = ("device", "threads", "warmup", "repeats", "target_rel_ci", "max_time_s", "precision", "mode")
@@ -105,7 +111,13 @@ class RemoteBackend(Backend):
     def measure(self, artifact: ModelArtifact, profile: DeviceProfile, x: np.ndarray,
                 reference: Optional[ModelArtifact] = None) -> LatencyStats:
         res = self.request(artifact, profile, reference, input_shape=list(x.shape))
-        return LatencyStats.from_dict(res["latency"])
+        lat = dict(res["latency"])
+        if lat.get("rel_ci") is None:  # strict JSON has no Infinity: the server sends null (too few samples)
+            lat["rel_ci"] = math.inf
+        if res.get("time_limited"):
+            log.warning("latency server %s stopped timing at its limit of %s s per request: %s samples instead of "
+                        "the %s asked for", profile.url, res.get("limits", {}).get("max_measure_s"), lat.get("n"), profile.repeats)
+        return LatencyStats.from_dict(lat)
 
     def load(self, artifact: ModelArtifact, profile: DeviceProfile) -> Runner:
         """A runner that asks the server for outputs (for cross-checks; each call is one request)."""
