@@ -28,15 +28,17 @@ def _fmt_row_table(rows: list[dict], dense: Optional[dict], title: str) -> Table
 
 def cmd_search(args: argparse.Namespace, console: Console) -> int:
     from autoprune.api import run
-    from autoprune.config import load_run_config
+    from autoprune.config import load_run_config, parse_assignments
 
     overrides = {
+    # Every flag lands in the run config (and so in the resume check); none is dropped.
         "model": args.model, "data": args.data, "search_space": args.search_space, "device_profile": args.device_profile,
         "out": args.out, "search.trials": args.trials, "search.storage": args.storage, "search.study_name": args.study_name,
         "search.seed": args.seed, "search.sampler": args.sampler, "finetune.steps": args.finetune_steps,
-        "pretrain_seconds": args.pretrain_seconds, "search.timeout_s": args.timeout,
+        "pretrain_steps": args.pretrain_steps, "pretrain_seconds": args.pretrain_seconds, "image_size": args.image_size,
+        "search.timeout_s": args.timeout,
     }
-    cfg = load_run_config(args.config, **overrides)
+    cfg = load_run_config(args.config, parse_assignments(args.set), **overrides)
     try:
         result = run(cfg, console=Console(stderr=True))
     except KeyboardInterrupt:
@@ -187,7 +189,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int)
     s.add_argument("--sampler", choices=["nsga2", "tpe", "random", "gp"])
     s.add_argument("--finetune-steps", type=int)
-    s.add_argument("--pretrain-seconds", type=float)
+    s.add_argument("--pretrain-steps", type=int, help="train a model without weights for exactly this many steps (default 150)")
+    s.add_argument("--pretrain-seconds", type=float,
+                   help="train a model without weights for this much wall time instead of --pretrain-steps (not reproducible)")
+    s.add_argument("--image-size", type=int, help="input height and width the data is resized to (digits: 16, ImageFolder: 224)")
     s.add_argument("--timeout", type=float, help="stop starting new trials after this many seconds")
     s.set_defaults(fn=cmd_search)
 
@@ -197,6 +202,9 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("--max-params", type=int)
     k.add_argument("--max-flops", type=float)
     k.add_argument("--min-accuracy", type=float)
+    s.add_argument("--set", action="append", metavar="KEY=VALUE", default=[],
+                   help="set any run-config key, dotted for sections, value in YAML (repeatable): "
+                        "--set efficiency.final_finetune_steps=200 --set search.max_accuracy_drop=0.05")
     k.add_argument("--max-size-mb", type=float, help="ONNX file size budget in MB (10^6 bytes)")
     k.add_argument("--trial", type=int)
     k.add_argument("--profile", help="device profile --max-latency-ms refers to (default: the search's; others need 'autoprune remeasure')")

@@ -53,6 +53,9 @@ def _run_config(study: optuna.Study, run_dir: Path, tmp: Path, storage: Optional
     data.setdefault("search", {})
     # Studies made before data_seed existed split their data with search.seed.
     data.setdefault("data_seed", data["search"].get("seed", 0))
+    # Studies made before the config held one pretrain budget stored both; the steps were used.
+    if data.get("pretrain_steps") is not None:
+        data.pop("pretrain_seconds", None)
     data["search"] = {**data["search"], "storage": storage, "study_name": study_name}
     return validate(RunConfig, data, f"{run_dir} (config stored in the study)")
 
