@@ -462,7 +462,8 @@ def load_run_config(path: Optional[str], assignments: Optional[Mapping[str, Any]
     return validate(RunConfig, data, source)
 
 
-def config_hash(*parts: BaseModel) -> str:
-    """Stable hash of everything that shapes the search space, stored in the study to refuse mixing."""
-    blob = json.dumps([p.model_dump(mode="json") for p in parts], sort_keys=True)
+def config_hash(*parts: BaseModel | Mapping[str, Any]) -> str:
+    """Stable hash of everything that shapes the search space, stored in the study to refuse mixing.
+    Parts are models or their JSON dumps (the same hash either way)."""
+    blob = json.dumps([p.model_dump(mode="json") if isinstance(p, BaseModel) else p for p in parts], sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
