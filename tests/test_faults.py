@@ -348,3 +348,38 @@ def test_study_of_an_older_autoprune_resumes_with_a_final_stage_added(template: 
     with pytest.raises(ConfigError, match=r"changed: finetune\.steps: 2 -> 3\)"):
         run(_cfg(template, out, trials=1, finetune={"steps": 3}), console=_quiet(), export=False)
 
+
+def test_storage_errors_never_show_the_password(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from types import SimpleNamespace
+
+    from autoprune.study import study as st
+    from autoprune.study.storage import load_run_study
+
+    url = "postgresql://autoprune:s3cr3t-pw@db.example:5432/studies"
+    ctx = SimpleNamespace(cfg=validate(RunConfig, {"search": {"storage": url}}, "test"), out=tmp_path)
+    messages = []
+
+    def quoting_driver(u: str, *a: Any, **k: Any) -> None:  # drivers quote the URL, or the password alone
+        raise RuntimeError(f"could not connect to {u}: password 's3cr3t-pw' rejected\nhint: check pg_hba.conf")
+
+    monkeypatch.setattr(st, "make_storage", quoting_driver)
+    with pytest.raises(ConfigError, match="cannot open an Optuna study") as e:
+        st.open_study(ctx)  # type: ignore[arg-type]
+    messages.append(str(e.value))
+
+    single = optuna.storages.RDBStorage(f"sqlite:///{tmp_path / 'single.db'}")
+    optuna.create_study(storage=single, study_name="autoprune", direction="maximize")
+    monkeypatch.setattr(st, "make_storage", lambda *a, **k: single)
+    with pytest.raises(ConfigError, match="has other objectives") as e:
+        st.open_study(ctx)  # type: ignore[arg-type]
+    messages.append(str(e.value))
+
+    with pytest.raises(ConfigError) as e:  # nothing listens there (or no PostgreSQL driver installed)
+        load_run_study(tmp_path, "postgresql://autoprune:s3cr3t-pw@127.0.0.1:1/studies")
+    messages.append(str(e.value))
+    monkeypatch.setattr(optuna.storages, "RDBStorage", quoting_driver)
+    with pytest.raises(ConfigError, match="cannot open it") as e:
+        load_run_study(tmp_path, url)
+    messages.append(str(e.value))
+    for m in messages:
+        assert "s3cr3t-pw" not in m and "autoprune:***@" in m and "\n" not in m, m

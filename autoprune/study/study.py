@@ -24,7 +24,7 @@ from autoprune.config import (
 from autoprune.errors import ConfigError
 from autoprune.study.context import SearchContext
 from autoprune.study.space import seed_plans
-from autoprune.study.storage import check_base_model, make_storage, public_config
+from autoprune.study.storage import check_base_model, make_storage, public_config, redact_url, storage_error
 from autoprune.study.trial import DIRECTIONS, run_trial
 from autoprune.study.workers import requeue, work
 
@@ -157,7 +157,7 @@ def open_study(ctx: SearchContext) -> optuna.Study:
     url = storage_url(ctx)
     name = ctx.cfg.search.study_name or "autoprune"
 
-    shown = url.split("@")[-1]  # never print a password
+    shown = redact_url(url)  # never print a password
     try:
         retries = ctx.cfg.search.max_retries
         storage = make_storage(url, ctx.cfg.search, lambda st, t: requeue_trial(st, t, retries))
@@ -169,9 +169,9 @@ def open_study(ctx: SearchContext) -> optuna.Study:
     except Exception as exc:  # noqa: BLE001 - sqlalchemy/optuna raise many types for a bad file
         hint = (" It is not an Optuna SQLite database (corrupt, or another program's file): move it away or use"
                 " another --out.") if url.startswith("sqlite") else " Check the URL, that the server runs, and the user's rights."
-        raise ConfigError(f"storage {shown}: cannot open an Optuna study there ({type(exc).__name__}: {str(exc)[:300]}).{hint}") from None
+        raise ConfigError(f"storage {shown}: cannot open an Optuna study there ({storage_error(exc, url)}).{hint}") from None
     if [d.name.lower() for d in study.directions] != study_directions(ctx):
-        raise ConfigError(f"storage {url}: study {name!r} has other objectives; use another --out or --study-name")
+        raise ConfigError(f"storage {shown}: study {name!r} has other objectives; use another --out or --study-name")
     h = search_hash(ctx)
     stored = study.user_attrs.get("search_hash")
     if stored is not None and study.user_attrs.get("search_hash_version") != SEARCH_HASH_VERSION:
