@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import sys
 from typing import Optional, Sequence
@@ -10,7 +11,7 @@ from typing import Optional, Sequence
 from rich.console import Console
 from rich.table import Table
 
-from autoprune.errors import ConfigError
+from autoprune.errors import AutopruneError, ConfigError
 
 
 def _fmt_row_table(rows: list[dict], dense: Optional[dict], title: str) -> Table:
@@ -30,8 +31,8 @@ def cmd_search(args: argparse.Namespace, console: Console) -> int:
     from autoprune.api import run
     from autoprune.config import load_run_config, parse_assignments
 
-    overrides = {
     # Every flag lands in the run config (and so in the resume check); none is dropped.
+    overrides = {
         "model": args.model, "data": args.data, "search_space": args.search_space, "device_profile": args.device_profile,
         "out": args.out, "search.trials": args.trials, "search.storage": args.storage, "search.study_name": args.study_name,
         "search.seed": args.seed, "search.sampler": args.sampler, "finetune.steps": args.finetune_steps,
@@ -102,7 +103,14 @@ def cmd_serve_latency(args: argparse.Namespace, console: Console) -> int:
 
     from autoprune.measure.server import make_server
 
-    token = Path(args.token_file).read_text().strip() if args.token_file else os.environ.get(args.token_env, "")
+    if args.token_file:
+        try:
+            token = Path(args.token_file).read_text().strip()
+        except OSError as exc:
+            raise ConfigError(f"{args.token_file}: --token-file cannot be read ({exc.strerror or exc}); "
+                              "pass a file that holds the token") from None
+    else:
+        token = os.environ.get(args.token_env, "")
     if not token:
         raise ConfigError(f"serve-latency needs a token: set {args.token_env} (e.g. export {args.token_env}=$(python -c "
                           "'import secrets; print(secrets.token_urlsafe(32))')) or pass --token-file")
@@ -194,6 +202,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="train a model without weights for this much wall time instead of --pretrain-steps (not reproducible)")
     s.add_argument("--image-size", type=int, help="input height and width the data is resized to (digits: 16, ImageFolder: 224)")
     s.add_argument("--timeout", type=float, help="stop starting new trials after this many seconds")
+    s.add_argument("--set", action="append", metavar="KEY=VALUE", default=[],
+                   help="set any run-config key, dotted for sections, value in YAML (repeatable): "
+                        "--set efficiency.final_finetune_steps=200 --set search.max_accuracy_drop=0.05")
     s.set_defaults(fn=cmd_search)
 
     k = sub.add_parser("pick", help="choose a Pareto model for a budget and write its deploy files")
@@ -202,9 +213,6 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("--max-params", type=int)
     k.add_argument("--max-flops", type=float)
     k.add_argument("--min-accuracy", type=float)
-    s.add_argument("--set", action="append", metavar="KEY=VALUE", default=[],
-                   help="set any run-config key, dotted for sections, value in YAML (repeatable): "
-                        "--set efficiency.final_finetune_steps=200 --set search.max_accuracy_drop=0.05")
     k.add_argument("--max-size-mb", type=float, help="ONNX file size budget in MB (10^6 bytes)")
     k.add_argument("--trial", type=int)
     k.add_argument("--profile", help="device profile --max-latency-ms refers to (default: the search's; others need 'autoprune remeasure')")
@@ -273,6 +281,16 @@ def _quiet_library_warnings() -> None:
         warnings.filterwarnings("ignore", category=cat)
 
 
+#: OSErrors that describe the machine, never a bug in autoprune: shown as one line like an
+#: AutopruneError. Others (a missing file autoprune itself should have written, ...) keep their
+#: traceback.
+_ENVIRONMENT_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
+
+
+def _one_line(text: str) -> str:
+    return " ".join(str(text).split())
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv:
@@ -280,12 +298,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     _quiet_library_warnings()
     console = Console()  # results on stdout; progress and logs go to stderr
-    from autoprune.errors import BackendUnavailable
-
     try:
         return args.fn(args, console)
-    except (ConfigError, BackendUnavailable) as exc:
-        print(f"error: {exc}", file=sys.stderr)  # unwrapped: users grep and paste these
+    except AutopruneError as exc:
+        print(f"error: {_one_line(str(exc))}", file=sys.stderr)  # unwrapped: users grep and paste these
+        return 2
+    except OSError as exc:
+        if exc.errno not in _ENVIRONMENT_ERRNOS:
+            raise
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"error: {where}{exc.strerror or exc}; free space or choose a location you can write to", file=sys.stderr)
         return 2
 
 

@@ -1,9 +1,15 @@
-"""The command line: pick, bench, groups and clear errors (exit code 2, message on stderr)."""
+"""The command line: pick, bench, groups, search flags, and clear errors (exit code 2, one line on stderr)."""
 
+import errno
 import json
+import re
 import shutil
 import subprocess
 import sys
+import warnings
+from pathlib import Path
+
+import pytest
 
 from autoprune.cli import main
 
@@ -55,3 +61,78 @@ def test_bad_config_key_clear_error(tmp_path):
     cfg.write_text("trails: 5\n")
     p = subprocess.run([sys.executable, "-m", "autoprune.cli", "search", "--config", str(cfg)], capture_output=True, text=True, timeout=120)
     assert p.returncode == 2 and "c.yaml" in p.stderr and "trails" in p.stderr and "allowed keys" in p.stderr
+
+
+# --------------------------------------------------------------------------- one-line errors
+@pytest.fixture(scope="module")
+def small_onnx(tmp_path_factory) -> Path:
+    """A static-shape (batch 1) ONNX file, exported without a search."""
+    import torch
+
+    path = tmp_path_factory.mktemp("onnx") / "m.onnx"
+    model = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.ReLU(), torch.nn.Flatten(), torch.nn.Linear(4 * 14 * 14, 10)).eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model, (torch.zeros(1, 1, 16, 16),), str(path), dynamo=False)
+    return path
+
+
+def _one_line_error(capsys, argv: list[str]) -> str:
+    rc = main(argv)
+    err = capsys.readouterr().err
+    assert rc == 2, err
+    assert "Traceback" not in err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    return lines[0]
+
+
+@pytest.mark.parametrize("argv, expected", [
+    (["bench", "{onnx}", "--device-profile", "torch-cpu"], r"m\.onnx: device profile 'torch-cpu' \(backend torch\) times PyTorch modules.*shipped: .*onnxruntime-cpu.*openvino-cpu"),
+    (["bench", "{onnx}", "--batch-size", "4"], r"m\.onnx: the model's batch size is fixed at 1.*drop --batch-size 4"),
+    (["bench", "{tmp}/missing.onnx"], r"missing\.onnx: file not found"),
+    (["bench", "{tmp}"], r": not a file; pass an \.onnx file"),
+    (["search", "--out", "{onnx}"], r"m\.onnx: --out \(run folder\) names a file, not a folder"),
+    (["search", "--out", "{onnx}/run"], r"m\.onnx/run: --out \(run folder\) cannot be created"),
+    (["search", "--set", "finetune.steps"], r"--set 'finetune\.steps': expected KEY=VALUE"),
+    (["search", "--set", "search.trails=3"], r"key 'search\.trails': unknown key \(allowed keys: .*trials"),
+    (["search", "--pretrain-steps", "3", "--pretrain-seconds", "2"], r"pretrain_steps \(3\) and pretrain_seconds \(2\.0\) are both set"),
+    (["search", "--trials", "3", "--set", "search.trials=4"], r"search\.trials is given twice"),
+    (["search", "--config", "{tmp}/bad.yaml"], r"bad\.yaml: invalid RunConfig: key 'finetune\.stesp': unknown key.*; key 'trails': unknown key"),
+    (["serve-latency", "--token-file", "{tmp}/no-token"], r"no-token: --token-file cannot be read"),
+])
+def test_user_errors_are_one_line_without_traceback(argv, expected, small_onnx, tmp_path, capsys):
+    (tmp_path / "bad.yaml").write_text("trails: 5\nfinetune:\n  stesp: 3\n")
+    argv = [a.format(onnx=small_onnx, tmp=tmp_path) for a in argv]
+    assert re.search(expected, _one_line_error(capsys, argv))
+
+
+def test_output_paths_that_are_files_are_refused_before_any_work(tiny_run, tmp_path, capsys):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    run = str(tiny_run.out)
+    assert re.search(r"a-file: --dest names a file", _one_line_error(capsys, ["pick", run, "--dest", str(blocker)]))
+    assert re.search(r"a-file: --dest names a file", _one_line_error(capsys, ["export", run, "--trial", "0", "--dest", str(blocker)]))
+    assert re.search(r"a-file: --out's folder names a file, not a folder",
+                     _one_line_error(capsys, ["report", run, "--out", str(blocker / "r.html")]))
+
+
+def test_disk_full_is_one_line_but_bugs_keep_their_traceback(monkeypatch, small_onnx, capsys):
+    import autoprune.api
+
+    def full(*a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device", "/data/runs/x/model.onnx")
+
+    monkeypatch.setattr(autoprune.api, "bench", full)
+    assert "/data/runs/x/model.onnx: No space left on device" in _one_line_error(capsys, ["bench", str(small_onnx)])
+
+    def bug(*a, **k):
+        raise KeyError("latency")
+
+    monkeypatch.setattr(autoprune.api, "bench", bug)
+    with pytest.raises(KeyError):
+        main(["bench", str(small_onnx)])
+    monkeypatch.setattr(autoprune.api, "bench", lambda *a, **k: (_ for _ in ()).throw(FileNotFoundError(2, "gone", "/x")))
+    with pytest.raises(FileNotFoundError):  # not a machine condition: may be a bug, keeps its traceback
+        main(["bench", str(small_onnx)])
+

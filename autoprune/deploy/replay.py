@@ -24,7 +24,7 @@ from autoprune.config import RunConfig, validate
 from autoprune.errors import ConfigError
 from autoprune.results.artifacts import export_trial_artifacts
 from autoprune.results.front import trial_row
-from autoprune.runfolder import file_lock, trial_dir
+from autoprune.runfolder import file_lock, trial_dir, writable_dir
 from autoprune.study.context import prepare
 from autoprune.study.fidelity import MIN_FULL_TRIALS
 from autoprune.study.final import final_finetune, final_seed
@@ -120,6 +120,8 @@ def rebuild_trial(
         reason = frozen.user_attrs.get("fail_reason", "")
         raise ConfigError(f"trial {trial} is {frozen.state.name}{' (' + reason + ')' if reason else ''}; only complete trials can be exported")
 
+    # Checked before the (possibly long) rebuild, not when the files are written.
+    out = writable_dir(Path(dest) if dest else run_dir / "export" / f"trial_{trial:05d}", "--dest")
     with tempfile.TemporaryDirectory(prefix="autoprune-rebuild-") as tmpd:
         tmp = Path(tmpd)
         cfg = _run_config(study, run_dir, tmp, storage, study_name)
@@ -182,7 +184,6 @@ def rebuild_trial(
             row.update(final=final, search_accuracy=row["accuracy"], search_latency_ms=row["latency_ms"],
                        accuracy=final["final_accuracy"], latency_ms=final["final_latency_ms"])
             check["final"] = {"accuracy": facc, "stored_accuracy": final["final_accuracy"], "finetune_seed": final_seed(cfg, trial)}
-        out = Path(dest) if dest else run_dir / "export" / f"trial_{trial:05d}"
         meta_extra = {
             "device_profile": ctx.profile.model_dump(mode="json"),
             "config": study.user_attrs.get("config"),
