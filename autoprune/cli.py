@@ -272,13 +272,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _quiet_library_warnings() -> None:
-    """torch/optuna deprecation and experimental notices are for us, not for users of the CLI."""
+    """torch/optuna deprecation and experimental notices are for us, not for users of the CLI.
+
+    Optuna's INFO log (``[I ...] A new study created in RDB with name: ...``, one line per
+    trial) duplicates autoprune's own progress, so the CLI keeps Optuna at WARNING. Only the
+    CLI does this, and for its own process: ``autoprune.search()`` leaves Optuna's logging to
+    the program that embeds it (it may rely on those lines).
+    """
     import warnings
 
     import optuna
 
     for cat in (FutureWarning, DeprecationWarning, UserWarning, optuna.exceptions.ExperimentalWarning):
         warnings.filterwarnings("ignore", category=cat)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
 
 
 #: OSErrors that describe the machine, never a bug in autoprune: shown as one line like an

@@ -2,6 +2,7 @@
 
 import errno
 import json
+import logging
 import re
 import shutil
 import subprocess
@@ -9,6 +10,7 @@ import sys
 import warnings
 from pathlib import Path
 
+import optuna
 import pytest
 
 from autoprune.cli import main
@@ -136,3 +138,41 @@ def test_disk_full_is_one_line_but_bugs_keep_their_traceback(monkeypatch, small_
     with pytest.raises(FileNotFoundError):  # not a machine condition: may be a bug, keeps its traceback
         main(["bench", str(small_onnx)])
 
+
+# --------------------------------------------------------------------------- search flags
+def test_search_flags_and_set_take_effect_and_a_final_stage_resumes(tmp_path, fast_profile, capfd):
+    out = tmp_path / "run"
+    argv = ["search", "--out", str(out), "--device-profile", str(fast_profile), "--trials", "1", "--finetune-steps", "2",
+            "--pretrain-steps", "7", "--image-size", "12", "--set", "exporter=torchscript",
+            "--set", "efficiency.sensitivity_scan=false"]
+    optuna_log: list[str] = []
+    listener = logging.Handler(logging.DEBUG)
+    listener.emit = lambda record: optuna_log.append(record.getMessage())  # type: ignore[method-assign]
+    logging.getLogger("optuna").addHandler(listener)
+    optuna.logging.set_verbosity(optuna.logging.INFO)  # Optuna's default in a fresh process
+    try:
+        assert main([*argv, "--set", "search.population_size=4"]) == 0
+    finally:
+        logging.getLogger("optuna").removeHandler(listener)
+    assert not [m for m in optuna_log if "A new study created" in m]  # Optuna's own INFO log is off in the CLI
+    err = capfd.readouterr().err
+    assert "training the dense demo model for 7 steps" in err
+    meta = json.loads(next((out / "pareto").glob("*/metadata.json")).read_text())
+    assert meta["input_shape"] == [1, 1, 12, 12]
+    cfg = meta["config"]
+    assert (cfg["pretrain_steps"], cfg["pretrain_seconds"], cfg["image_size"], cfg["exporter"]) == (7, None, 12, "torchscript")
+    assert (cfg["efficiency"]["sensitivity_scan"], cfg["search"]["population_size"]) == (False, 4)
+
+    # the same run with a final stage added (and another population size) resumes: no new trial
+    assert main([*argv, "--set", "efficiency.final_finetune_steps=2", "--set", "search.population_size=6"]) == 0
+    capfd.readouterr()
+    final = json.loads((out / "final.json").read_text())
+    assert final and all(v["steps"] == 2 for v in final.values())
+    study = optuna.load_study(study_name="autoprune", storage=f"sqlite:///{out / 'study.db'}")
+    assert len(study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))) == 1
+
+    # an explicit --pretrain-seconds is not ignored: it replaces the step budget, which would
+    # change the dense model of this run folder, so the resume is refused and says why
+    assert main([a for a in argv if a not in ("--pretrain-steps", "7")] + ["--pretrain-seconds", "1"]) == 2
+    err = capfd.readouterr().err
+    assert "Traceback" not in err and re.search(r"changed: .*pretrain_steps: 7 -> None", err), err
