@@ -19,12 +19,12 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
-from autoprune.config import RunConfig, load_device_profile, load_run_config
+from autoprune.config import RunConfig, load_device_profile, load_run_config, shipped_dir
 from autoprune.errors import ConfigError
 from autoprune.measure import backends
 from autoprune.results.artifacts import export_front
 from autoprune.results.front import front
-from autoprune.runfolder import RunFolder, file_lock
+from autoprune.runfolder import RunFolder, file_lock, writable_dir
 from autoprune.study.context import SearchContext, prepare
 from autoprune.study.final import final_stage
 from autoprune.study.storage import public_config, redact_url
@@ -94,6 +94,7 @@ def run(cfg: RunConfig, console: Optional[Console] = None, export: bool = True) 
 
     # Workers sharing the run folder: the first trains and measures the dense model, the others
     # wait here and load its base_model.pt / dense.json (the study checks the weights' hash).
+    writable_dir(cfg.out, "--out (run folder)")
     with file_lock(RunFolder(Path(cfg.out)).prepare_lock):
         ctx = prepare(cfg, console=lambda s: console.log(s))
     local = cfg.search.storage is None
@@ -167,6 +168,16 @@ def search(
     return run(cfg, console=console)
 
 
+def onnx_profiles() -> list[str]:
+    """Names of the shipped device profiles that can time an ONNX file (backend other than torch)."""
+    names = []
+    for path in sorted(shipped_dir("device_profiles").glob("*.yaml")):
+        with contextlib.suppress(ConfigError):
+            if load_device_profile(str(path)).backend != "torch":
+                names.append(path.stem)
+    return names
+
+
 def bench(onnx_path: str, device_profile: str = "onnxruntime-cpu", batch_size: Optional[int] = None) -> dict[str, Any]:
     """Latency of any ONNX file on a device profile, with the code the search uses."""
     import numpy as np
@@ -175,14 +186,22 @@ def bench(onnx_path: str, device_profile: str = "onnxruntime-cpu", batch_size: O
 
     p = Path(onnx_path)
     if not p.is_file():
-        raise ConfigError(f"{onnx_path}: file not found")
+        raise ConfigError(f"{onnx_path}: file not found" if not p.exists() else f"{onnx_path}: not a file; pass an .onnx file")
     profile = load_device_profile(device_profile)
+    if profile.backend == "torch":
+        raise ConfigError(
+            f"{onnx_path}: device profile {profile.name!r} (backend torch) times PyTorch modules, not ONNX files; "
+            f"bench it with a profile whose backend is onnxruntime, openvino or remote (shipped: {', '.join(onnx_profiles())})"
+        )
     try:
         m = onnx.load(str(p), load_external_data=False)
     except Exception as exc:  # noqa: BLE001
-        raise ConfigError(f"{onnx_path}: not a readable ONNX model ({exc})") from None
+        raise ConfigError(f"{onnx_path}: not a readable ONNX model ({' '.join(str(exc).split())[:300]})") from None
     dims = m.graph.input[0].type.tensor_type.shape.dim
     shape = [d.dim_value if d.dim_value > 0 else None for d in dims]
+    if batch_size and shape[0] is not None and batch_size != shape[0]:
+        raise ConfigError(f"{onnx_path}: the model's batch size is fixed at {shape[0]} (static input shape {shape}); "
+                          f"drop --batch-size {batch_size}, or export the model with that batch size")
     shape[0] = batch_size or shape[0] or profile.batch_size
     if any(s is None for s in shape):
         if not profile.input_shape:

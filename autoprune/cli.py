@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import sys
 from typing import Optional, Sequence
@@ -10,7 +11,7 @@ from typing import Optional, Sequence
 from rich.console import Console
 from rich.table import Table
 
-from autoprune.errors import ConfigError
+from autoprune.errors import AutopruneError, ConfigError
 
 
 def _fmt_row_table(rows: list[dict], dense: Optional[dict], title: str) -> Table:
@@ -28,15 +29,17 @@ def _fmt_row_table(rows: list[dict], dense: Optional[dict], title: str) -> Table
 
 def cmd_search(args: argparse.Namespace, console: Console) -> int:
     from autoprune.api import run
-    from autoprune.config import load_run_config
+    from autoprune.config import load_run_config, parse_assignments
 
+    # Every flag lands in the run config (and so in the resume check); none is dropped.
     overrides = {
         "model": args.model, "data": args.data, "search_space": args.search_space, "device_profile": args.device_profile,
         "out": args.out, "search.trials": args.trials, "search.storage": args.storage, "search.study_name": args.study_name,
         "search.seed": args.seed, "search.sampler": args.sampler, "finetune.steps": args.finetune_steps,
-        "pretrain_seconds": args.pretrain_seconds, "search.timeout_s": args.timeout,
+        "pretrain_steps": args.pretrain_steps, "pretrain_seconds": args.pretrain_seconds, "image_size": args.image_size,
+        "search.timeout_s": args.timeout,
     }
-    cfg = load_run_config(args.config, **overrides)
+    cfg = load_run_config(args.config, parse_assignments(args.set), **overrides)
     try:
         result = run(cfg, console=Console(stderr=True))
     except KeyboardInterrupt:
@@ -105,8 +108,8 @@ def cmd_serve_latency(args: argparse.Namespace, console: Console) -> int:
         try:
             token = Path(args.token_file).read_text().strip()
         except (OSError, UnicodeDecodeError) as exc:
-            raise ConfigError(f"serve-latency: cannot read --token-file {args.token_file} "
-                              f"({getattr(exc, 'strerror', None) or type(exc).__name__})") from None
+            raise ConfigError(f"{args.token_file}: --token-file cannot be read ({getattr(exc, 'strerror', None) or exc}); "
+                              "pass a file that holds the token") from None
     else:
         token = os.environ.get(args.token_env, "")
     if not token:
@@ -207,8 +210,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int)
     s.add_argument("--sampler", choices=["nsga2", "tpe", "random", "gp"])
     s.add_argument("--finetune-steps", type=int)
-    s.add_argument("--pretrain-seconds", type=float)
+    s.add_argument("--pretrain-steps", type=int, help="train a model without weights for exactly this many steps (default 150)")
+    s.add_argument("--pretrain-seconds", type=float,
+                   help="train a model without weights for this much wall time instead of --pretrain-steps (not reproducible)")
+    s.add_argument("--image-size", type=int, help="input height and width the data is resized to (digits: 16, ImageFolder: 224)")
     s.add_argument("--timeout", type=float, help="stop starting new trials after this many seconds")
+    s.add_argument("--set", action="append", metavar="KEY=VALUE", default=[],
+                   help="set any run-config key, dotted for sections, value in YAML (repeatable): "
+                        "--set efficiency.final_finetune_steps=200 --set search.max_accuracy_drop=0.05")
     s.set_defaults(fn=cmd_search)
 
     k = sub.add_parser("pick", help="choose a Pareto model for a budget and write its deploy files")
@@ -282,13 +291,30 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _quiet_library_warnings() -> None:
-    """torch/optuna deprecation and experimental notices are for us, not for users of the CLI."""
+    """torch/optuna deprecation and experimental notices are for us, not for users of the CLI.
+
+    Optuna's INFO log (``[I ...] A new study created in RDB with name: ...``, one line per
+    trial) duplicates autoprune's own progress, so the CLI keeps Optuna at WARNING. Only the
+    CLI does this, and for its own process: ``autoprune.search()`` leaves Optuna's logging to
+    the program that embeds it (it may rely on those lines).
+    """
     import warnings
 
     import optuna
 
     for cat in (FutureWarning, DeprecationWarning, UserWarning, optuna.exceptions.ExperimentalWarning):
         warnings.filterwarnings("ignore", category=cat)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+
+#: OSErrors that describe the machine, never a bug in autoprune: shown as one line like an
+#: AutopruneError. Others (a missing file autoprune itself should have written, ...) keep their
+#: traceback.
+_ENVIRONMENT_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
+
+
+def _one_line(text: str) -> str:
+    return " ".join(str(text).split())
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -298,12 +324,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     _quiet_library_warnings()
     console = Console()  # results on stdout; progress and logs go to stderr
-    from autoprune.errors import BackendUnavailable
-
     try:
         return args.fn(args, console)
-    except (ConfigError, BackendUnavailable) as exc:
-        print(f"error: {exc}", file=sys.stderr)  # unwrapped: users grep and paste these
+    except AutopruneError as exc:
+        print(f"error: {_one_line(str(exc))}", file=sys.stderr)  # unwrapped: users grep and paste these
+        return 2
+    except OSError as exc:
+        if exc.errno not in _ENVIRONMENT_ERRNOS:
+            raise
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"error: {where}{exc.strerror or exc}; free space or choose a location you can write to", file=sys.stderr)
         return 2
 
 

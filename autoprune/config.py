@@ -20,7 +20,7 @@ import hashlib
 import importlib.resources
 import json
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Literal, Mapping, Optional, Sequence
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -254,6 +254,10 @@ class EfficiencyConfig(_Strict):
     final_finetune_steps: int = Field(0, ge=0)
 
 
+#: Wall-time pretrain budget when ``pretrain_steps: null`` is given without ``pretrain_seconds``.
+DEFAULT_PRETRAIN_SECONDS = 10.0
+
+
 class RunConfig(_Strict):
     """One search: what to prune, on what data, for which device, and how hard to look."""
 
@@ -266,11 +270,14 @@ class RunConfig(_Strict):
     #: apart from ``search.seed`` so that repeating a search with another sampler seed scores
     #: its trials on the same held-out images the dense model was never trained on.
     data_seed: int = 0
-    #: Models without trained weights (demo, torchvision names) are trained first: for exactly
-    #: ``pretrain_steps`` steps (reproducible however busy the machine is; ~10-15 s for the demo on
-    #: 2 cores), or, when that is null, for ``pretrain_seconds`` of wall time. Checkpoints never are.
+    #: Models without trained weights (demo, torchvision names) are trained first, for ONE of:
+    #: exactly ``pretrain_steps`` steps (reproducible however busy the machine is; ~10-15 s for the
+    #: demo on 2 cores), or ``pretrain_seconds`` of wall time (then ``pretrain_steps`` is null).
+    #: Giving ``pretrain_seconds`` alone switches to the wall-time budget; giving both with a
+    #: non-null ``pretrain_steps`` is refused, because one of them would be silently ignored.
+    #: ``pretrain_steps: null`` alone trains for DEFAULT_PRETRAIN_SECONDS. Checkpoints never train.
     pretrain_steps: Optional[int] = Field(150, ge=0)
-    pretrain_seconds: float = Field(10.0, ge=0)
+    pretrain_seconds: Optional[float] = Field(None, ge=0)
     search_space: str = "default"
     device_profile: str = "onnxruntime-cpu"
     out: str = "runs/digits-demo"
@@ -278,6 +285,26 @@ class RunConfig(_Strict):
     finetune: FinetuneConfig = Field(default_factory=FinetuneConfig)
     search: SearchSettings = Field(default_factory=SearchSettings)
     efficiency: EfficiencyConfig = Field(default_factory=EfficiencyConfig)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _one_pretrain_budget(cls, data: Any) -> Any:
+        """Exactly one pretrain budget is in force, so neither key can be silently ignored (the
+        dump of a valid config has the unused one null and validates again unchanged)."""
+        if not isinstance(data, dict):
+            return data
+        seconds = data.get("pretrain_seconds")
+        if seconds is not None:
+            if "pretrain_steps" not in data:
+                return {**data, "pretrain_steps": None}
+            if data["pretrain_steps"] is not None:
+                raise ValueError(
+                    f"pretrain_steps ({data['pretrain_steps']}) and pretrain_seconds ({seconds}) are both set, but the dense "
+                    "model trains for one budget only: remove one of them (pretrain_seconds needs pretrain_steps: null)"
+                )
+        elif "pretrain_steps" in data and data["pretrain_steps"] is None:
+            return {**data, "pretrain_seconds": DEFAULT_PRETRAIN_SECONDS}
+        return data
 
 
 # --------------------------------------------------------------------------- loading
@@ -319,8 +346,10 @@ def validate(model_cls: type[BaseModel], data: Any, source: str) -> Any:
                 msg = "unknown key" + _allowed_hint(model_cls, loc)
             elif err["type"] == "literal_error":
                 msg = f"{msg} (got {err.get('input')!r})"
-            lines.append(f"  key '{_fmt_loc(loc)}': {msg}")
-        raise ConfigError(f"{source}: invalid {model_cls.__name__}:\n" + "\n".join(lines)) from None
+            # A check across keys (no location) names its keys in the message itself.
+            lines.append(f"key '{_fmt_loc(loc)}': {msg}" if loc else msg.removeprefix("Value error, "))
+        # One line: the CLI prints it after "error: " and users grep and paste it.
+        raise ConfigError(f"{source}: invalid {model_cls.__name__}: " + "; ".join(lines)) from None
 
 
 def load_yaml(path: Path) -> Any:
@@ -363,8 +392,52 @@ def load_device_profile(ref: str) -> DeviceProfile:
     return validate(DeviceProfile, load_yaml(path), str(path))
 
 
-def load_run_config(path: Optional[str], **overrides: Any) -> RunConfig:
-    """Read a run config (or the built-in default) and apply non-None CLI overrides on top."""
+def parse_assignments(items: Optional[Sequence[str]]) -> dict[str, Any]:
+    """``["finetune.steps=20", "pretrain_steps=null"]`` → ``{"finetune.steps": 20, "pretrain_steps": None}``.
+
+    Values are YAML (numbers, booleans, ``null``, lists), so ``--set`` writes exactly what the
+    same key in a run-config file would. Keys are checked when the config is validated.
+    """
+    out: dict[str, Any] = {}
+    for item in items or ():
+        key, eq, text = item.partition("=")
+        key = key.strip()
+        if not eq or not key or any(not part for part in key.split(".")):
+            raise ConfigError(f"--set {item!r}: expected KEY=VALUE with a dotted key into the run config, "
+                              "e.g. --set finetune.steps=20 or --set pretrain_steps=null")
+        if not text.strip():
+            raise ConfigError(f"--set {item!r}: no value after '='; write {key}=null to set it to null")
+        try:
+            value = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"--set {item!r}: the value is not valid YAML ({str(exc).splitlines()[0]}); quote it") from None
+        if key in out and out[key] != value:
+            raise ConfigError(f"--set {key} is given twice ({out[key]!r} and {value!r}); keep one")
+        out[key] = value
+    return out
+
+
+def _set_dotted(data: dict[str, Any], key: str, value: Any, source: str) -> None:
+    """``data["search"]["trials"] = value`` for ``key="search.trials"``, creating sections."""
+    *heads, last = key.split(".")
+    node = data
+    for i, head in enumerate(heads):
+        child = node.setdefault(head, {})
+        if not isinstance(child, dict):
+            where = ".".join(heads[: i + 1])
+            raise ConfigError(f"{source}: key '{key}': '{where}' is a value ({child!r}), not a section with keys; "
+                              f"set '{where}' itself")
+        node = child
+    node[last] = value
+
+
+def load_run_config(path: Optional[str], assignments: Optional[Mapping[str, Any]] = None, **overrides: Any) -> RunConfig:
+    """Read a run config (or the built-in default) and apply non-None ``overrides`` (CLI flags,
+    dotted keys) and then ``assignments`` (``--set``: applied even when the value is None) on top.
+
+    Given on top of a file, one pretrain budget replaces the file's other one (a command-line
+    ``--pretrain-seconds`` over a file's ``pretrain_steps`` means: train by wall time).
+    """
     data: dict[str, Any] = {}
     source = "<defaults>"
     if path is not None:
@@ -373,18 +446,24 @@ def load_run_config(path: Optional[str], **overrides: Any) -> RunConfig:
         data = load_yaml(p) or {}
         if not isinstance(data, dict):
             raise ConfigError(f"{p}: expected a mapping at the top level")
-    for key, value in overrides.items():
-        if value is None:
-            continue
-        if "." in key:
-            head, tail = key.split(".", 1)
-            data.setdefault(head, {})[tail] = value
-        else:
-            data[key] = value
+    given = {k: v for k, v in overrides.items() if v is not None}
+    sets = dict(assignments or {})
+    for key in sorted(set(given) & set(sets)):
+        if given[key] != sets[key]:
+            raise ConfigError(f"{key} is given twice: as an option ({given[key]!r}) and as --set {key}={sets[key]!r}; keep one")
+    given.update(sets)
+    if given:
+        source += " with command-line settings"
+    pretrain = {"pretrain_steps", "pretrain_seconds"} & set(given)
+    if len(pretrain) == 1:
+        data.pop(({"pretrain_steps", "pretrain_seconds"} - pretrain).pop(), None)
+    for key, value in given.items():
+        _set_dotted(data, key, value, source)
     return validate(RunConfig, data, source)
 
 
-def config_hash(*parts: BaseModel) -> str:
-    """Stable hash of everything that shapes the search space, stored in the study to refuse mixing."""
-    blob = json.dumps([p.model_dump(mode="json") for p in parts], sort_keys=True)
+def config_hash(*parts: BaseModel | Mapping[str, Any]) -> str:
+    """Stable hash of everything that shapes the search space, stored in the study to refuse mixing.
+    Parts are models or their JSON dumps (the same hash either way)."""
+    blob = json.dumps([p.model_dump(mode="json") if isinstance(p, BaseModel) else p for p in parts], sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]

@@ -15,6 +15,23 @@ from typing import Iterator
 
 import torch
 
+from autoprune.errors import ConfigError
+
+
+def writable_dir(path: str | Path, option: str) -> Path:
+    """Create folder ``path`` (``option`` is the flag that named it) or say why it cannot be used:
+    an OSError from deep inside a search would otherwise end in a traceback, minutes later."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"{path}: {option} names a file, not a folder; pass a new or existing folder")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(f"{path}: {option} cannot be created ({exc.strerror or exc}); pass a folder you can write to") from None
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise ConfigError(f"{path}: {option} is not writable; pass a folder you can write to")
+    return path
+
 
 @dataclass(frozen=True)
 class TrialFiles:

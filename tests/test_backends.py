@@ -213,7 +213,7 @@ def test_search_with_int8_reference_and_cache(tmp_path: Path):
 
     prof = write_yaml(tmp_path / "int8.yaml", {**FAST_PROFILE, "name": "ort-int8", "precision": "int8",
                                                 "measure_reference": True, "calib_samples": 32})
-    cfg = write_yaml(tmp_path / "run.yaml", tiny_run_config(tmp_path / "out", prof, trials=1, pretrain_seconds=2))
+    cfg = write_yaml(tmp_path / "run.yaml", tiny_run_config(tmp_path / "out", prof, trials=1))
     res = autoprune.run(load_run_config(str(cfg)), export=False)
     trials = [t for t in res.study.trials if t.state.name == "COMPLETE"]
     assert len(trials) == 1

@@ -1,3 +1,4 @@
+import re
 from pathlib import Path
 
 import pytest
@@ -73,3 +74,101 @@ def test_cli_overrides_apply_over_file(tmp_path: Path):
     p.write_text("search:\n  trials: 7\n  seed: 3\n")
     cfg = load_run_config(str(p), **{"search.trials": 2, "out": "x"})
     assert (cfg.search.trials, cfg.search.seed, cfg.out) == (2, 3, "x")
+
+
+# --------------------------------------------------------------------------- pretrain budget
+def test_pretrain_seconds_alone_trains_by_wall_time():
+    cfg = load_run_config(None, pretrain_seconds=3)
+    assert (cfg.pretrain_steps, cfg.pretrain_seconds) == (None, 3.0)
+    # over a file that sets pretrain_steps, the command line's budget replaces the file's
+    cfg = load_run_config(str(shipped_dir("examples") / "digits.yaml"), pretrain_seconds=3)
+    assert (cfg.pretrain_steps, cfg.pretrain_seconds) == (None, 3.0)
+    assert (load_run_config(None).pretrain_steps, load_run_config(None).pretrain_seconds) == (150, None)
+    nulled = load_run_config(None, {"pretrain_steps": None})
+    assert (nulled.pretrain_steps, nulled.pretrain_seconds) == (None, 10.0)
+
+
+def test_pretrain_steps_over_a_file_with_seconds(tmp_path: Path):
+    p = tmp_path / "run.yaml"
+    p.write_text("pretrain_seconds: 5\n")
+    assert load_run_config(str(p)).pretrain_steps is None
+    cfg = load_run_config(str(p), pretrain_steps=20)
+    assert (cfg.pretrain_steps, cfg.pretrain_seconds) == (20, None)
+
+
+def test_both_pretrain_budgets_are_refused(tmp_path: Path):
+    with pytest.raises(ConfigError, match=r"pretrain_steps \(3\) and pretrain_seconds \(2\) are both set"):
+        load_run_config(None, pretrain_steps=3, pretrain_seconds=2)
+    p = tmp_path / "run.yaml"
+    p.write_text("pretrain_steps: 60\npretrain_seconds: 2\n")
+    with pytest.raises(ConfigError, match=r"run\.yaml.*both set.*pretrain_steps: null"):
+        load_run_config(str(p))
+    p.write_text("pretrain_steps: null\npretrain_seconds: 2\n")
+    assert load_run_config(str(p)).pretrain_seconds == 2.0
+
+
+def test_dumped_config_validates_unchanged():
+    from autoprune.config import RunConfig
+
+    for cfg in (load_run_config(None), load_run_config(None, pretrain_seconds=4)):
+        assert RunConfig.model_validate(cfg.model_dump(mode="json")) == cfg
+
+
+def test_config_stored_by_older_studies_still_loads(tmp_path: Path):
+    """Studies made before one pretrain budget stored both keys; export --trial reads that config."""
+    from types import SimpleNamespace
+
+    from autoprune.deploy.replay import _run_config
+
+    stored = load_run_config(None).model_dump(mode="json")
+    stored["pretrain_seconds"] = 10.0
+    cfg = _run_config(SimpleNamespace(user_attrs={"config": stored}), tmp_path, tmp_path, None, None)  # type: ignore[arg-type]
+    assert (cfg.pretrain_steps, cfg.pretrain_seconds) == (150, None)
+
+
+# --------------------------------------------------------------------------- --set
+def test_set_assigns_dotted_keys_with_yaml_values():
+    from autoprune.config import parse_assignments
+
+    sets = parse_assignments(["finetune.steps=7", "efficiency.sensitivity_scan=false", "search.max_accuracy_drop=0.05",
+                              "image_size=12", "search.population_size=null", "data=digits-cluttered"])
+    cfg = load_run_config(None, sets)
+    assert (cfg.finetune.steps, cfg.efficiency.sensitivity_scan, cfg.search.max_accuracy_drop) == (7, False, 0.05)
+    assert (cfg.image_size, cfg.search.population_size, cfg.data) == (12, None, "digits-cluttered")
+
+
+@pytest.mark.parametrize("item, message", [
+    ("finetune.steps", "expected KEY=VALUE"),
+    ("=3", "expected KEY=VALUE"),
+    ("search..trials=3", "expected KEY=VALUE"),
+    ("search.trials=", "write search.trials=null"),
+    ("out=[1", "not valid YAML"),
+])
+def test_set_malformed_items(item: str, message: str):
+    from autoprune.config import parse_assignments
+
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        parse_assignments([item])
+
+
+def test_set_unknown_or_invalid_key_names_it_and_the_allowed_keys():
+    from autoprune.config import parse_assignments
+
+    with pytest.raises(ConfigError) as e:
+        load_run_config(None, parse_assignments(["search.trails=3"]))
+    assert "'search.trails'" in str(e.value) and "allowed keys: " in str(e.value) and "trials" in str(e.value)
+    with pytest.raises(ConfigError, match=r"key 'finetune\.steps'.*greater than or equal to 0"):
+        load_run_config(None, parse_assignments(["finetune.steps=-1"]))
+    with pytest.raises(ConfigError, match=r"'search\.trials\.x'.*'search\.trials' is a value"):
+        load_run_config(None, parse_assignments(["search.trials=3", "search.trials.x=1"]))
+    assert "\n" not in str(e.value)  # one line: the CLI prints it after "error: "
+
+
+def test_set_and_option_for_the_same_key_must_agree():
+    from autoprune.config import parse_assignments
+
+    with pytest.raises(ConfigError, match=r"search\.trials is given twice"):
+        load_run_config(None, parse_assignments(["search.trials=6"]), **{"search.trials": 5})
+    with pytest.raises(ConfigError, match=r"--set search\.trials is given twice \(5 and 6\)"):
+        parse_assignments(["search.trials=5", "search.trials=6"])
+    assert load_run_config(None, parse_assignments(["search.trials=5"]), **{"search.trials": 5}).search.trials == 5

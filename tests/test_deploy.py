@@ -91,6 +91,46 @@ def test_bundle_files_and_model_card(bundle, tiny_run):
     assert card["max_abs_diff_vs_pytorch"]["onnxruntime"] < 1e-4
     assert card["max_abs_diff_vs_pytorch"]["openvino_f32"] < 1e-3
     assert card["input"]["shape"] == [1, 1, 16, 16] and card["output"]["shape"] == [1, 10]
+    # OpenVINO's default precision is a name, not the str() of an openvino.Type
+    assert card["openvino_default_inference_precision"] in ("f32", "bf16", "f16")
+    assert "openvino_default" in card["max_abs_diff_vs_pytorch"]
+    assert not any("<" in k or " " in k for k in card["max_abs_diff_vs_pytorch"])
+
+
+def test_openvino_precision_names():
+    import openvino as ov
+
+    from autoprune.deploy.bundle import precision_name
+
+    assert [precision_name(t) for t in (ov.Type.bf16, ov.Type.f32, ov.Type.f16)] == ["bf16", "f32", "f16"]
+    assert precision_name("F32") == "f32"
+
+
+def test_card_evaluation_names_the_data_seed_that_split_the_data():
+    """Following the card must rebuild the held-out split, not a split that overlaps training."""
+    from autoprune.deploy.bundle import evaluation
+    from autoprune.train.data import load_data
+
+    cfg = {"data": "digits", "image_size": None, "val_fraction": 0.25, "data_seed": 0, "search": {"seed": 1}}
+    ev = evaluation(cfg)
+    assert ev["data_seed"] == 0 and "seed" not in ev and "seed=data_seed" in ev["how"]
+    searched = load_data("digits", None, 0.25, seed=0)  # what prepare() scored trials on
+    val = load_data(ev["data"], ev["image_size"], ev["val_fraction"], seed=ev["data_seed"]).val
+    assert val.indices == searched.val.indices
+    assert set(load_data("digits", None, 0.25, seed=1).val.indices) & set(searched.train.indices)  # the old card's split
+    # studies made before data_seed existed split with search.seed
+    assert evaluation({"data": "digits", "search": {"seed": 3}})["data_seed"] == 3
+
+
+def test_card_rebuild_instruction_runs(bundle):
+    _, dest = bundle
+    card = json.loads((dest / "model_card.json").read_text())
+    scope: dict = {}
+    exec(card["rebuild"]["python"].replace("<bundle folder>", str(dest)), scope)
+    ref = torch.load(dest / "model.pt", map_location="cpu", weights_only=False).eval()
+    x = torch.randn(2, 1, 16, 16, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        torch.testing.assert_close(scope["model"](x), ref(x), rtol=0, atol=1e-6)
 
 
 def test_rebuild_from_code_and_state_dict(bundle):
@@ -113,7 +153,7 @@ CLEAN_EVAL = textwrap.dedent(
 
     card = ie.card()
     ev = card["evaluation"]
-    val = load_data(ev["data"], ev["image_size"], ev["val_fraction"], ev["seed"]).val
+    val = load_data(ev["data"], ev["image_size"], ev["val_fraction"], seed=ev["data_seed"]).val
     x = np.stack([val[i][0].numpy() for i in range(len(val))]).astype(np.float32)
     y = np.array([int(val[i][1]) for i in range(len(val))])
     bs = card["input"]["shape"][0]

@@ -4,6 +4,7 @@ disk, corrupt / foreign / mismatched study files, and same-seed reproducibility.
 from __future__ import annotations
 
 import errno
+import json
 import fcntl
 import io
 import shutil
@@ -289,3 +290,96 @@ def test_leftover_running_trials_respect_search_max_retries(tmp_path: Path) -> N
         states = [x.state for x in study.trials]
         assert states[0] == TrialState.FAIL
         assert (states[1:] == [TrialState.WAITING]) is requeued
+
+
+def test_settings_that_do_not_score_trials_resume_a_finished_run(template: Path) -> None:
+    """Adding a final stage to a finished run, another sampler or population, another study-name
+    spelling: the trials would be scored the same, so the study resumes. A change that scores
+    trials differently is refused, and the message names it."""
+    out = template / "final-later"
+    run(_cfg(template, out, trials=1, template=template), console=_quiet(), export=False)
+    run(_cfg(template, out, trials=1, search={"sampler": "random", "population_size": 4, "study_name": "autoprune"},
+             efficiency={"final_finetune_steps": 2}), console=_quiet())
+    final = json.loads((out / "final.json").read_text())
+    assert final and all(v["steps"] == 2 for v in final.values())
+    assert [t.state for t in _trials(out)].count(TrialState.COMPLETE) == 1  # nothing was redone
+    with pytest.raises(ConfigError, match=r"different model, data.*changed: finetune\.steps: 2 -> 3\)"):
+        run(_cfg(template, out, trials=1, finetune={"steps": 3}), console=_quiet(), export=False)
+    with pytest.raises(ConfigError, match=r"changed: search\.seed: 0 -> 1\)"):
+        run(_cfg(template, out, trials=1, search={"seed": 1}), console=_quiet(), export=False)
+
+
+def _legacy_study(cfg: RunConfig, out: Path) -> optuna.Study:
+    """A study as autoprune made it before search_hash version 2 (HEAD of 2026-11 and earlier):
+    every config key but the worker runtime ones hashed, pretrain_seconds dumped as 10.0."""
+    import hashlib
+
+    from autoprune.config import config_hash
+    from autoprune.study.context import prepare
+    from autoprune.study.storage import public_config
+
+    ctx = prepare(cfg)
+    dump = cfg.model_dump(mode="json")
+    dump["pretrain_seconds"] = 10.0
+    dump["out"] = ""
+    dump["search"].update(trials=1, timeout_s=None, storage=None, heartbeat_interval=10, grace_period=30, max_retries=2)
+    groups = json.dumps([(g.name, g.low, g.high, g.methods) for g in ctx.groups])
+    old = config_hash(dump, ctx.space, ctx.profile) + ":" + hashlib.sha256(groups.encode()).hexdigest()[:8]
+    study = optuna.create_study(storage=f"sqlite:///{out / 'study.db'}", study_name="autoprune", directions=["maximize", "minimize"])
+    stored = {**public_config(cfg), "pretrain_seconds": 10.0}
+    for key, value in (("search_hash", old), ("dense", ctx.dense), ("groups", [g.name for g in ctx.groups]), ("config", stored),
+                       ("search_space", ctx.space.model_dump(mode="json")), ("device_profile", ctx.profile.model_dump(mode="json"))):
+        study.set_user_attr(key, value)
+    return study
+
+
+def test_study_of_an_older_autoprune_resumes_with_a_final_stage_added(template: Path) -> None:
+    from autoprune.study.study import SEARCH_HASH_VERSION
+
+    out = template / "legacy"
+    _legacy_study(_cfg(template, out, trials=1, template=template), out)
+    res = run(_cfg(template, out, trials=1, efficiency={"final_finetune_steps": 2}, search={"sampler": "tpe"}),
+              console=_quiet(), export=False)
+    assert res.study.user_attrs["search_hash_version"] == SEARCH_HASH_VERSION
+    assert [t.state for t in _trials(out)].count(TrialState.COMPLETE) == 1
+
+    out = template / "legacy-other-finetune"
+    _legacy_study(_cfg(template, out, trials=1, template=template), out)
+    with pytest.raises(ConfigError, match=r"changed: finetune\.steps: 2 -> 3\)"):
+        run(_cfg(template, out, trials=1, finetune={"steps": 3}), console=_quiet(), export=False)
+
+
+def test_storage_errors_never_show_the_password(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from types import SimpleNamespace
+
+    from autoprune.study import study as st
+    from autoprune.study.storage import load_run_study
+
+    url = "postgresql://autoprune:s3cr3t-pw@db.example:5432/studies"
+    ctx = SimpleNamespace(cfg=validate(RunConfig, {"search": {"storage": url}}, "test"), out=tmp_path)
+    messages = []
+
+    def quoting_driver(u: str, *a: Any, **k: Any) -> None:  # drivers quote the URL, or the password alone
+        raise RuntimeError(f"could not connect to {u}: password 's3cr3t-pw' rejected\nhint: check pg_hba.conf")
+
+    monkeypatch.setattr(st, "make_storage", quoting_driver)
+    with pytest.raises(ConfigError, match="cannot open an Optuna study") as e:
+        st.open_study(ctx)  # type: ignore[arg-type]
+    messages.append(str(e.value))
+
+    single = optuna.storages.RDBStorage(f"sqlite:///{tmp_path / 'single.db'}")
+    optuna.create_study(storage=single, study_name="autoprune", direction="maximize")
+    monkeypatch.setattr(st, "make_storage", lambda *a, **k: single)
+    with pytest.raises(ConfigError, match="has other objectives") as e:
+        st.open_study(ctx)  # type: ignore[arg-type]
+    messages.append(str(e.value))
+
+    with pytest.raises(ConfigError) as e:  # nothing listens there (or no PostgreSQL driver installed)
+        load_run_study(tmp_path, "postgresql://autoprune:s3cr3t-pw@127.0.0.1:1/studies")
+    messages.append(str(e.value))
+    monkeypatch.setattr(optuna.storages, "RDBStorage", quoting_driver)
+    with pytest.raises(ConfigError, match="cannot open it") as e:
+        load_run_study(tmp_path, url)
+    messages.append(str(e.value))
+    for m in messages:
+        assert "s3cr3t-pw" not in m and "autoprune:***@" in m and "\n" not in m, m

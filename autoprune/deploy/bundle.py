@@ -92,9 +92,17 @@ def _export_torch_formats(model: Any, example: Any, dest: Path) -> tuple[dict[st
     return files, errors
 
 
-def _format_agreement(model: Any, example: Any, dest: Path, files: dict[str, str]) -> dict[str, float]:
+def precision_name(value: Any) -> str:
+    """OpenVINO's precision hint as its short name (``bf16``, ``f32``): the property is an
+    ``openvino.Type``, whose ``str()`` is ``<Type: 'bfloat16'>``, not something to put in a card."""
+    name = getattr(value, "get_type_name", None)
+    return str(name() if callable(name) else value).lower()
+
+
+def _format_agreement(model: Any, example: Any, dest: Path, files: dict[str, str]) -> tuple[dict[str, float], str]:
     """Max |logit difference| of every written format against the PyTorch model on one input,
-    so a user can see that each file computes the same function."""
+    so a user can see that each file computes the same function; and the inference precision
+    OpenVINO's CPU plugin uses by default on this machine (what ``openvino_default`` ran in)."""
     import numpy as np
     import onnxruntime as ort
     import openvino as ov
@@ -111,9 +119,9 @@ def _format_agreement(model: Any, example: Any, dest: Path, files: dict[str, str
     # fp32 result (what the card's accuracy means) and the default-precision one users get.
     compiled = core.compile_model(str(dest / "model.xml"), "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
     out["openvino_f32"] = float(np.abs(compiled(x)[compiled.output(0)] - ref).max())
-    default = str(core.get_property("CPU", "INFERENCE_PRECISION_HINT"))
+    default = precision_name(core.get_property("CPU", "INFERENCE_PRECISION_HINT"))
     compiled = core.compile_model(str(dest / "model.xml"), "CPU")
-    out[f"openvino_default_{default.lower()}"] = float(np.abs(compiled(x)[compiled.output(0)] - ref).max())
+    out["openvino_default"] = float(np.abs(compiled(x)[compiled.output(0)] - ref).max())
     with torch.no_grad():
         if "torch_export" in files:
             ep = torch.export.load(str(dest / files["torch_export"]))
@@ -121,12 +129,29 @@ def _format_agreement(model: Any, example: Any, dest: Path, files: dict[str, str
         if "torchscript" in files:
             ts = torch.jit.load(str(dest / files["torchscript"]))
             out["torchscript"] = float(np.abs(ts(example).numpy() - ref).max())
-    return out
+    return out, default
+
+
+def evaluation(cfg: dict[str, Any]) -> dict[str, Any]:
+    """How the card's accuracy was measured, with what rebuilds the held-out split: the split
+    follows ``data_seed``, not ``search.seed`` (rebuilding it with the sampler seed would mix
+    training images into the evaluation). Studies made before ``data_seed`` existed split
+    with ``search.seed``, as ``autoprune export`` assumes too."""
+    data_seed = cfg.get("data_seed")
+    if data_seed is None:
+        data_seed = (cfg.get("search") or {}).get("seed", 0)
+    return {
+        "metric": "top-1 accuracy on the held-out split, PyTorch eager, after the trial's fine-tune",
+        "data": cfg.get("data"), "image_size": cfg.get("image_size"), "val_fraction": cfg.get("val_fraction"),
+        "data_seed": data_seed,
+        "how": "from autoprune.train.data import load_data; "
+               "load_data(data, image_size, val_fraction, seed=data_seed).val",
+    }
 
 
 def _model_card(run_dir: Path, row: dict[str, Any], meta: dict[str, Any], model: Any, dest: Path,
                 budget: dict[str, Any], profile: str, extra_files: dict[str, str], export_errors: dict[str, str],
-                agreement: dict[str, float]) -> dict[str, Any]:
+                agreement: dict[str, float], openvino_default: str) -> dict[str, Any]:
 
     cfg = meta.get("config", {})
     searched = search_profile_name(run_dir)
@@ -161,12 +186,7 @@ def _model_card(run_dir: Path, row: dict[str, Any], meta: dict[str, Any], model:
         "trial": row["trial"],
         "selection": {"budget": {k: v for k, v in budget.items() if v is not None}, "latency_profile": profile},
         "accuracy": row["accuracy"],
-        "evaluation": {
-            "metric": "top-1 accuracy on the held-out split, PyTorch eager, after the trial's fine-tune",
-            "data": cfg.get("data"), "image_size": cfg.get("image_size"), "val_fraction": cfg.get("val_fraction"),
-            "seed": (cfg.get("search") or {}).get("seed"),
-            "how": "autoprune.data.load_data(data, image_size, val_fraction, seed).val",
-        },
+        "evaluation": evaluation(cfg),
         "dense": {"accuracy": dense.get("accuracy"), "params": dense.get("params"), "flops": dense.get("flops"),
                   "latency_ms": (dense.get("latency") or {}).get("median_ms"), "onnx_bytes": dense.get("onnx_bytes"),
                   "profile": dense.get("profile")},
@@ -182,14 +202,17 @@ def _model_card(run_dir: Path, row: dict[str, Any], meta: dict[str, Any], model:
         "files": files,
         "export_errors": export_errors,
         "max_abs_diff_vs_pytorch": agreement,
+        # OpenVINO's default CPU precision here ("openvino_default" above ran in it): bf16 on CPUs
+        # with bf16 units, so its logits differ from fp32 by ~1e-2; infer_example.py asks for f32.
+        "openvino_default_inference_precision": openvino_default,
         "rebuild": {
             "class": cls,
             "model": cfg.get("model"),
             "num_classes": _num_classes(model),
             "in_channels": int(shape[1]) if len(shape) > 1 else None,
             "round_to": (meta.get("search_space") or {}).get("round_to", 8),
-            "python": "import autoprune.deploy as d; model = d.rebuild_model('<bundle folder>')",
-            "steps": "autoprune.models.build_model(model, num_classes, in_channels) -> autoprune.plan.apply_plan("
+            "python": "from autoprune.deploy.bundle import rebuild_model; model = rebuild_model('<bundle folder>')",
+            "steps": "autoprune.train.models.build_model(model, num_classes, in_channels) -> autoprune.prune.plan.apply_plan("
                      "slice each group in 'layers' to channels_after) -> load_state_dict(state_dict.pt)",
             "pickled_module": "torch.load('model.pt', weights_only=False) (needs autoprune importable)",
         },
@@ -232,10 +255,10 @@ def write_bundle(run_dir: Path, row: dict[str, Any], dest: Path, budget: Optiona
     shape = meta.get("input_shape") or [1]
     example = torch.randn(*shape, generator=torch.Generator().manual_seed(0))
     extra, errors = _export_torch_formats(model, example, tmp)
-    agreement = _format_agreement(model, example, tmp, extra)
+    agreement, ov_default = _format_agreement(model, example, tmp, extra)
     _copy_example(tmp)
     card = _model_card(run_dir, row, meta, model, tmp, budget or {}, profile or search_profile_name(run_dir),
-                       extra, errors, agreement)
+                       extra, errors, agreement, ov_default)
     (tmp / CARD).write_text(json.dumps(card, indent=2, default=str))
     # Replace the previous bundle only once the new one is complete.
     shutil.rmtree(dest, ignore_errors=True)

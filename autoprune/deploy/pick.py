@@ -8,6 +8,7 @@ from typing import Any, Optional
 
 from autoprune.deploy.bundle import write_bundle
 from autoprune.errors import ConfigError
+from autoprune.runfolder import writable_dir
 from autoprune.results.front import (
     _profile_name,
     load_front,
@@ -95,5 +96,8 @@ def pick(run_dir: str | Path, dest: Optional[str | Path] = None, profile: Option
     rows, prof_name = rows_on_profile(run_dir, profile)
     row = choose(rows, **budget)
     dest = Path(dest) if dest else RunFolder(run_dir).picked
+    if dest.exists() and not dest.is_dir():
+        raise ConfigError(f"{dest}: --dest names a file, not a folder; pass a folder for the bundle")
+    writable_dir(dest.parent, "--dest's parent folder")
     write_bundle(run_dir, row, dest, budget, prof_name)
     return row, dest

@@ -23,7 +23,7 @@ from autoprune.config import RunConfig, validate
 from autoprune.errors import ConfigError
 from autoprune.results.artifacts import export_trial_artifacts
 from autoprune.results.front import trial_row
-from autoprune.runfolder import RunFolder, file_lock
+from autoprune.runfolder import RunFolder, file_lock, writable_dir
 from autoprune.study.context import SearchContext, prepare
 from autoprune.study.final import final_finetune, final_seed
 from autoprune.study.space import suggest_plan
@@ -57,6 +57,9 @@ def _run_config(study: optuna.Study, run_dir: Path, tmp: Path, storage: Optional
     data.setdefault("search", {})
     # Studies made before data_seed existed split their data with search.seed.
     data.setdefault("data_seed", data["search"].get("seed", 0))
+    # Studies made before the config held one pretrain budget stored both; the steps were used.
+    if data.get("pretrain_steps") is not None:
+        data.pop("pretrain_seconds", None)
     data["search"] = {**data["search"], "storage": storage, "study_name": study_name}
     return validate(RunConfig, data, f"{run_dir} (config stored in the study)")
 
@@ -111,6 +114,8 @@ def rebuild_trial(
         reason = frozen.user_attrs.get("fail_reason", "")
         raise ConfigError(f"trial {trial} is {frozen.state.name}{' (' + reason + ')' if reason else ''}; only complete trials can be exported")
 
+    # Checked before the (possibly long) rebuild, not when the files are written.
+    out = writable_dir(Path(dest) if dest else run.export(trial), "--dest")
     with tempfile.TemporaryDirectory(prefix="autoprune-rebuild-") as tmpd:
         tmp = Path(tmpd)
         cfg = _run_config(study, run_dir, tmp, storage, study_name)
@@ -170,7 +175,6 @@ def rebuild_trial(
             row.update(final=final, search_accuracy=row["accuracy"], search_latency_ms=row["latency_ms"],
                        accuracy=final["final_accuracy"], latency_ms=final["final_latency_ms"])
             check["final"] = {"accuracy": facc, "stored_accuracy": final["final_accuracy"], "finetune_seed": final_seed(cfg, trial)}
-        out = Path(dest) if dest else run.export(trial)
         meta_extra = {
             "device_profile": ctx.profile.model_dump(mode="json"),
             "config": study.user_attrs.get("config"),

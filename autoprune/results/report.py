@@ -23,7 +23,7 @@ from optuna.trial import TrialState
 
 from autoprune.errors import ConfigError
 from autoprune.results.front import front
-from autoprune.runfolder import RunFolder
+from autoprune.runfolder import RunFolder, writable_dir
 from autoprune.study.storage import open_run_study
 
 
@@ -236,6 +236,10 @@ def write_report(run_dir: str | Path, out: Optional[str | Path] = None, storage:
     done = _complete(study)
     if not done:
         raise ConfigError(f"{run_dir}: no finished trials yet; nothing to report (see 'autoprune dashboard {run_dir}' for a live view)")
+    dest = Path(out) if out else RunFolder(run_dir).report_html
+    if dest.is_dir():
+        raise ConfigError(f"{dest}: --out names a folder; pass the HTML file to write, e.g. {dest / 'report.html'}")
+    writable_dir(dest.parent, "--out's folder")
     dense = study.user_attrs.get("dense", {})
     rows = front(study, dense)
     pj = RunFolder(run_dir).pareto_json
@@ -279,8 +283,6 @@ def write_report(run_dir: str | Path, out: Optional[str | Path] = None, storage:
     parts.append(_table(rows, dense, remeasures))
     parts.append(f"<footer>written {_dt.datetime.now(_dt.timezone.utc):%Y-%m-%d %H:%M UTC} by autoprune; "
                  "deploy one with <code>autoprune pick</code>.</footer></body></html>")
-    dest = Path(out) if out else RunFolder(run_dir).report_html
-    dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = dest.with_name(dest.name + ".tmp")
     tmp.write_text("\n".join(parts), encoding="utf-8")
     tmp.replace(dest)

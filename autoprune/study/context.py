@@ -89,10 +89,12 @@ def prepare(cfg: RunConfig, console: Optional[Callable[[str], None]] = None) -> 
     else:
         base = build_model(cfg.model, num_classes, in_channels=data.input_shape[0])
         is_checkpoint = Path(cfg.model).is_file()
-        if not is_checkpoint and (cfg.pretrain_steps or (cfg.pretrain_steps is None and cfg.pretrain_seconds > 0)):
-            budget = f"{cfg.pretrain_steps} steps" if cfg.pretrain_steps else f"{cfg.pretrain_seconds:.0f}s"
+        # The config holds exactly one budget: steps, or (steps null) wall-clock seconds.
+        seconds = cfg.pretrain_seconds or 0.0
+        if not is_checkpoint and (cfg.pretrain_steps or (cfg.pretrain_steps is None and seconds > 0)):
+            budget = f"{cfg.pretrain_steps} steps" if cfg.pretrain_steps is not None else f"{seconds:g}s of wall time"
             say(f"training the dense {cfg.model} model for {budget} (no trained weights were given)")
-            pretrain(base, data, cfg.pretrain_seconds, seed=cfg.search.seed, steps=cfg.pretrain_steps)
+            pretrain(base, data, seconds, seed=cfg.search.seed, steps=cfg.pretrain_steps)
         atomic_torch_save(base, base_path)
     base.eval()
 

@@ -18,6 +18,7 @@ from optuna.trial import TrialState
 
 from autoprune.config import SearchSettings
 from autoprune.errors import ConfigError
+from autoprune.runfolder import RunFolder
 
 
 # --------------------------------------------------------------------------- storage
@@ -37,7 +38,7 @@ def sqlalchemy_url(url: str) -> str:
                 except ImportError:
                     continue
             raise ConfigError(
-                f"storage {url.split('@')[-1]}: no PostgreSQL driver installed; run pip install 'autoprune[postgres]' "
+                f"storage {redact_url(url)}: no PostgreSQL driver installed; run pip install 'autoprune[postgres]' "
                 "(psycopg2-binary)"
             )
     return url
@@ -98,6 +99,23 @@ def redact_url(url: Optional[str]) -> Optional[str]:
     cred, host = rest.rsplit("@", 1)
     user = cred.split(":", 1)[0]
     return f"{scheme}://{user}{':***' if ':' in cred else ''}@{host}"
+
+
+def redact_text(text: str, url: Optional[str]) -> str:
+    """``text`` with ``url``'s password replaced by ``***``: database drivers quote the URL (or
+    the password alone) in their error messages, which autoprune shows to the user."""
+    if not url or "://" not in url or "@" not in url:
+        return text
+    cred = url.split("://", 1)[1].rsplit("@", 1)[0]
+    password = cred.split(":", 1)[1] if ":" in cred else ""
+    text = text.replace(url, redact_url(url) or "")
+    return text.replace(password, "***") if password else text
+
+
+def storage_error(exc: BaseException, url: str) -> str:
+    """``Type: message`` of a driver's exception for a one-line ConfigError: whitespace collapsed
+    (drivers add hint lines), cut to 300 characters, password redacted."""
+    return f"{type(exc).__name__}: {redact_text(' '.join(str(exc).split()), url)[:300]}"
 
 
 def public_config(cfg: Any) -> dict[str, Any]:
@@ -201,16 +219,19 @@ def load_run_study(run_dir: Path, storage: Optional[str] = None, study_name: Opt
     """Open the study of ``run_dir`` (its study.db, or ``storage`` for shared studies) read-mostly."""
 
     if storage is None:
-        db = run_dir / "study.db"
+        db = RunFolder(Path(run_dir)).study_db
         if not db.is_file():
             raise ConfigError(f"{run_dir}: no study.db; pass --storage (and --study-name) if the study lives in a database server")
         check_sqlite_file(db)
         storage = f"sqlite:///{db.resolve()}"
-    shown = storage.split("@")[-1]
+    shown = redact_url(storage)  # never print a password
     try:
         rdb = optuna.storages.RDBStorage(sqlalchemy_url(storage))
+    except ConfigError:
+        raise
     except Exception as exc:  # noqa: BLE001
-        raise ConfigError(f"storage {shown}: cannot open it ({type(exc).__name__}: {str(exc)[:300]})") from None
+        raise ConfigError(f"storage {shown}: cannot open it ({storage_error(exc, storage)}). "
+                          "Check the URL, that the server runs, and the user's rights.") from None
     name = study_name
     if name is None:  # the default name, else the only study there
         names = optuna.get_all_study_names(rdb)

@@ -12,7 +12,7 @@ import fcntl
 import hashlib
 import json
 import logging
-from typing import Callable, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import optuna
 from optuna.trial import TrialState
@@ -24,7 +24,7 @@ from autoprune.errors import ConfigError
 from autoprune.runfolder import RunFolder
 from autoprune.study.context import SearchContext
 from autoprune.study.space import seed_plans
-from autoprune.study.storage import check_base_model, fail_running_trial, make_storage, public_config
+from autoprune.study.storage import check_base_model, fail_running_trial, make_storage, public_config, redact_url, storage_error
 from autoprune.study.trial import DIRECTIONS, run_trial
 from autoprune.study.workers import requeue, work
 
@@ -45,14 +45,102 @@ def _sampler(ctx: SearchContext, seed: Optional[int] = None) -> optuna.samplers.
     return optuna.samplers.RandomSampler(seed=s.seed)
 
 
-def search_hash(ctx: SearchContext) -> str:
-    """What must not change between resumes: the space, the profile, and how trials are scored."""
-    cfg = ctx.cfg.model_copy(deep=True)
-    cfg.search.trials, cfg.search.timeout_s, cfg.search.storage, cfg.out = 1, None, None, ""
-    # Worker runtime settings may differ between workers and sessions of one study.
-    cfg.search.heartbeat_interval, cfg.search.grace_period, cfg.search.max_retries = 10, 30, 2
+#: Run-config keys that do not change how a trial is scored, so a study resumes across changes
+#: to them: where the run folder and storage are and how long to search; worker runtime settings
+#: (they may differ between workers and sessions of one study); which trials the sampler proposes
+#: next (sampler, population size: every finished trial is scored the same either way); and the
+#: final stage, which runs after the trials on the Pareto models (adding it to a finished run
+#: must resume, not refuse). Everything else (model, data, pretrain budget, fine-tune, seeds,
+#: efficiency settings that change a trial's accuracy, exporter) stays in the hash.
+NOT_SCORING_KEYS = (
+    "out", "search.trials", "search.timeout_s", "search.storage", "search.study_name",
+    "search.heartbeat_interval", "search.grace_period", "search.max_retries",
+    "search.sampler", "search.population_size", "efficiency.final_finetune_steps",
+)
+#: Device-profile keys that only say how to reach a remote latency server, not what it measures.
+NOT_SCORING_PROFILE_KEYS = ("request_timeout_s", "token_env")
+#: Version of :func:`search_hash` stored next to it; studies without it hold the hash of
+#: :func:`_legacy_search_hash` and are upgraded when that one matches.
+SEARCH_HASH_VERSION = 2
+
+
+def _get(d: dict[str, Any], key: str) -> Any:
+    for part in key.split("."):
+        d = d.get(part, {}) if isinstance(d, dict) else {}
+    return None if d == {} else d
+
+
+def _put(d: dict[str, Any], key: str, value: Any) -> None:
+    *heads, last = key.split(".")
+    for part in heads:
+        d = d.setdefault(part, {})
+    d[last] = value
+
+
+def _groups_hash(ctx: SearchContext) -> str:
     groups = json.dumps([(g.name, g.low, g.high, g.methods) for g in ctx.groups])
-    return config_hash(cfg, ctx.space, ctx.profile) + ":" + hashlib.sha256(groups.encode()).hexdigest()[:8]
+    return hashlib.sha256(groups.encode()).hexdigest()[:8]
+
+
+def search_hash(ctx: SearchContext) -> str:
+    """What must not change between resumes: the space, the profile, and how trials are scored
+    (everything but :data:`NOT_SCORING_KEYS`)."""
+    cfg = ctx.cfg.model_dump(mode="json")
+    for key in NOT_SCORING_KEYS:
+        _put(cfg, key, None)
+    prof = ctx.profile.model_dump(mode="json")
+    for key in NOT_SCORING_PROFILE_KEYS:
+        prof[key] = None
+    return config_hash(cfg, ctx.space, prof) + ":" + _groups_hash(ctx)
+
+
+def _legacy_search_hash(ctx: SearchContext, stored_cfg: dict[str, Any], stored_profile: dict[str, Any]) -> str:
+    """The hash studies made before :data:`SEARCH_HASH_VERSION` 2 stored, with the keys that
+    version hashed but this one ignores taken from the study's stored config: it matches when
+    only those keys changed, so such a study resumes (and is upgraded) like a new one."""
+    cfg = ctx.cfg.model_dump(mode="json")
+    legacy_fixed = {"out": "", "search.trials": 1, "search.timeout_s": None, "search.storage": None,
+                    "search.heartbeat_interval": 10, "search.grace_period": 30, "search.max_retries": 2}
+    for key in NOT_SCORING_KEYS:
+        _put(cfg, key, legacy_fixed[key] if key in legacy_fixed else _get(stored_cfg, key))
+    if cfg.get("pretrain_steps") is not None:
+        # Those studies stored a pretrain_seconds that the step budget made irrelevant.
+        cfg["pretrain_seconds"] = stored_cfg.get("pretrain_seconds")
+    prof = ctx.profile.model_dump(mode="json")
+    for key in NOT_SCORING_PROFILE_KEYS:
+        prof[key] = stored_profile.get(key)
+    return config_hash(cfg, ctx.space, prof) + ":" + _groups_hash(ctx)
+
+
+def _flat(d: Any, prefix: str = "") -> dict[str, Any]:
+    if not isinstance(d, dict):
+        return {prefix: d}
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        out.update(_flat(v, f"{prefix}{k}." if isinstance(v, dict) else f"{prefix}{k}"))
+    return out
+
+
+def scoring_changes(study: optuna.Study, ctx: SearchContext, limit: int = 6) -> list[str]:
+    """``key: stored -> now`` for the scoring settings that differ from the study's stored ones,
+    so a refused resume says what to change back."""
+    # With a step budget pretrain_seconds is unused (older studies stored a number there anyway).
+    unused = ("pretrain_seconds",) if ctx.cfg.pretrain_steps is not None else ()
+    pairs = [
+        ("", study.user_attrs.get("config") or {}, public_config(ctx.cfg), NOT_SCORING_KEYS + unused),
+        ("search space ", study.user_attrs.get("search_space") or {}, ctx.space.model_dump(mode="json"), ()),
+        ("device profile ", study.user_attrs.get("device_profile") or {}, ctx.profile.model_dump(mode="json"),
+         NOT_SCORING_PROFILE_KEYS),
+    ]
+    changes = []
+    for label, old, new, ignore in pairs:
+        a, b = _flat(old), _flat(new)
+        for key in sorted(set(a) | set(b)):
+            if key not in ignore and a.get(key, "(absent)") != b.get(key, "(absent)"):
+                changes.append(f"{label}{key}: {a.get(key, '(absent)')!r} -> {b.get(key, '(absent)')!r}")
+    if not changes and study.user_attrs.get("groups") != [g.name for g in ctx.groups]:
+        changes.append("the model's prunable groups")
+    return changes[:limit] + ([f"and {len(changes) - limit} more"] if len(changes) > limit else [])
 
 
 def storage_url(ctx: SearchContext) -> str:
@@ -69,7 +157,7 @@ def open_study(ctx: SearchContext) -> optuna.Study:
     url = storage_url(ctx)
     name = ctx.cfg.search.study_name or "autoprune"
 
-    shown = url.split("@")[-1]  # never print a password
+    shown = redact_url(url)  # never print a password
     try:
         retries = ctx.cfg.search.max_retries
         storage = make_storage(url, ctx.cfg.search, lambda st, t: requeue_trial(st, t, retries))
@@ -81,23 +169,31 @@ def open_study(ctx: SearchContext) -> optuna.Study:
     except Exception as exc:  # noqa: BLE001 - sqlalchemy/optuna raise many types for a bad file
         hint = (" It is not an Optuna SQLite database (corrupt, or another program's file): move it away or use"
                 " another --out.") if url.startswith("sqlite") else " Check the URL, that the server runs, and the user's rights."
-        raise ConfigError(f"storage {shown}: cannot open an Optuna study there ({type(exc).__name__}: {str(exc)[:300]}).{hint}") from None
+        raise ConfigError(f"storage {shown}: cannot open an Optuna study there ({storage_error(exc, url)}).{hint}") from None
     if [d.name.lower() for d in study.directions] != study_directions(ctx):
-        raise ConfigError(f"storage {url}: study {name!r} has other objectives; use another --out or --study-name")
+        raise ConfigError(f"storage {shown}: study {name!r} has other objectives; use another --out or --study-name")
     h = search_hash(ctx)
     stored = study.user_attrs.get("search_hash")
+    if stored is not None and study.user_attrs.get("search_hash_version") != SEARCH_HASH_VERSION:
+        legacy = _legacy_search_hash(ctx, study.user_attrs.get("config") or {}, study.user_attrs.get("device_profile") or {})
+        if stored == legacy:  # an older autoprune's study, same scoring: continue under the new hash
+            study.set_user_attr("search_hash", h)
+            study.set_user_attr("search_hash_version", SEARCH_HASH_VERSION)
+            stored = h
     if stored is None:
         study.set_user_attr("search_hash", h)
+        study.set_user_attr("search_hash_version", SEARCH_HASH_VERSION)
         study.set_user_attr("dense", ctx.dense)
         study.set_user_attr("groups", [g.name for g in ctx.groups])
         study.set_user_attr("config", public_config(ctx.cfg))  # no storage password
         study.set_user_attr("search_space", ctx.space.model_dump(mode="json"))
         study.set_user_attr("device_profile", ctx.profile.model_dump(mode="json"))
     elif stored != h:
+        changed = "; ".join(scoring_changes(study, ctx))
         raise ConfigError(
             f"{ctx.out}: the study there was made with a different model, data, search space, device profile or "
-            "fine-tune settings; finished trials would not be comparable. Use a new --out (or --study-name), "
-            "or the same config as before."
+            f"fine-tune settings{f' (changed: {changed})' if changed else ''}; finished trials would not be comparable. "
+            "Use a new --out (or --study-name), or the same settings as before."
         )
     check_base_model(study, ctx.base, ctx.out)
     return study

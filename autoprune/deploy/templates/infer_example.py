@@ -11,6 +11,11 @@ In your code::
     from infer_example import load_onnxruntime, predict
     run = load_onnxruntime("path/to/bundle")
     logits = predict(run, images, batch_size=card()["input"]["shape"][0])
+
+The card's accuracy is on the search's held-out split. To check it, rebuild that split with
+autoprune (inference never needs it) from the card's ``evaluation`` keys, ``ev = card()["evaluation"]``:
+``autoprune.train.data.load_data(ev["data"], ev["image_size"], ev["val_fraction"], seed=ev["data_seed"]).val``.
+The split follows ``data_seed``, not the search seed, which would mix training images into it.
 """
 
 from __future__ import annotations

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from autoprune.config import DeviceProfile
-from autoprune.errors import BackendUnavailable
+from autoprune.errors import BackendUnavailable, ConfigError
 from autoprune.measure.backends.base import Backend, FnRunner, Runner
 from autoprune.measure.onnx import ModelArtifact
 from autoprune.registry import BACKENDS
@@ -51,7 +51,8 @@ class TorchBackend(Backend):
 
     def load(self, artifact: ModelArtifact, profile: DeviceProfile) -> Runner:
         if artifact.torch_model is None:
-            raise ValueError("torch backend needs the PyTorch module (it does not read ONNX); use backend onnxruntime or openvino for ONNX files")
+            raise ConfigError(f"device profile {profile.name}: backend torch needs the PyTorch module and cannot time the ONNX file "
+                              f"{artifact.onnx_path}; use a profile with backend onnxruntime or openvino for ONNX files")
         dev = profile.device.lower()
         if dev.startswith("cuda") and not torch.cuda.is_available():
             raise BackendUnavailable(
