@@ -198,7 +198,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="autoprune", description="Hardware-aware automated pruning search.")
     sub = p.add_subparsers(dest="cmd")
     s = sub.add_parser("search", help="run or resume a search (default: the embedded digits demo)")
-    s.add_argument("--config", help="run config YAML (e.g. examples/digits.yaml)")
+    s.add_argument("--config", help="run config: a YAML file or a shipped name (e.g. digits)")
     s.add_argument("--model", help="demo | torchvision name | module:function | checkpoint .pt")
     s.add_argument("--data", help="digits | ImageFolder dir | module:function")
     s.add_argument("--search-space", help="YAML file or shipped name (search_spaces/)")
