@@ -7,6 +7,7 @@ from autoprune.config import (
     load_device_profile,
     load_run_config,
     load_search_space,
+    resolve_named,
     shipped_dir,
 )
 from autoprune.errors import ConfigError
@@ -172,3 +173,17 @@ def test_set_and_option_for_the_same_key_must_agree():
     with pytest.raises(ConfigError, match=r"--set search\.trials is given twice \(5 and 6\)"):
         parse_assignments(["search.trials=5", "search.trials=6"])
     assert load_run_config(None, parse_assignments(["search.trials=5"]), **{"search.trials": 5}).search.trials == 5
+
+
+def test_users_own_folder_wins_over_the_shipped_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """./device_profiles/NAME.yaml (and ./search_spaces/, ./examples/) in the working directory is
+    the user's: it is taken over the shipped file of that name; other names still resolve."""
+    (tmp_path / "device_profiles").mkdir()
+    (tmp_path / "device_profiles" / "onnxruntime-cpu.yaml").write_text("name: mine\nbackend: onnxruntime\nthreads: 2\n")
+    (tmp_path / "examples").mkdir()
+    (tmp_path / "examples" / "digits.yaml").write_text("model: demo\nsearch: {trials: 3}\n")
+    monkeypatch.chdir(tmp_path)
+    assert load_device_profile("onnxruntime-cpu").name == "mine"
+    assert load_run_config("digits").search.trials == 3
+    assert load_device_profile("openvino-cpu").backend == "openvino"  # not overridden: shipped
+    assert resolve_named("openvino-cpu", "device_profiles").is_relative_to(shipped_dir("device_profiles"))
