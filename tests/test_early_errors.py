@@ -1,0 +1,95 @@
+"""Clear errors, early (issue 12, items 12-14): a user's mistake is one line naming the file and
+the fix (exit 2, no traceback), and whatever can be checked is checked before the dense model
+trains."""
+
+from __future__ import annotations
+
+import logging
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from autoprune.cli import main
+
+#: Keeps a search that gets past the checks under test short (those tests expect it to stop early).
+QUICK = ["--image-size", "16", "--trials", "1", "--finetune-steps", "2", "--pretrain-steps", "5",
+         "--set", "exporter=torchscript", "--set", "efficiency.sensitivity_scan=false"]
+
+
+def one_line_error(capsys: pytest.CaptureFixture[str], argv: list[str]) -> str:
+    """Run the CLI; it must exit 2 with one ``error:`` line, the last on stderr, and no traceback
+    (progress lines before it are allowed: some errors are found while the search runs)."""
+    rc = main(argv)
+    err = capsys.readouterr().err
+    assert rc == 2, err
+    assert "Traceback" not in err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert [line for line in lines if line.startswith("error: ")] == lines[-1:], err
+    return lines[-1]
+
+
+def image_folder(root: Path, classes: dict[str, int], size: int = 20) -> Path:
+    """``root/<class>/<i>.png`` with ``classes[name]`` small images each."""
+    rng = np.random.default_rng(0)
+    for ci, (name, n) in enumerate(classes.items()):
+        (root / name).mkdir(parents=True)
+        for i in range(n):
+            arr = np.full((size, size, 3), 40 + 50 * ci, dtype=np.uint8) + rng.integers(0, 20, (size, size, 3), dtype=np.uint8)
+            Image.fromarray(arr).save(root / name / f"{i}.png")
+    return root
+
+
+def truncate(path: Path) -> Path:
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    return path
+
+
+# --------------------------------------------------------------------------- 12a: broken images
+def test_truncated_image_is_named_before_training(tmp_path, fast_profile, capsys):
+    data = image_folder(tmp_path / "imgs", {"cat": 8, "dog": 8})
+    bad = truncate(data / "dog" / "3.png")
+    out = tmp_path / "run"
+    line = one_line_error(capsys, ["search", "--data", str(data), "--out", str(out), "--device-profile", str(fast_profile), *QUICK])
+    assert re.search(rf"{re.escape(str(bad))}: cannot read this image \(.*truncated.*\); replace or delete the file", line), line
+    assert not (out / "base_model.pt").exists()  # the up-front check, not the pre-training, found it
+
+
+def test_broken_image_in_a_large_folder_is_named_when_read(tmp_path, fast_profile, capsys, monkeypatch):
+    """Folders above the up-front check's size are read as usual; the loader names the file."""
+    import autoprune.train.data
+
+    monkeypatch.setattr(autoprune.train.data, "CHECK_ALL_IMAGES_UP_TO", 0)
+    data = image_folder(tmp_path / "imgs", {"cat": 8, "dog": 8})
+    (data / "cat" / "5.png").write_bytes(b"not an image")
+    line = one_line_error(capsys, ["search", "--data", str(data), "--out", str(tmp_path / "run"),
+                                   "--device-profile", str(fast_profile), *QUICK])
+    assert re.search(r"cat/5\.png: cannot read this image \(cannot identify image file.*\); replace or delete", line), line
+
+
+# --------------------------------------------------------------------------- 13: classes
+def test_image_folder_with_one_class_is_refused(tmp_path, fast_profile, capsys):
+    data = image_folder(tmp_path / "imgs", {"cat": 10})
+    line = one_line_error(capsys, ["search", "--data", str(data), "--out", str(tmp_path / "run"), "--device-profile", str(fast_profile), *QUICK])
+    assert re.search(rf"{re.escape(str(data))}: an ImageFolder needs at least two class folders .*found one class folder \('cat'\)", line), line
+    assert not (tmp_path / "run" / "base_model.pt").exists()
+
+
+def test_validation_split_without_a_class_is_warned_about(tmp_path, caplog):
+    from autoprune.train.data import load_data
+
+    data = image_folder(tmp_path / "imgs", {"a": 12, "b": 12, "rare": 1})
+    with caplog.at_level(logging.WARNING, logger="autoprune"):
+        bundle = load_data(str(data), 16, 0.25, 1)  # data seed 1 puts the one 'rare' image in the training split
+    assert bundle.num_classes == 3 and 2 not in {int(y) for _, y in bundle.val}
+    warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert any(re.search(r"validation split has no image of 1 class\(es\) the training split has \('rare'; 1 training images\).*"
+                         r"raise val_fraction", m) for m in warned), warned
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="autoprune"):
+        load_data(str(image_folder(tmp_path / "even", {"a": 12, "b": 12})), 16, 0.25, 0)
+    assert not [r for r in caplog.records if r.levelno == logging.WARNING]
