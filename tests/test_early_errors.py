@@ -71,6 +71,31 @@ def test_broken_image_in_a_large_folder_is_named_when_read(tmp_path, fast_profil
     assert re.search(r"cat/5\.png: cannot read this image \(cannot identify image file.*\); replace or delete", line), line
 
 
+# --------------------------------------------------------------------------- 12b: wrong state_dict
+def test_state_dict_of_another_architecture_is_summarised(tmp_path, capsys):
+    import torchvision
+
+    ckpt = tmp_path / "wrong.pt"
+    torch.save({"arch": "resnet18", "state_dict": torchvision.models.mobilenet_v2(num_classes=10).state_dict()}, ckpt)
+    line = one_line_error(capsys, ["search", "--model", str(ckpt), "--out", str(tmp_path / "run")])
+    assert len(line) < 600, line  # torch's message is 12.9 KB of key names
+    assert re.search(r"wrong\.pt: its state_dict does not fit arch 'resnet18': 122 of the model's 122 keys missing "
+                     r"\(conv1\.weight, bn1\.weight, \.\.\.\); 314 unexpected \(features\.0\.0\.weight, .*set 'arch'", line), line
+
+
+def test_state_dict_with_another_class_count_or_a_wrapper_prefix_says_so(tmp_path, capsys):
+    from autoprune.train.models import DemoResNet
+
+    sd = DemoResNet(num_classes=5).state_dict()
+    torch.save({"arch": "demo", "state_dict": sd, "num_classes": 10}, tmp_path / "classes.pt")
+    line = one_line_error(capsys, ["search", "--model", str(tmp_path / "classes.pt"), "--out", str(tmp_path / "run")])
+    assert re.search(r"2 with another shape \(e\.g\. fc\.weight: checkpoint \[5, 128\] vs model \[10, 128\]\); "
+                     r"same layers, other widths: .*'num_classes' .*\(now 10\)", line), line
+    torch.save({"arch": "demo", "state_dict": {f"module.{k}": v for k, v in sd.items()}, "num_classes": 5}, tmp_path / "ddp.pt")
+    line = one_line_error(capsys, ["search", "--model", str(tmp_path / "ddp.pt"), "--out", str(tmp_path / "run")])
+    assert "every key starts with 'module.' (a wrapper such as DataParallel): save the inner model's state_dict" in line
+
+
 # --------------------------------------------------------------------------- 13: classes
 def test_image_folder_with_one_class_is_refused(tmp_path, fast_profile, capsys):
     data = image_folder(tmp_path / "imgs", {"cat": 10})
