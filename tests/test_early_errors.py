@@ -118,3 +118,45 @@ def test_validation_split_without_a_class_is_warned_about(tmp_path, caplog):
     with caplog.at_level(logging.WARNING, logger="autoprune"):
         load_data(str(image_folder(tmp_path / "even", {"a": 12, "b": 12})), 16, 0.25, 0)
     assert not [r for r in caplog.records if r.levelno == logging.WARNING]
+
+
+# --------------------------------------------------------------------------- 12d: remeasure, files gone
+def _fake_run(root: Path, rows: int = 2) -> Path:
+    """A run folder whose pareto.json lists ``rows`` models, each with metadata and a small ONNX."""
+    import json
+    import warnings
+
+    model = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.ReLU(), torch.nn.Flatten(), torch.nn.Linear(4 * 14 * 14, 10)).eval()
+    pareto = []
+    for n in range(rows):
+        folder = root / "pareto" / f"trial_{n:05d}"
+        folder.mkdir(parents=True)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(model, (torch.zeros(1, 1, 16, 16),), str(folder / "model.onnx"), dynamo=False)
+        torch.save(model, folder / "model.pt")
+        (folder / "metadata.json").write_text(json.dumps({"input_shape": [1, 1, 16, 16], "config": {"exporter": "torchscript"}}))
+        pareto.append({"trial": n, "accuracy": 0.9 - n / 10, "latency_ms": 1.0 / (n + 1), "artifacts": f"pareto/trial_{n:05d}"})
+    (root / "pareto.json").write_text(json.dumps({"dense": {"profile": "ort-fast"}, "pareto": pareto}))
+    return root
+
+
+def test_remeasure_names_a_missing_artifacts_folder_or_model_file(tmp_path, fast_profile, capsys):
+    import shutil
+
+    run = _fake_run(tmp_path / "run")
+    shutil.rmtree(run / "pareto" / "trial_00001")
+    line = one_line_error(capsys, ["remeasure", str(run), "--device-profile", str(fast_profile)])
+    assert re.search(r"run/pareto/trial_00001: missing, but .*pareto\.json lists the model; restore it, or re-run the same "
+                     r"'autoprune search --out .*run' command", line), line
+    (run / "pareto" / "trial_00000" / "model.onnx").unlink()
+    line = one_line_error(capsys, ["remeasure", str(run), "--device-profile", str(fast_profile)])
+    assert re.search(r"trial_00000/model\.onnx: missing \(and 1 more missing file\(s\)\)", line), line
+    assert not (run / "remeasure").exists()  # nothing measured or written before the check
+
+
+def test_remeasure_on_torch_needs_the_module_file(tmp_path, capsys):
+    run = _fake_run(tmp_path / "run", rows=1)
+    (run / "pareto" / "trial_00000" / "model.pt").unlink()
+    line = one_line_error(capsys, ["remeasure", str(run), "--device-profile", "torch-cpu"])
+    assert re.search(r"trial_00000/model\.pt: missing, but", line), line
