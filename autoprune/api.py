@@ -24,7 +24,7 @@ from autoprune.errors import ConfigError
 from autoprune.measure import backends
 from autoprune.results.artifacts import export_front
 from autoprune.results.front import front
-from autoprune.runfolder import RunFolder, file_lock, writable_dir
+from autoprune.runfolder import RunFolder, file_lock, writable_dir, writable_paths
 from autoprune.study.context import SearchContext, prepare
 from autoprune.study.final import final_stage
 from autoprune.study.storage import public_config, redact_url
@@ -95,6 +95,7 @@ def run(cfg: RunConfig, console: Optional[Console] = None, export: bool = True) 
     # Workers sharing the run folder: the first trains and measures the dense model, the others
     # wait here and load its base_model.pt / dense.json (the study checks the weights' hash).
     writable_dir(cfg.out, "--out (run folder)")
+    writable_paths(RunFolder(Path(cfg.out)).written_in_place(cfg.search.storage is None), "--out")
     with file_lock(RunFolder(Path(cfg.out)).prepare_lock):
         ctx = prepare(cfg, console=lambda s: console.log(s))
     local = cfg.search.storage is None

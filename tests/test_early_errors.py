@@ -160,3 +160,49 @@ def test_remeasure_on_torch_needs_the_module_file(tmp_path, capsys):
     (run / "pareto" / "trial_00000" / "model.pt").unlink()
     line = one_line_error(capsys, ["remeasure", str(run), "--device-profile", "torch-cpu"])
     assert re.search(r"trial_00000/model\.pt: missing, but", line), line
+
+
+# --------------------------------------------------------------------------- 12c: --out not writable
+@pytest.fixture
+def read_only():
+    """``read_only(path)`` makes ``path`` unwritable for this process: chmod for a normal user,
+    ``chattr +i`` for root (whom modes do not stop); undone after the test. Skips where neither works."""
+    import os
+    import subprocess
+
+    done: list[Path] = []
+
+    def make(path: Path) -> Path:
+        if os.geteuid() != 0:
+            path.chmod(0o555 if path.is_dir() else 0o444)
+        elif subprocess.run(["chattr", "+i", str(path)], capture_output=True).returncode != 0:
+            pytest.skip("running as root where chattr +i is not supported: cannot make a path read-only")
+        done.append(path)
+        if os.access(path, os.W_OK):
+            pytest.skip(f"{path} stays writable for this user")
+        return path
+
+    yield make
+    for path in done:
+        if os.geteuid() == 0:
+            subprocess.run(["chattr", "-i", str(path)], capture_output=True)
+        else:
+            path.chmod(0o755 if path.is_dir() else 0o644)
+
+
+@pytest.mark.parametrize("inside, expected", [
+    ("", r"run: --out \(run folder\) is not writable; pass a folder you can write to"),  # what main already did
+    ("study.db", r"run/study\.db: read-only, but a search in this run folder writes to it; make it writable "
+                 r"\(chmod u\+w; chattr -i if immutable\), or copy the run folder and pass the copy as --out"),
+    ("trials", r"run/trials: read-only, but a search in this run folder writes to it"),
+])
+def test_read_only_run_folder_or_study_is_refused_before_training(inside, expected, tmp_path, fast_profile, read_only, capsys):
+    import optuna
+
+    out = tmp_path / "run"
+    (out / "trials").mkdir(parents=True)
+    optuna.create_study(study_name="autoprune", storage=f"sqlite:///{out / 'study.db'}", directions=["maximize", "minimize"])
+    read_only(out / inside)
+    line = one_line_error(capsys, ["search", "--out", str(out), "--device-profile", str(fast_profile), *QUICK])
+    assert re.search(expected, line), line
+    assert not (out / "base_model.pt").exists()
