@@ -206,3 +206,42 @@ def test_read_only_run_folder_or_study_is_refused_before_training(inside, expect
     line = one_line_error(capsys, ["search", "--out", str(out), "--device-profile", str(fast_profile), *QUICK])
     assert re.search(expected, line), line
     assert not (out / "base_model.pt").exists()
+
+
+# --------------------------------------------------------------------------- 12e: ONNX external data
+@pytest.fixture
+def external_onnx(tmp_path) -> Path:
+    """A small ONNX whose weights live in ``weights/m.data`` beside it (how models over 2 GB are saved)."""
+    import warnings
+
+    import onnx
+
+    model = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.ReLU(), torch.nn.Flatten(), torch.nn.Linear(4 * 14 * 14, 10)).eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model, (torch.zeros(1, 1, 16, 16),), str(tmp_path / "single.onnx"), dynamo=False)
+    (tmp_path / "ext" / "weights").mkdir(parents=True)
+    onnx.save_model(onnx.load(str(tmp_path / "single.onnx")), str(tmp_path / "ext" / "m.onnx"), save_as_external_data=True,
+                    all_tensors_to_one_file=True, location="weights/m.data", size_threshold=0)
+    assert (tmp_path / "ext" / "weights" / "m.data").is_file()
+    return tmp_path / "ext" / "m.onnx"
+
+
+def test_bench_onnx_with_external_data_present_is_measured(external_onnx, fast_profile, capsys):
+    import json
+
+    assert main(["bench", str(external_onnx), "--device-profile", str(fast_profile), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["median_ms"] > 0
+
+
+def test_bench_onnx_with_external_data_missing_names_the_file(external_onnx, fast_profile, capsys):
+    (external_onnx.parent / "weights" / "m.data").unlink()
+    for profile in (str(fast_profile), "openvino-cpu"):
+        line = one_line_error(capsys, ["bench", str(external_onnx), "--device-profile", profile])
+        assert re.search(r"ext/m\.onnx: its weights are stored in .*ext/weights/m\.data, which is missing; copy the file\(s\) "
+                         r"saved with the model \(weights/m\.data, relative to the \.onnx file\) there, or re-save", line), line
+
+
+def test_bench_onnx_with_external_data_on_a_remote_profile_is_refused(external_onnx, capsys):
+    line = one_line_error(capsys, ["bench", str(external_onnx), "--device-profile", "remote-example"])
+    assert "backend remote sends the .onnx file alone, and its weights are in weights/m.data" in line, line
