@@ -245,3 +245,43 @@ def test_bench_onnx_with_external_data_missing_names_the_file(external_onnx, fas
 def test_bench_onnx_with_external_data_on_a_remote_profile_is_refused(external_onnx, capsys):
     line = one_line_error(capsys, ["bench", str(external_onnx), "--device-profile", "remote-example"])
     assert "backend remote sends the .onnx file alone, and its weights are in weights/m.data" in line, line
+
+
+# --------------------------------------------------------------------------- 14: checked before training
+#: A pre-training long enough to notice: what these searches must never reach.
+SLOW_PRETRAIN = ["--pretrain-steps", "400", "--trials", "1", "--finetune-steps", "2",
+                 "--set", "exporter=torchscript", "--set", "efficiency.sensitivity_scan=false"]
+
+
+def test_search_space_pattern_matching_nothing_fails_before_training(tmp_path, fast_profile, capsys):
+    import time
+
+    space = tmp_path / "typo.yaml"
+    space.write_text("layers:\n  - {pattern: 'layer.*', high: 0.5}\n")  # the demo's modules are 'layers.N...'
+    out = tmp_path / "run"
+    t0 = time.perf_counter()
+    line = one_line_error(capsys, ["search", "--search-space", str(space), "--out", str(out), "--device-profile", str(fast_profile),
+                                   *SLOW_PRETRAIN])
+    assert re.search(r"search space .*typo\.yaml: key 'layers\.pattern': \['layer\.\*'\] match no prunable group; groups are: .*stem\.0, "
+                     r"layers\.0\.conv1", line), line
+    assert not (out / "base_model.pt").exists()
+    assert time.perf_counter() - t0 < 20  # seconds, on a loaded 2-core machine; 400 pre-training steps take longer
+
+
+@pytest.mark.parametrize("profile, expected", [
+    ({"backend": "onnxruntime", "device": "cpu", "providers": ["NoSuchExecutionProvider"]},
+     r"device profile nowhere: onnxruntime provider NoSuchExecutionProvider is not available"),
+    ({"backend": "onnxruntime", "device": "cpu", "precision": "fp16"}, r"precision fp16 on onnxruntime needs device: tensorrt"),
+    ({"backend": "remote", "url": "http://127.0.0.1:9", "token_env": "AUTOPRUNE_TEST_NO_SUCH_TOKEN"},
+     r"backend remote needs the server's token in the environment variable AUTOPRUNE_TEST_NO_SUCH_TOKEN"),
+])
+def test_a_backend_this_machine_lacks_fails_before_training(profile, expected, tmp_path, capsys, monkeypatch):
+    import yaml
+
+    monkeypatch.delenv("AUTOPRUNE_TEST_NO_SUCH_TOKEN", raising=False)
+    path = tmp_path / "nowhere.yaml"
+    path.write_text(yaml.safe_dump({"name": "nowhere", "threads": 1, "batch_size": 1, **profile}))
+    out = tmp_path / "run"
+    line = one_line_error(capsys, ["search", "--device-profile", str(path), "--out", str(out), *SLOW_PRETRAIN])
+    assert re.search(expected, line), line
+    assert not (out / "base_model.pt").exists()
