@@ -94,15 +94,18 @@ def run(cfg: RunConfig, console: Optional[Console] = None, export: bool = True) 
     console = console or Console(stderr=True)
     t0 = time.perf_counter()
 
-    # Workers sharing the run folder: the first trains and measures the dense model, the others
-    # wait here and load its base_model.pt / dense.json (the study checks the weights' hash).
     writable_dir(cfg.out, "--out (run folder)")
     writable_paths(RunFolder(Path(cfg.out)).written_in_place(cfg.search.storage is None), "--out")
-    with file_lock(RunFolder(Path(cfg.out)).prepare_lock):
-        ctx = prepare(cfg, console=lambda s: console.log(s))
     local = cfg.search.storage is None
-    lock = run_lock(ctx.run) if local else contextlib.nullcontext()
+    # One machine (SQLite): the run-folder lock comes first, so a second search in this folder
+    # says at once that it is busy instead of waiting silently on the prepare lock while the
+    # first trains. Workers sharing a folder through --storage take no run-folder lock.
+    lock = run_lock(RunFolder(Path(cfg.out))) if local else contextlib.nullcontext()
     with lock:
+        # Workers sharing the run folder: the first trains and measures the dense model, the others
+        # wait here and load its base_model.pt / dense.json (the study checks the weights' hash).
+        with file_lock(RunFolder(Path(cfg.out)).prepare_lock):
+            ctx = prepare(cfg, console=lambda s: console.log(s))
         study = open_study(ctx)
         if local:
             n = _fail_stale_local_trials(study, cfg.search.max_retries)

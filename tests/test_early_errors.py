@@ -285,3 +285,80 @@ def test_a_backend_this_machine_lacks_fails_before_training(profile, expected, t
     line = one_line_error(capsys, ["search", "--device-profile", str(path), "--out", str(out), *SLOW_PRETRAIN])
     assert re.search(expected, line), line
     assert not (out / "base_model.pt").exists()
+
+
+@pytest.fixture
+def hold_locks():
+    """``hold_locks(path, ...)``: take exclusive flocks like a running search would; released after the test."""
+    import fcntl
+
+    handles = []
+
+    def hold(*paths: Path) -> None:
+        for path in paths:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fh = open(path, "a")
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            handles.append(fh)
+
+    yield hold
+    for fh in handles:
+        fh.close()
+
+
+def test_second_search_in_a_busy_folder_fails_at_once(tmp_path, fast_profile, hold_locks):
+    """A first search training its dense model holds the run-folder lock and the prepare lock; a
+    second one must say so at once, not wait on the prepare lock for minutes (a subprocess: the
+    old behaviour waits until the timeout)."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "run"
+    hold_locks(out / ".lock", out / ".prepare.lock")
+    t0 = time.perf_counter()
+    p = subprocess.run([sys.executable, "-m", "autoprune.cli", "search", "--out", str(out), "--device-profile", str(fast_profile),
+                        *SLOW_PRETRAIN], capture_output=True, text=True, timeout=90, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    assert p.returncode == 2, p.stderr
+    assert "Traceback" not in p.stderr
+    assert re.fullmatch(r"error: .*run: another autoprune search is running in this folder \(lock .*run/\.lock\)\n", p.stderr), p.stderr
+    assert not (out / "base_model.pt").exists()
+    assert time.perf_counter() - t0 < 60  # process start and imports; no waiting
+
+
+@pytest.mark.parametrize("storage", [None, "sqlite:///{tmp}/shared.db"])
+def test_lock_order_single_machine_vs_workers_sharing_a_folder(storage, tmp_path, fast_profile, monkeypatch):
+    """Single machine (SQLite in the run folder): the run-folder lock is held before the prepare
+    lock. Workers sharing the folder through --storage take no run-folder lock and still wait on
+    the prepare lock for the first worker's dense model."""
+    import fcntl
+
+    import autoprune.api
+    from autoprune.config import load_run_config
+
+    def held(path: Path) -> bool:
+        with open(path, "a") as fh:
+            try:
+                fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return True
+            fcntl.flock(fh, fcntl.LOCK_UN)
+            return False
+
+    seen: dict[str, bool] = {}
+
+    class Stop(Exception):
+        pass
+
+    def fake_prepare(cfg, console=None):
+        seen.update(run=held(out / ".lock") if (out / ".lock").exists() else False, prepare=held(out / ".prepare.lock"))
+        raise Stop
+
+    out = tmp_path / "run"
+    monkeypatch.setattr(autoprune.api, "prepare", fake_prepare)
+    cfg = load_run_config(None, out=str(out), device_profile=str(fast_profile),
+                          **{"search.storage": storage.format(tmp=tmp_path) if storage else None})
+    with pytest.raises(Stop):
+        autoprune.api.run(cfg)
+    assert seen == {"run": storage is None, "prepare": True}
