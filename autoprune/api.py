@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,9 +23,10 @@ from rich.progress import (
 from autoprune.config import RunConfig, load_device_profile, load_run_config, shipped_dir
 from autoprune.errors import ConfigError
 from autoprune.measure import backends
+from autoprune.measure.onnx import external_data_files
 from autoprune.results.artifacts import export_front
 from autoprune.results.front import front
-from autoprune.runfolder import RunFolder, file_lock, writable_dir
+from autoprune.runfolder import RunFolder, file_lock, writable_dir, writable_paths
 from autoprune.study.context import SearchContext, prepare
 from autoprune.study.final import final_stage
 from autoprune.study.storage import public_config, redact_url
@@ -92,14 +94,18 @@ def run(cfg: RunConfig, console: Optional[Console] = None, export: bool = True) 
     console = console or Console(stderr=True)
     t0 = time.perf_counter()
 
-    # Workers sharing the run folder: the first trains and measures the dense model, the others
-    # wait here and load its base_model.pt / dense.json (the study checks the weights' hash).
     writable_dir(cfg.out, "--out (run folder)")
-    with file_lock(RunFolder(Path(cfg.out)).prepare_lock):
-        ctx = prepare(cfg, console=lambda s: console.log(s))
+    writable_paths(RunFolder(Path(cfg.out)).written_in_place(cfg.search.storage is None), "--out")
     local = cfg.search.storage is None
-    lock = run_lock(ctx.run) if local else contextlib.nullcontext()
+    # One machine (SQLite): the run-folder lock comes first, so a second search in this folder
+    # says at once that it is busy instead of waiting silently on the prepare lock while the
+    # first trains. Workers sharing a folder through --storage take no run-folder lock.
+    lock = run_lock(RunFolder(Path(cfg.out))) if local else contextlib.nullcontext()
     with lock:
+        # Workers sharing the run folder: the first trains and measures the dense model, the others
+        # wait here and load its base_model.pt / dense.json (the study checks the weights' hash).
+        with file_lock(RunFolder(Path(cfg.out)).prepare_lock):
+            ctx = prepare(cfg, console=lambda s: console.log(s))
         study = open_study(ctx)
         if local:
             n = _fail_stale_local_trials(study, cfg.search.max_retries)
@@ -197,6 +203,16 @@ def bench(onnx_path: str, device_profile: str = "onnxruntime-cpu", batch_size: O
         m = onnx.load(str(p), load_external_data=False)
     except Exception as exc:  # noqa: BLE001
         raise ConfigError(f"{onnx_path}: not a readable ONNX model ({' '.join(str(exc).split())[:300]})") from None
+    external = external_data_files(m, p.parent)
+    missing = [f for f in external if not f.is_file()]
+    if missing:
+        saved = ", ".join(os.path.relpath(f, p.parent) for f in external)
+        raise ConfigError(f"{onnx_path}: its weights are stored in {missing[0]}, which is missing; copy the file(s) saved with "
+                          f"the model ({saved}, relative to the .onnx file) there, or re-save the model as one file")
+    if external and profile.backend == "remote":
+        raise ConfigError(f"{onnx_path}: backend remote sends the .onnx file alone, and its weights are in "
+                          f"{', '.join(os.path.relpath(f, p.parent) for f in external)}; bench a single-file ONNX (onnx.save_model without "
+                          "save_as_external_data, models under 2 GB) or time it with `autoprune bench` on the target")
     dims = m.graph.input[0].type.tensor_type.shape.dim
     shape = [d.dim_value if d.dim_value > 0 else None for d in dims]
     if batch_size and shape[0] is not None and batch_size != shape[0]:

@@ -11,7 +11,7 @@ import fcntl
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Iterable, Iterator
 
 import torch
 
@@ -31,6 +31,20 @@ def writable_dir(path: str | Path, option: str) -> Path:
     if not os.access(path, os.W_OK | os.X_OK):
         raise ConfigError(f"{path}: {option} is not writable; pass a folder you can write to")
     return path
+
+
+def writable_paths(paths: Iterable[Path], option: str) -> None:
+    """Existing files and folders inside a run folder that a search writes to must be writable
+    (``option``: the flag that named the run folder).
+
+    A writable run folder is not enough: a read-only (or ``chattr +i``) ``study.db`` otherwise
+    surfaces after the dense model trained, as "not an Optuna SQLite database ... move it away"
+    (advice that loses the study), and a read-only ``trials/`` fails every trial one by one.
+    """
+    for path in paths:
+        if path.exists() and not os.access(path, os.W_OK | (os.X_OK if path.is_dir() else 0)):
+            raise ConfigError(f"{path}: read-only, but a search in this run folder writes to it; make it writable "
+                              f"(chmod u+w; chattr -i if immutable), or copy the run folder and pass the copy as {option}")
 
 
 @dataclass(frozen=True)
@@ -90,6 +104,14 @@ class RunFolder:
     def export_lock(self) -> Path:
         """Held while the front is written (workers sharing the folder finish together)."""
         return self.root / ".export.lock"
+
+    def written_in_place(self, local_study: bool) -> list[Path]:
+        """What a search opens for writing where it is (databases, lock files) or creates files in
+        (folders): a read-only one must stop the search before it trains (see writable_paths).
+        ``local_study``: the study is this folder's SQLite ``study.db``."""
+        files = [self.lock, self.prepare_lock, self.export_lock, self.latency_cache]
+        folders = [self.trial(0).root.parent, self.dense_onnx.parent, self.lut("x").parent, self.pareto_dir]
+        return [*files, *([self.study_db] if local_study else []), *folders]
 
     # -- the dense model and what is computed from it once per run
     @property

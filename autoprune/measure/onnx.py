@@ -11,7 +11,7 @@ import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Any, Iterator, Optional
 
 import torch
 import torch.nn as nn
@@ -89,6 +89,35 @@ def file_size(path: Path) -> int:
 def gzip_size(path: Path) -> int:
     """Compressed size: what zeroed (unstructured) weights actually save on disk or over the wire."""
     return len(gzip.compress(Path(path).read_bytes(), compresslevel=6))
+
+
+def external_data_files(model: Any, folder: Path) -> list[Path]:
+    """The files holding ``model``'s (an ``onnx.ModelProto``) externally stored tensors (``onnx.save_model(...,
+    save_as_external_data=True)``, needed above 2 GB), resolved against ``folder``, the .onnx
+    file's folder, as onnxruntime and OpenVINO resolve them; each file once, in graph order.
+    Covers initializers, Constant-node tensors and subgraphs (If/Loop/Scan bodies)."""
+    import onnx
+
+    found: dict[Path, None] = {}
+
+    def tensors(graph: Any) -> Iterator[Any]:
+        yield from graph.initializer
+        for node in graph.node:
+            for attr in node.attribute:
+                if attr.HasField("t"):
+                    yield attr.t
+                yield from attr.tensors
+                if attr.HasField("g"):
+                    yield from tensors(attr.g)
+                for sub in attr.graphs:
+                    yield from tensors(sub)
+
+    for t in tensors(model.graph):
+        if t.data_location == onnx.TensorProto.EXTERNAL:
+            location = next((e.value for e in t.external_data if e.key == "location"), None)
+            if location:
+                found[folder / location] = None
+    return list(found)
 
 
 @dataclass

@@ -61,6 +61,22 @@ def _measure(folder: Path, profile: DeviceProfile, x: np.ndarray, exporter: str,
     return backends.measure(backends.ModelArtifact(onnx_path, torch_model), profile, x).to_dict()
 
 
+def _require_files(run_dir: Path, rows: list[dict[str, Any]], names: list[str]) -> None:
+    """Every Pareto row's ``names`` must be in its artifacts folder, checked before anything is
+    measured: a deleted or moved folder is one line naming the file and how to get it back, not
+    a FileNotFoundError traceback after the other models were timed."""
+    missing: list[Path] = []
+    for r in rows:
+        folder = run_dir / r["artifacts"]
+        missing += [folder] if not folder.is_dir() else [folder / n for n in names if not (folder / n).is_file()]
+    if missing:
+        more = f" (and {len(missing) - 1} more missing file(s))" if len(missing) > 1 else ""
+        raise ConfigError(
+            f"{missing[0]}: missing{more}, but {run_dir / 'pareto.json'} lists the model; restore it, or re-run the same "
+            f"'autoprune search --out {run_dir}' command (a finished search re-exports pareto/ without new trials)"
+        )
+
+
 def remeasure(run_dir: str | Path, device_profile: str, include_dense: bool = True,
               say: Optional[Any] = None) -> dict[str, Any]:
     """Time every exported Pareto model of ``run_dir`` on ``device_profile`` and mark which stay
@@ -74,9 +90,12 @@ def remeasure(run_dir: str | Path, device_profile: str, include_dense: bool = Tr
     rows = [r for r in front["pareto"] if r.get("artifacts")]
     if not rows:
         raise ConfigError(f"{run_dir}: no exported Pareto models to measure; run 'autoprune search --out {run_dir}' first")
+    _require_files(run_dir, rows, ["metadata.json", "model.onnx"])
     meta = json.loads((run_dir / rows[0]["artifacts"] / "metadata.json").read_text())
     exporter = (meta.get("config") or {}).get("exporter", "dynamo")
     x = _input_for(profile, meta.get("input_shape") or [1])
+    if profile.backend == "torch" or list(x.shape) != meta.get("input_shape"):
+        _require_files(run_dir, rows, ["model.pt"])  # timed as a module, or re-exported at the new shape
     work = run.remeasure_dir / profile.name
     work.mkdir(parents=True, exist_ok=True)
 

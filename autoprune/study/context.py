@@ -24,6 +24,7 @@ from autoprune.config import (
     load_search_space,
 )
 from autoprune.errors import ConfigError
+from autoprune.measure import backends
 from autoprune.measure.candidate import measure_model
 from autoprune.prune.structure import PrunableGroup, apply_rules, find_groups
 from autoprune.runfolder import RunFolder, atomic_torch_save, atomic_write_text
@@ -72,34 +73,16 @@ class SearchContext:
         return self.run.root
 
 
-def prepare(cfg: RunConfig, console: Optional[Callable[[str], None]] = None) -> SearchContext:
-    """Load config files, data and the dense model; measure the dense baseline once per run folder."""
-    say = console or (lambda s: log.info(s))
-    space = load_search_space(cfg.search_space)
-    profile = load_device_profile(cfg.device_profile)
-    run = RunFolder(Path(cfg.out))
-    run.root.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(cfg.search.seed)
-
-    data = load_data(cfg.data, cfg.image_size, cfg.val_fraction, cfg.data_seed)
-    num_classes = cfg.num_classes or data.num_classes
-    base_path = run.base_model
-    if base_path.is_file():
-        base = torch.load(base_path, map_location="cpu", weights_only=False)
-    else:
-        base = build_model(cfg.model, num_classes, in_channels=data.input_shape[0])
-        is_checkpoint = Path(cfg.model).is_file()
-        # The config holds exactly one budget: steps, or (steps null) wall-clock seconds.
-        seconds = cfg.pretrain_seconds or 0.0
-        if not is_checkpoint and (cfg.pretrain_steps or (cfg.pretrain_steps is None and seconds > 0)):
-            budget = f"{cfg.pretrain_steps} steps" if cfg.pretrain_steps is not None else f"{seconds:g}s of wall time"
-            say(f"training the dense {cfg.model} model for {budget} (no trained weights were given)")
-            pretrain(base, data, seconds, seed=cfg.search.seed, steps=cfg.pretrain_steps)
-        atomic_torch_save(base, base_path)
-    base.eval()
-
+def _check_model(
+    cfg: RunConfig, space: SearchSpace, profile: DeviceProfile, base: nn.Module, data: DataBundle, num_classes: int
+) -> tuple[torch.Tensor, list[PrunableGroup]]:
+    """The example input (at the profile's batch size) and the prunable groups with the search
+    space's rules applied, found on ``base`` before it is trained: a model that refuses the input
+    shape or a layer pattern that matches nothing fails in seconds, not after pre-training.
+    The groups depend only on the architecture, so they hold for the trained weights too."""
     shape = tuple(profile.input_shape) if profile.input_shape else data.input_shape
     example = torch.randn(profile.batch_size, *shape, generator=torch.Generator().manual_seed(cfg.search.seed))
+    base.eval()
     try:
         with torch.no_grad():
             base(example[:1])
@@ -111,6 +94,40 @@ def prepare(cfg: RunConfig, console: Optional[Callable[[str], None]] = None) -> 
     )
     if not groups:
         raise ConfigError(f"search space {cfg.search_space}: every prunable group is skipped; nothing to search")
+    return example, groups
+
+
+def prepare(cfg: RunConfig, console: Optional[Callable[[str], None]] = None) -> SearchContext:
+    """Load config files, data and the dense model; measure the dense baseline once per run folder."""
+    say = console or (lambda s: log.info(s))
+    # Everything that can be checked is checked before the dense model trains (minutes): config
+    # files, the profile's backend on this machine, the data, the input shape and the search
+    # space's layer patterns (groups depend on the architecture, not on the weights).
+    space = load_search_space(cfg.search_space)
+    profile = load_device_profile(cfg.device_profile)
+    backends.check(profile)
+    run = RunFolder(Path(cfg.out))
+    run.root.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(cfg.search.seed)
+
+    data = load_data(cfg.data, cfg.image_size, cfg.val_fraction, cfg.data_seed)
+    num_classes = cfg.num_classes or data.num_classes
+    base_path = run.base_model
+    if base_path.is_file():
+        base = torch.load(base_path, map_location="cpu", weights_only=False)
+    else:
+        base = build_model(cfg.model, num_classes, in_channels=data.input_shape[0])
+    example, groups = _check_model(cfg, space, profile, base, data, num_classes)
+    if not base_path.is_file():
+        is_checkpoint = Path(cfg.model).is_file()
+        # The config holds exactly one budget: steps, or (steps null) wall-clock seconds.
+        seconds = cfg.pretrain_seconds or 0.0
+        if not is_checkpoint and (cfg.pretrain_steps or (cfg.pretrain_steps is None and seconds > 0)):
+            budget = f"{cfg.pretrain_steps} steps" if cfg.pretrain_steps is not None else f"{seconds:g}s of wall time"
+            say(f"training the dense {cfg.model} model for {budget} (no trained weights were given)")
+            pretrain(base, data, seconds, seed=cfg.search.seed, steps=cfg.pretrain_steps)
+        atomic_torch_save(base, base_path)
+    base.eval()
 
     eff = cfg.efficiency
     calib_n = max(4, eff.bn_batches)

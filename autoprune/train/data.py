@@ -7,15 +7,25 @@ input shape) so the rest of the pipeline never cares where images came from.
 from __future__ import annotations
 
 import importlib
+import logging
 import math
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
 import torch
+from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
 
 from autoprune.errors import ConfigError
+
+log = logging.getLogger("autoprune")
+
+#: ImageFolders with at most this many images are decoded once up front (about 1-3 ms an image):
+#: a broken file then stops the search before the dense model trains, not minutes into it.
+#: Larger folders are checked as they are read (:func:`load_rgb` names the file).
+CHECK_ALL_IMAGES_UP_TO = 2000
 
 
 @dataclass
@@ -113,6 +123,56 @@ def load_cluttered_digits(
     return DataBundle(train, val, 10, (1, image_size, image_size), name="digits-cluttered")
 
 
+def load_rgb(path: str, draft: Optional[int] = None) -> Image.Image:
+    """torchvision's PIL loader, but a file PIL cannot decode (truncated, corrupt, not an image)
+    is a one-line error naming it: otherwise it surfaces from deep inside a DataLoader as a bare
+    ``OSError: image file is truncated`` with no file name. ``draft``: decode JPEGs at about
+    that size (the up-front check needs the decode to succeed, not the full-size pixels)."""
+    try:
+        with Image.open(path) as img:
+            if draft:
+                img.draft("RGB", (draft, draft))
+            return img.convert("RGB")
+    except MemoryError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - PIL raises OSError, SyntaxError, ValueError, struct.error ...
+        raise ConfigError(f"{path}: cannot read this image ({' '.join(str(exc).split())[:200]}); "
+                          "replace or delete the file") from None
+
+
+def _check_images(paths: list[str], image_size: int) -> None:
+    """Decode every image of a small folder once, before any training (see CHECK_ALL_IMAGES_UP_TO);
+    one error naming the first unreadable file and how many others there are."""
+    if len(paths) > CHECK_ALL_IMAGES_UP_TO:
+        return
+    bad: list[ConfigError] = []
+    for path in paths:
+        try:
+            load_rgb(path, draft=image_size)
+        except ConfigError as exc:
+            bad.append(exc)
+    if bad:
+        more = f" (and {len(bad) - 1} more unreadable image(s) in this folder)" if len(bad) > 1 else ""
+        raise ConfigError(f"{bad[0]}{more}")
+
+
+def _class_checks(root: Path, classes: list[str], train_targets: list[int], val_targets: list[int], fix: str) -> None:
+    """Refuse fewer than two classes (every model scores 1.000 and the search means nothing) and
+    warn when the held-out split lacks a class the model trains on (its accuracy ignores it)."""
+    if len(classes) < 2:
+        found = f"one class folder ({classes[0]!r})" if classes else "no class folder"
+        raise ConfigError(f"{root}: an ImageFolder needs at least two class folders (class_x/img.png), found {found}; "
+                          "add a folder of images for every other class")
+    missing = sorted(set(train_targets) - set(val_targets))
+    if missing:
+        names = ", ".join(repr(classes[i]) for i in missing[:5]) + (" ..." if len(missing) > 5 else "")
+        counts = Counter(train_targets)
+        log.warning(
+            f"{root}: the validation split has no image of {len(missing)} class(es) the training split has ({names}; "
+            f"{sum(counts[i] for i in missing)} training images): accuracy will not measure them; {fix}"
+        )
+
+
 def load_image_folder(root: Path, image_size: int = 224, val_fraction: float = 0.25, seed: int = 0) -> DataBundle:
     """An ImageFolder tree (``class_x/img.png``); uses ``train/`` and ``val/`` subfolders when present."""
     from torchvision import datasets, transforms
@@ -127,17 +187,26 @@ def load_image_folder(root: Path, image_size: int = 224, val_fraction: float = 0
     )
     try:
         if (root / "train").is_dir() and (root / "val").is_dir():
-            train = datasets.ImageFolder(str(root / "train"), transform=tf)
-            val = datasets.ImageFolder(str(root / "val"), transform=tf)
+            train = datasets.ImageFolder(str(root / "train"), transform=tf, loader=load_rgb)
+            val = datasets.ImageFolder(str(root / "val"), transform=tf, loader=load_rgb)
             if train.classes != val.classes:
                 raise ConfigError(f"{root}: train/ and val/ have different class folders ({train.classes} vs {val.classes})")
             classes = train.classes
+            train_targets, val_targets = list(train.targets), list(val.targets)
+            paths = [p for p, _ in train.samples + val.samples]
         else:
-            full = datasets.ImageFolder(str(root), transform=tf)
+            full = datasets.ImageFolder(str(root), transform=tf, loader=load_rgb)
             classes = full.classes
             train, val = _split(full, val_fraction, seed)
+            train_targets = [full.targets[i] for i in train.indices]
+            val_targets = [full.targets[i] for i in val.indices]
+            paths = [p for p, _ in full.samples]
     except (FileNotFoundError, RuntimeError) as exc:
         raise ConfigError(f"{root}: not a usable ImageFolder directory (class subfolders with images): {exc}") from None
+    fix = ("add images of those classes to val/" if (root / "train").is_dir() and (root / "val").is_dir()
+           else "add images of those classes, or raise val_fraction")
+    _class_checks(root, classes, train_targets, val_targets, fix)
+    _check_images(paths, image_size)
     x0 = val[0][0]
     return DataBundle(train, val, len(classes), tuple(x0.shape), name=root.name)
 

@@ -81,6 +81,44 @@ def _torchvision(name: str, num_classes: int) -> Optional[nn.Module]:
     return tvm.get_model(name, weights=None, num_classes=num_classes)
 
 
+def _examples(keys: list[str], n: int = 2) -> str:
+    return ", ".join(keys[:n]) + (", ..." if len(keys) > n else "")
+
+
+def state_dict_mismatch(path: Path, ckpt: dict[str, Any], model: nn.Module) -> str:
+    """One line on why ``ckpt['state_dict']`` does not load into ``model`` (built from
+    ``ckpt['arch']``): counts of missing, unexpected and reshaped keys with a couple of examples.
+
+    torch's own message lists every key (kilobytes for a ResNet) on many lines; what a user needs
+    is whether this is another architecture, another class count, or a wrapper's key prefix.
+    """
+    arch, sd = ckpt["arch"], ckpt["state_dict"]
+    where = f"model: checkpoint {path}: its state_dict does not fit arch {arch!r}"
+    if not isinstance(sd, dict):
+        return f"{where}: 'state_dict' holds {type(sd).__name__}, not a dict of tensors; save model.state_dict() under 'state_dict'"
+    own = model.state_dict()
+    missing = [k for k in own if k not in sd]
+    unexpected = [k for k in sd if k not in own]
+    reshaped = [k for k in own if k in sd and hasattr(sd[k], "shape") and tuple(sd[k].shape) != tuple(own[k].shape)]
+    parts = []
+    if missing:
+        parts.append(f"{len(missing)} of the model's {len(own)} keys missing ({_examples(missing)})")
+    if unexpected:
+        parts.append(f"{len(unexpected)} unexpected ({_examples(unexpected)})")
+    if reshaped:
+        k = reshaped[0]
+        parts.append(f"{len(reshaped)} with another shape (e.g. {k}: checkpoint {list(sd[k].shape)} vs model {list(own[k].shape)})")
+    prefixes = {k.split(".", 1)[0] + "." for k in sd}
+    if len(prefixes) == 1 and {k.split(".", 1)[-1] for k in sd} >= set(own):
+        fix = f"every key starts with {prefixes.pop()!r} (a wrapper such as DataParallel): save the inner model's state_dict"
+    elif reshaped and not missing and not unexpected:
+        fix = ("same layers, other widths: store the class count these weights were trained for as 'num_classes' in the "
+               f"checkpoint (now {ckpt.get('num_classes', 'not set')})")
+    else:
+        fix = "set 'arch' to the model these weights come from, or save the state_dict of the model 'arch' names"
+    return f"{where}: {'; '.join(parts) or 'torch refused it'}; {fix}"
+
+
 def _from_checkpoint(path: Path, num_classes: int) -> nn.Module:
     try:
         obj: Any = torch.load(path, map_location="cpu", weights_only=False)
@@ -92,7 +130,10 @@ def _from_checkpoint(path: Path, num_classes: int) -> nn.Module:
         return obj["model"]
     if isinstance(obj, dict) and "arch" in obj and "state_dict" in obj:
         model = build_model(str(obj["arch"]), int(obj.get("num_classes", num_classes)))
-        model.load_state_dict(obj["state_dict"])
+        try:
+            model.load_state_dict(obj["state_dict"])
+        except (RuntimeError, TypeError):
+            raise ConfigError(state_dict_mismatch(path, obj, model)) from None
         return model
     raise ConfigError(
         f"model: {path} holds {type(obj).__name__}; save the nn.Module itself (torch.save(model, path)) "

@@ -44,6 +44,11 @@ def get(name: str) -> Backend:
     return BACKENDS.get(name)
 
 
+def check(profile: DeviceProfile) -> None:
+    """BackendUnavailable now, before anything is trained, when this machine cannot run ``profile``."""
+    get(profile.backend).check(profile)
+
+
 def load(artifact: ModelArtifact, profile: DeviceProfile) -> Runner:
     """A runner for ``artifact`` on the profile's (local) backend."""
     return get(profile.backend).load(artifact, profile)
@@ -111,4 +116,4 @@ def with_overrides(profile: DeviceProfile, **kw: Any) -> DeviceProfile:
 
 
 __all__ = ["Backend", "BackendUnavailable", "ModelArtifact", "Runner", "FnRunner", "measure", "load", "get", "available", "register",
-           "ensure_precision", "with_overrides", "one_inference_timer"]
+           "ensure_precision", "with_overrides", "one_inference_timer", "check"]

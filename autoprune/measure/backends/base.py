@@ -42,6 +42,12 @@ class Backend(abc.ABC):
     def load(self, artifact: ModelArtifact, profile: DeviceProfile) -> Runner:
         """A runner for one synchronous inference of ``artifact`` on this backend."""
 
+    def check(self, profile: DeviceProfile) -> None:
+        """Raise :class:`~autoprune.errors.BackendUnavailable` when this machine cannot run
+        ``profile`` (no such device, provider, driver or token). Cheap, and called before the dense
+        model trains, so a CUDA profile on a CPU machine fails in seconds rather than after
+        minutes of pre-training. The default checks nothing; :meth:`load` still checks too."""
+
     def session(self, profile: DeviceProfile) -> ContextManager[Any]:
         """Process-wide settings the profile asks for (e.g. torch's intra-op thread count), held
         only inside the ``with`` block and restored after it.

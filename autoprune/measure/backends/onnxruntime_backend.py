@@ -44,11 +44,15 @@ def session_options(threads: int) -> Any:
 class OnnxRuntimeBackend(Backend):
     name = "onnxruntime"
 
-    def load(self, artifact: ModelArtifact, profile: DeviceProfile) -> Runner:
+    def check(self, profile: DeviceProfile) -> None:
+        """The profile's device and first execution provider exist here and fit its precision."""
+        self.providers(profile)
+
+    def providers(self, profile: DeviceProfile) -> tuple[list[str], list[str]]:
+        """(providers the profile asks for, providers this onnxruntime has), or BackendUnavailable
+        when the device is unknown, its provider is not installed, or fp16 is asked of a non-TensorRT one."""
         import onnxruntime as ort
 
-        if artifact.onnx_path is None or str(artifact.onnx_path).endswith(".xml"):
-            raise ValueError("onnxruntime backend needs an ONNX file")
         dev = profile.device.lower()
         providers = profile.providers or _DEVICE_PROVIDERS.get(dev)
         if providers is None:
@@ -62,13 +66,21 @@ class OnnxRuntimeBackend(Backend):
                 f"device profile {profile.name}: onnxruntime provider {providers[0]} is not available "
                 f"(available: {have}). {_INSTALL_GPU}"
             )
+        if profile.precision == "fp16" and providers[0] != "TensorrtExecutionProvider":
+            raise BackendUnavailable(
+                f"device profile {profile.name}: precision fp16 on onnxruntime needs device: tensorrt "
+                "(TensorRT builds fp16 engines); for fp16 use backend openvino (inference-precision hint) or torch on cuda"
+            )
+        return providers, have
+
+    def load(self, artifact: ModelArtifact, profile: DeviceProfile) -> Runner:
+        import onnxruntime as ort
+
+        if artifact.onnx_path is None or str(artifact.onnx_path).endswith(".xml"):
+            raise ValueError("onnxruntime backend needs an ONNX file")
+        providers, have = self.providers(profile)
         provider_options: list[dict[str, Any]] = [{} for _ in providers]
         if profile.precision == "fp16":
-            if providers[0] != "TensorrtExecutionProvider":
-                raise BackendUnavailable(
-                    f"device profile {profile.name}: precision fp16 on onnxruntime needs device: tensorrt "
-                    "(TensorRT builds fp16 engines); for fp16 use backend openvino (inference-precision hint) or torch on cuda"
-                )
             provider_options[0]["trt_fp16_enable"] = True
         if profile.precision == "int8" and providers[0] == "TensorrtExecutionProvider":
             provider_options[0]["trt_int8_enable"] = True  # QDQ nodes carry the scales

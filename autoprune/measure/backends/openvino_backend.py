@@ -74,6 +74,12 @@ def compile_config(core: Any, device: str, profile: DeviceProfile) -> dict[str, 
 class OpenVINOBackend(Backend):
     name = "openvino"
 
+    def check(self, profile: DeviceProfile) -> None:
+        """The profile's OpenVINO device(s) exist here (a driver missing is the usual cause)."""
+        import openvino as ov
+
+        check_device(ov.Core(), profile.device.upper(), profile.name)
+
     def load(self, artifact: ModelArtifact, profile: DeviceProfile) -> Runner:
         import openvino as ov
 

@@ -76,6 +76,10 @@ def post_parts(url: str, token: str, parts: list[tuple[str, bytes]], settings: d
 class RemoteBackend(Backend):
     name = "remote"
 
+    def check(self, profile: DeviceProfile) -> None:
+        """The token is in the environment (the server itself is reached at the first measurement)."""
+        self._token(profile)
+
     def _token(self, profile: DeviceProfile) -> str:
         tok = os.environ.get(profile.token_env, "")
         if not tok:

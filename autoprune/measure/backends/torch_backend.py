@@ -49,17 +49,21 @@ class TorchBackend(Backend):
             return torch_threads(profile.threads)
         return contextlib.nullcontext()
 
-    def load(self, artifact: ModelArtifact, profile: DeviceProfile) -> Runner:
-        if artifact.torch_model is None:
-            raise ConfigError(f"device profile {profile.name}: backend torch needs the PyTorch module and cannot time the ONNX file "
-                              f"{artifact.onnx_path}; use a profile with backend onnxruntime or openvino for ONNX files")
-        dev = profile.device.lower()
-        if dev.startswith("cuda") and not torch.cuda.is_available():
+    def check(self, profile: DeviceProfile) -> None:
+        """A CUDA profile needs a CUDA device and a CUDA build of torch."""
+        if profile.device.lower().startswith("cuda") and not torch.cuda.is_available():
             raise BackendUnavailable(
                 f"device profile {profile.name}: no CUDA device (torch.cuda.is_available() is False; "
                 f"torch {torch.__version__}, built for CUDA {torch.version.cuda}). Run on a machine with an NVIDIA GPU "
                 "and a CUDA build of torch (see https://pytorch.org/get-started/locally/)."
             )
+
+    def load(self, artifact: ModelArtifact, profile: DeviceProfile) -> Runner:
+        if artifact.torch_model is None:
+            raise ConfigError(f"device profile {profile.name}: backend torch needs the PyTorch module and cannot time the ONNX file "
+                              f"{artifact.onnx_path}; use a profile with backend onnxruntime or openvino for ONNX files")
+        self.check(profile)
+        dev = profile.device.lower()
         device = torch.device(dev)
         # A copy: moving/halving/compiling must not change the caller's (CPU, fp32) model.
         model = copy.deepcopy(artifact.torch_model).to(device).eval()
