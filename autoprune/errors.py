@@ -45,3 +45,8 @@ class QuantizationError(AutopruneError, RuntimeError):
 
 class NonFiniteLoss(AutopruneError, RuntimeError):
     """Fine-tune diverged (NaN/inf loss): the trial is recorded as failed with this reason."""
+
+
+class UntrustedPickle(ConfigError):
+    """A file could only be read by full unpickling, which runs any code the file names, and
+    ``--trust-pickle`` (``trust_pickle: true``) was not given; the message says how to proceed."""

@@ -9,13 +9,14 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
+import pickle
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator
 
 import torch
 
-from autoprune.errors import ConfigError
+from autoprune.errors import ConfigError, UntrustedPickle
 
 
 def writable_dir(path: str | Path, option: str) -> Path:
@@ -257,3 +258,23 @@ def atomic_torch_save(obj: object, path: Path) -> Path:
     finally:
         tmp.unlink(missing_ok=True)  # only still there if saving or renaming failed
     return path
+
+
+def torch_load(path: Path, *, trust_pickle: bool, refusal: str) -> object:
+    """The reading twin of :func:`atomic_torch_save`: ``torch.load`` with ``weights_only=True``
+    (tensors and plain data only: a file cannot run code while it loads). A file that needs full
+    unpickling is read with ``weights_only=False`` only when ``trust_pickle`` is set; otherwise
+    :class:`UntrustedPickle` with ``f"{path}: {refusal}"``. Unreadable files are a ConfigError."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        # A global outside torch's allow-list (any class, any callable): full pickle or damage.
+        if not trust_pickle:
+            raise UntrustedPickle(f"{path}: {refusal}") from None
+    except Exception as exc:  # noqa: BLE001 - torch raises many types for a damaged file
+        raise ConfigError(f"{path}: cannot be read ({' '.join(str(exc).split())[:200]}); the file is damaged or not a PyTorch file") from None
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as exc:  # noqa: BLE001
+        raise ConfigError(f"{path}: cannot be unpickled ({type(exc).__name__}: {' '.join(str(exc).split())[:200]}); "
+                          "the file is damaged, or the code it was pickled with is not importable here") from None

@@ -230,3 +230,40 @@ def apply_schedule(
             with methods.hold_zeros(model):
                 between(model)
     return {name: (info[name][0], current[name]) for name in info}
+
+
+def slice_to_widths(
+    model: nn.Module,
+    example: torch.Tensor,
+    widths: dict[str, Any],
+    num_classes: Optional[int] = None,
+) -> None:
+    """Cut each group of the dense ``model`` to a recorded kept width, in place.
+
+    This rebuilds the *architecture* of a pruned model so that its state dict can be loaded
+    (``train/checkpoint.py``): which channels are dropped does not matter because every weight is
+    overwritten afterwards, so no criterion is scored (the last channels of each group go, the
+    same ones in every channel group of a grouped conv). It goes through the same dependency
+    graph as :func:`apply_plan`, so coupled layers and the attributes torch-pruning updates
+    change exactly as they did when the model was pruned. ``widths`` is ``{group: (before,
+    after)}`` as :func:`apply_plan` returns it; a group this model does not have, or whose width
+    is not ``before``, raises ``ValueError`` (the dense model is not the one that was pruned).
+    """
+    DG = build_graph(model, example)
+    live = dict(iter_groups(DG, output_layers(model, num_classes)))
+    missing = sorted(set(widths) - set(live))
+    if missing:
+        raise ValueError(f"groups {missing[:5]} are not in the rebuilt dense model")
+    cuts: list[tuple[nn.Module, list[int]]] = []
+    for name, (before, after) in widths.items():
+        group = live[name]
+        root = group[0].dep.target.module
+        n = int(DG.get_out_channels(root))
+        if n != int(before):
+            raise ValueError(f"group {name} has {n} channels in the rebuilt dense model, {before} when it was pruned")
+        if int(after) >= n:
+            continue
+        order = torch.arange(n, 0, -1, dtype=torch.float32)  # lowest score = last channel
+        cuts.append((root, _drop_indices(order, n, int(after), channel_groups(DG, group))))
+    for root, idxs in cuts:  # indices of one group never shift when another group is sliced
+        DG.get_pruning_group(root, DG.get_pruner_of_module(root).prune_out_channels, idxs).prune()

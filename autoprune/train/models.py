@@ -17,6 +17,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from autoprune.errors import ConfigError
+from autoprune.runfolder import torch_load
 from autoprune.train.data import DataBundle
 
 
@@ -119,11 +120,16 @@ def state_dict_mismatch(path: Path, ckpt: dict[str, Any], model: nn.Module) -> s
     return f"{where}: {'; '.join(parts) or 'torch refused it'}; {fix}"
 
 
-def _from_checkpoint(path: Path, num_classes: int) -> nn.Module:
-    try:
-        obj: Any = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as exc:  # noqa: BLE001 - torch raises many types for a bad file
-        raise ConfigError(f"model: cannot read checkpoint {path}: {exc}") from None
+#: Why a full-model pickle given as ``--model`` is refused, and the two ways forward.
+PICKLE_REFUSAL = (
+    "a full pickle (e.g. torch.save(model)), and unpickling runs whatever code the file names; "
+    "save {'arch': ..., 'state_dict': model.state_dict(), 'num_classes': N} instead (loads weights-only), "
+    "or pass --trust-pickle (trust_pickle: true) if you trust this file"
+)
+
+
+def _from_checkpoint(path: Path, num_classes: int, trust_pickle: bool = False) -> nn.Module:
+    obj: Any = torch_load(path, trust_pickle=trust_pickle, refusal=f"model checkpoint is {PICKLE_REFUSAL}")
     if isinstance(obj, nn.Module):
         return obj
     if isinstance(obj, dict) and isinstance(obj.get("model"), nn.Module):
@@ -136,20 +142,23 @@ def _from_checkpoint(path: Path, num_classes: int) -> nn.Module:
             raise ConfigError(state_dict_mismatch(path, obj, model)) from None
         return model
     raise ConfigError(
-        f"model: {path} holds {type(obj).__name__}; save the nn.Module itself (torch.save(model, path)) "
-        "or a dict {'arch': <torchvision name or module:function>, 'state_dict': ..., 'num_classes': N}"
+        f"model: {path} holds {type(obj).__name__}; save a dict {{'arch': <torchvision name or module:function>, "
+        "'state_dict': ..., 'num_classes': N} (or the nn.Module itself, which then needs --trust-pickle)"
     )
 
 
-def build_model(ref: str, num_classes: int, in_channels: Optional[int] = None) -> nn.Module:
-    """``demo`` | a torchvision name (random weights) | ``module:function`` | a checkpoint file."""
+def build_model(ref: str, num_classes: int, in_channels: Optional[int] = None, trust_pickle: bool = False) -> nn.Module:
+    """``demo`` | a torchvision name (random weights) | ``module:function`` | a checkpoint file.
+
+    A checkpoint loads weights-only (``{'arch', 'state_dict'}``); a full-model pickle only with
+    ``trust_pickle``, because unpickling can run any code the file names."""
     p = Path(ref)
     if ref == "demo":
         return DemoResNet(num_classes, in_channels or 1)
     if p.suffix in (".pt", ".pth", ".ckpt") or p.is_file():
         if not p.is_file():
             raise ConfigError(f"model: checkpoint file {ref} not found")
-        model = _from_checkpoint(p, num_classes)
+        model = _from_checkpoint(p, num_classes, trust_pickle)
     elif ":" in ref:
         mod_name, _, fn_name = ref.partition(":")
         try:

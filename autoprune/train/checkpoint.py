@@ -1,0 +1,198 @@
+"""The model files autoprune writes and reads: a state dict plus the recipe that rebuilds the module.
+
+``torch.save(model)`` pickles the module, and loading a pickle runs whatever code the file names:
+a ``.pt`` planted in a run folder or a bundle would run under ``pick``, ``export`` or
+``remeasure``. So every model file autoprune writes (``base_model.pt``, ``trials/N/model.pt``,
+``model_final.pt``, ``pareto/trial_N/model.pt``, a bundle's ``model.pt``) holds only tensors and
+plain data and loads with ``torch.load(weights_only=True)``::
+
+    {"format": "autoprune.model/1",
+     "recipe": {"build": {"model": "demo", "num_classes": 10, "in_channels": 1, "pickle": None},
+                "num_classes": 10, "example_shape": [1, 16, 16],
+                "widths": {"stem.0": [32, 16], ...},          # {} for the dense model
+                "built_from": {"model": "demo", "checkpoint_sha256": None, "num_classes": 10,
+                               "in_channels": 1, "input_size": [16, 16]},
+                "trained": {...} or None},
+     "state_dict": {...}, "weights_sha256": "..."}
+
+:func:`load_model` builds the dense architecture (``train.models.build_model``), cuts every group
+to its recorded kept width (``prune.plan.slice_to_widths``, the dependency graph the search
+pruned with), loads the state dict strictly and checks the weights' hash. The only code that
+runs is autoprune's and the model reference's (a torchvision name, ``module:function``), as
+when the search built it. A model whose architecture exists only as a user's full-model pickle
+(``--model x.pt --trust-pickle``) records that file and its hash; rebuilding it unpickles that
+file again, so it needs ``trust_pickle`` too. Files from before this format (full pickles) load
+only with ``trust_pickle``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+import torch.nn as nn
+
+from autoprune.errors import ConfigError, UntrustedPickle
+from autoprune.prune.plan import slice_to_widths
+from autoprune.runfolder import atomic_torch_save, torch_load
+from autoprune.train.models import PICKLE_REFUSAL, build_model
+
+FORMAT = "autoprune.model/1"
+
+#: Why a model file that is not weights-only is refused, and how to proceed.
+RUN_FILE_REFUSAL = (
+    "a full pickle, not a weights-only autoprune model file, and unpickling runs whatever code it names; "
+    "run folders and bundles of an older autoprune hold such files: if you trust this one, rerun with --trust-pickle"
+)
+
+
+def file_sha256(path: Path) -> str:
+    """SHA-256 of a file's bytes (a checkpoint given as ``--model``)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def weights_hash(model: nn.Module) -> str:
+    """Hash of the weights (names, shapes, bytes), not of a file, whose bytes vary between saves.
+    The study stores this hash of the dense model to refuse workers with another one."""
+    h = hashlib.sha256()
+    for k, v in sorted(model.state_dict().items()):
+        h.update(k.encode())
+        h.update(str(tuple(v.shape)).encode())
+        h.update(v.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def _is_checkpoint(ref: str) -> bool:
+    """The test ``build_model`` uses for "a checkpoint file"."""
+    p = Path(ref)
+    return ref != "demo" and (p.suffix in (".pt", ".pth", ".ckpt") or p.is_file())
+
+
+def dense_recipe(
+    ref: str,
+    num_classes: int,
+    in_channels: int,
+    input_size: tuple[int, ...],
+    example_shape: tuple[int, ...],
+    trained: Optional[dict[str, Any]] = None,
+    trust_pickle: bool = False,
+) -> dict[str, Any]:
+    """The recipe of the dense model that ``build_model(ref, num_classes, in_channels)`` builds.
+
+    ``build`` is what rebuilds the architecture: a checkpoint ``{'arch': ..., 'state_dict': ...}``
+    is replaced by its ``arch`` (a run folder then needs no copy of the checkpoint), a full-model
+    pickle by its absolute path and hash. ``built_from`` is what :func:`check_built_from`
+    compares with a config before a stored dense model is reused; ``trained`` says how it was
+    pre-trained (None: weights from a checkpoint). ``example_shape`` (C, H, W) is the input the
+    dependency graph is traced with.
+    """
+    build: dict[str, Any] = {"model": ref, "num_classes": int(num_classes), "in_channels": int(in_channels), "pickle": None}
+    sha = None
+    if _is_checkpoint(ref) and Path(ref).is_file():
+        path = Path(ref).resolve()
+        sha = file_sha256(path)
+        try:  # weights-only even when trusted: a full pickle's architecture is the file itself
+            obj: Any = torch_load(path, trust_pickle=False, refusal=f"model checkpoint is {PICKLE_REFUSAL}")
+        except UntrustedPickle:
+            if not trust_pickle:
+                raise
+            obj = None
+        if isinstance(obj, dict) and "arch" in obj and "state_dict" in obj:
+            build.update(model=str(obj["arch"]), num_classes=int(obj.get("num_classes", num_classes)))
+        else:
+            build.update(model=str(path), pickle={"path": str(path), "sha256": sha})
+    return {
+        "build": build,
+        "num_classes": int(num_classes),
+        "example_shape": [int(s) for s in example_shape],
+        "widths": {},
+        "built_from": {"model": ref, "checkpoint_sha256": sha, "num_classes": int(num_classes),
+                       "in_channels": int(in_channels), "input_size": [int(s) for s in input_size]},
+        "trained": trained,
+    }
+
+
+def pruned_recipe(recipe: dict[str, Any], widths: dict[str, Any]) -> dict[str, Any]:
+    """The recipe of a model pruned from ``recipe``'s dense model to ``widths`` ({group: (before, after)})."""
+    return {**recipe, "widths": {str(g): [int(w[0]), int(w[1])] for g, w in widths.items()}}
+
+
+def save_model(model: nn.Module, path: Path, recipe: dict[str, Any]) -> Path:
+    """Write ``model`` as a weights-only file: its state dict, the recipe that rebuilds it, and
+    the weights' hash (atomically, like every file in a run folder)."""
+    plain = json.loads(json.dumps(recipe))  # tuples -> lists; anything else would not load weights-only
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    return atomic_torch_save({"format": FORMAT, "recipe": plain, "state_dict": state,
+                              "weights_sha256": weights_hash(model)}, Path(path))
+
+
+def read_model_file(path: Path, *, trust_pickle: bool = False) -> dict[str, Any] | nn.Module:
+    """The content of a model file: the weights-only dict, or (``trust_pickle`` only) the module
+    of a full pickle written before this format."""
+    path = Path(path)
+    obj = torch_load(path, trust_pickle=trust_pickle, refusal=RUN_FILE_REFUSAL)
+    if isinstance(obj, nn.Module):
+        return obj
+    if not (isinstance(obj, dict) and obj.get("format") == FORMAT and isinstance(obj.get("recipe"), dict)):
+        raise ConfigError(f"{path}: not an autoprune model file (no format {FORMAT!r}); "
+                          "re-export it with the autoprune that wrote the run folder")
+    return obj
+
+
+def build_architecture(recipe: dict[str, Any], *, trust_pickle: bool = False, where: Path | str = "model") -> nn.Module:
+    """The (randomly initialised) module a recipe describes: the dense model, cut to the widths."""
+    b = recipe["build"]
+    if b.get("pickle"):
+        src = Path(b["pickle"]["path"])
+        if not trust_pickle:
+            raise UntrustedPickle(f"{where}: its architecture is the full-model pickle {src} given as --model, and unpickling "
+                                  "runs whatever code that file names; pass --trust-pickle if you trust it")
+        if not src.is_file():
+            raise ConfigError(f"{where}: its architecture is the full-model pickle {src}, which is gone; put it back there")
+        if file_sha256(src) != b["pickle"]["sha256"]:
+            raise ConfigError(f"{where}: its architecture is the full-model pickle {src}, which changed since the model was "
+                              "written; put the original back")
+    model = build_model(b["model"], b["num_classes"], b["in_channels"], trust_pickle=trust_pickle)
+    widths = {g: w for g, w in (recipe.get("widths") or {}).items()}
+    if any(after < before for before, after in widths.values()):
+        try:
+            slice_to_widths(model, torch.zeros(1, *recipe["example_shape"]), widths, recipe.get("num_classes"))
+        except ValueError as exc:
+            raise ConfigError(f"{where}: its pruned widths do not fit the dense model {b['model']} builds here ({exc}); "
+                              "the model code changed since the file was written") from None
+    return model
+
+
+def model_from_file(obj: dict[str, Any], path: Path, *, trust_pickle: bool = False) -> nn.Module:
+    """Rebuild the module of a weights-only file read by :func:`read_model_file`."""
+    model = build_architecture(obj["recipe"], trust_pickle=trust_pickle, where=path)
+    try:
+        model.load_state_dict(obj["state_dict"])
+    except RuntimeError as exc:
+        raise ConfigError(f"{path}: its weights do not fit the architecture its recipe rebuilds "
+                          f"({' '.join(str(exc).split())[:200]}); the file is damaged or the model code changed") from None
+    if obj.get("weights_sha256") and weights_hash(model) != obj["weights_sha256"]:
+        raise ConfigError(f"{path}: its weights do not match their recorded hash; the file is damaged")
+    return model.eval()
+
+
+def load_checkpoint(path: Path, *, trust_pickle: bool = False) -> tuple[nn.Module, Optional[dict[str, Any]]]:
+    """``(model, recipe)`` from a model file autoprune wrote; ``recipe`` is None for a trusted
+    full pickle of an older autoprune (the caller then knows the recipe from the run)."""
+    obj = read_model_file(path, trust_pickle=trust_pickle)
+    if isinstance(obj, nn.Module):
+        return obj.eval(), None
+    return model_from_file(obj, Path(path), trust_pickle=trust_pickle), obj["recipe"]
+
+
+def load_model(path: str | Path, *, trust_pickle: bool = False) -> nn.Module:
+    """The module in a model file autoprune wrote (``model.pt`` of a trial, the front or a
+    bundle; ``base_model.pt``), in eval mode, loaded weights-only."""
+    return load_checkpoint(Path(path), trust_pickle=trust_pickle)[0]
