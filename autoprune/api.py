@@ -62,7 +62,8 @@ class SearchResult:
             "search_space": self.ctx.space.model_dump(mode="json"),
             "dense": self.ctx.dense,
         }
-        self.pareto = export_front(self.study, self.ctx.run, self.ctx.example, meta, self.ctx.cfg.exporter, self.ctx.dense)
+        self.pareto = export_front(self.study, self.ctx.run, self.ctx.example, meta, self.ctx.cfg.exporter, self.ctx.dense,
+                                   recipe=self.ctx.recipe, trust_pickle=self.ctx.cfg.trust_pickle)
         return self.pareto
 
 

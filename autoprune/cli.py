@@ -37,7 +37,7 @@ def cmd_search(args: argparse.Namespace, console: Console) -> int:
         "out": args.out, "search.trials": args.trials, "search.storage": args.storage, "search.study_name": args.study_name,
         "search.seed": args.seed, "search.sampler": args.sampler, "finetune.steps": args.finetune_steps,
         "pretrain_steps": args.pretrain_steps, "pretrain_seconds": args.pretrain_seconds, "image_size": args.image_size,
-        "search.timeout_s": args.timeout,
+        "search.timeout_s": args.timeout, "trust_pickle": True if args.trust_pickle else None,
     }
     cfg = load_run_config(args.config, parse_assignments(args.set), **overrides)
     try:
@@ -54,7 +54,8 @@ def cmd_pick(args: argparse.Namespace, console: Console) -> int:
     from autoprune.results.front import load_front
 
     row, dest = pick(args.run, args.dest, profile=args.profile, max_latency_ms=args.max_latency_ms, max_params=args.max_params,
-                     min_accuracy=args.min_accuracy, max_flops=args.max_flops, max_size_mb=args.max_size_mb, trial=args.trial)
+                     min_accuracy=args.min_accuracy, max_flops=args.max_flops, max_size_mb=args.max_size_mb, trial=args.trial,
+                     trust_pickle=args.trust_pickle)
     dense = load_front(args.run).get("dense")
     console.print(_fmt_row_table([row], dense if not args.profile else None, f"picked (latency on {args.profile or dense.get('profile')})"))
     console.print(f"deploy files in {dest}: " + ", ".join(sorted(p.name for p in dest.iterdir())))
@@ -84,7 +85,7 @@ def cmd_groups(args: argparse.Namespace, console: Console) -> int:
     from autoprune.train.models import build_model
 
     data = load_data(args.data)
-    model = build_model(args.model, data.num_classes, data.input_shape[0])
+    model = build_model(args.model, data.num_classes, data.input_shape[0], trust_pickle=args.trust_pickle)
     space = load_search_space(args.search_space)
     groups = apply_rules(find_groups(model, torch.zeros(1, *data.input_shape), data.num_classes), space.low, space.high, space.methods, space.layers, args.search_space)
     t = Table(title=f"prunable groups of {args.model}")
@@ -166,7 +167,7 @@ def cmd_remeasure(args: argparse.Namespace, console: Console) -> int:
     from autoprune.results.remeasure import remeasure
 
     progress = Console(stderr=True)  # progress on stderr, the table (result) on the given console
-    res = remeasure(args.run, args.device_profile, say=lambda s: progress.log(s))
+    res = remeasure(args.run, args.device_profile, say=lambda s: progress.log(s), trust_pickle=args.trust_pickle)
     t = Table(title=f"Pareto models on {res['profile_name']} (searched on {res['search_profile']})")
     for c in ("trial", "accuracy", f"ms on {res['search_profile']}", f"ms on {res['profile_name']}", "p90 ms", "speed-up", "non-dominated"):
         t.add_column(c, justify="right")
@@ -187,11 +188,18 @@ def cmd_export(args: argparse.Namespace, console: Console) -> int:
     from autoprune.deploy.replay import rebuild_trial
 
     meta = rebuild_trial(args.run, args.trial, storage=args.storage, study_name=args.study_name, dest=args.dest,
-                         rebuild=args.rebuild, tolerance=args.tolerance, console=lambda s: console.log(s))
+                         rebuild=args.rebuild, tolerance=args.tolerance, console=lambda s: console.log(s),
+                         trust_pickle=args.trust_pickle)
     chk = meta["check"]
     console.print(f"trial {args.trial} ({meta['source']}): accuracy {chk['accuracy']:.4f} (study: {chk['stored_accuracy']:.4f}); "
                   f"wrote {meta['dest']}: " + ", ".join(sorted(meta["files"].values())) + ", metadata.json")
     return 0
+
+
+def _trust_flag(parser: argparse.ArgumentParser, what: str) -> None:
+    """``--trust-pickle``: the one way to load a full pickle, given by whoever runs the command."""
+    parser.add_argument("--trust-pickle", action="store_true",
+                        help=f"also load full pickles ({what}); unpickling runs any code in the file, so only for files you trust")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -218,6 +226,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--set", action="append", metavar="KEY=VALUE", default=[],
                    help="set any run-config key, dotted for sections, value in YAML (repeatable): "
                         "--set efficiency.final_finetune_steps=200 --set search.max_accuracy_drop=0.05")
+    _trust_flag(s, "a --model saved with torch.save(model), or this run folder's files if an older autoprune wrote them")
     s.set_defaults(fn=cmd_search)
 
     k = sub.add_parser("pick", help="choose a Pareto model for a budget and write its deploy files")
@@ -230,6 +239,7 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("--trial", type=int)
     k.add_argument("--profile", help="device profile --max-latency-ms refers to (default: the search's; others need 'autoprune remeasure')")
     k.add_argument("--dest", help="where to write the bundle (default: <run>/picked)")
+    _trust_flag(k, "model files of a run folder an older autoprune wrote")
     k.set_defaults(fn=cmd_pick)
 
     rp = sub.add_parser("report", help="write a self-contained HTML report of a run")
@@ -249,6 +259,7 @@ def build_parser() -> argparse.ArgumentParser:
     rm = sub.add_parser("remeasure", help="measure a run's Pareto models on another device profile")
     rm.add_argument("run", help="run folder")
     rm.add_argument("--device-profile", required=True, help="YAML file or shipped name (device_profiles/)")
+    _trust_flag(rm, "model files of a run folder an older autoprune wrote")
     rm.set_defaults(fn=cmd_remeasure)
 
     b = sub.add_parser("bench", help="measure an ONNX file's latency on a device profile")
@@ -266,12 +277,14 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--dest", help="where to write (default: <run>/export/trial_NNNNN)")
     ex.add_argument("--rebuild", action="store_true", help="re-create the model from the stored parameters even if trials/N/model.pt exists")
     ex.add_argument("--tolerance", type=float, default=0.02, help="allowed |accuracy - stored accuracy| of the model (default 0.02)")
+    _trust_flag(ex, "model files of a run folder an older autoprune wrote")
     ex.set_defaults(fn=cmd_export)
 
     g = sub.add_parser("groups", help="list a model's prunable channel groups")
     g.add_argument("--model", default="demo")
     g.add_argument("--data", default="digits")
     g.add_argument("--search-space", default="default")
+    _trust_flag(g, "a --model saved with torch.save(model)")
     g.set_defaults(fn=cmd_groups)
 
     sl = sub.add_parser("serve-latency", help="on a target device: measure ONNX files sent by `backend: remote` profiles")

@@ -285,6 +285,11 @@ class RunConfig(_Strict):
     finetune: FinetuneConfig = Field(default_factory=FinetuneConfig)
     search: SearchSettings = Field(default_factory=SearchSettings)
     efficiency: EfficiencyConfig = Field(default_factory=EfficiencyConfig)
+    #: Load full-model pickles (``--model x.pt`` saved with ``torch.save(model)``, model files of
+    #: an older autoprune): unpickling runs whatever code a file names, so only for files you
+    #: trust. Weights-only files never need it. Left out of every dump of the config (study,
+    #: metadata, resume hash): trust is given by whoever runs the command, never by a run folder.
+    trust_pickle: bool = Field(False, exclude=True)
 
     @model_validator(mode="before")
     @classmethod

@@ -17,6 +17,7 @@ import torch
 from autoprune.deploy.bundle import rebuild_model
 from autoprune.deploy.pick import choose, pick
 from autoprune.errors import ConfigError
+from autoprune.train.checkpoint import load_model
 
 
 def _row(trial: int, acc: float, lat: float, params: int = 1000, flops: float = 1e6, onnx_bytes: int = 2_000_000) -> dict:
@@ -127,7 +128,7 @@ def test_card_rebuild_instruction_runs(bundle):
     card = json.loads((dest / "model_card.json").read_text())
     scope: dict = {}
     exec(card["rebuild"]["python"].replace("<bundle folder>", str(dest)), scope)
-    ref = torch.load(dest / "model.pt", map_location="cpu", weights_only=False).eval()
+    ref = load_model(dest / "model.pt")
     x = torch.randn(2, 1, 16, 16, generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         torch.testing.assert_close(scope["model"](x), ref(x), rtol=0, atol=1e-6)
@@ -135,7 +136,7 @@ def test_card_rebuild_instruction_runs(bundle):
 
 def test_rebuild_from_code_and_state_dict(bundle):
     _, dest = bundle
-    ref = torch.load(dest / "model.pt", map_location="cpu", weights_only=False).eval()
+    ref = load_model(dest / "model.pt")
     model = rebuild_model(dest)
     x = torch.randn(4, 1, 16, 16, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
@@ -187,7 +188,7 @@ def test_inference_example_runs_as_script(bundle, tmp_path):
     p = subprocess.run([sys.executable, str(dest / "infer_example.py"), str(tmp_path / "x.npy")],
                        capture_output=True, text=True, timeout=120, cwd=tmp_path)
     assert p.returncode == 0, p.stderr[-2000:]
-    ref = torch.load(dest / "model.pt", map_location="cpu", weights_only=False).eval()
+    ref = load_model(dest / "model.pt")
     with torch.no_grad():
         top1 = ref(torch.from_numpy(x)).argmax(1).tolist()
     assert f"onnxruntime: top-1 {top1}" in p.stdout and f"openvino: top-1 {top1}" in p.stdout

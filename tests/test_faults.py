@@ -170,6 +170,7 @@ def test_corrupt_or_foreign_sqlite_is_refused_untouched(template: Path) -> None:
 
 
 def test_other_search_space_or_dense_model_is_refused(template: Path) -> None:
+    from autoprune.train.checkpoint import read_model_file, save_model
     from autoprune.train.models import DemoResNet
 
     out = template / "mixed"
@@ -178,7 +179,8 @@ def test_other_search_space_or_dense_model_is_refused(template: Path) -> None:
     with pytest.raises(ConfigError, match="different model, data, search space"):
         run(other_space, console=_quiet(), export=False)
     # Same config, but a worker whose dense model differs (e.g. trained on its own machine).
-    torch.save(DemoResNet(10, 1), out / "base_model.pt")
+    recipe = read_model_file(out / "base_model.pt")["recipe"]  # same recipe (built from demo), other weights
+    save_model(DemoResNet(10, 1), out / "base_model.pt", recipe)
     with pytest.raises(ConfigError, match="dense model .* not the one the study was started with"):
         run(_cfg(template, out, trials=2), console=_quiet(), export=False)
     # nothing was mixed in: the first session's complete trial and its still-queued seed only

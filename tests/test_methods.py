@@ -22,6 +22,7 @@ from autoprune.prune.structure import (
     iter_groups,
     output_layers,
 )
+from autoprune.train.checkpoint import load_model
 from autoprune.train.models import DemoResNet
 
 ALL_METHODS = methods.available()
@@ -435,5 +436,5 @@ def test_search_records_granularity_and_size_objective(tmp_path: Path, fast_prof
         zeroing = [g for g, v in t.user_attrs["granularity"].items() if v != "structured"]
         assert (t.user_attrs["weight_sparsity"] > 0) == bool(zeroing)
         # the saved (fine-tuned) model kept its zeros: weights were held during the fine-tune
-        model = torch.load(tmp_path / "out" / "trials" / f"{t.number:05d}" / "model.pt", weights_only=False)
+        model = load_model(tmp_path / "out" / "trials" / f"{t.number:05d}" / "model.pt")
         assert methods.weight_sparsity(model) == pytest.approx(t.user_attrs["weight_sparsity"], abs=1e-9)

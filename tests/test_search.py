@@ -18,6 +18,7 @@ import autoprune
 from autoprune.config import load_run_config
 from autoprune.errors import ConfigError
 from autoprune.results.front import non_dominated
+from autoprune.train.checkpoint import load_model
 
 
 def test_front_is_nonempty_and_truly_non_dominated(tiny_run):
@@ -77,7 +78,7 @@ def test_artifacts_written(tiny_run):
         assert meta["onnx_max_abs_diff"] < 1e-3
         for f in ("model.onnx", "model.xml", "model.bin", "model.pt", "state_dict.pt"):
             assert (d / f).stat().st_size > 0
-        model = torch.load(d / "model.pt", weights_only=False)
+        model = load_model(d / "model.pt")
         assert sum(p.numel() for p in model.parameters()) == r["params"]
 
 
@@ -201,8 +202,8 @@ def test_export_trial_exports_the_final_stage_model_stored_or_rebuilt(tiny_run, 
     rebuilt = rebuild_trial(run_copy, n, dest=tmp_path / "rebuilt", tolerance=1e-9)  # the copy has no trials/ folder
     assert rebuilt["source"] == "rebuilt from stored parameters + final fine-tune"
     assert rebuilt["check"]["final"]["accuracy"] == pytest.approx(finals[str(n)]["final_accuracy"], abs=1e-9)
-    ref = torch.load(tiny_run.out / "trials" / f"{n:05d}" / "model_final.pt", weights_only=False)
-    got = torch.load(tmp_path / "rebuilt" / "model.pt", weights_only=False)
+    ref = load_model(tiny_run.out / "trials" / f"{n:05d}" / "model_final.pt")
+    got = load_model(tmp_path / "rebuilt" / "model.pt")
     for (k, a), b in zip(ref.state_dict().items(), got.state_dict().values()):
         assert torch.equal(a, b), k
 

@@ -86,3 +86,127 @@ def test_planted_pickle_is_refused_and_never_runs(tmp_path: Path) -> None:
     with pytest.raises(UntrustedPickle, match="--trust-pickle"):
         build_model(str(evil), 10)
     assert not marker.exists()
+
+
+def test_full_model_pickle_as_model_needs_trust_pickle(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    marker = tmp_path / "pwned"
+    evil = plant(tmp_path / "evil.pt", marker)
+    out = tmp_path / "run"
+    refused(capsys, ["search", "--model", str(evil), "--out", str(out), "--trials", "1"], marker,
+            "evil.pt: model checkpoint is a full pickle", "--trust-pickle", "'arch'")
+    assert not (out / "base_model.pt").exists() and not (out / "study.db").exists()
+    refused(capsys, ["groups", "--model", str(evil)], marker, "--trust-pickle")
+
+    genuine = tmp_path / "full.pt"
+    torch.save(DemoResNet(10, 1), genuine)
+    refused(capsys, ["groups", "--model", str(genuine)], marker, "--trust-pickle")
+    assert main(["groups", "--model", str(genuine), "--trust-pickle"]) == 0
+    assert "layers.0.conv1" in capsys.readouterr().out
+    # an {'arch', 'state_dict'} checkpoint holds tensors only: no flag needed
+    torch.save({"arch": "demo", "state_dict": DemoResNet(10, 1).state_dict(), "num_classes": 10}, tmp_path / "sd.pt")
+    assert main(["groups", "--model", str(tmp_path / "sd.pt")]) == 0
+
+
+def test_trusted_full_pickle_model_runs_and_its_files_stay_weights_only(tmp_path: Path, fast_profile: Path) -> None:
+    """With trust_pickle the user's pickle is the architecture: base_model.pt records the file and
+    its hash, and rebuilding (here: resuming) needs the flag again."""
+    ckpt = tmp_path / "full.pt"
+    torch.save(DemoResNet(10, 1), ckpt)
+    cfg = tiny_run_config(tmp_path / "out", fast_profile, trials=1, model=str(ckpt), **FAST_EXTRAS)
+    ctx = prepare(load_run_config(str(write_yaml(tmp_path / "run.yaml", {**cfg, "trust_pickle": True}))))
+    base_file = torch.load(tmp_path / "out" / "base_model.pt", weights_only=True)
+    assert base_file["recipe"]["build"]["pickle"]["path"] == str(ckpt.resolve())
+    with pytest.raises(UntrustedPickle, match=r"architecture is the full-model pickle .*full\.pt.*--trust-pickle"):
+        load_model(tmp_path / "out" / "base_model.pt")
+    again = load_model(tmp_path / "out" / "base_model.pt", trust_pickle=True)
+    x = torch.randn(2, 1, 16, 16)
+    with torch.no_grad():
+        assert torch.equal(again(x), ctx.base(x))
+
+
+# --------------------------------------------------------------------------- a run folder
+@pytest.fixture()
+def run_dir(tiny_run, tmp_path: Path, fast_profile: Path) -> tuple[Path, Path]:
+    """A private copy of the shared tiny run (trials included) and a config that resumes it."""
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run.out, run)
+    cfg = tiny_run_config(run, fast_profile, efficiency={"final_finetune_steps": 2, "sensitivity_scan": True})
+    return run, write_yaml(tmp_path / "resume.yaml", cfg)
+
+
+def _front(run: Path) -> list[dict]:
+    return json.loads((run / "pareto.json").read_text())["pareto"]
+
+
+def test_every_model_file_autoprune_writes_loads_weights_only(run_dir, tmp_path: Path) -> None:
+    run, _ = run_dir
+    assert main(["pick", str(run), "--dest", str(tmp_path / "bundle")]) == 0
+    files = [run / "base_model.pt", *run.glob("trials/*/model*.pt"), *run.glob("pareto/*/model.pt"), tmp_path / "bundle" / "model.pt"]
+    assert len(files) >= 5
+    for f in files:
+        assert torch.load(f, weights_only=True)["format"] == FORMAT, f
+    card = json.loads((tmp_path / "bundle" / "model_card.json").read_text())
+    scope: dict = {}
+    exec(card["rebuild"]["pytorch"].split(" (")[0].replace("<bundle folder>", str(tmp_path / "bundle")), scope)
+    assert sum(p.numel() for p in scope["model"].parameters()) == card["params"]
+
+
+def test_planted_pickles_never_run_under_pick_export_remeasure_or_resume(run_dir, tmp_path: Path, capsys) -> None:
+    run, resume = run_dir
+    marker = tmp_path / "pwned"
+    row = _front(run)[0]
+    n = row["trial"]
+    pareto_pt = run / row["artifacts"] / "model.pt"
+    saved = {p: p.read_bytes() for p in (pareto_pt, run / "base_model.pt", run / "trials" / f"{n:05d}" / "model.pt")}
+
+    plant(pareto_pt, marker)
+    refused(capsys, ["pick", str(run), "--trial", str(n), "--dest", str(tmp_path / "b")], marker, "model.pt: a full pickle", "--trust-pickle")
+    profile = write_yaml(tmp_path / "b2.yaml", {"name": "ort-b2", "backend": "onnxruntime", "device": "cpu", "threads": 1,
+                                                "warmup": 1, "repeats": 3, "target_rel_ci": None, "batch_size": 2})
+    refused(capsys, ["remeasure", str(run), "--device-profile", str(profile)], marker, "--trust-pickle")
+    for trial_file in run.glob("trials/*/model*.pt"):  # what a resumed search exports
+        plant(trial_file, marker)
+    refused(capsys, ["search", "--config", str(resume)], marker, "a full pickle", "--trust-pickle")
+    refused(capsys, ["export", str(run), "--trial", str(n), "--dest", str(tmp_path / "e")], marker, "--trust-pickle")
+
+    for p, data in saved.items():
+        p.write_bytes(data)
+    plant(run / "base_model.pt", marker)
+    refused(capsys, ["search", "--config", str(resume)], marker, "base_model.pt: a full pickle", "--trust-pickle")
+    refused(capsys, ["export", str(run), "--trial", str(n), "--dest", str(tmp_path / "e"), "--rebuild"], marker,
+            "base_model.pt: a full pickle")
+    assert not marker.exists()
+
+
+def test_planted_pickle_in_a_bundle_never_runs(run_dir, tmp_path: Path) -> None:
+    run, _ = run_dir
+    bundle = tmp_path / "bundle"
+    assert main(["pick", str(run), "--dest", str(bundle)]) == 0
+    marker = tmp_path / "pwned"
+    plant(bundle / "model.pt", marker)
+    with pytest.raises(UntrustedPickle, match="--trust-pickle"):
+        load_model(bundle / "model.pt")
+    assert rebuild_model(bundle).training is False  # the code + state_dict.pt route does not read model.pt
+    plant(bundle / "state_dict.pt", marker)
+    with pytest.raises(Exception, match="Weights only load failed"):
+        rebuild_model(bundle)
+    assert not marker.exists()
+
+
+def test_run_folder_of_an_older_autoprune_says_how_to_proceed(run_dir, tmp_path: Path, capsys) -> None:
+    """Full pickles written before this format: a one-line error naming --trust-pickle; with the
+    flag they load, and a resumed search rewrites base_model.pt and the front weights-only."""
+    run, resume = run_dir
+    for f in [run / "base_model.pt", *run.glob("trials/*/model*.pt"), *run.glob("pareto/*/model.pt")]:
+        torch.save(load_model(f), f)  # what autoprune wrote before: torch.save(model)
+    n = _front(run)[0]["trial"]
+    err = refused(capsys, ["pick", str(run), "--trial", str(n), "--dest", str(tmp_path / "b")], tmp_path / "none",
+                  "an older autoprune", "--trust-pickle")
+    assert "pareto" in err
+    assert main(["pick", str(run), "--trial", str(n), "--dest", str(tmp_path / "b"), "--trust-pickle"]) == 0
+    capsys.readouterr()
+    refused(capsys, ["search", "--config", str(resume)], tmp_path / "none", "base_model.pt: a full pickle", "--trust-pickle")
+    assert main(["search", "--config", str(resume), "--trust-pickle"]) == 0
+    for f in [run / "base_model.pt", *run.glob("pareto/*/model.pt")]:
+        assert torch.load(f, weights_only=True)["format"] == FORMAT, f
+    assert main(["pick", str(run), "--trial", str(n), "--dest", str(tmp_path / "c")]) == 0

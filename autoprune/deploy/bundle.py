@@ -1,9 +1,10 @@
 """A deploy bundle: everything a deployment needs without the search.
 
-ONNX, OpenVINO IR, the PyTorch model (pickled module, state dict, and ``torch.export`` /
-TorchScript files where the model allows), a ``model_card.json`` that records where the model
-came from and how it measured, and ``infer_example.py`` that runs it with onnxruntime and with
-OpenVINO (no autoprune import).
+ONNX, OpenVINO IR, the PyTorch model (``model.pt``: weights-only, a state dict plus the recipe
+that rebuilds the module; ``state_dict.pt``; and ``torch.export`` / TorchScript files where the
+model allows), a ``model_card.json`` that records where the model came from and how it
+measured, and ``infer_example.py`` that runs it with onnxruntime and with OpenVINO (no
+autoprune import).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from autoprune.results.artifacts import versions
 from autoprune.results.front import search_profile_name
 from autoprune.runfolder import RunFolder
 from autoprune.study.storage import open_run_study
+from autoprune.train.checkpoint import load_model
 from autoprune.train.models import build_model
 
 CARD = "model_card.json"
@@ -62,7 +64,7 @@ def rebuild_model(bundle: str | Path) -> Any:
         model.load_state_dict(state)
     except RuntimeError as exc:
         raise ConfigError(f"{bundle}: the rebuilt {rb['class']} does not match state_dict.pt ({str(exc)[:300]}); "
-                          "load model.pt instead (torch.load(..., weights_only=False))") from None
+                          "load model.pt instead (autoprune.train.checkpoint.load_model)") from None
     return model.eval()
 
 
@@ -214,7 +216,9 @@ def _model_card(run_dir: Path, row: dict[str, Any], meta: dict[str, Any], model:
             "python": "from autoprune.deploy.bundle import rebuild_model; model = rebuild_model('<bundle folder>')",
             "steps": "autoprune.train.models.build_model(model, num_classes, in_channels) -> autoprune.prune.plan.apply_plan("
                      "slice each group in 'layers' to channels_after) -> load_state_dict(state_dict.pt)",
-            "pickled_module": "torch.load('model.pt', weights_only=False) (needs autoprune importable)",
+            "pytorch": "from autoprune.train.checkpoint import load_model; model = load_model('<bundle folder>/model.pt') "
+                       "(weights-only: state dict + this recipe, no pickled code; needs autoprune)",
+            "recipe": "torch.load('model.pt', weights_only=True)['recipe']",
         },
         "config": cfg,
         "search_space": meta.get("search_space"),
@@ -236,9 +240,10 @@ def _copy_example(dest: Path) -> None:
 
 
 def write_bundle(run_dir: Path, row: dict[str, Any], dest: Path, budget: Optional[dict[str, Any]] = None,
-                 profile: Optional[str] = None) -> dict[str, Any]:
+                 profile: Optional[str] = None, trust_pickle: bool = False) -> dict[str, Any]:
     """Copy a Pareto trial's files into ``dest`` and add torch.export/TorchScript files, the
-    model card and the inference example. Returns the card."""
+    model card and the inference example. Returns the card. ``model.pt`` loads weights-only;
+    a full pickle of an older autoprune only with ``trust_pickle``."""
     import torch
 
     run_dir = Path(run_dir)
@@ -251,7 +256,7 @@ def write_bundle(run_dir: Path, row: dict[str, Any], dest: Path, budget: Optiona
     shutil.rmtree(tmp, ignore_errors=True)
     shutil.copytree(src, tmp)
     meta = json.loads((tmp / "metadata.json").read_text())
-    model = torch.load(tmp / "model.pt", map_location="cpu", weights_only=False).eval()
+    model = load_model(src / "model.pt", trust_pickle=trust_pickle)  # src: an error names the run folder's file
     shape = meta.get("input_shape") or [1]
     example = torch.randn(*shape, generator=torch.Generator().manual_seed(0))
     extra, errors = _export_torch_formats(model, example, tmp)

@@ -82,12 +82,13 @@ def choose(
 
 
 def pick(run_dir: str | Path, dest: Optional[str | Path] = None, profile: Optional[str] = None,
-         **budget: Any) -> tuple[dict[str, Any], Path]:
+         trust_pickle: bool = False, **budget: Any) -> tuple[dict[str, Any], Path]:
     """Choose a model and write its deploy bundle (default ``<run>/picked``).
 
     ``max_latency_ms`` applies to the search's device profile, or to ``profile`` when given
     (another profile needs ``autoprune remeasure`` first). Other budgets: ``max_params``,
     ``max_flops``, ``max_size_mb`` (ONNX file), ``min_accuracy``; or ``trial`` to name one.
+    ``trust_pickle``: also load a full-pickle ``model.pt`` (an older autoprune's run folder).
     """
     unknown = set(budget) - set(BUDGET_KEYS)
     if unknown:
@@ -99,5 +100,5 @@ def pick(run_dir: str | Path, dest: Optional[str | Path] = None, profile: Option
     if dest.exists() and not dest.is_dir():
         raise ConfigError(f"{dest}: --dest names a file, not a folder; pass a folder for the bundle")
     writable_dir(dest.parent, "--dest's parent folder")
-    write_bundle(run_dir, row, dest, budget, prof_name)
+    write_bundle(run_dir, row, dest, budget, prof_name, trust_pickle=trust_pickle)
     return row, dest

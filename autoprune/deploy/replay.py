@@ -34,6 +34,7 @@ from autoprune.study.trial import (
     finetune_candidate,
     trial_seed,
 )
+from autoprune.train.checkpoint import load_model, pruned_recipe
 from autoprune.train.models import evaluate
 
 #: Default |rebuilt - stored| accuracy allowed. Replays are exact on the same machine and build;
@@ -41,9 +42,11 @@ from autoprune.train.models import evaluate
 TOLERANCE = 0.02
 
 
-def _run_config(study: optuna.Study, run_dir: Path, tmp: Path, storage: Optional[str], study_name: Optional[str]) -> RunConfig:
+def _run_config(study: optuna.Study, run_dir: Path, tmp: Path, storage: Optional[str], study_name: Optional[str],
+                trust_pickle: bool = False) -> RunConfig:
     """The run's exact config from the study, with the stored search space and device profile
-    written out (the original YAML paths may not exist on this machine)."""
+    written out (the original YAML paths may not exist on this machine). ``trust_pickle`` is the
+    caller's: a stored config never grants it."""
     ua = study.user_attrs
     if "config" not in ua:
         raise ConfigError(f"{run_dir}: the study has no stored config (not made by autoprune search?)")
@@ -61,6 +64,7 @@ def _run_config(study: optuna.Study, run_dir: Path, tmp: Path, storage: Optional
     if data.get("pretrain_steps") is not None:
         data.pop("pretrain_seconds", None)
     data["search"] = {**data["search"], "storage": storage, "study_name": study_name}
+    data["trust_pickle"] = trust_pickle
     return validate(RunConfig, data, f"{run_dir} (config stored in the study)")
 
 
@@ -97,10 +101,12 @@ def rebuild_trial(
     rebuild: bool = False,
     tolerance: float = TOLERANCE,
     console: Optional[Callable[[str], None]] = None,
+    trust_pickle: bool = False,
 ) -> dict[str, Any]:
     """Write ONNX / OpenVINO IR / PyTorch / metadata of trial ``trial`` to ``dest``; returns the metadata.
 
     ``rebuild``: re-create the model from the stored parameters even if ``trials/N/model.pt`` exists.
+    ``trust_pickle``: also load full-pickle model files (an older autoprune's run folder).
     """
 
     say = console or (lambda s: None)
@@ -118,7 +124,7 @@ def rebuild_trial(
     out = writable_dir(Path(dest) if dest else run.export(trial), "--dest")
     with tempfile.TemporaryDirectory(prefix="autoprune-rebuild-") as tmpd:
         tmp = Path(tmpd)
-        cfg = _run_config(study, run_dir, tmp, storage, study_name)
+        cfg = _run_config(study, run_dir, tmp, storage, study_name, trust_pickle)
         if not run.base_model.is_file() and not Path(cfg.model).is_file():
             raise ConfigError(
                 f"{run_dir}: no base_model.pt; copy it from a worker's run folder (the dense model every trial was pruned from)"
@@ -135,7 +141,7 @@ def rebuild_trial(
         seed = trial_seed(ctx, trial)
         if stored_pt.is_file() and not rebuild:
             say(f"trial {trial}: using {stored_pt}")
-            model = torch.load(stored_pt, map_location="cpu", weights_only=False)
+            model = load_model(stored_pt, trust_pickle=trust_pickle)
             source = str(stored_pt)
         else:
             say(f"trial {trial}: rebuilding from its parameters (fine-tune seed {seed})")
@@ -160,7 +166,7 @@ def rebuild_trial(
             # the same model (stored, or re-created with the final stage's seed) and check it too.
             final_pt = run.trial(trial).final_model
             if final_pt.is_file() and not rebuild:
-                model, source = torch.load(final_pt, map_location="cpu", weights_only=False), str(final_pt)
+                model, source = load_model(final_pt, trust_pickle=trust_pickle), str(final_pt)
             else:
                 say(f"trial {trial}: repeating its final fine-tune ({final['steps']} steps)")
                 final_finetune(model, ctx.data, cfg, ctx.base, trial, final["steps"])
@@ -183,6 +189,7 @@ def rebuild_trial(
             "source": source,
             "check": check,
         }
-        meta = export_trial_artifacts(model, ctx.example, out, row, meta_extra, cfg.exporter)
+        recipe = pruned_recipe(ctx.recipe, frozen.user_attrs.get("widths") or {})
+        meta = export_trial_artifacts(model, ctx.example, out, row, meta_extra, cfg.exporter, recipe)
     meta["dest"] = str(out)
     return meta

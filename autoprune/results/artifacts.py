@@ -22,6 +22,7 @@ from autoprune.measure.onnx import export_onnx, export_openvino, file_size, gzip
 from autoprune.results.front import front, write_tables
 from autoprune.results.report import write_plots
 from autoprune.runfolder import RunFolder
+from autoprune.train.checkpoint import load_checkpoint, pruned_recipe, save_model
 
 
 def versions() -> dict[str, str]:
@@ -50,15 +51,21 @@ def export_trial_artifacts(
     row: dict[str, Any],
     meta_extra: dict[str, Any],
     exporter: str = "dynamo",
+    recipe: Optional[dict[str, Any]] = None,
 ) -> dict[str, Any]:
-    """Write ONNX, OpenVINO IR, PyTorch state and metadata.json for one model into ``dest``."""
+    """Write ONNX, OpenVINO IR, PyTorch state and metadata.json for one model into ``dest``.
+
+    ``model.pt`` is weights-only: the state dict plus ``recipe``, what rebuilds the module
+    (``train/checkpoint.py``; ``load_model`` reads it)."""
+    if recipe is None:
+        raise ValueError("export_trial_artifacts needs the model's recipe to write a weights-only model.pt")
     import onnxruntime as ort
 
     dest.mkdir(parents=True, exist_ok=True)
     model.eval()
     onnx_path = export_onnx(model, example, dest / "model.onnx", exporter)
     export_openvino(onnx_path, dest / "model.xml")
-    torch.save(model, dest / "model.pt")
+    save_model(model, dest / "model.pt", recipe)
     torch.save(model.state_dict(), dest / "state_dict.pt")
     # Check that the deployable file computes what the PyTorch model computes.
     sess = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
@@ -95,8 +102,13 @@ def export_front(
     meta_extra: dict[str, Any],
     exporter: str = "dynamo",
     dense: Optional[dict[str, Any]] = None,
+    recipe: Optional[dict[str, Any]] = None,
+    trust_pickle: bool = False,
 ) -> list[dict[str, Any]]:
-    """(Re)write the run's ``pareto/``: one folder per Pareto trial, plus tables and plots."""
+    """(Re)write the run's ``pareto/``: one folder per Pareto trial, plus tables and plots.
+
+    Trial models load weights-only; a full pickle of an older autoprune only with
+    ``trust_pickle``, and is then written with the run's dense ``recipe`` and the trial's widths."""
 
     dense = dense if dense is not None else study.user_attrs.get("dense", {})
     rows = front(study, dense)
@@ -119,9 +131,11 @@ def export_front(
         if not src.is_file():
             r["artifacts"] = None  # trial ran on another worker without a shared run folder
             continue
-        model = torch.load(src, map_location="cpu", weights_only=False)
+        model, model_recipe = load_checkpoint(src, trust_pickle=trust_pickle)
+        if model_recipe is None and recipe is not None:
+            model_recipe = pruned_recipe(recipe, r.get("widths") or {})
         name = f"trial_{r['trial']:05d}"
-        export_trial_artifacts(model, example, tmp / name, r, meta_extra, exporter)
+        export_trial_artifacts(model, example, tmp / name, r, meta_extra, exporter, model_recipe)
         r["artifacts"] = f"{pdir.name}/{name}"
     rows.sort(key=lambda r: (r["latency_ms"], -r["accuracy"]))  # final-stage numbers may reorder
     # Swap in the new front only once it is complete: a crash never leaves a half-written front.

@@ -27,12 +27,18 @@ from autoprune.errors import ConfigError
 from autoprune.measure import backends
 from autoprune.measure.candidate import measure_model
 from autoprune.prune.structure import PrunableGroup, apply_rules, find_groups
-from autoprune.runfolder import RunFolder, atomic_torch_save, atomic_write_text
+from autoprune.runfolder import RunFolder, atomic_write_text
 from autoprune.study.priors import (
     flops_savings,
     load_or_compute,
     load_or_scan,
     shape_ranges,
+)
+from autoprune.train.checkpoint import (
+    dense_recipe,
+    model_from_file,
+    read_model_file,
+    save_model,
 )
 from autoprune.train.data import DataBundle, load_data
 from autoprune.train.models import (
@@ -63,6 +69,8 @@ class SearchContext:
     #: Per-group accuracy drop (sensitivity scan) and FLOPs fraction saved, when scanned.
     sensitivity: dict[str, float] = field(default_factory=dict)
     savings: dict[str, float] = field(default_factory=dict)
+    #: What rebuilds the dense model (``train/checkpoint.py``); trial files add their widths to it.
+    recipe: dict[str, Any] = field(default_factory=dict)
 
     @property
     def example1(self) -> torch.Tensor:
@@ -112,21 +120,17 @@ def prepare(cfg: RunConfig, console: Optional[Callable[[str], None]] = None) -> 
 
     data = load_data(cfg.data, cfg.image_size, cfg.val_fraction, cfg.data_seed)
     num_classes = cfg.num_classes or data.num_classes
-    base_path = run.base_model
-    if base_path.is_file():
-        base = torch.load(base_path, map_location="cpu", weights_only=False)
-    else:
-        base = build_model(cfg.model, num_classes, in_channels=data.input_shape[0])
+    shape = tuple(profile.input_shape) if profile.input_shape else data.input_shape
+    base, recipe, fresh = _dense_model(cfg, data, num_classes, shape, run, say)
     example, groups = _check_model(cfg, space, profile, base, data, num_classes)
-    if not base_path.is_file():
-        is_checkpoint = Path(cfg.model).is_file()
-        # The config holds exactly one budget: steps, or (steps null) wall-clock seconds.
-        seconds = cfg.pretrain_seconds or 0.0
-        if not is_checkpoint and (cfg.pretrain_steps or (cfg.pretrain_steps is None and seconds > 0)):
+    if fresh:
+        if recipe["trained"] is not None:
+            # The config holds exactly one budget: steps, or (steps null) wall-clock seconds.
+            seconds = cfg.pretrain_seconds or 0.0
             budget = f"{cfg.pretrain_steps} steps" if cfg.pretrain_steps is not None else f"{seconds:g}s of wall time"
             say(f"training the dense {cfg.model} model for {budget} (no trained weights were given)")
             pretrain(base, data, seconds, seed=cfg.search.seed, steps=cfg.pretrain_steps)
-        atomic_torch_save(base, base_path)
+        save_model(base, run.base_model, recipe)
     base.eval()
 
     eff = cfg.efficiency
@@ -159,4 +163,38 @@ def prepare(cfg: RunConfig, console: Optional[Callable[[str], None]] = None) -> 
             **measure_model(base, example, profile, run.dense_onnx, cfg.exporter, calib=calib, run=run),
         }
         atomic_write_text(dense_path, json.dumps(dense, indent=2))
-    return SearchContext(cfg, space, profile, run, data, base, example, groups, dense, calib, drops, savings)
+    return SearchContext(cfg, space, profile, run, data, base, example, groups, dense, calib, drops, savings, recipe)
+
+
+def _dense_model(cfg: RunConfig, data: DataBundle, num_classes: int, shape: tuple[int, ...], run: RunFolder,
+                 say: Callable[[str], None]) -> tuple[nn.Module, dict[str, Any], bool]:
+    """The run folder's dense model, its recipe, and whether it is new (to be pre-trained when
+    ``recipe["trained"]`` says so, then saved): ``base_model.pt`` when it was built from what
+    ``cfg`` asks for (refused otherwise, before any trial), else built now.
+
+    ``base_model.pt`` is weights-only (``train/checkpoint.py``). One written by an older autoprune
+    (a full pickle) loads only with ``trust_pickle``; its weights must then fit the model the
+    config builds, and it is rewritten weights-only.
+    """
+    is_checkpoint = Path(cfg.model).is_file()
+    seconds = cfg.pretrain_seconds or 0.0
+    trains = not is_checkpoint and bool(cfg.pretrain_steps or (cfg.pretrain_steps is None and seconds > 0))
+    trained = {"data": cfg.data, "image_size": cfg.image_size, "val_fraction": cfg.val_fraction, "data_seed": cfg.data_seed,
+               "pretrain_steps": cfg.pretrain_steps, "pretrain_seconds": cfg.pretrain_seconds, "seed": cfg.search.seed}
+    recipe = dense_recipe(cfg.model, num_classes, data.input_shape[0], data.input_shape[1:], shape,
+                          trained if trains else None, trust_pickle=cfg.trust_pickle)
+    base_path = run.base_model
+    if not base_path.is_file():
+        return build_model(cfg.model, num_classes, in_channels=data.input_shape[0], trust_pickle=cfg.trust_pickle), recipe, True
+    stored = read_model_file(base_path, trust_pickle=cfg.trust_pickle)
+    if isinstance(stored, dict):
+        return model_from_file(stored, base_path, trust_pickle=cfg.trust_pickle), recipe, False
+    base = build_model(cfg.model, num_classes, in_channels=data.input_shape[0], trust_pickle=cfg.trust_pickle)
+    try:
+        base.load_state_dict(stored.state_dict())
+    except RuntimeError:
+        raise ConfigError(f"{base_path}: a full pickle of an older autoprune whose weights do not fit the model the config "
+                          f"asks for ({cfg.model}); use a new --out, or delete {base_path.name} if you mean to retrain it") from None
+    save_model(base, base_path, recipe)
+    say(f"rewrote {base_path} weights-only (it was a full pickle of an older autoprune)")
+    return base.eval(), recipe, False

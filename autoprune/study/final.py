@@ -10,12 +10,12 @@ from __future__ import annotations
 import json
 from typing import Any
 
-import torch
 import torch.nn as nn
 
 from autoprune.measure.candidate import measure_model
 from autoprune.prune.methods import hold_zeros
-from autoprune.runfolder import atomic_torch_save, atomic_write_text
+from autoprune.runfolder import atomic_write_text
+from autoprune.train.checkpoint import load_model, pruned_recipe, save_model
 from autoprune.train.data import DataBundle
 from autoprune.train.finetune import finetune
 from autoprune.train.models import evaluate
@@ -47,12 +47,12 @@ def final_stage(ctx: Any, rows: list[dict[str, Any]], say: Any = print) -> dict[
         files = ctx.run.trial(r["trial"])
         if (key in done and done[key].get("steps") == steps) or not files.model.is_file():
             continue
-        model = torch.load(files.model, map_location="cpu", weights_only=False)
+        model = load_model(files.model, trust_pickle=ctx.cfg.trust_pickle)
         final_finetune(model, ctx.data, ctx.cfg, ctx.base, r["trial"], steps)
         acc = evaluate(model, ctx.data)
         measured = measure_model(model, ctx.example, ctx.profile, files.final_onnx, ctx.cfg.exporter,
                                  calib=ctx.calib, run=ctx.run, dense=ctx.base)
-        atomic_torch_save(model, files.final_model)
+        save_model(model, files.final_model, pruned_recipe(ctx.recipe, r["widths"]))
         done[key] = {"steps": steps, "short_accuracy": r["accuracy"], "final_accuracy": acc,
                      "short_latency_ms": r["latency_ms"], "final_latency_ms": measured["latency"]["median_ms"]}
         say(f"final fine-tune of trial {r['trial']}: accuracy {r['accuracy']:.4f} -> {acc:.4f} ({steps} steps)")

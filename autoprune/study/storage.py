@@ -7,7 +7,6 @@ worker of a study must share.
 
 from __future__ import annotations
 
-import hashlib
 import warnings
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -19,6 +18,7 @@ from optuna.trial import TrialState
 from autoprune.config import SearchSettings
 from autoprune.errors import ConfigError
 from autoprune.runfolder import RunFolder
+from autoprune.train.checkpoint import weights_hash
 
 
 # --------------------------------------------------------------------------- storage
@@ -191,13 +191,9 @@ def fail_running_trial(study: optuna.Study, number: int, reason: str) -> bool:
 
 # --------------------------------------------------------------------------- base model
 def model_hash(model: nn.Module) -> str:
-    """Hash of the weights (not of the pickle, whose bytes vary between saves)."""
-    h = hashlib.sha256()
-    for k, v in sorted(model.state_dict().items()):
-        h.update(k.encode())
-        h.update(str(tuple(v.shape)).encode())
-        h.update(v.detach().cpu().contiguous().numpy().tobytes())
-    return h.hexdigest()[:16]
+    """Hash of the weights (not of a file, whose bytes vary between saves); the one model files
+    record too (``train.checkpoint.weights_hash``)."""
+    return weights_hash(model)
 
 
 def check_base_model(study: optuna.Study, base: nn.Module, out: Path) -> str:

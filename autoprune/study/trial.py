@@ -28,11 +28,11 @@ from autoprune.config import Budget
 from autoprune.measure.candidate import measure_model, quantized_accuracy
 from autoprune.prune.methods import hold_zeros, weight_sparsity
 from autoprune.prune.plan import PruningPlan, apply_schedule
-from autoprune.runfolder import atomic_torch_save
 from autoprune.study.context import SearchContext
 from autoprune.study.fidelity import finetune_in_rungs, hopeless_at_rung0, rung0_history
 from autoprune.study.space import suggest_plan
 from autoprune.train.bn import recalibrate_bn
+from autoprune.train.checkpoint import pruned_recipe, save_model
 from autoprune.train.finetune import finetune
 from autoprune.train.models import count_flops, count_params, evaluate
 
@@ -93,7 +93,7 @@ def run_trial(trial: optuna.trial.Trial, ctx: SearchContext) -> tuple[float, ...
         attrs.update(scored)
 
         # 7. Persist the fine-tuned model for export, pick and the final stage.
-        atomic_torch_save(cand.model, files.model)
+        save_model(cand.model, files.model, pruned_recipe(ctx.recipe, cand.widths))
 
     drop = ctx.cfg.search.max_accuracy_drop
     trial.set_constraint("accuracy_drop", (ctx.dense["accuracy"] - acc) - drop if drop else -1.0)

@@ -16,6 +16,10 @@ The card's accuracy is on the search's held-out split. To check it, rebuild that
 autoprune (inference never needs it) from the card's ``evaluation`` keys, ``ev = card()["evaluation"]``:
 ``autoprune.train.data.load_data(ev["data"], ev["image_size"], ev["val_fraction"], seed=ev["data_seed"]).val``.
 The split follows ``data_seed``, not the search seed, which would mix training images into it.
+
+PyTorch: ``model.pt`` is weights-only (a state dict plus the recipe that rebuilds the module; it
+never runs pickled code) and loads with autoprune, ``autoprune.train.checkpoint.load_model("model.pt")``
+(``card()["rebuild"]``); ``model.pt2``, where written, loads without it: ``torch.export.load("model.pt2").module()``.
 """
 
 from __future__ import annotations
