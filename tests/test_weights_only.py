@@ -210,3 +210,44 @@ def test_run_folder_of_an_older_autoprune_says_how_to_proceed(run_dir, tmp_path:
     for f in [run / "base_model.pt", *run.glob("pareto/*/model.pt")]:
         assert torch.load(f, weights_only=True)["format"] == FORMAT, f
     assert main(["pick", str(run), "--trial", str(n), "--dest", str(tmp_path / "c")]) == 0
+
+
+# --------------------------------------------------------------------------- item 3: base_model.pt reuse
+def _prepare(tmp_path: Path, profile: Path, name: str, **extra) -> object:
+    cfg = tiny_run_config(tmp_path / "out", profile, trials=1, pretrain_steps=2, **{**FAST_EXTRAS, **extra})
+    return load_run_config(str(write_yaml(tmp_path / f"{name}.yaml", cfg)))
+
+
+def test_base_model_of_another_model_is_refused_before_any_trial(tmp_path: Path, fast_profile: Path, monkeypatch) -> None:
+    import autoprune
+
+    prepare(_prepare(tmp_path, fast_profile, "demo"))  # trained, then the run failed before the study
+    (tmp_path / "mymodels.py").write_text(
+        "from autoprune.train.models import DemoResNet\n"
+        "def wide(num_classes=10):\n    return DemoResNet(num_classes, 1, (48, 96, 192))\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    for other in ("resnet18", "mymodels:wide"):
+        with pytest.raises(ConfigError, match=rf"base_model\.pt: the dense model here was built from demo .* asks for {other} "
+                                              rf".*model: demo -> {other}.*new --out, or delete base_model\.pt"):
+            autoprune.run(_prepare(tmp_path, fast_profile, "other", model=other))
+        study_db = tmp_path / "out" / "study.db"
+        assert not study_db.exists() or not optuna.load_study(study_name="autoprune", storage=f"sqlite:///{study_db}").trials
+    with pytest.raises(ConfigError, match=r"num_classes: 10 -> 12"):
+        prepare(_prepare(tmp_path, fast_profile, "classes", num_classes=12))
+    prepare(_prepare(tmp_path, fast_profile, "same"))  # what it was built from: reused
+
+
+def test_base_model_of_another_checkpoint_is_refused(tmp_path: Path, fast_profile: Path) -> None:
+    ckpt = tmp_path / "ckpt.pt"
+    torch.save({"arch": "demo", "state_dict": DemoResNet(10, 1).state_dict(), "num_classes": 10}, ckpt)
+    ctx = prepare(_prepare(tmp_path, fast_profile, "a", model=str(ckpt)))
+    recipe = read_model_file(tmp_path / "out" / "base_model.pt")["recipe"]
+    assert recipe["build"]["model"] == "demo" and recipe["trained"] is None  # the arch, not the file: self-contained
+    moved = tmp_path / "elsewhere.pt"  # the same checkpoint at another path (another worker): accepted
+    shutil.copy(ckpt, moved)
+    assert torch.equal(next(iter(prepare(_prepare(tmp_path, fast_profile, "b", model=str(moved))).base.state_dict().values())),
+                       next(iter(ctx.base.state_dict().values())))
+    retrained = {k: v + 1 if v.is_floating_point() else v for k, v in ctx.base.state_dict().items()}
+    torch.save({"arch": "demo", "state_dict": retrained, "num_classes": 10}, ckpt)
+    with pytest.raises(ConfigError, match=r"base_model\.pt: .*checkpoint_sha256: \w+ -> \w+.*delete base_model\.pt"):
+        prepare(_prepare(tmp_path, fast_profile, "c", model=str(ckpt)))

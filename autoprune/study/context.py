@@ -35,6 +35,7 @@ from autoprune.study.priors import (
     shape_ranges,
 )
 from autoprune.train.checkpoint import (
+    check_built_from,
     dense_recipe,
     model_from_file,
     read_model_file,
@@ -188,6 +189,7 @@ def _dense_model(cfg: RunConfig, data: DataBundle, num_classes: int, shape: tupl
         return build_model(cfg.model, num_classes, in_channels=data.input_shape[0], trust_pickle=cfg.trust_pickle), recipe, True
     stored = read_model_file(base_path, trust_pickle=cfg.trust_pickle)
     if isinstance(stored, dict):
+        check_built_from(stored["recipe"], recipe, base_path)
         return model_from_file(stored, base_path, trust_pickle=cfg.trust_pickle), recipe, False
     base = build_model(cfg.model, num_classes, in_channels=data.input_shape[0], trust_pickle=cfg.trust_pickle)
     try:

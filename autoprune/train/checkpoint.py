@@ -124,6 +124,27 @@ def pruned_recipe(recipe: dict[str, Any], widths: dict[str, Any]) -> dict[str, A
     return {**recipe, "widths": {str(g): [int(w[0]), int(w[1])] for g, w in widths.items()}}
 
 
+def check_built_from(stored: dict[str, Any], wanted: dict[str, Any], path: Path) -> None:
+    """Refuse to reuse a stored dense model that another model reference (or checkpoint, class
+    count, input) built: its trials would search one model while the study records another."""
+    s, w = stored.get("built_from") or {}, wanted["built_from"]
+    keys = ["num_classes", "in_channels", "input_size"]
+    if s.get("checkpoint_sha256") and w.get("checkpoint_sha256"):
+        keys.insert(0, "checkpoint_sha256")  # the same file may sit at another path on each worker
+    else:
+        keys.insert(0, "model")
+    changed = [f"{k}: {s.get(k)} -> {w.get(k)}" for k in keys if s.get(k) != w.get(k)]
+    if changed:
+        def shown(d: dict[str, Any]) -> str:
+            size = "x".join(str(v) for v in d.get("input_size") or [])
+            return f"{d.get('model')} ({d.get('num_classes')} classes, {d.get('in_channels')}x{size} input)"
+
+        raise ConfigError(
+            f"{path}: the dense model here was built from {shown(s)} but the config asks for {shown(w)} "
+            f"({'; '.join(changed)}); use a new --out, or delete {path.name} if you mean to retrain it"
+        )
+
+
 def save_model(model: nn.Module, path: Path, recipe: dict[str, Any]) -> Path:
     """Write ``model`` as a weights-only file: its state dict, the recipe that rebuilds it, and
     the weights' hash (atomically, like every file in a run folder)."""
