@@ -1,0 +1,158 @@
+"""Nothing a user has is lost (issue 12): ``pick``/``export --dest`` never replace the run, its own
+files or a user's folder; a lost study never starts a new one over old results; the corrupt-study
+message says only what is true; multi-file outputs (bundle, ``pareto/``, an export, report,
+ONNX files) are swapped in whole, so a failure or a kill never leaves a mix.
+
+Process kills of real searches are in tests/test_fault_injection.py; these tests inject
+failures in-process at the exact points a kill could hit.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import threading
+from pathlib import Path
+from typing import Any
+
+import optuna
+import pytest
+import torch
+import yaml
+from conftest import tiny_run_config, write_yaml
+
+from autoprune import runfolder
+from autoprune.api import run
+from autoprune.config import load_run_config
+from autoprune.deploy import bundle as bundle_mod
+from autoprune.deploy.pick import pick
+from autoprune.deploy.replay import rebuild_trial
+from autoprune.errors import ConfigError
+from autoprune.measure.onnx import export_onnx
+from autoprune.results import artifacts
+from autoprune.results.front import load_front
+from autoprune.results.remeasure import remeasure
+from autoprune.results.report import write_report
+from autoprune.runfolder import RunFolder, atomic_dir, recover_dir
+
+
+# --------------------------------------------------------------------------- helpers
+def snapshot(root: Path, skip: tuple[str, ...] = ()) -> dict[str, Any]:
+    """Every entry under ``root`` (relative path → content hash, or "dir"), except ``skip`` paths."""
+    out: dict[str, Any] = {}
+    for dirpath, dirs, files in os.walk(root):
+        rel = Path(dirpath).relative_to(root)
+        if any(str(rel / d) in skip for d in dirs):
+            dirs[:] = [d for d in dirs if str(rel / d) not in skip]
+        for d in dirs:
+            out[str(rel / d)] = "dir"
+        for f in files:
+            if str(rel / f) not in skip:
+                out[str(rel / f)] = hashlib.sha256((Path(dirpath) / f).read_bytes()).hexdigest()
+    return out
+
+
+def hidden_leftovers(folder: Path) -> list[str]:
+    """Temporary or backup siblings written by autoprune (``.NAME.*.tmp`` / ``.old``)."""
+    return sorted(n for n in os.listdir(folder) if n.startswith(".") and n.endswith((".tmp", ".old")))
+
+
+def assert_front_consistent(run_dir: Path) -> list[dict[str, Any]]:
+    """Every row a reader gets names an existing folder that holds that trial's own files."""
+    rows = load_front(run_dir)["pareto"]
+    assert rows
+    for r in rows:
+        folder = run_dir / r["artifacts"]
+        meta = json.loads((folder / "metadata.json").read_text())
+        assert meta["trial"] == r["trial"] and meta["accuracy"] == r["accuracy"], (r["trial"], folder)
+        assert (folder / "model.onnx").is_file()
+    assert not hidden_leftovers(run_dir)
+    return rows
+
+
+@pytest.fixture(scope="module")
+def full_run(tiny_run, tmp_path_factory) -> Path:
+    """A private copy of the shared tiny run, trials included (re-exports read them)."""
+    dest = tmp_path_factory.mktemp("full") / "run"
+    shutil.copytree(tiny_run.out, dest, ignore=shutil.ignore_patterns("*.lock", "picked", "export"))
+    return dest
+
+
+def _copy(src: Path, dest: Path) -> Path:
+    shutil.copytree(src, dest, ignore=shutil.ignore_patterns("*.lock", "picked", "export"))
+    return dest
+
+# --------------------------------------------------------------------------- item 5: whole folders
+def test_atomic_dir_swaps_whole_folders_and_cleans_up_after_failures(tmp_path: Path) -> None:
+    dest = tmp_path / "out"
+    with atomic_dir(dest) as d:
+        (d / "a").write_text("1")
+        assert not dest.exists()  # nothing under the final name while it is written
+    with pytest.raises(RuntimeError):
+        with atomic_dir(dest) as d:
+            (d / "a").write_text("2")
+            raise RuntimeError
+    with pytest.raises(KeyboardInterrupt):
+        with atomic_dir(dest) as d:
+            raise KeyboardInterrupt
+    assert (dest / "a").read_text() == "1" and os.listdir(tmp_path) == ["out"]
+
+
+def _dead_pid() -> int:
+    p = subprocess.Popen(["true"])
+    p.wait()
+    return p.pid
+
+
+def _as_pid(path: Path, pid: int) -> Path:
+    return path.with_name(path.name.replace(f"-{os.getpid()}-", f"-{pid}-"))
+
+
+def test_leftovers_of_a_killed_writer_are_recovered_the_same_way_every_time(tmp_path: Path) -> None:
+    dest = tmp_path / "out"
+    with atomic_dir(dest) as d:
+        (d / "a").write_text("old")
+    dead = _dead_pid()
+    # killed between its two renames: the previous folder is its backup, the new one is complete
+    backup = _as_pid(runfolder._dir_sibling(dest, "old"), dead)
+    dest.rename(backup)
+    new = _as_pid(runfolder._dir_sibling(dest, "tmp"), dead)
+    new.mkdir()
+    (new / "a").write_text("new")
+    assert runfolder.swap_interrupted(dest)
+    # a live writer's (this process's parent stands in for it) and another machine's stay
+    live = runfolder._dir_sibling(dest, "tmp").with_name(f".out.1-{runfolder._HOST}-{os.getppid()}-{'0' * 12}.tmp")
+    foreign = tmp_path / f".out.1-otherhost-{dead}-{'0' * 12}.tmp"
+    live.mkdir()
+    foreign.mkdir()
+    recover_dir(dest)
+    assert (dest / "a").read_text() == "old"
+    assert sorted(os.listdir(tmp_path)) == sorted(["out", live.name, foreign.name])
+    recover_dir(dest)  # idempotent
+    assert (dest / "a").read_text() == "old"
+
+
+def test_concurrent_writers_of_one_folder_each_swap_in_a_whole_copy(tmp_path: Path) -> None:
+    dest, errors, start = tmp_path / "out", [], threading.Barrier(4)
+
+    def write(t: int) -> None:
+        start.wait()
+        try:
+            for i in range(40):
+                with atomic_dir(dest) as d:
+                    for name in "abc":
+                        (d / name).write_text(f"{t}:{i}")
+        except BaseException as exc:  # noqa: BLE001 - asserted below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=write, args=(t,)) for t in range(4)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    assert errors == []
+    assert len({(dest / n).read_text() for n in "abc"}) == 1  # one writer's copy, whole
+    assert os.listdir(tmp_path) == ["out"]
