@@ -85,6 +85,57 @@ def _copy(src: Path, dest: Path) -> Path:
     shutil.copytree(src, dest, ignore=shutil.ignore_patterns("*.lock", "picked", "export"))
     return dest
 
+# --------------------------------------------------------------------------- item 1: pick --dest
+def test_pick_never_replaces_the_run_its_parents_or_its_own_files(full_run: Path, capsys) -> None:
+    from autoprune.cli import main
+
+    trial = load_front(full_run)["pareto"][0]["trial"]
+    before = snapshot(full_run.parent)
+    for dest in (full_run, full_run.parent, full_run / "pareto", full_run / "trials",
+                 full_run / "pareto" / f"trial_{trial:05d}", full_run / "trials" / "00000", full_run / "dense"):
+        with pytest.raises(ConfigError, match="--dest"):
+            pick(full_run, dest, trial=trial)
+    # the command line of the report: `pick w/run --trial 1 --dest w`
+    assert main(["pick", str(full_run), "--trial", str(trial), "--dest", str(full_run.parent)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "holds it" in err and err.count("\n") == 1
+    assert snapshot(full_run.parent) == before
+
+
+def test_pick_refuses_a_users_folder_and_replaces_only_a_previous_bundle(full_run: Path, tmp_path: Path) -> None:
+    rows = load_front(full_run)["pareto"]
+    notes = tmp_path / "mine"
+    notes.mkdir()
+    (notes / "notes.txt").write_text("my notes")
+    with pytest.raises(ConfigError, match="non-empty folder that is not a previous bundle"):
+        pick(full_run, notes, trial=rows[0]["trial"])
+    assert snapshot(notes) == {"notes.txt": hashlib.sha256(b"my notes").hexdigest()}
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    pick(full_run, empty, trial=rows[0]["trial"])  # an empty folder is fine
+    assert json.loads((empty / "model_card.json").read_text())["trial"] == rows[0]["trial"]
+    pick(full_run, empty, trial=rows[-1]["trial"])  # a previous bundle is replaced whole
+    assert json.loads((empty / "model_card.json").read_text())["trial"] == rows[-1]["trial"]
+    assert json.loads((empty / "metadata.json").read_text())["trial"] == rows[-1]["trial"]
+    assert hidden_leftovers(tmp_path) == []
+
+
+def test_failed_pick_keeps_the_previous_bundle_and_leaves_no_temporary_folder(full_run: Path, tmp_path: Path,
+                                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    rows = load_front(full_run)["pareto"]
+    dest = tmp_path / "bundle"
+    pick(full_run, dest, trial=rows[0]["trial"])
+    before = snapshot(tmp_path)
+
+    def boom(*a: Any, **k: Any) -> Any:
+        raise RuntimeError("injected failure mid-bundle")
+
+    monkeypatch.setattr(bundle_mod, "_format_agreement", boom)  # after the files are copied and converted
+    with pytest.raises(RuntimeError, match="injected"):
+        pick(full_run, dest, trial=rows[-1]["trial"])
+    assert snapshot(tmp_path) == before  # the old bundle, whole; no picked.tmp/ or other temporary folder
+
 # --------------------------------------------------------------------------- item 5: whole folders
 def test_atomic_dir_swaps_whole_folders_and_cleans_up_after_failures(tmp_path: Path) -> None:
     dest = tmp_path / "out"
