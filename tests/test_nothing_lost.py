@@ -136,6 +136,38 @@ def test_failed_pick_keeps_the_previous_bundle_and_leaves_no_temporary_folder(fu
         pick(full_run, dest, trial=rows[-1]["trial"])
     assert snapshot(tmp_path) == before  # the old bundle, whole; no picked.tmp/ or other temporary folder
 
+# --------------------------------------------------------------------------- item 2: lost study
+@pytest.mark.parametrize("study_db", ["empty", "missing"])
+def test_results_without_their_study_stop_the_search_before_anything_is_written(
+        full_run: Path, tmp_path: Path, fast_profile: Path, study_db: str) -> None:
+    out = _copy(full_run, tmp_path / "run")
+    if study_db == "empty":
+        (out / "study.db").write_bytes(b"")
+    else:
+        (out / "study.db").unlink()
+    cfg = load_run_config(str(write_yaml(tmp_path / "run.yaml", tiny_run_config(out, fast_profile))))
+    before = snapshot(tmp_path)
+    with pytest.raises(ConfigError, match=("is empty" if study_db == "empty" else "is missing") + r".*trials/.*another --out"):
+        run(cfg, export=False)
+    assert snapshot(tmp_path) == before
+
+
+def test_a_run_that_died_before_its_first_trial_still_resumes(full_run: Path, tmp_path: Path, fast_profile: Path) -> None:
+    out = tmp_path / "run"
+    out.mkdir()
+    for name in ("base_model.pt", "dense.json", "sensitivity.json", "flops_savings.json", "dense"):
+        src = full_run / name
+        if src.is_dir():
+            shutil.copytree(src, out / name)
+        elif src.is_file():
+            shutil.copy2(src, out / name)
+    (out / "study.db").write_bytes(b"")  # what a kill while SQLite created the file can leave
+    data = tiny_run_config(out, fast_profile, trials=1, efficiency={"sensitivity_scan": True})
+    cfg = load_run_config(str(write_yaml(tmp_path / "resume.yaml", data)))
+    res = run(cfg, export=False)
+    assert len([t for t in res.study.trials if t.state == optuna.trial.TrialState.COMPLETE]) == 1
+    assert (out / "base_model.pt").read_bytes() == (full_run / "base_model.pt").read_bytes()
+
 # --------------------------------------------------------------------------- item 5: whole folders
 def test_atomic_dir_swaps_whole_folders_and_cleans_up_after_failures(tmp_path: Path) -> None:
     dest = tmp_path / "out"

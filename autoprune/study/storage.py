@@ -44,6 +44,29 @@ def sqlalchemy_url(url: str) -> str:
     return url
 
 
+def refuse_results_without_study(run: RunFolder) -> None:
+    """Stop a search that would start a new study over an earlier one's results.
+
+    A missing or empty (0-byte) ``study.db`` means a new study, whose trial 0 would overwrite
+    ``trials/00000/`` and whose export would replace ``pareto/`` and ``pareto.json``. That is
+    right for a fresh folder, or one whose search died before its first trial (only
+    ``base_model.pt`` / ``dense.json``: those are reused), and wrong when trials or a front are
+    there: their study was deleted or truncated. Checked before anything is written.
+    """
+    db = run.study_db
+    if db.is_file() and db.stat().st_size > 0:
+        return
+    trials_dir = run.trial(0).root.parent
+    found = [p.name + ("/" if p.is_dir() else "") for p in (trials_dir, run.pareto_dir, run.pareto_json, run.final_json)
+             if p.is_file() or (p.is_dir() and any(p.iterdir()))]
+    if found:
+        state = "is empty (0 bytes)" if db.is_file() else "is missing"
+        raise ConfigError(
+            f"{db}: {state} but the folder holds an earlier search's results ({', '.join(found)}), which a new study "
+            f"would overwrite; restore study.db from a backup, or use another --out"
+        )
+
+
 def check_sqlite_file(path: Path) -> None:
     """Refuse a corrupt file or another program's SQLite database before Optuna writes its tables
     into it (Optuna would silently add them to any SQLite database it is pointed at)."""
