@@ -37,6 +37,7 @@ from autoprune.results.front import load_front
 from autoprune.results.remeasure import remeasure
 from autoprune.results.report import write_report
 from autoprune.runfolder import RunFolder, atomic_dir, recover_dir
+from autoprune.study.storage import WITHOUT_STUDY
 
 
 # --------------------------------------------------------------------------- helpers
@@ -167,6 +168,35 @@ def test_a_run_that_died_before_its_first_trial_still_resumes(full_run: Path, tm
     res = run(cfg, export=False)
     assert len([t for t in res.study.trials if t.state == optuna.trial.TrialState.COMPLETE]) == 1
     assert (out / "base_model.pt").read_bytes() == (full_run / "base_model.pt").read_bytes()
+
+# --------------------------------------------------------------------------- item 4: corrupt study
+def test_corrupt_study_message_says_what_still_works_and_it_does(full_run: Path, tmp_path: Path, fast_profile: Path) -> None:
+    out = _copy(full_run, tmp_path / "run")
+    (out / "study.db").write_bytes(b"this is not a database" * 100)
+    cfg = load_run_config(str(write_yaml(tmp_path / "c.yaml", tiny_run_config(out, fast_profile))))
+    with pytest.raises(ConfigError) as err:
+        run(cfg, export=False)
+    msg = str(err.value)
+    assert "not a readable SQLite database" in msg and WITHOUT_STUDY in msg and "\n" not in msg
+    assert "'autoprune pick' and 'autoprune remeasure' still work" in msg
+    # ... they do:
+    rows = load_front(out)["pareto"]
+    row, dest = pick(out, tmp_path / "bundle", trial=rows[0]["trial"])
+    assert json.loads((dest / "model_card.json").read_text())["trial"] == rows[0]["trial"]
+    assert remeasure(out, str(fast_profile), include_dense=False)["rows"]
+    # ... each pareto folder holds complete deploy files:
+    for r in rows:
+        assert {"model.onnx", "model.xml", "model.bin", "metadata.json"} <= set(os.listdir(out / r["artifacts"]))
+    # ... and what needs the study says so, with the same message:
+    for needs_study in (lambda: rebuild_trial(out, rows[0]["trial"]), lambda: write_report(out)):
+        with pytest.raises(ConfigError, match="not a readable SQLite database") as e:
+            needs_study()
+        assert WITHOUT_STUDY in str(e.value)
+    assert "resuming the search, 'autoprune export --trial' and 'autoprune report' need the study" in msg
+    # moving it away does not start a new study over the old results either (item 2)
+    (out / "study.db").rename(tmp_path / "study.db.bad")
+    with pytest.raises(ConfigError, match="is missing"):
+        run(cfg, export=False)
 
 # --------------------------------------------------------------------------- item 5: whole folders
 def test_atomic_dir_swaps_whole_folders_and_cleans_up_after_failures(tmp_path: Path) -> None:

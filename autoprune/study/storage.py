@@ -44,6 +44,16 @@ def sqlalchemy_url(url: str) -> str:
     return url
 
 
+#: What a run folder is good for when its study.db is lost or unreadable (tested claim by claim
+#: in tests/test_nothing_lost.py): the exported front is self-contained, the rest needs the study.
+WITHOUT_STUDY = (
+    "it is corrupt or not a study, and only a backup of it brings the study back. Without it, 'autoprune pick' "
+    "and 'autoprune remeasure' still work (they read pareto.json) and each pareto/trial_NNNNN folder holds "
+    "complete deploy files; resuming the search, 'autoprune export --trial' and 'autoprune report' need the study. "
+    "Start a new search with another --out."
+)
+
+
 def refuse_results_without_study(run: RunFolder) -> None:
     """Stop a search that would start a new study over an earlier one's results.
 
@@ -81,10 +91,7 @@ def check_sqlite_file(path: Path) -> None:
         finally:
             con.close()
     except sqlite3.DatabaseError as exc:
-        raise ConfigError(
-            f"{path}: not a readable SQLite database ({exc}); it is corrupt or not a study. Move it away "
-            "(the trial folders next to it stay usable with 'autoprune export') or use another --out."
-        ) from None
+        raise ConfigError(f"{path}: not a readable SQLite database ({exc}); {WITHOUT_STUDY}") from None
     if tables and not {"studies", "trials", "version_info"} <= tables:
         raise ConfigError(
             f"{path}: an SQLite database of another program (tables: {', '.join(sorted(tables)[:8])}), not an "

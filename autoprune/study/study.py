@@ -167,8 +167,8 @@ def open_study(ctx: SearchContext) -> optuna.Study:
     except ConfigError:
         raise
     except Exception as exc:  # noqa: BLE001 - sqlalchemy/optuna raise many types for a bad file
-        hint = (" It is not an Optuna SQLite database (corrupt, or another program's file): move it away or use"
-                " another --out.") if url.startswith("sqlite") else " Check the URL, that the server runs, and the user's rights."
+        hint = (" It is not an Optuna SQLite database (corrupt, or another program's file): restore it from a backup,"
+                " or use another --out.") if url.startswith("sqlite") else " Check the URL, that the server runs, and the user's rights."
         raise ConfigError(f"storage {shown}: cannot open an Optuna study there ({storage_error(exc, url)}).{hint}") from None
     if [d.name.lower() for d in study.directions] != study_directions(ctx):
         raise ConfigError(f"storage {shown}: study {name!r} has other objectives; use another --out or --study-name")
