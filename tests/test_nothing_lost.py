@@ -86,6 +86,7 @@ def _copy(src: Path, dest: Path) -> Path:
     shutil.copytree(src, dest, ignore=shutil.ignore_patterns("*.lock", "picked", "export"))
     return dest
 
+
 # --------------------------------------------------------------------------- item 1: pick --dest
 def test_pick_never_replaces_the_run_its_parents_or_its_own_files(full_run: Path, capsys) -> None:
     from autoprune.cli import main
@@ -137,6 +138,7 @@ def test_failed_pick_keeps_the_previous_bundle_and_leaves_no_temporary_folder(fu
         pick(full_run, dest, trial=rows[-1]["trial"])
     assert snapshot(tmp_path) == before  # the old bundle, whole; no picked.tmp/ or other temporary folder
 
+
 # --------------------------------------------------------------------------- item 2: lost study
 @pytest.mark.parametrize("study_db", ["empty", "missing"])
 def test_results_without_their_study_stop_the_search_before_anything_is_written(
@@ -169,6 +171,7 @@ def test_a_run_that_died_before_its_first_trial_still_resumes(full_run: Path, tm
     assert len([t for t in res.study.trials if t.state == optuna.trial.TrialState.COMPLETE]) == 1
     assert (out / "base_model.pt").read_bytes() == (full_run / "base_model.pt").read_bytes()
 
+
 # --------------------------------------------------------------------------- item 4: corrupt study
 def test_corrupt_study_message_says_what_still_works_and_it_does(full_run: Path, tmp_path: Path, fast_profile: Path) -> None:
     out = _copy(full_run, tmp_path / "run")
@@ -197,6 +200,7 @@ def test_corrupt_study_message_says_what_still_works_and_it_does(full_run: Path,
     (out / "study.db").rename(tmp_path / "study.db.bad")
     with pytest.raises(ConfigError, match="is missing"):
         run(cfg, export=False)
+
 
 # --------------------------------------------------------------------------- item 5: whole folders
 def test_atomic_dir_swaps_whole_folders_and_cleans_up_after_failures(tmp_path: Path) -> None:
@@ -269,3 +273,85 @@ def test_concurrent_writers_of_one_folder_each_swap_in_a_whole_copy(tmp_path: Pa
     assert errors == []
     assert len({(dest / n).read_text() for n in "abc"}) == 1  # one writer's copy, whole
     assert os.listdir(tmp_path) == ["out"]
+
+
+def _export_front(run_dir: Path) -> list[dict[str, Any]]:
+    study = optuna.load_study(study_name="autoprune", storage=f"sqlite:///{run_dir / 'study.db'}")
+    example = torch.zeros(1, 1, 16, 16)  # the tiny run's input (digits at 16x16, batch 1)
+    return artifacts.export_front(study, RunFolder(run_dir), example, {}, "torchscript")
+
+
+def test_front_killed_between_pareto_and_pareto_json_stays_consistent(full_run: Path, tmp_path: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    out = _copy(full_run, tmp_path / "run")
+    old = assert_front_consistent(out)
+    real_front, dropped = artifacts.front, old[0]["trial"]
+    # The front changes (here: loses a trial) and the export dies right after pareto/ is swapped
+    # in, before pareto.json is rewritten.
+    monkeypatch.setattr(artifacts, "front", lambda study, dense: [r for r in real_front(study, dense) if r["trial"] != dropped])
+
+    def killed(*a: Any, **k: Any) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(artifacts, "write_tables", killed)
+    with pytest.raises(KeyboardInterrupt):
+        _export_front(out)
+    rows = assert_front_consistent(out)  # readers get the rows of the folders that are there
+    assert {r["trial"] for r in rows} == {r["trial"] for r in old} - {dropped}
+    assert not (out / "pareto" / f"trial_{dropped:05d}").exists()
+    monkeypatch.undo()
+    _export_front(out)  # the next export finishes the job
+    assert assert_front_consistent(out) and not RunFolder(out).front_journal.exists()
+    assert {r["trial"] for r in load_front(out)["pareto"]} == {r["trial"] for r in old}
+
+
+def test_front_killed_between_its_two_renames_is_restored_by_the_next_export(full_run: Path, tmp_path: Path) -> None:
+    out = _copy(full_run, tmp_path / "run")
+    assert_front_consistent(out)
+    pdir = out / "pareto"
+    pdir.rename(_as_pid(runfolder._dir_sibling(pdir, "old"), _dead_pid()))
+    with pytest.raises(ConfigError, match="interrupted.*autoprune search --out"):
+        load_front(out)
+    _export_front(out)
+    assert_front_consistent(out)
+
+
+def test_failed_export_of_a_trial_leaves_the_previous_export_whole(full_run: Path, tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    rows = load_front(full_run)["pareto"]
+    first, second = rows[0]["trial"], rows[-1]["trial"]
+    assert first != second
+    dest = tmp_path / "export"
+    rebuild_trial(full_run, first, dest=dest)
+    before = snapshot(tmp_path)
+
+    def boom(*a: Any, **k: Any) -> None:
+        raise KeyboardInterrupt  # a kill after model.onnx, before the IR and metadata.json
+
+    monkeypatch.setattr(artifacts, "export_openvino", boom)
+    with pytest.raises(KeyboardInterrupt):
+        rebuild_trial(full_run, second, dest=dest)
+    assert snapshot(tmp_path) == before  # trial `first`'s files, whole; no temporary folder
+    assert json.loads((dest / "metadata.json").read_text())["trial"] == first
+
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep")
+    with pytest.raises(ConfigError, match="not a previous export"):
+        rebuild_trial(full_run, first, dest=mine)
+    with pytest.raises(ConfigError, match="holds it"):
+        rebuild_trial(full_run, first, dest=full_run)
+    assert os.listdir(mine) == ["notes.txt"]
+
+
+def test_report_and_onnx_files_use_unique_temporary_names(full_run: Path, tmp_path: Path) -> None:
+    # A fixed `<name>.tmp` is shared by every writer (and a stale one blocks them all).
+    out = _copy(full_run, tmp_path / "run")
+    (out / "report.html.tmp").mkdir()
+    assert write_report(out).stat().st_size > 0
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(4, 2))
+    (tmp_path / "model.onnx.tmp").mkdir()
+    export_onnx(model, torch.zeros(1, 4), tmp_path / "model.onnx", "torchscript")
+    assert (tmp_path / "model.onnx").stat().st_size > 0
+    assert not [n for n in os.listdir(tmp_path) if n.startswith(".")]
+    assert not [n for n in os.listdir(out) if n.startswith(".report")]

@@ -22,8 +22,8 @@ import optuna
 from optuna.trial import TrialState
 
 from autoprune.errors import ConfigError
-from autoprune.results.front import front
-from autoprune.runfolder import RunFolder, writable_dir
+from autoprune.results.front import front, load_front
+from autoprune.runfolder import RunFolder, atomic_write_text, writable_dir
 from autoprune.study.storage import open_run_study
 
 
@@ -242,10 +242,10 @@ def write_report(run_dir: str | Path, out: Optional[str | Path] = None, storage:
     writable_dir(dest.parent, "--out's folder")
     dense = study.user_attrs.get("dense", {})
     rows = front(study, dense)
-    pj = RunFolder(run_dir).pareto_json
-    if pj.is_file():
+    run = RunFolder(run_dir)
+    if run.pareto_json.is_file() or run.front_journal.is_file():
         # The exported front: the deployed models' numbers (after the final stage, if any) and files.
-        exported = {r["trial"]: r for r in json.loads(pj.read_text()).get("pareto", [])}
+        exported = {r["trial"]: r for r in load_front(run_dir).get("pareto", [])}
         rows = [exported.get(r["trial"], {**r, "artifacts": None}) for r in rows]
     remeasures = _remeasures(run_dir)
     figs = [
@@ -283,7 +283,5 @@ def write_report(run_dir: str | Path, out: Optional[str | Path] = None, storage:
     parts.append(_table(rows, dense, remeasures))
     parts.append(f"<footer>written {_dt.datetime.now(_dt.timezone.utc):%Y-%m-%d %H:%M UTC} by autoprune; "
                  "deploy one with <code>autoprune pick</code>.</footer></body></html>")
-    tmp = dest.with_name(dest.name + ".tmp")
-    tmp.write_text("\n".join(parts), encoding="utf-8")
-    tmp.replace(dest)
-    return dest
+    # A unique temporary name: two reports written at once never share (and truncate) one file.
+    return atomic_write_text(dest, "\n".join(parts))
