@@ -355,3 +355,23 @@ def test_report_and_onnx_files_use_unique_temporary_names(full_run: Path, tmp_pa
     assert (tmp_path / "model.onnx").stat().st_size > 0
     assert not [n for n in os.listdir(tmp_path) if n.startswith(".")]
     assert not [n for n in os.listdir(out) if n.startswith(".report")]
+
+
+def test_interrupted_plot_keeps_the_previous_one(full_run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from matplotlib.figure import Figure
+
+    from autoprune.results.report import write_png
+
+    study = optuna.load_study(study_name="autoprune", storage=f"sqlite:///{full_run / 'study.db'}")
+    png = tmp_path / "pareto.png"
+    png.write_bytes(b"previous plot")
+
+    def half(self: Any, fname: Any, *a: Any, **k: Any) -> None:
+        Path(fname).write_bytes(b"\x89PNG half")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Figure, "savefig", half)
+    with pytest.raises(KeyboardInterrupt):
+        write_png(study, png, {})
+    assert png.read_bytes() == b"previous plot" and os.listdir(tmp_path) == ["pareto.png"]
+

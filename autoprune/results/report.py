@@ -15,6 +15,7 @@ from __future__ import annotations
 import datetime as _dt
 import html
 import json
+import os
 from pathlib import Path
 from typing import Any, Optional
 
@@ -23,7 +24,7 @@ from optuna.trial import TrialState
 
 from autoprune.errors import ConfigError
 from autoprune.results.front import front, load_front
-from autoprune.runfolder import RunFolder, atomic_write_text, writable_dir
+from autoprune.runfolder import RunFolder, atomic_write_text, temp_sibling, writable_dir
 from autoprune.study.storage import open_run_study
 
 
@@ -62,8 +63,13 @@ def write_png(study: optuna.Study, path: Path, dense: dict[str, Any]) -> Path:
     ax.legend(loc="best", fontsize=8)
     ax.set_title("autoprune: accuracy vs measured latency")
     fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    tmp = temp_sibling(path)  # a killed search never leaves a half-written plot under its name
+    try:
+        fig.savefig(tmp, format="png")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+        plt.close(fig)
     return path
 
 
@@ -77,7 +83,12 @@ def write_html(study: optuna.Study, path: Path, dense: dict[str, Any]) -> Path:
     dlat = dense.get("latency", {}).get("median_ms")
     if dlat is not None:
         fig.add_trace(go.Scatter(x=[dlat], y=[dense["accuracy"]], mode="markers", name="dense", marker={"symbol": "star", "size": 16, "color": "#f0b429"}))
-    fig.write_html(str(path), include_plotlyjs=True, full_html=True)
+    tmp = temp_sibling(path)
+    try:
+        fig.write_html(str(tmp), include_plotlyjs=True, full_html=True)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
     return path
 
 
