@@ -26,7 +26,7 @@ from autoprune.measure import backends
 from autoprune.measure.onnx import external_data_files
 from autoprune.results.artifacts import export_front
 from autoprune.results.front import front
-from autoprune.runfolder import RunFolder, file_lock, writable_dir, writable_paths
+from autoprune.runfolder import RunFolder, file_lock, remove_dead_temp_files, writable_dir, writable_paths
 from autoprune.study.context import SearchContext, prepare
 from autoprune.study.final import final_stage
 from autoprune.study.storage import public_config, redact_url, refuse_results_without_study
@@ -114,6 +114,7 @@ def run(cfg: RunConfig, console: Optional[Console] = None, export: bool = True) 
             n = _fail_stale_local_trials(study, cfg.search.max_retries)
             if n:
                 console.log(f"{n} trial(s) left running by a killed search were marked failed and re-queued")
+            remove_dead_temp_files(ctx.run.root)  # half-written files of a killed search (never read)
         # (with shared storage, optimize() enqueues the seeds under the study-wide lock)
         if local:
             enqueue_seeds(study, ctx)

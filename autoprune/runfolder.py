@@ -341,18 +341,43 @@ def _leftovers(dest: Path) -> list[tuple[int, str, Path]]:
         m = pattern.match(name)
         if m is None or m.group(2) != _HOST:
             continue
-        pid = int(m.group(3))
-        if pid == os.getpid():
-            continue
-        try:
-            os.kill(pid, 0)
-            continue  # alive (or a reused pid: then the leftover waits for a later writer)
-        except ProcessLookupError:
-            pass
-        except PermissionError:
-            continue  # someone else's live process
-        found.append((int(m.group(1)), m.group(4), dest.parent / name))
+        if _dead(int(m.group(3))):
+            found.append((int(m.group(1)), m.group(4), dest.parent / name))
     return sorted(found)
+
+
+def _dead(pid: int) -> bool:
+    """Whether process ``pid`` of this machine is gone (a reused pid counts as alive: its
+    leftover then waits for a later writer)."""
+    if pid == os.getpid():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False  # someone else's live process
+    return False
+
+
+#: The temporary files of atomic_write_text, atomic_torch_save and temp_sibling.
+_FILE_TEMP = re.compile(r"^\..+\.(\d+)-[0-9a-f]{12}\.tmp$")
+
+
+def remove_dead_temp_files(root: Path) -> int:
+    """Remove the temporary files that killed processes left anywhere under ``root`` (a
+    ``.model.pt.<pid>-<random>.tmp`` beside a trial's files); returns how many. Their names hold
+    no machine, so call this only where no other machine writes (the single-machine search,
+    under its run-folder lock); live processes' files stay."""
+    removed = 0
+    for dirpath, _, files in os.walk(root):
+        for name in files:
+            m = _FILE_TEMP.match(name)
+            if m and _dead(int(m.group(1))):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(os.path.join(dirpath, name))
+                    removed += 1
+    return removed
 
 
 def _remove(path: Path) -> None:

@@ -375,3 +375,14 @@ def test_interrupted_plot_keeps_the_previous_one(full_run: Path, tmp_path: Path,
         write_png(study, png, {})
     assert png.read_bytes() == b"previous plot" and os.listdir(tmp_path) == ["pareto.png"]
 
+
+def test_temporary_files_of_killed_processes_are_removed_and_live_ones_kept(tmp_path: Path) -> None:
+    dead, live = _dead_pid(), os.getppid()
+    (tmp_path / "trials" / "00001").mkdir(parents=True)
+    stale = [tmp_path / f".dense.json.{dead}-{'a' * 12}.tmp", tmp_path / "trials" / "00001" / f".model.pt.{dead}-{'b' * 12}.tmp"]
+    kept = [tmp_path / f".pareto.json.{live}-{'c' * 12}.tmp", tmp_path / "trials" / "00001" / "model.pt",
+            tmp_path / "notes.tmp"]
+    for p in stale + kept:
+        p.write_text("x")
+    assert runfolder.remove_dead_temp_files(tmp_path) == 2
+    assert not any(p.exists() for p in stale) and all(p.exists() for p in kept)
