@@ -386,3 +386,36 @@ def test_temporary_files_of_killed_processes_are_removed_and_live_ones_kept(tmp_
         p.write_text("x")
     assert runfolder.remove_dead_temp_files(tmp_path) == 2
     assert not any(p.exists() for p in stale) and all(p.exists() for p in kept)
+
+
+def test_study_db_of_a_search_killed_while_optuna_created_its_tables_resumes(tmp_path: Path) -> None:
+    """Found by the fault-injection test: killed right after study.db got its first table, the
+    rerun refused the file as 'an SQLite database of another program (tables: studies)'."""
+    import sqlite3
+
+    from autoprune.config import SearchSettings
+    from autoprune.study.storage import OPTUNA_TABLES, check_sqlite_file, make_storage
+
+    db = tmp_path / "study.db"
+    optuna.storages.RDBStorage(f"sqlite:///{db}")
+    con = sqlite3.connect(db)
+    tables = {r[0] for r in con.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+    assert tables <= OPTUNA_TABLES  # the list is Optuna's own
+    for t in tables - {"studies"}:
+        con.execute(f"DROP TABLE {t}")
+    con.commit()
+    con.close()
+    check_sqlite_file(db)  # a partial Optuna schema is Optuna's
+    study = optuna.create_study(storage=make_storage(f"sqlite:///{db}", SearchSettings(), lambda *a: None),
+                                study_name="autoprune", directions=["maximize", "minimize"])
+    study.optimize(lambda t: (t.suggest_float("x", 0, 1), 1.0), n_trials=1)
+    assert len(study.trials) == 1
+
+    foreign = tmp_path / "foreign.db"
+    con = sqlite3.connect(foreign)
+    con.execute("CREATE TABLE studies (id INTEGER)")
+    con.execute("CREATE TABLE photos (id INTEGER)")
+    con.commit()
+    con.close()
+    with pytest.raises(ConfigError, match="another program"):
+        check_sqlite_file(foreign)

@@ -77,6 +77,14 @@ def refuse_results_without_study(run: RunFolder) -> None:
         )
 
 
+#: The tables of an Optuna RDB storage (and Alembic's version table).
+OPTUNA_TABLES = frozenset({
+    "studies", "study_directions", "study_user_attributes", "study_system_attributes", "trials",
+    "trial_user_attributes", "trial_system_attributes", "trial_params", "trial_values",
+    "trial_intermediate_values", "trial_heartbeats", "version_info", "alembic_version",
+})
+
+
 def check_sqlite_file(path: Path) -> None:
     """Refuse a corrupt file or another program's SQLite database before Optuna writes its tables
     into it (Optuna would silently add them to any SQLite database it is pointed at)."""
@@ -93,6 +101,8 @@ def check_sqlite_file(path: Path) -> None:
     except sqlite3.DatabaseError as exc:
         raise ConfigError(f"{path}: not a readable SQLite database ({exc}); {WITHOUT_STUDY}") from None
     if tables and not {"studies", "trials", "version_info"} <= tables:
+        if tables <= OPTUNA_TABLES:
+            return  # a search killed while Optuna created its tables (one by one): Optuna adds the rest
         raise ConfigError(
             f"{path}: an SQLite database of another program (tables: {', '.join(sorted(tables)[:8])}), not an "
             "Optuna study; autoprune will not write into it. Use another --out or --storage."
