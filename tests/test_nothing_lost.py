@@ -21,7 +21,6 @@ from typing import Any
 import optuna
 import pytest
 import torch
-import yaml
 from conftest import tiny_run_config, write_yaml
 
 from autoprune import runfolder
@@ -37,7 +36,7 @@ from autoprune.results.front import load_front
 from autoprune.results.remeasure import remeasure
 from autoprune.results.report import write_report
 from autoprune.runfolder import RunFolder, atomic_dir, recover_dir
-from autoprune.study.storage import WITHOUT_STUDY
+from autoprune.study.storage import OPTUNA_TABLES, WITHOUT_STUDY, check_sqlite_file
 
 
 # --------------------------------------------------------------------------- helpers
@@ -140,22 +139,47 @@ def test_failed_pick_keeps_the_previous_bundle_and_leaves_no_temporary_folder(fu
 
 
 # --------------------------------------------------------------------------- item 2: lost study
-@pytest.mark.parametrize("study_db", ["empty", "missing"])
+@pytest.mark.parametrize("study_db", ["empty", "missing", "unfinished"])
 def test_results_without_their_study_stop_the_search_before_anything_is_written(
         full_run: Path, tmp_path: Path, fast_profile: Path, study_db: str) -> None:
     out = _copy(full_run, tmp_path / "run")
+    (out / "study.db").unlink()
     if study_db == "empty":
         (out / "study.db").write_bytes(b"")
-    else:
-        (out / "study.db").unlink()
+    elif study_db == "unfinished":
+        _unfinished_study_db(out / "study.db", keep=("studies", "trials", "version_info"))
     cfg = load_run_config(str(write_yaml(tmp_path / "run.yaml", tiny_run_config(out, fast_profile))))
     before = snapshot(tmp_path)
-    with pytest.raises(ConfigError, match=("is empty" if study_db == "empty" else "is missing") + r".*trials/.*another --out"):
+    state = {"empty": "is empty", "missing": "is missing", "unfinished": "holds no study"}[study_db]
+    with pytest.raises(ConfigError, match=state + r".*trials/.*another --out"):
         run(cfg, export=False)
     assert snapshot(tmp_path) == before
 
 
-def test_a_run_that_died_before_its_first_trial_still_resumes(full_run: Path, tmp_path: Path, fast_profile: Path) -> None:
+def _unfinished_study_db(path: Path, keep: tuple[str, ...] = ("studies",)) -> None:
+    """What a search killed while Optuna created its tables leaves: some of them, no rows."""
+    import sqlite3
+
+    optuna.storages.RDBStorage(f"sqlite:///{path}")
+    con = sqlite3.connect(path)
+    tables = {r[0] for r in con.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+    assert tables <= OPTUNA_TABLES  # the list autoprune checks against is Optuna's
+    for t in tables - set(keep):
+        con.execute(f"DROP TABLE {t}")
+    con.execute("DROP INDEX IF EXISTS ix_studies_study_name")  # indexes come after their table
+    if "version_info" in keep:
+        con.execute("DELETE FROM version_info")  # its row comes after the last table
+    con.commit()
+    con.close()
+
+
+@pytest.mark.parametrize("study_db", ["empty", "unfinished"])
+def test_a_run_that_died_before_its_first_trial_still_resumes(full_run: Path, tmp_path: Path, fast_profile: Path,
+                                                              study_db: str) -> None:
+    """"unfinished" was found by the fault-injection test: killed right after study.db got its
+    first table, the rerun refused it as another program's database; accepted as it was, the
+    resume after that created a second study named 'autoprune' (no unique index) and the next
+    one failed to open it."""
     out = tmp_path / "run"
     out.mkdir()
     for name in ("base_model.pt", "dense.json", "sensitivity.json", "flops_savings.json", "dense"):
@@ -164,12 +188,19 @@ def test_a_run_that_died_before_its_first_trial_still_resumes(full_run: Path, tm
             shutil.copytree(src, out / name)
         elif src.is_file():
             shutil.copy2(src, out / name)
-    (out / "study.db").write_bytes(b"")  # what a kill while SQLite created the file can leave
+    if study_db == "empty":
+        (out / "study.db").write_bytes(b"")  # what a kill while SQLite created the file can leave
+    else:
+        _unfinished_study_db(out / "study.db")
+        with pytest.raises(ConfigError, match="stopped while creating"):
+            check_sqlite_file(out / "study.db")  # not discarded where another process may be creating it
     data = tiny_run_config(out, fast_profile, trials=1, efficiency={"sensitivity_scan": True})
     cfg = load_run_config(str(write_yaml(tmp_path / "resume.yaml", data)))
     res = run(cfg, export=False)
     assert len([t for t in res.study.trials if t.state == optuna.trial.TrialState.COMPLETE]) == 1
     assert (out / "base_model.pt").read_bytes() == (full_run / "base_model.pt").read_bytes()
+    run(cfg.model_copy(update={"search": cfg.search.model_copy(update={"trials": 2})}), export=False)  # resumes again
+    assert optuna.get_all_study_names(f"sqlite:///{out / 'study.db'}") == ["autoprune"]
 
 
 # --------------------------------------------------------------------------- item 4: corrupt study
@@ -386,36 +417,3 @@ def test_temporary_files_of_killed_processes_are_removed_and_live_ones_kept(tmp_
         p.write_text("x")
     assert runfolder.remove_dead_temp_files(tmp_path) == 2
     assert not any(p.exists() for p in stale) and all(p.exists() for p in kept)
-
-
-def test_study_db_of_a_search_killed_while_optuna_created_its_tables_resumes(tmp_path: Path) -> None:
-    """Found by the fault-injection test: killed right after study.db got its first table, the
-    rerun refused the file as 'an SQLite database of another program (tables: studies)'."""
-    import sqlite3
-
-    from autoprune.config import SearchSettings
-    from autoprune.study.storage import OPTUNA_TABLES, check_sqlite_file, make_storage
-
-    db = tmp_path / "study.db"
-    optuna.storages.RDBStorage(f"sqlite:///{db}")
-    con = sqlite3.connect(db)
-    tables = {r[0] for r in con.execute("SELECT name FROM sqlite_master WHERE type='table'")}
-    assert tables <= OPTUNA_TABLES  # the list is Optuna's own
-    for t in tables - {"studies"}:
-        con.execute(f"DROP TABLE {t}")
-    con.commit()
-    con.close()
-    check_sqlite_file(db)  # a partial Optuna schema is Optuna's
-    study = optuna.create_study(storage=make_storage(f"sqlite:///{db}", SearchSettings(), lambda *a: None),
-                                study_name="autoprune", directions=["maximize", "minimize"])
-    study.optimize(lambda t: (t.suggest_float("x", 0, 1), 1.0), n_trials=1)
-    assert len(study.trials) == 1
-
-    foreign = tmp_path / "foreign.db"
-    con = sqlite3.connect(foreign)
-    con.execute("CREATE TABLE studies (id INTEGER)")
-    con.execute("CREATE TABLE photos (id INTEGER)")
-    con.commit()
-    con.close()
-    with pytest.raises(ConfigError, match="another program"):
-        check_sqlite_file(foreign)

@@ -160,7 +160,9 @@ def open_study(ctx: SearchContext) -> optuna.Study:
     shown = redact_url(url)  # never print a password
     try:
         retries = ctx.cfg.search.max_retries
-        storage = make_storage(url, ctx.cfg.search, lambda st, t: requeue_trial(st, t, retries))
+        # The run folder's own study.db is opened under the run lock: an unfinished one can go.
+        storage = make_storage(url, ctx.cfg.search, lambda st, t: requeue_trial(st, t, retries),
+                               discard_unfinished=ctx.cfg.search.storage is None)
         study = optuna.create_study(
             storage=storage, study_name=name, directions=study_directions(ctx), sampler=_sampler(ctx), load_if_exists=True
         )
