@@ -417,3 +417,25 @@ def test_temporary_files_of_killed_processes_are_removed_and_live_ones_kept(tmp_
         p.write_text("x")
     assert runfolder.remove_dead_temp_files(tmp_path) == 2
     assert not any(p.exists() for p in stale) and all(p.exists() for p in kept)
+
+
+def test_study_of_a_search_killed_mid_transaction_is_rolled_back_not_called_corrupt(tmp_path: Path) -> None:
+    """Found by the fault-injection test: a kill while SQLite was writing left a hot journal, and
+    the read-only check called the study corrupt ('attempt to write a readonly database')."""
+    import sqlite3
+    import sys
+
+    db = tmp_path / "study.db"
+    study = optuna.create_study(storage=f"sqlite:///{db}", study_name="autoprune", directions=["maximize", "minimize"])
+    study.optimize(lambda t: (t.suggest_float("x", 0, 1), 1.0), n_trials=3)
+    code = (f"import os, signal, sqlite3; con = sqlite3.connect({str(db)!r}, isolation_level=None); "
+            "con.execute('PRAGMA cache_size=1'); con.execute('BEGIN'); con.execute('DELETE FROM trial_values'); "
+            "con.execute('UPDATE trials SET state = 1'); con.execute('CREATE TABLE spill (x)'); "
+            "os.kill(os.getpid(), signal.SIGKILL)")
+    subprocess.run([sys.executable, "-c", code], check=False)
+    assert (tmp_path / "study.db-journal").stat().st_size > 0  # a hot journal
+    with pytest.raises(sqlite3.OperationalError, match="readonly"):
+        sqlite3.connect(f"file:{db}?mode=ro", uri=True).execute("SELECT name FROM sqlite_master").fetchall()
+    check_sqlite_file(db)
+    trials = optuna.load_study(study_name="autoprune", storage=f"sqlite:///{db}").trials
+    assert [t.state for t in trials] == [optuna.trial.TrialState.COMPLETE] * 3 and all(t.values for t in trials)

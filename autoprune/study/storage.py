@@ -101,15 +101,26 @@ def _unfinished_schema(con: Any, tables: set[str]) -> bool:
 
 
 def _sqlite_state(path: Path) -> tuple[set[str], bool]:
-    """(tables, unfinished Optuna schema) of an SQLite file; raises sqlite3.DatabaseError."""
+    """(tables, unfinished Optuna schema) of an SQLite file; raises sqlite3.DatabaseError.
+
+    Read-only, unless a process was killed in the middle of a transaction that had begun to
+    change the file: then SQLite must roll its journal (``study.db-journal``) back before anyone
+    reads, which a read-only connection cannot do ("attempt to write a readonly database"), and a
+    read-write one does, as every SQLite client (Optuna's included) does when it opens the file."""
     import sqlite3
 
-    con = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
-    try:
-        tables = {r[0] for r in con.execute("SELECT name FROM sqlite_master WHERE type='table'")}
-        return tables, _unfinished_schema(con, tables)
-    finally:
-        con.close()
+    for mode in ("ro", "rw"):
+        try:
+            con = sqlite3.connect(f"file:{path}?mode={mode}", uri=True)
+            try:
+                tables = {r[0] for r in con.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+                return tables, _unfinished_schema(con, tables)
+            finally:
+                con.close()
+        except sqlite3.OperationalError:
+            if mode == "rw" or not path.with_name(path.name + "-journal").is_file():
+                raise
+    raise AssertionError("unreachable")
 
 
 def unfinished_study_file(path: Path) -> bool:
