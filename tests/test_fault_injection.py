@@ -176,8 +176,8 @@ def search_points(run: Path) -> list[tuple[str, Cond]]:
         ("front: temporary folder", exists(tmp_front)),
         ("front: first ONNX", exists(tmp_front + "/trial_*/model.onnx")),
         ("front: first IR", exists(tmp_front + "/trial_*/model.xml")),
+        ("front: first PyTorch files", exists(tmp_front + "/trial_*/state_dict.pt")),
         ("front: first metadata", exists(tmp_front + "/trial_*/metadata.json")),
-        ("front: second model", lambda p: len(glob.glob(tmp_front + "/trial_*/metadata.json")) >= 2),
         ("front: swapped in", either(exists(str(run / "pareto/.pareto.json")), fresh(str(run / "pareto.json")))),
         ("plots", fresh(str(run / "pareto.png"))),
     ]
