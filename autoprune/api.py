@@ -26,10 +26,10 @@ from autoprune.measure import backends
 from autoprune.measure.onnx import external_data_files
 from autoprune.results.artifacts import export_front
 from autoprune.results.front import front
-from autoprune.runfolder import RunFolder, file_lock, writable_dir, writable_paths
+from autoprune.runfolder import RunFolder, file_lock, remove_dead_temp_files, writable_dir, writable_paths
 from autoprune.study.context import SearchContext, prepare
 from autoprune.study.final import final_stage
-from autoprune.study.storage import public_config, redact_url
+from autoprune.study.storage import public_config, redact_url, refuse_results_without_study
 from autoprune.study.study import (
     _fail_stale_local_trials,
     completed,
@@ -97,6 +97,8 @@ def run(cfg: RunConfig, console: Optional[Console] = None, export: bool = True) 
 
     writable_dir(cfg.out, "--out (run folder)")
     writable_paths(RunFolder(Path(cfg.out)).written_in_place(cfg.search.storage is None), "--out")
+    if cfg.search.storage is None:
+        refuse_results_without_study(RunFolder(Path(cfg.out)))  # before anything is written
     local = cfg.search.storage is None
     # One machine (SQLite): the run-folder lock comes first, so a second search in this folder
     # says at once that it is busy instead of waiting silently on the prepare lock while the
@@ -112,6 +114,7 @@ def run(cfg: RunConfig, console: Optional[Console] = None, export: bool = True) 
             n = _fail_stale_local_trials(study, cfg.search.max_retries)
             if n:
                 console.log(f"{n} trial(s) left running by a killed search were marked failed and re-queued")
+            remove_dead_temp_files(ctx.run.root)  # half-written files of a killed search (never read)
         # (with shared storage, optimize() enqueues the seeds under the study-wide lock)
         if local:
             enqueue_seeds(study, ctx)

@@ -1,15 +1,25 @@
 """The run folder: where every file of a search lives, and how files are written there.
 
 Multi-file and single-file outputs are written beside their destination and swapped in with a
-rename, so a killed process never leaves a half-written file under the final name.
+rename, so a killed process never leaves a half-written file under the final name. Folders go
+the same way (:func:`atomic_dir`): written into a hidden temporary sibling, then old → backup,
+new → final, backup removed; the next writer of that folder finishes or undoes what a killed
+one left (:func:`recover_dir`). Folders that a command replaces as a whole are checked first
+(:func:`replaceable_dir`): never the run folder, a folder holding it, its own files, or a
+user's non-empty folder.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import os
 import pickle
+import re
+import shutil
+import socket
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator
@@ -191,6 +201,24 @@ class RunFolder:
     def export(self, number: int) -> Path:
         return self.root / "export" / f"trial_{number:05d}"
 
+    # -- what the search itself writes and reads back
+    @property
+    def front_journal(self) -> Path:
+        """The rows of ``pareto/`` inside it, written before the folder is swapped in and removed
+        once ``pareto.json`` holds them: a search killed between the two leaves readers the rows
+        that match the folder (``results.front.load_front`` prefers this file)."""
+        return self.pareto_dir / ".pareto.json"
+
+    def own_entries(self) -> frozenset[str]:
+        """Top-level names the search writes and reads back (study, locks, dense model, caches,
+        trials, final stage, front, report, re-measures). No ``--dest`` may replace them or lie
+        inside them; ``picked/`` and ``export/`` are outputs that pick/export may replace."""
+        paths = (self.study_db, self.lock, self.prepare_lock, self.export_lock, self.base_model, self.dense_json,
+                 self.dense_onnx, self.sensitivity, self.flops_savings, self.latency_cache, self.lut("x"),
+                 self.trial(0).root, self.final_json, self.pareto_dir, self.pareto_json, self.pareto_csv,
+                 self.pareto_png, self.pareto_html, self.report_html, self.remeasure_dir)
+        return frozenset(p.relative_to(self.root).parts[0] for p in paths)
+
 
 @contextlib.contextmanager
 def file_lock(path: Path) -> Iterator[None]:
@@ -205,7 +233,7 @@ def file_lock(path: Path) -> Iterator[None]:
             fcntl.flock(fh, fcntl.LOCK_UN)
 
 
-def atomic_write_text(path: Path, text: str) -> Path:
+def atomic_write_text(path: Path, text: str, encoding: str = "utf-8") -> Path:
     """Write via a temporary file and rename: a crash or a full disk never leaves a half-written
     file where a resumed search or another worker would read it.
 
@@ -222,7 +250,7 @@ def atomic_write_text(path: Path, text: str) -> Path:
     while True:
         tmp = path.with_name(f".{path.name}.{os.getpid()}-{os.urandom(6).hex()}.tmp")
         try:
-            fh = open(tmp, "x")  # O_CREAT | O_EXCL, mode 0o666 & ~umask
+            fh = open(tmp, "x", encoding=encoding)  # O_CREAT | O_EXCL, mode 0o666 & ~umask
             break
         except FileExistsError:  # 48 random bits collided: draw another name
             continue
@@ -278,3 +306,208 @@ def torch_load(path: Path, *, trust_pickle: bool, refusal: str) -> object:
     except Exception as exc:  # noqa: BLE001
         raise ConfigError(f"{path}: cannot be unpickled ({type(exc).__name__}: {' '.join(str(exc).split())[:200]}); "
                           "the file is damaged, or the code it was pickled with is not importable here") from None
+
+
+# --------------------------------------------------------------------------- whole folders
+#: This machine in leftover names: a leftover is only removed when its writer can be seen dead,
+#: which needs the same machine (workers on other machines may share the run folder).
+_HOST = re.sub(r"[^A-Za-z0-9]", "_", socket.gethostname())[:40] or "host"
+
+
+def temp_sibling(path: Path) -> Path:
+    """A unique hidden name beside ``path`` for a file written by a library that takes a path
+    (ONNX exporters): concurrent writers never share it, as with :func:`atomic_write_text`."""
+    path = Path(path)
+    return path.with_name(f".{path.name}.{os.getpid()}-{os.urandom(6).hex()}.tmp")
+
+
+def _dir_sibling(dest: Path, kind: str) -> Path:
+    """``.NAME.<time ns>-<host>-<pid>-<random>.<kind>``: unique, ordered by creation (the newest
+    backup is the one to restore), and naming the writer so that a later one can tell whether
+    it died (``kind``: ``tmp`` = being written, ``old`` = the previous folder during a swap)."""
+    return dest.with_name(f".{dest.name}.{time.time_ns()}-{_HOST}-{os.getpid()}-{os.urandom(6).hex()}.{kind}")
+
+
+def _leftovers(dest: Path) -> list[tuple[int, str, Path]]:
+    """(time ns, kind, path) of the temporary and backup siblings of ``dest`` whose writer is
+    dead (same machine, process gone); live writers' and other machines' are not listed."""
+    pattern = re.compile(rf"^\.{re.escape(dest.name)}\.(\d+)-(\w+)-(\d+)-[0-9a-f]{{12}}\.(tmp|old)$")
+    found = []
+    try:
+        names = os.listdir(dest.parent)
+    except FileNotFoundError:
+        return []
+    for name in names:
+        m = pattern.match(name)
+        if m is None or m.group(2) != _HOST:
+            continue
+        if _dead(int(m.group(3))):
+            found.append((int(m.group(1)), m.group(4), dest.parent / name))
+    return sorted(found)
+
+
+def _dead(pid: int) -> bool:
+    """Whether process ``pid`` of this machine is gone (a reused pid counts as alive: its
+    leftover then waits for a later writer)."""
+    if pid == os.getpid():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False  # someone else's live process
+    return False
+
+
+#: The temporary files of atomic_write_text, atomic_torch_save and temp_sibling.
+_FILE_TEMP = re.compile(r"^\..+\.(\d+)-[0-9a-f]{12}\.tmp$")
+
+
+def remove_dead_temp_files(root: Path) -> int:
+    """Remove the temporary files that killed processes left anywhere under ``root`` (a
+    ``.model.pt.<pid>-<random>.tmp`` beside a trial's files); returns how many. Their names hold
+    no machine, so call this only where no other machine writes (the single-machine search,
+    under its run-folder lock); live processes' files stay."""
+    removed = 0
+    for dirpath, _, files in os.walk(root):
+        for name in files:
+            m = _FILE_TEMP.match(name)
+            if m and _dead(int(m.group(1))):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(os.path.join(dirpath, name))
+                    removed += 1
+    return removed
+
+
+def _remove(path: Path) -> None:
+    if path.is_symlink() or not path.is_dir():
+        path.unlink(missing_ok=True)
+    else:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def recover_dir(dest: Path) -> None:
+    """Undo what a killed writer of ``dest`` (:func:`atomic_dir`) left, the same way every time:
+    killed between its two renames (``dest`` missing, its backup there), the previous folder is
+    put back; its unfinished new folder and finished backups are removed. Leftovers of live
+    writers, and of other machines (whose processes cannot be checked), stay."""
+    dest = Path(dest)
+    leftovers = _leftovers(dest)
+    if not os.path.lexists(dest):
+        backups = [p for _, kind, p in leftovers if kind == "old"]
+        if backups:
+            with contextlib.suppress(FileNotFoundError, FileExistsError, OSError):
+                os.rename(backups[-1], dest)  # fails only if another writer got there first
+    for _, _, path in leftovers:
+        if path.exists() or path.is_symlink():
+            _remove(path)
+
+
+def _fsync_tree(root: Path) -> None:
+    """Flush every file of a new folder before it is renamed in: after a power cut the folder
+    is there complete or not at all, never with empty files."""
+    for dirpath, _, files in os.walk(root):
+        for name in files:
+            fd = os.open(os.path.join(dirpath, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+
+
+def _fsync_dir(path: Path) -> None:
+    with contextlib.suppress(OSError):  # not every filesystem lets a directory be fsynced
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def _swap_in(new: Path, dest: Path) -> None:
+    """Rename ``new`` to ``dest``: the previous ``dest`` is renamed to a backup first and removed
+    last. Another writer swapping in at the same time: the last rename wins, whole."""
+    backups: list[Path] = []
+    try:
+        for _ in range(100):
+            if os.path.lexists(dest):
+                backup = _dir_sibling(dest, "old")
+                try:
+                    os.rename(dest, backup)
+                except FileNotFoundError:
+                    continue  # another writer moved it away meanwhile
+                backups.append(backup)
+            try:
+                os.rename(new, dest)
+                break
+            except OSError as exc:
+                if exc.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+                    raise
+                # another writer renamed its folder in between our two renames: move it aside too
+        else:
+            raise OSError(errno.EBUSY, f"{dest}: other writers kept replacing it")
+    except BaseException:
+        if backups and not os.path.lexists(dest):
+            with contextlib.suppress(OSError):
+                os.rename(backups.pop(), dest)  # the previous folder, back under its name
+        raise
+    finally:
+        _fsync_dir(dest.parent)
+        for backup in backups:
+            _remove(backup)
+
+
+@contextlib.contextmanager
+def atomic_dir(dest: Path) -> Iterator[Path]:
+    """Write a whole folder at once: yields an empty hidden sibling of ``dest`` to fill; when the
+    block ends without an error it replaces ``dest`` (see :func:`_swap_in`), otherwise it is
+    removed and ``dest`` is untouched. Readers of ``dest`` see the previous folder or the new
+    one, never a mix (a killed writer's leftovers are cleaned by the next one: :func:`recover_dir`)."""
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    recover_dir(dest)
+    tmp = _dir_sibling(dest, "tmp")
+    tmp.mkdir()
+    try:
+        yield tmp
+        _fsync_tree(tmp)
+        _swap_in(tmp, dest)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def swap_interrupted(dest: Path) -> bool:
+    """True when ``dest`` is missing because its writer died between its two renames (its
+    backup is still there): the next writer restores it (:func:`recover_dir`)."""
+    dest = Path(dest)
+    return not os.path.lexists(dest) and any(kind == "old" for _, kind, _ in _leftovers(dest))
+
+
+def replaceable_dir(dest: Path, run: RunFolder, marker: str, what: str, option: str) -> Path:
+    """``dest`` (absolute, links resolved) if a new ``what`` may replace it as a whole, else a
+    ConfigError naming the way out.
+
+    Replacing removes what was there, so ``dest`` must not be the run folder or hold it, must not
+    lie inside the run's own files (``pareto/``, ``trials/``, ...; see
+    :meth:`RunFolder.own_entries`), and, if it is a non-empty folder, must be a previous
+    ``what`` (it holds ``marker``): a user's folder is never emptied.
+    """
+    given = Path(dest)
+    real = given.expanduser().resolve()
+    root = run.root.resolve()
+    if real == root or root.is_relative_to(real):
+        raise ConfigError(f"{given}: {option} is the run folder {run.root} or holds it, and would be replaced; "
+                          f"pass a new folder, e.g. {run.picked if what == 'bundle' else run.root / 'export'}")
+    if real.is_relative_to(root):
+        top = real.relative_to(root).parts[0]
+        if top in run.own_entries():
+            raise ConfigError(f"{given}: {option} lies in the run's own {top!r}, which the search reads back; "
+                              f"pass a folder outside it")
+    if given.exists() and not given.is_dir():
+        raise ConfigError(f"{given}: {option} names a file, not a folder; pass a folder for the {what}")
+    if given.is_dir() and any(given.iterdir()) and not (given / marker).is_file():
+        raise ConfigError(f"{given}: {option} is a non-empty folder that is not a previous {what} (no {marker}); "
+                          f"it would be replaced as a whole, so pass a new or empty folder")
+    return real

@@ -21,7 +21,7 @@ from autoprune.measure.onnx import file_size
 from autoprune.prune.plan import PruningPlan, apply_plan
 from autoprune.results.artifacts import versions
 from autoprune.results.front import search_profile_name
-from autoprune.runfolder import RunFolder
+from autoprune.runfolder import RunFolder, atomic_dir
 from autoprune.study.storage import open_run_study
 from autoprune.train.checkpoint import load_model
 from autoprune.train.models import build_model
@@ -252,20 +252,21 @@ def write_bundle(run_dir: Path, row: dict[str, Any], dest: Path, budget: Optiona
     src = run_dir / row["artifacts"]
     if not (src / "metadata.json").is_file():
         raise ConfigError(f"{src}: incomplete export (no metadata.json); run 'autoprune search --out {run_dir}' to re-export")
-    tmp = dest.with_name(dest.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(src, tmp)
-    meta = json.loads((tmp / "metadata.json").read_text())
-    model = load_model(src / "model.pt", trust_pickle=trust_pickle)  # src: an error names the run folder's file
-    shape = meta.get("input_shape") or [1]
-    example = torch.randn(*shape, generator=torch.Generator().manual_seed(0))
-    extra, errors = _export_torch_formats(model, example, tmp)
-    agreement, ov_default = _format_agreement(model, example, tmp, extra)
-    _copy_example(tmp)
-    card = _model_card(run_dir, row, meta, model, tmp, budget or {}, profile or search_profile_name(run_dir),
-                       extra, errors, agreement, ov_default)
-    (tmp / CARD).write_text(json.dumps(card, indent=2, default=str))
-    # Replace the previous bundle only once the new one is complete.
-    shutil.rmtree(dest, ignore_errors=True)
-    tmp.rename(dest)
+    # Written into a hidden sibling and swapped in whole: a failed or killed pick leaves the
+    # previous bundle (or nothing) under ``dest``, and no temporary folder after the next pick.
+    with atomic_dir(dest) as tmp:
+        shutil.copytree(src, tmp, dirs_exist_ok=True)
+        meta = json.loads((tmp / "metadata.json").read_text())
+        if meta.get("trial") != row["trial"]:
+            raise ConfigError(f"{src}: holds trial {meta.get('trial')}, not trial {row['trial']}; "
+                              f"run 'autoprune search --out {run_dir}' to re-export")
+        model = load_model(src / "model.pt", trust_pickle=trust_pickle)  # src: an error names the run folder's file
+        shape = meta.get("input_shape") or [1]
+        example = torch.randn(*shape, generator=torch.Generator().manual_seed(0))
+        extra, errors = _export_torch_formats(model, example, tmp)
+        agreement, ov_default = _format_agreement(model, example, tmp, extra)
+        _copy_example(tmp)
+        card = _model_card(run_dir, row, meta, model, tmp, budget or {}, profile or search_profile_name(run_dir),
+                           extra, errors, agreement, ov_default)
+        (tmp / CARD).write_text(json.dumps(card, indent=2, default=str))
     return card

@@ -6,9 +6,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Optional
 
-from autoprune.deploy.bundle import write_bundle
+from autoprune.deploy.bundle import CARD, write_bundle
 from autoprune.errors import ConfigError
-from autoprune.runfolder import writable_dir
+from autoprune.runfolder import replaceable_dir, writable_dir
 from autoprune.results.front import (
     _profile_name,
     load_front,
@@ -96,9 +96,8 @@ def pick(run_dir: str | Path, dest: Optional[str | Path] = None, profile: Option
     run_dir = Path(run_dir)
     rows, prof_name = rows_on_profile(run_dir, profile)
     row = choose(rows, **budget)
-    dest = Path(dest) if dest else RunFolder(run_dir).picked
-    if dest.exists() and not dest.is_dir():
-        raise ConfigError(f"{dest}: --dest names a file, not a folder; pass a folder for the bundle")
+    # The bundle replaces ``dest`` as a whole: refuse the run itself, its own files and a user's folder.
+    dest = replaceable_dir(Path(dest) if dest else RunFolder(run_dir).picked, RunFolder(run_dir), CARD, "bundle", "--dest")
     writable_dir(dest.parent, "--dest's parent folder")
     write_bundle(run_dir, row, dest, budget, prof_name, trust_pickle=trust_pickle)
     return row, dest

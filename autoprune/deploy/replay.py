@@ -23,7 +23,7 @@ from autoprune.config import RunConfig, validate
 from autoprune.errors import ConfigError
 from autoprune.results.artifacts import export_trial_artifacts
 from autoprune.results.front import trial_row
-from autoprune.runfolder import RunFolder, file_lock, writable_dir
+from autoprune.runfolder import RunFolder, atomic_dir, file_lock, replaceable_dir, writable_dir
 from autoprune.study.context import SearchContext, prepare
 from autoprune.study.final import final_finetune, final_seed
 from autoprune.study.space import suggest_plan
@@ -120,8 +120,10 @@ def rebuild_trial(
         reason = frozen.user_attrs.get("fail_reason", "")
         raise ConfigError(f"trial {trial} is {frozen.state.name}{' (' + reason + ')' if reason else ''}; only complete trials can be exported")
 
-    # Checked before the (possibly long) rebuild, not when the files are written.
-    out = writable_dir(Path(dest) if dest else run.export(trial), "--dest")
+    # Checked before the (possibly long) rebuild, not when the files are written. The export
+    # replaces ``out`` as a whole: never the run itself, its own files or a user's folder.
+    out = replaceable_dir(Path(dest) if dest else run.export(trial), run, "metadata.json", "export", "--dest")
+    writable_dir(out.parent, "--dest's parent folder")
     with tempfile.TemporaryDirectory(prefix="autoprune-rebuild-") as tmpd:
         tmp = Path(tmpd)
         cfg = _run_config(study, run_dir, tmp, storage, study_name, trust_pickle)
@@ -190,6 +192,9 @@ def rebuild_trial(
             "check": check,
         }
         recipe = pruned_recipe(ctx.recipe, frozen.user_attrs.get("widths") or {})
-        meta = export_trial_artifacts(model, ctx.example, out, row, meta_extra, cfg.exporter, recipe)
+        # Into a hidden sibling, swapped in whole: an interrupted export never leaves one trial's
+        # files beside another's metadata.json.
+        with atomic_dir(out) as staging:
+            meta = export_trial_artifacts(model, ctx.example, staging, row, meta_extra, cfg.exporter, recipe)
     meta["dest"] = str(out)
     return meta

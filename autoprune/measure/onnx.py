@@ -17,6 +17,7 @@ import torch
 import torch.nn as nn
 
 from autoprune.errors import ExportError
+from autoprune.runfolder import temp_sibling
 
 
 @contextlib.contextmanager
@@ -43,7 +44,7 @@ def export_onnx(model: nn.Module, example: torch.Tensor, path: Path, exporter: s
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     model = model.eval()
-    tmp = path.with_suffix(".onnx.tmp")
+    tmp = temp_sibling(path)  # unique: workers sharing a run folder may export the same file at once
     try:
         kwargs = {"external_data": False} if exporter == "dynamo" else {}
         with _quiet(), torch.no_grad():
@@ -59,12 +60,13 @@ def export_onnx(model: nn.Module, example: torch.Tensor, path: Path, exporter: s
             )
         os.replace(tmp, path)
     except Exception as exc:  # noqa: BLE001 - exporters raise many types
-        tmp.unlink(missing_ok=True)
         root = _root_cause(exc)
         raise ExportError(
             f"ONNX export ({exporter}) failed: {type(root).__name__}: {str(root)[:500]}"
             + ("" if root is exc else f" (reported as {type(exc).__name__}); try exporter: torchscript if the model is not torch.export-able")
         ) from exc
+    finally:
+        tmp.unlink(missing_ok=True)  # only still there if the export was interrupted
     return path
 
 

@@ -7,9 +7,7 @@ exact config that produced it, so a model can be traced back to (and rebuilt fro
 from __future__ import annotations
 
 import json
-import os
 import platform
-import shutil
 from pathlib import Path
 from typing import Any, Optional
 
@@ -19,9 +17,9 @@ import torch
 
 from autoprune import __version__
 from autoprune.measure.onnx import export_onnx, export_openvino, file_size, gzip_size
-from autoprune.results.front import front, write_tables
+from autoprune.results.front import front, front_json, write_tables
 from autoprune.results.report import write_plots
-from autoprune.runfolder import RunFolder
+from autoprune.runfolder import RunFolder, atomic_dir, atomic_write_text
 from autoprune.train.checkpoint import load_checkpoint, pruned_recipe, save_model
 
 
@@ -113,34 +111,34 @@ def export_front(
     dense = dense if dense is not None else study.user_attrs.get("dense", {})
     rows = front(study, dense)
     pdir = run.pareto_dir
-    tmp = pdir.with_name(pdir.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
     final_path = run.final_json
     finals = json.loads(final_path.read_text()) if final_path.is_file() else {}
-    for r in rows:
-        files = run.trial(r["trial"])
-        src = files.model
-        if str(r["trial"]) in finals and files.final_model.is_file():
-            # The final stage's longer fine-tune: deploy that model. Its numbers become the row's
-            # accuracy/latency (what a user picks and deploys); the search-time ones stay as search_*.
-            f = finals[str(r["trial"])]
-            r.update(final=f, search_accuracy=r["accuracy"], search_latency_ms=r["latency_ms"],
-                     accuracy=f["final_accuracy"], latency_ms=f["final_latency_ms"])
-            src = files.final_model
-        if not src.is_file():
-            r["artifacts"] = None  # trial ran on another worker without a shared run folder
-            continue
-        model, model_recipe = load_checkpoint(src, trust_pickle=trust_pickle)
-        if model_recipe is None and recipe is not None:
-            model_recipe = pruned_recipe(recipe, r.get("widths") or {})
-        name = f"trial_{r['trial']:05d}"
-        export_trial_artifacts(model, example, tmp / name, r, meta_extra, exporter, model_recipe)
-        r["artifacts"] = f"{pdir.name}/{name}"
-    rows.sort(key=lambda r: (r["latency_ms"], -r["accuracy"]))  # final-stage numbers may reorder
-    # Swap in the new front only once it is complete: a crash never leaves a half-written front.
-    shutil.rmtree(pdir, ignore_errors=True)
-    os.replace(tmp, pdir)
+    # The new front is written into a hidden sibling and swapped in whole (runfolder.atomic_dir),
+    # with its rows inside it (run.front_journal), before pareto.json is rewritten: a search killed
+    # at any point leaves pareto/ and the rows readers get (results.front.load_front) in step.
+    with atomic_dir(pdir) as tmp:
+        for r in rows:
+            files = run.trial(r["trial"])
+            src = files.model
+            if str(r["trial"]) in finals and files.final_model.is_file():
+                # The final stage's longer fine-tune: deploy that model. Its numbers become the row's
+                # accuracy/latency (what a user picks and deploys); the search-time ones stay as search_*.
+                f = finals[str(r["trial"])]
+                r.update(final=f, search_accuracy=r["accuracy"], search_latency_ms=r["latency_ms"],
+                         accuracy=f["final_accuracy"], latency_ms=f["final_latency_ms"])
+                src = files.final_model
+            if not src.is_file():
+                r["artifacts"] = None  # trial ran on another worker without a shared run folder
+                continue
+            model, model_recipe = load_checkpoint(src, trust_pickle=trust_pickle)
+            if model_recipe is None and recipe is not None:
+                model_recipe = pruned_recipe(recipe, r.get("widths") or {})
+            name = f"trial_{r['trial']:05d}"
+            export_trial_artifacts(model, example, tmp / name, r, meta_extra, exporter, model_recipe)
+            r["artifacts"] = f"{pdir.name}/{name}"
+        rows.sort(key=lambda r: (r["latency_ms"], -r["accuracy"]))  # final-stage numbers may reorder
+        atomic_write_text(tmp / run.front_journal.name, front_json(rows, dense))
     write_tables(rows, run, dense)
+    run.front_journal.unlink(missing_ok=True)  # pareto.json holds the rows now
     write_plots(study, run, dense)
     return rows

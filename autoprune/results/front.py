@@ -14,7 +14,7 @@ import optuna
 
 from autoprune.config import load_device_profile
 from autoprune.errors import ConfigError
-from autoprune.runfolder import RunFolder, atomic_write_text
+from autoprune.runfolder import RunFolder, atomic_write_text, swap_interrupted
 
 
 def trial_row(t: optuna.trial.FrozenTrial, dense: dict[str, Any]) -> dict[str, Any]:
@@ -65,9 +65,14 @@ CSV_FIELDS = [
 ]
 
 
+def front_json(rows: list[dict[str, Any]], dense: dict[str, Any]) -> str:
+    """The text of ``pareto.json`` (and of the copy inside ``pareto/``, ``run.front_journal``)."""
+    return json.dumps({"dense": dense, "pareto": rows}, indent=2)
+
+
 def write_tables(rows: list[dict[str, Any]], run: RunFolder, dense: dict[str, Any]) -> None:
     """``pareto.json`` (everything, what pick reads) and ``pareto.csv`` (the numbers, one row each)."""
-    atomic_write_text(run.pareto_json, json.dumps({"dense": dense, "pareto": rows}, indent=2))
+    atomic_write_text(run.pareto_json, front_json(rows, dense))
     groups = sorted({g for r in rows for g in r["ratios"]})
     buf = io.StringIO(newline="")
     w = csv.writer(buf)
@@ -79,10 +84,17 @@ def write_tables(rows: list[dict[str, Any]], run: RunFolder, dense: dict[str, An
 
 
 def load_front(run_dir: Path) -> dict[str, Any]:
-    p = RunFolder(Path(run_dir)).pareto_json
-    if not p.is_file():
-        raise ConfigError(f"{run_dir}: no pareto.json; run 'autoprune search --out {run_dir}' first")
-    return json.loads(p.read_text())
+    """The exported front: ``pareto.json``, or the rows inside ``pareto/`` when a search was killed
+    after swapping in a new ``pareto/`` and before rewriting ``pareto.json`` (they are the rows of
+    the folders that are there). Nothing is written: the next search or export tidies up."""
+    run = RunFolder(Path(run_dir))
+    if swap_interrupted(run.pareto_dir):
+        raise ConfigError(f"{run.pareto_dir}: missing, its export was interrupted; run 'autoprune search --out {run_dir}' "
+                          "with the same settings to restore it")
+    for p in (run.front_journal, run.pareto_json):
+        if p.is_file():
+            return json.loads(p.read_text())
+    raise ConfigError(f"{run_dir}: no pareto.json; run 'autoprune search --out {run_dir}' first")
 
 
 def search_profile_name(run_dir: Path, front: Optional[dict[str, Any]] = None) -> str:

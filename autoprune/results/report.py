@@ -15,6 +15,7 @@ from __future__ import annotations
 import datetime as _dt
 import html
 import json
+import os
 from pathlib import Path
 from typing import Any, Optional
 
@@ -22,8 +23,8 @@ import optuna
 from optuna.trial import TrialState
 
 from autoprune.errors import ConfigError
-from autoprune.results.front import front
-from autoprune.runfolder import RunFolder, writable_dir
+from autoprune.results.front import front, load_front
+from autoprune.runfolder import RunFolder, atomic_write_text, temp_sibling, writable_dir
 from autoprune.study.storage import open_run_study
 
 
@@ -62,8 +63,13 @@ def write_png(study: optuna.Study, path: Path, dense: dict[str, Any]) -> Path:
     ax.legend(loc="best", fontsize=8)
     ax.set_title("autoprune: accuracy vs measured latency")
     fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    tmp = temp_sibling(path)  # a killed search never leaves a half-written plot under its name
+    try:
+        fig.savefig(tmp, format="png")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+        plt.close(fig)
     return path
 
 
@@ -77,7 +83,12 @@ def write_html(study: optuna.Study, path: Path, dense: dict[str, Any]) -> Path:
     dlat = dense.get("latency", {}).get("median_ms")
     if dlat is not None:
         fig.add_trace(go.Scatter(x=[dlat], y=[dense["accuracy"]], mode="markers", name="dense", marker={"symbol": "star", "size": 16, "color": "#f0b429"}))
-    fig.write_html(str(path), include_plotlyjs=True, full_html=True)
+    tmp = temp_sibling(path)
+    try:
+        fig.write_html(str(tmp), include_plotlyjs=True, full_html=True)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
     return path
 
 
@@ -242,10 +253,10 @@ def write_report(run_dir: str | Path, out: Optional[str | Path] = None, storage:
     writable_dir(dest.parent, "--out's folder")
     dense = study.user_attrs.get("dense", {})
     rows = front(study, dense)
-    pj = RunFolder(run_dir).pareto_json
-    if pj.is_file():
+    run = RunFolder(run_dir)
+    if run.pareto_json.is_file() or run.front_journal.is_file():
         # The exported front: the deployed models' numbers (after the final stage, if any) and files.
-        exported = {r["trial"]: r for r in json.loads(pj.read_text()).get("pareto", [])}
+        exported = {r["trial"]: r for r in load_front(run_dir).get("pareto", [])}
         rows = [exported.get(r["trial"], {**r, "artifacts": None}) for r in rows]
     remeasures = _remeasures(run_dir)
     figs = [
@@ -283,7 +294,5 @@ def write_report(run_dir: str | Path, out: Optional[str | Path] = None, storage:
     parts.append(_table(rows, dense, remeasures))
     parts.append(f"<footer>written {_dt.datetime.now(_dt.timezone.utc):%Y-%m-%d %H:%M UTC} by autoprune; "
                  "deploy one with <code>autoprune pick</code>.</footer></body></html>")
-    tmp = dest.with_name(dest.name + ".tmp")
-    tmp.write_text("\n".join(parts), encoding="utf-8")
-    tmp.replace(dest)
-    return dest
+    # A unique temporary name: two reports written at once never share (and truncate) one file.
+    return atomic_write_text(dest, "\n".join(parts))

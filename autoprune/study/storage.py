@@ -44,24 +44,120 @@ def sqlalchemy_url(url: str) -> str:
     return url
 
 
-def check_sqlite_file(path: Path) -> None:
+#: What a run folder is good for when its study.db is lost or unreadable (tested claim by claim
+#: in tests/test_nothing_lost.py): the exported front is self-contained, the rest needs the study.
+WITHOUT_STUDY = (
+    "it is corrupt or not a study, and only a backup of it brings the study back. Without it, 'autoprune pick' "
+    "and 'autoprune remeasure' still work (they read pareto.json) and each pareto/trial_NNNNN folder holds "
+    "complete deploy files; resuming the search, 'autoprune export --trial' and 'autoprune report' need the study. "
+    "Start a new search with another --out."
+)
+
+
+def refuse_results_without_study(run: RunFolder) -> None:
+    """Stop a search that would start a new study over an earlier one's results.
+
+    A missing, empty (0-byte) or unfinished (:func:`unfinished_study_file`) ``study.db`` means a
+    new study, whose trial 0 would overwrite ``trials/00000/`` and whose export would replace
+    ``pareto/`` and ``pareto.json``. That is
+    right for a fresh folder, or one whose search died before its first trial (only
+    ``base_model.pt`` / ``dense.json``: those are reused), and wrong when trials or a front are
+    there: their study was deleted or truncated. Checked before anything is written.
+    """
+    db = run.study_db
+    if db.is_file() and db.stat().st_size > 0 and not unfinished_study_file(db):
+        return
+    trials_dir = run.trial(0).root.parent
+    found = [p.name + ("/" if p.is_dir() else "") for p in (trials_dir, run.pareto_dir, run.pareto_json, run.final_json)
+             if p.is_file() or (p.is_dir() and any(p.iterdir()))]
+    if found:
+        state = ("holds no study (its creation was interrupted)" if unfinished_study_file(db) else "is empty (0 bytes)") \
+            if db.is_file() else "is missing"
+        raise ConfigError(
+            f"{db}: {state} but the folder holds an earlier search's results ({', '.join(found)}), which a new study "
+            f"would overwrite; restore study.db from a backup, or use another --out"
+        )
+
+
+#: The tables of an Optuna RDB storage (and Alembic's version table).
+OPTUNA_TABLES = frozenset({
+    "studies", "study_directions", "study_user_attributes", "study_system_attributes", "trials",
+    "trial_user_attributes", "trial_system_attributes", "trial_params", "trial_values",
+    "trial_intermediate_values", "trial_heartbeats", "version_info", "alembic_version",
+})
+
+
+def _unfinished_schema(con: Any, tables: set[str]) -> bool:
+    """Optuna creates its tables and their indexes one statement at a time (SQLite commits each)
+    and writes its version row after the last: tables that are all Optuna's, all empty, without
+    that row, are what a search killed during the creation leaves. Optuna would add the missing
+    tables but not the missing indexes of the others (without the unique index on study names a
+    resume creates a second study of the same name), so such a file is discarded, not resumed."""
+    if not tables or not tables <= OPTUNA_TABLES:
+        return False
+    if "version_info" in tables and con.execute("SELECT COUNT(*) FROM version_info").fetchone()[0]:
+        return False
+    return not any(con.execute(f'SELECT COUNT(*) FROM "{t}"').fetchone()[0] for t in tables)
+
+
+def _sqlite_state(path: Path) -> tuple[set[str], bool]:
+    """(tables, unfinished Optuna schema) of an SQLite file; raises sqlite3.DatabaseError.
+
+    Read-only, unless a process was killed in the middle of a transaction that had begun to
+    change the file: then SQLite must roll its journal (``study.db-journal``) back before anyone
+    reads, which a read-only connection cannot do ("attempt to write a readonly database"), and a
+    read-write one does, as every SQLite client (Optuna's included) does when it opens the file."""
+    import sqlite3
+
+    for mode in ("ro", "rw"):
+        try:
+            con = sqlite3.connect(f"file:{path}?mode={mode}", uri=True)
+            try:
+                tables = {r[0] for r in con.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+                return tables, _unfinished_schema(con, tables)
+            finally:
+                con.close()
+        except sqlite3.OperationalError:
+            if mode == "rw" or not path.with_name(path.name + "-journal").is_file():
+                raise
+    raise AssertionError("unreachable")
+
+
+def unfinished_study_file(path: Path) -> bool:
+    """Whether ``path`` is an SQLite file in which Optuna was killed while creating its tables
+    (it holds no study: see :func:`_unfinished_schema`)."""
+    import sqlite3
+
+    if not path.is_file() or path.stat().st_size == 0:
+        return False
+    try:
+        return _sqlite_state(path)[1]
+    except sqlite3.DatabaseError:
+        return False
+
+
+def check_sqlite_file(path: Path, discard_unfinished: bool = False) -> None:
     """Refuse a corrupt file or another program's SQLite database before Optuna writes its tables
-    into it (Optuna would silently add them to any SQLite database it is pointed at)."""
+    into it (Optuna would silently add them to any SQLite database it is pointed at).
+
+    An Optuna schema whose creation was interrupted is removed with ``discard_unfinished`` (the
+    search, alone in its run folder under the run lock), so Optuna creates it whole; otherwise
+    refused (another process may be creating it right now)."""
     if not path.exists() or path.stat().st_size == 0:
         return
     import sqlite3
 
     try:
-        con = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
-        try:
-            tables = {r[0] for r in con.execute("SELECT name FROM sqlite_master WHERE type='table'")}
-        finally:
-            con.close()
+        tables, unfinished = _sqlite_state(path)
     except sqlite3.DatabaseError as exc:
-        raise ConfigError(
-            f"{path}: not a readable SQLite database ({exc}); it is corrupt or not a study. Move it away "
-            "(the trial folders next to it stay usable with 'autoprune export') or use another --out."
-        ) from None
+        raise ConfigError(f"{path}: not a readable SQLite database ({exc}); {WITHOUT_STUDY}") from None
+    if unfinished:
+        if discard_unfinished:
+            for p in (path, *(path.with_name(path.name + s) for s in ("-journal", "-wal", "-shm"))):
+                p.unlink(missing_ok=True)
+            return
+        raise ConfigError(f"{path}: Optuna was stopped while creating this study file; it holds no study "
+                          "(tables only, no rows). Delete it and start the search again.")
     if tables and not {"studies", "trials", "version_info"} <= tables:
         raise ConfigError(
             f"{path}: an SQLite database of another program (tables: {', '.join(sorted(tables)[:8])}), not an "
@@ -69,11 +165,13 @@ def check_sqlite_file(path: Path) -> None:
         )
 
 
-def make_storage(url: str, s: SearchSettings, stale_callback: Callable[..., None]) -> optuna.storages.RDBStorage:
-    """An Optuna RDB storage with heartbeats, so the trials of killed workers are detected."""
+def make_storage(url: str, s: SearchSettings, stale_callback: Callable[..., None],
+                 discard_unfinished: bool = False) -> optuna.storages.RDBStorage:
+    """An Optuna RDB storage with heartbeats, so the trials of killed workers are detected.
+    ``discard_unfinished``: see :func:`check_sqlite_file` (only for the run folder's own study)."""
     engine_kwargs: dict[str, Any] = {}
     if url.startswith("sqlite:///"):
-        check_sqlite_file(Path(url[len("sqlite:///"):]))
+        check_sqlite_file(Path(url[len("sqlite:///"):]), discard_unfinished)
     if url.startswith("sqlite"):
         engine_kwargs = {"connect_args": {"timeout": 60}}
     elif url.startswith(("postgresql", "postgres")):

@@ -160,15 +160,17 @@ def open_study(ctx: SearchContext) -> optuna.Study:
     shown = redact_url(url)  # never print a password
     try:
         retries = ctx.cfg.search.max_retries
-        storage = make_storage(url, ctx.cfg.search, lambda st, t: requeue_trial(st, t, retries))
+        # The run folder's own study.db is opened under the run lock: an unfinished one can go.
+        storage = make_storage(url, ctx.cfg.search, lambda st, t: requeue_trial(st, t, retries),
+                               discard_unfinished=ctx.cfg.search.storage is None)
         study = optuna.create_study(
             storage=storage, study_name=name, directions=study_directions(ctx), sampler=_sampler(ctx), load_if_exists=True
         )
     except ConfigError:
         raise
     except Exception as exc:  # noqa: BLE001 - sqlalchemy/optuna raise many types for a bad file
-        hint = (" It is not an Optuna SQLite database (corrupt, or another program's file): move it away or use"
-                " another --out.") if url.startswith("sqlite") else " Check the URL, that the server runs, and the user's rights."
+        hint = (" It is not an Optuna SQLite database (corrupt, or another program's file): restore it from a backup,"
+                " or use another --out.") if url.startswith("sqlite") else " Check the URL, that the server runs, and the user's rights."
         raise ConfigError(f"storage {shown}: cannot open an Optuna study there ({storage_error(exc, url)}).{hint}") from None
     if [d.name.lower() for d in study.directions] != study_directions(ctx):
         raise ConfigError(f"storage {shown}: study {name!r} has other objectives; use another --out or --study-name")
