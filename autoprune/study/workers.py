@@ -198,6 +198,8 @@ class _Objective:
             trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
         try:
             values = self.run_trial(trial)
+            if _interrupt_requested.is_set():  # the KeyboardInterrupt itself was swallowed
+                raise KeyboardInterrupt("interrupted during the trial")
             if not all(isinstance(v, (int, float)) and math.isfinite(v) for v in values):
                 raise ValueError(f"objective values are not finite: accuracy, latency_ms = {values}")
             return values
@@ -225,21 +227,31 @@ class _Objective:
             trial.set_user_attr("fail_reason", reason[:2000])
 
 
+#: Set by the signal handler below: Python drops a KeyboardInterrupt raised while a weakref
+#: callback or ``__del__`` runs (it prints "Exception ignored in ..."), so the request is also
+#: remembered here and honoured when the trial function returns.
+_interrupt_requested = threading.Event()
+
+
 @contextlib.contextmanager
-def _sigterm_as_interrupt() -> Iterator[None]:
-    """``kill <pid>`` (SIGTERM, what schedulers send) ends a worker like Ctrl-C: cleanly."""
+def _signals_as_interrupt() -> Iterator[None]:
+    """Ctrl-C (SIGINT) and ``kill <pid>`` (SIGTERM, what schedulers send) end a worker cleanly:
+    the trial in flight is FAIL 'interrupted' and its parameters are re-queued."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
 
     def handler(signum: int, frame: Any) -> None:
+        _interrupt_requested.set()
         raise KeyboardInterrupt(f"signal {signum}")
 
-    old = signal.signal(signal.SIGTERM, handler)
+    _interrupt_requested.clear()
+    old = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, old)
+        for sig, h in old.items():
+            signal.signal(sig, h)
 
 
 # --------------------------------------------------------------------------- the loop
@@ -288,8 +300,10 @@ def work(
         t0 = time.monotonic()
         fails_in_row = 0
         optuna.logging.set_verbosity(optuna.logging.WARNING)
-        with _sigterm_as_interrupt():
+        with _signals_as_interrupt():
             while True:
+                if _interrupt_requested.is_set():  # swallowed between trials
+                    raise KeyboardInterrupt("interrupted")
                 if s.timeout_s is not None and time.monotonic() - t0 > s.timeout_s:
                     return
                 lock.acquire()
