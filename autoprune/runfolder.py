@@ -22,7 +22,7 @@ import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import IO, Any, Callable, Iterable, Iterator, Optional
 
 import torch
 
@@ -245,46 +245,35 @@ def atomic_write_text(path: Path, text: str, encoding: str = "utf-8") -> Path:
     folder), fsynced before the rename (no empty file after a power cut), and removed if
     anything fails.
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    while True:
-        tmp = path.with_name(f".{path.name}.{os.getpid()}-{os.urandom(6).hex()}.tmp")
-        try:
-            fh = open(tmp, "x", encoding=encoding)  # O_CREAT | O_EXCL, mode 0o666 & ~umask
-            break
-        except FileExistsError:  # 48 random bits collided: draw another name
-            continue
-    try:
-        with fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)  # only still there if writing or renaming failed
-    return path
+    return _atomic_write(path, "x", lambda fh: fh.write(text), encoding)
 
 
 def atomic_torch_save(obj: object, path: Path) -> Path:
     """``torch.save`` with the same unique-temporary-file, fsync and rename guarantees as
     :func:`atomic_write_text` (several workers may save the same checkpoint at once)."""
+    return _atomic_write(path, "xb", lambda fh: torch.save(obj, fh))
+
+
+def _atomic_write(path: Path, mode: str, write: Callable[[IO[Any]], object], encoding: Optional[str] = None) -> Path:
+    """The one write-then-rename: ``write`` fills an exclusively created temporary sibling
+    (:func:`temp_sibling`), which is fsynced and renamed over ``path``, or removed on failure."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     while True:
-        tmp = path.with_name(f".{path.name}.{os.getpid()}-{os.urandom(6).hex()}.tmp")
+        tmp = temp_sibling(path)
         try:
-            fh = open(tmp, "xb")  # O_CREAT | O_EXCL, mode 0o666 & ~umask
+            fh = open(tmp, mode, encoding=encoding)  # O_CREAT | O_EXCL, mode 0o666 & ~umask
             break
         except FileExistsError:  # 48 random bits collided: draw another name
             continue
     try:
         with fh:
-            torch.save(obj, fh)
+            write(fh)
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
     finally:
-        tmp.unlink(missing_ok=True)  # only still there if saving or renaming failed
+        tmp.unlink(missing_ok=True)  # only still there if writing or renaming failed
     return path
 
 
