@@ -10,7 +10,7 @@ import importlib
 import logging
 import math
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
@@ -35,11 +35,22 @@ class DataBundle:
     num_classes: int
     input_shape: tuple[int, ...]  # without batch dimension
     name: str = "data"
+    #: The official test split where the data has one (Fashion-MNIST, CIFAR): never seen by the
+    #: search; the final stage, pareto.json and the model card report it as test accuracy.
+    test: Optional[Dataset] = None
+    #: Extra DataLoader options (num_workers, pin_memory, persistent_workers) from the run
+    #: config's ``train:`` section; set once by the search context, used by every loader.
+    loader_kwargs: dict[str, Any] = field(default_factory=dict)
 
     def loader(self, split: str, batch_size: int, shuffle: bool = False, seed: int = 0) -> DataLoader:
-        ds = self.train if split == "train" else self.val
+        ds = {"train": self.train, "val": self.val, "test": self.test}[split]
+        if ds is None:
+            raise ValueError(f"{self.name} has no {split!r} split")
         gen = torch.Generator().manual_seed(seed)
-        return DataLoader(ds, batch_size=batch_size, shuffle=shuffle, generator=gen, drop_last=False)
+        kw = dict(self.loader_kwargs)
+        if not kw.get("num_workers"):
+            kw.pop("persistent_workers", None)
+        return DataLoader(ds, batch_size=batch_size, shuffle=shuffle, generator=gen, drop_last=False, **kw)
 
     def example_input(self, batch_size: int = 1) -> torch.Tensor:
         x = self.val[0][0]
