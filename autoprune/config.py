@@ -235,6 +235,10 @@ class SearchSettings(_Strict):
     #: Add a third objective: gzip-compressed ONNX size (bytes, minimized) — what unstructured and
     #: N:M zeros actually save. Default off: (accuracy, latency) only.
     size_objective: bool = False
+    #: MLflow tracking URI (``file:///path/mlruns``, ``http://host:5000``): every finished trial is
+    #: logged as a run (parameters, accuracy, latency, artifact paths). null = no MLflow.
+    #: Needs ``pip install autoprune[mlflow]``.
+    mlflow: Optional[str] = None
 
 
 class EfficiencyConfig(_Strict):
@@ -252,6 +256,46 @@ class EfficiencyConfig(_Strict):
     rung0_fraction: float = Field(0.34, gt=0, lt=1)
     #: Longer fine-tune for the Pareto models at the end (0 = off); report short vs final accuracy.
     final_finetune_steps: int = Field(0, ge=0)
+
+
+#: ``train.device`` values: ``auto`` (CUDA when available), ``cpu``, ``cuda``, ``cuda:N``.
+TRAIN_DEVICE_PATTERN = r"^(auto|cpu|cuda(:[0-9]+)?)$"
+
+
+class TrainConfig(_Strict):
+    """Where and how the *training side* runs: pre-training, fine-tunes, BN recalibration, the
+    sensitivity scan and accuracy evaluation. Latency is never measured here: the device
+    profile's backend times a CPU fp32 copy exported to ONNX, whatever trains the model.
+
+    Not part of the study's resume check: workers of one study may train on different machines
+    (a GPU box and a CPU box), and a run resumed on another machine keeps its finished trials."""
+
+    #: auto = the first CUDA device when torch sees one, else the CPU; ``cuda`` without a CUDA
+    #: device is an error, never a silent CPU run.
+    device: str = Field("auto", pattern=TRAIN_DEVICE_PATTERN)
+    #: torch.autocast precision of training and evaluation (weights stay fp32): bf16 (CUDA and
+    #: CPU) or fp16 (CUDA only, with a GradScaler).
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    #: Train in channels_last memory format (faster convolutions on tensor-core GPUs).
+    channels_last: bool = False
+    #: torch.compile the model inside each training loop (pays a compile per trial; worth it only
+    #: for long fine-tunes; needs a C++ compiler on CPU).
+    compile: bool = False
+    #: CPU intra-op threads while training/evaluating (restored afterwards). null = this
+    #: process's cores (``--workers N`` gives each worker its share of them).
+    threads: Optional[int] = Field(None, ge=1)
+    #: DataLoader options for every loader of the run (``train.data.DataBundle.loader_kwargs``).
+    num_workers: int = Field(0, ge=0)
+    #: null = pin host memory when training on CUDA (faster, asynchronous copies).
+    pin_memory: Optional[bool] = None
+    persistent_workers: bool = False
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "TrainConfig":
+        if self.precision == "fp16" and self.device == "cpu":
+            raise ValueError("train.precision: fp16 needs a CUDA device (train.device: cuda or auto on a GPU machine); "
+                             "on CPU use bf16 or fp32")
+        return self
 
 
 #: Wall-time pretrain budget when ``pretrain_steps: null`` is given without ``pretrain_seconds``.
@@ -285,6 +329,7 @@ class RunConfig(_Strict):
     finetune: FinetuneConfig = Field(default_factory=FinetuneConfig)
     search: SearchSettings = Field(default_factory=SearchSettings)
     efficiency: EfficiencyConfig = Field(default_factory=EfficiencyConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
     #: Load full-model pickles (``--model x.pt`` saved with ``torch.save(model)``, model files of
     #: an older autoprune): unpickling runs whatever code a file names, so only for files you
     #: trust. Weights-only files never need it. Left out of every dump of the config (study,

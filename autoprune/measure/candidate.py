@@ -15,7 +15,7 @@ from autoprune.config import DeviceProfile
 from autoprune.measure import backends
 from autoprune.measure.cache import LatencyCache, architecture_hash
 from autoprune.measure.lut import LatencyLUT
-from autoprune.measure.onnx import export_onnx, file_size, gzip_size
+from autoprune.measure.onnx import cpu_fp32, export_onnx, file_size, gzip_size
 from autoprune.measure.quantize import (
     _input_shape,
     calibration_batches,
@@ -37,7 +37,13 @@ def measure_model(model: nn.Module, example: torch.Tensor, profile: DeviceProfil
     ``dense/model.onnx``; ``dense`` is its PyTorch module for the torch backend) interleaved with
     the candidate and records ``latency.speedup``, steadier than absolute times.
     ``precision: int8`` quantizes first, calibrated on ``calib`` batches.
+
+    ``model`` may sit on the train device (a GPU): what is exported and timed is its CPU fp32
+    copy (:func:`cpu_fp32`), so latency never depends on where or how the model trained.
     """
+    model = cpu_fp32(model)
+    dense = cpu_fp32(dense) if dense is not None and profile.measure_reference else None  # only timed as the reference
+    example = example.cpu()
     lut = LatencyLUT.for_run(run, profile) if run is not None and profile.lut else None
     predicted = lut.predict(model, example) if lut is not None else None
     rejected = _lut_rejection(predicted, model, example, profile)
@@ -121,6 +127,7 @@ def evaluate_model_file(path: Path, data: Any, profile: DeviceProfile, batch_siz
 def quantized_accuracy(model: Any, example: Any, profile: DeviceProfile, onnx_path: Path, exporter: str,
                        calib: Sequence[Any], data: Any) -> tuple[float, Path]:
     """Export the (fine-tuned) ``model``, quantize it on ``calib`` and return (accuracy, int8 file)."""
+    model = cpu_fp32(model)
 
     export_onnx(model, example, onnx_path, exporter)
     batches = calibration_batches(calib, int(example.shape[0]), profile.calib_samples)

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 import gzip
 import io
 import logging
@@ -38,12 +39,28 @@ def _root_cause(exc: BaseException) -> BaseException:
     return exc
 
 
+def cpu_fp32(model: nn.Module) -> nn.Module:
+    """``model`` itself when it is already an fp32, contiguous-format CPU module; else an eval-mode
+    CPU fp32 copy (the original stays where it trains). What is exported, timed and deployed is
+    always the fp32 CPU model, whatever device and precision trained it (``train:`` section)."""
+    tensors = list(model.parameters()) + list(model.buffers())
+    if all(t.device.type == "cpu" and (not t.is_floating_point() or t.dtype == torch.float32) and t.is_contiguous()
+           for t in tensors):
+        return model
+    out = copy.deepcopy(model).to("cpu", torch.float32)
+    if any(not t.is_contiguous() for t in out.parameters()):
+        out = out.to(memory_format=torch.contiguous_format)  # channels_last training
+    return out.eval()
+
+
 def export_onnx(model: nn.Module, example: torch.Tensor, path: Path, exporter: str = "dynamo", opset: int = 18) -> Path:
     """Write ``model`` as ONNX with input ``input`` and output ``logits``; the batch axis stays
-    static (latency is measured at the profile's batch size, and static shapes let runtimes plan)."""
+    static (latency is measured at the profile's batch size, and static shapes let runtimes plan).
+    A model on a GPU (or in another dtype) is exported from a CPU fp32 copy (:func:`cpu_fp32`)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    model = model.eval()
+    model = cpu_fp32(model).eval()
+    example = example.detach().to("cpu", torch.float32)
     tmp = temp_sibling(path)  # unique: workers sharing a run folder may export the same file at once
     try:
         kwargs = {"external_data": False} if exporter == "dynamo" else {}

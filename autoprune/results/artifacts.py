@@ -16,7 +16,7 @@ import optuna
 import torch
 
 from autoprune import __version__
-from autoprune.measure.onnx import export_onnx, export_openvino, file_size, gzip_size
+from autoprune.measure.onnx import cpu_fp32, export_onnx, export_openvino, file_size, gzip_size
 from autoprune.results.front import front, front_json, write_tables
 from autoprune.results.report import write_plots
 from autoprune.runfolder import RunFolder, atomic_dir, atomic_write_text
@@ -60,7 +60,8 @@ def export_trial_artifacts(
     import onnxruntime as ort
 
     dest.mkdir(parents=True, exist_ok=True)
-    model.eval()
+    model = cpu_fp32(model).eval()  # deployed files hold CPU fp32 weights, whatever trained the model
+    example = example.cpu()
     onnx_path = export_onnx(model, example, dest / "model.onnx", exporter)
     export_openvino(onnx_path, dest / "model.xml")
     save_model(model, dest / "model.pt", recipe)

@@ -42,6 +42,7 @@ from autoprune.train.checkpoint import (
     save_model,
 )
 from autoprune.train.data import DataBundle, load_data
+from autoprune.train.device import TrainSetup, prepare_model, setup_from_config
 from autoprune.train.models import (
     build_model,
     count_flops,
@@ -72,6 +73,8 @@ class SearchContext:
     savings: dict[str, float] = field(default_factory=dict)
     #: What rebuilds the dense model (``train/checkpoint.py``); trial files add their widths to it.
     recipe: dict[str, Any] = field(default_factory=dict)
+    #: The resolved ``train:`` section: ``base`` lives on ``train.device``; trials train there.
+    train: Optional[TrainSetup] = None
 
     @property
     def example1(self) -> torch.Tensor:
@@ -115,22 +118,28 @@ def prepare(cfg: RunConfig, console: Optional[Callable[[str], None]] = None) -> 
     space = load_search_space(cfg.search_space)
     profile = load_device_profile(cfg.device_profile)
     backends.check(profile)
+    setup = setup_from_config(cfg.train)  # train.device: cuda without CUDA stops here, in seconds
     run = RunFolder(Path(cfg.out))
     run.root.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.search.seed)
 
     data = load_data(cfg.data, cfg.image_size, cfg.val_fraction, cfg.data_seed)
+    data.loader_kwargs = setup.loader_kwargs()
     num_classes = cfg.num_classes or data.num_classes
     shape = tuple(profile.input_shape) if profile.input_shape else data.input_shape
     base, recipe, fresh = _dense_model(cfg, data, num_classes, shape, run, say)
     example, groups = _check_model(cfg, space, profile, base, data, num_classes)
+    # The dense model (every trial's starting point and distillation teacher) stays on the train
+    # device for the whole run; groups were found on the CPU above and name modules, not tensors.
+    prepare_model(base, setup)
+    say(f"training on {setup.device} ({setup.precision}, {setup.threads} CPU thread(s))")
     if fresh:
         if recipe["trained"] is not None:
             # The config holds exactly one budget: steps, or (steps null) wall-clock seconds.
             seconds = cfg.pretrain_seconds or 0.0
             budget = f"{cfg.pretrain_steps} steps" if cfg.pretrain_steps is not None else f"{seconds:g}s of wall time"
             say(f"training the dense {cfg.model} model for {budget} (no trained weights were given)")
-            pretrain(base, data, seconds, seed=cfg.search.seed, steps=cfg.pretrain_steps)
+            pretrain(base, data, seconds, seed=cfg.search.seed, steps=cfg.pretrain_steps, setup=setup)
         save_model(base, run.base_model, recipe)
     base.eval()
 
@@ -143,6 +152,7 @@ def prepare(cfg: RunConfig, console: Optional[Callable[[str], None]] = None) -> 
         drops = load_or_scan(
             run.sensitivity, base=base, groups=groups, data=data, example=example[:1],
             calib=calib[: eff.bn_batches] if eff.bn_recalibration else [], ratio=eff.sensitivity_ratio, round_to=space.round_to,
+            setup=setup,
         )
         if space.seed_spread > 0 and space.seed_uniform:
             savings = load_or_compute(
@@ -157,14 +167,14 @@ def prepare(cfg: RunConfig, console: Optional[Callable[[str], None]] = None) -> 
     else:
         say("measuring the dense model")
         dense = {
-            "accuracy": evaluate(base, data),
+            "accuracy": evaluate(base, data, setup=setup),
             "params": count_params(base),
             "flops": count_flops(base, example[:1]),
             "profile": profile.name,
             **measure_model(base, example, profile, run.dense_onnx, cfg.exporter, calib=calib, run=run),
         }
         atomic_write_text(dense_path, json.dumps(dense, indent=2))
-    return SearchContext(cfg, space, profile, run, data, base, example, groups, dense, calib, drops, savings, recipe)
+    return SearchContext(cfg, space, profile, run, data, base, example, groups, dense, calib, drops, savings, recipe, setup)
 
 
 def _dense_model(cfg: RunConfig, data: DataBundle, num_classes: int, shape: tuple[int, ...], run: RunFolder,

@@ -8,7 +8,7 @@ The fine-tune seed depends only on the config and the trial number, so ``export 
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import Any, Optional
 
 import torch.nn as nn
 
@@ -17,6 +17,7 @@ from autoprune.prune.methods import hold_zeros
 from autoprune.runfolder import atomic_write_text
 from autoprune.train.checkpoint import load_model, pruned_recipe, save_model
 from autoprune.train.data import DataBundle
+from autoprune.train.device import TrainSetup, model_device
 from autoprune.train.finetune import finetune
 from autoprune.train.models import evaluate
 
@@ -26,12 +27,15 @@ def final_seed(cfg: Any, trial: int) -> int:
     return cfg.search.seed + 100_003 + trial
 
 
-def final_finetune(model: nn.Module, data: DataBundle, cfg: Any, teacher: nn.Module, trial: int, steps: int) -> int:
-    """The final stage's longer fine-tune of one trial's model, in place; its seed depends only
-    on the config and trial number, so ``export --trial N --rebuild`` repeats it exactly."""
+def final_finetune(model: nn.Module, data: DataBundle, cfg: Any, teacher: nn.Module, trial: int, steps: int,
+                   setup: Optional[TrainSetup] = None) -> int:
+    """The final stage's longer fine-tune of one trial's model, in place, on the teacher's device
+    (the train device; ``model`` is moved there); its seed depends only on the config and trial
+    number, so ``export --trial N --rebuild`` repeats it exactly."""
 
+    model.to(model_device(teacher))
     with hold_zeros(model):  # unstructured / N:M zeros stay zero
-        return finetune(model, data, cfg.finetune, teacher=teacher, steps=steps, seed=final_seed(cfg, trial))
+        return finetune(model, data, cfg.finetune, teacher=teacher, steps=steps, seed=final_seed(cfg, trial), setup=setup)
 
 
 def final_stage(ctx: Any, rows: list[dict[str, Any]], say: Any = print) -> dict[str, dict[str, Any]]:
@@ -48,8 +52,8 @@ def final_stage(ctx: Any, rows: list[dict[str, Any]], say: Any = print) -> dict[
         if (key in done and done[key].get("steps") == steps) or not files.model.is_file():
             continue
         model = load_model(files.model, trust_pickle=ctx.cfg.trust_pickle)
-        final_finetune(model, ctx.data, ctx.cfg, ctx.base, r["trial"], steps)
-        acc = evaluate(model, ctx.data)
+        final_finetune(model, ctx.data, ctx.cfg, ctx.base, r["trial"], steps, ctx.train)
+        acc = evaluate(model, ctx.data, setup=ctx.train)
         measured = measure_model(model, ctx.example, ctx.profile, files.final_onnx, ctx.cfg.exporter,
                                  calib=ctx.calib, run=ctx.run, dense=ctx.base)
         save_model(model, files.final_model, pruned_recipe(ctx.recipe, r["widths"]))

@@ -22,6 +22,7 @@ from autoprune.prune.structure import PrunableGroup
 from autoprune.runfolder import atomic_write_text
 from autoprune.train.bn import recalibrate_bn
 from autoprune.train.data import DataBundle
+from autoprune.train.device import TrainSetup, batches_to, model_device
 from autoprune.train.models import count_flops, evaluate
 
 
@@ -34,7 +35,7 @@ def pruned_alone(
     if r <= 0:
         return None
     m = copy.deepcopy(base)
-    apply_plan(m, example, PruningPlan({group.name: r}, round_to=round_to), num_classes)
+    apply_plan(m, example.to(model_device(m)), PruningPlan({group.name: r}, round_to=round_to), num_classes)
     return m
 
 
@@ -47,21 +48,24 @@ def sensitivity_scan(
     ratio: float = 0.5,
     round_to: int = 8,
     max_batches: Optional[int] = 4,
+    setup: Optional[TrainSetup] = None,
 ) -> dict[str, float]:
     """Accuracy drop (dense − pruned) when only one group is pruned by ``ratio`` (L1, BN
-    recalibrated, no fine-tune). Evaluated on at most ``max_batches`` validation batches."""
+    recalibrated, no fine-tune). Evaluated on at most ``max_batches`` validation batches, on
+    the dense model's device (``setup``: precision and threads of the ``train:`` section)."""
+    calib = batches_to(calib, model_device(base))  # once, not once per group
     # Compare like with like: the reference is the dense model with the same BN recalibration.
     ref = copy.deepcopy(base)
-    recalibrate_bn(ref, calib)
-    dense_acc = evaluate(ref, data, max_batches=max_batches)
+    recalibrate_bn(ref, calib, setup)
+    dense_acc = evaluate(ref, data, max_batches=max_batches, setup=setup)
     out: dict[str, float] = {}
     for g in groups:
         m = pruned_alone(base, g, example, data.num_classes, ratio, round_to)
         if m is None:
             out[g.name] = 0.0
             continue
-        recalibrate_bn(m, calib)
-        out[g.name] = dense_acc - evaluate(m, data, max_batches=max_batches)
+        recalibrate_bn(m, calib, setup)
+        out[g.name] = dense_acc - evaluate(m, data, max_batches=max_batches, setup=setup)
     return out
 
 

@@ -57,6 +57,11 @@ NOT_SCORING_KEYS = (
     "search.heartbeat_interval", "search.grace_period", "search.max_retries",
     "search.sampler", "search.population_size", "efficiency.final_finetune_steps",
 )
+#: Run-config keys left out of the hash altogether (not even as null): machine and logging
+#: settings added after studies existed, so studies made before them keep their hash. The
+#: ``train`` section says where and in which precision this worker trains (workers of one study
+#: may train on a GPU and on a CPU); ``search.mlflow`` where trials are logged.
+RUNTIME_KEYS = ("train", "search.mlflow")
 #: Device-profile keys that only say how to reach a remote latency server, not what it measures.
 NOT_SCORING_PROFILE_KEYS = ("request_timeout_s", "token_env")
 #: Version of :func:`search_hash` stored next to it; studies without it hold the hash of
@@ -77,6 +82,18 @@ def _put(d: dict[str, Any], key: str, value: Any) -> None:
     d[last] = value
 
 
+def _without_runtime_keys(cfg: dict[str, Any]) -> dict[str, Any]:
+    """``cfg`` (a config dump, changed in place) without :data:`RUNTIME_KEYS`."""
+    for key in RUNTIME_KEYS:
+        *heads, last = key.split(".")
+        d: Any = cfg
+        for part in heads:
+            d = d.get(part, {}) if isinstance(d, dict) else {}
+        if isinstance(d, dict):
+            d.pop(last, None)
+    return cfg
+
+
 def _groups_hash(ctx: SearchContext) -> str:
     groups = json.dumps([(g.name, g.low, g.high, g.methods) for g in ctx.groups])
     return hashlib.sha256(groups.encode()).hexdigest()[:8]
@@ -85,7 +102,7 @@ def _groups_hash(ctx: SearchContext) -> str:
 def search_hash(ctx: SearchContext) -> str:
     """What must not change between resumes: the space, the profile, and how trials are scored
     (everything but :data:`NOT_SCORING_KEYS`)."""
-    cfg = ctx.cfg.model_dump(mode="json")
+    cfg = _without_runtime_keys(ctx.cfg.model_dump(mode="json"))
     for key in NOT_SCORING_KEYS:
         _put(cfg, key, None)
     prof = ctx.profile.model_dump(mode="json")
@@ -98,7 +115,7 @@ def _legacy_search_hash(ctx: SearchContext, stored_cfg: dict[str, Any], stored_p
     """The hash studies made before :data:`SEARCH_HASH_VERSION` 2 stored, with the keys that
     version hashed but this one ignores taken from the study's stored config: it matches when
     only those keys changed, so such a study resumes (and is upgraded) like a new one."""
-    cfg = ctx.cfg.model_dump(mode="json")
+    cfg = _without_runtime_keys(ctx.cfg.model_dump(mode="json"))
     legacy_fixed = {"out": "", "search.trials": 1, "search.timeout_s": None, "search.storage": None,
                     "search.heartbeat_interval": 10, "search.grace_period": 30, "search.max_retries": 2}
     for key in NOT_SCORING_KEYS:
@@ -127,7 +144,7 @@ def scoring_changes(study: optuna.Study, ctx: SearchContext, limit: int = 6) -> 
     # With a step budget pretrain_seconds is unused (older studies stored a number there anyway).
     unused = ("pretrain_seconds",) if ctx.cfg.pretrain_steps is not None else ()
     pairs = [
-        ("", study.user_attrs.get("config") or {}, public_config(ctx.cfg), NOT_SCORING_KEYS + unused),
+        ("", study.user_attrs.get("config") or {}, public_config(ctx.cfg), NOT_SCORING_KEYS + unused + RUNTIME_KEYS),
         ("search space ", study.user_attrs.get("search_space") or {}, ctx.space.model_dump(mode="json"), ()),
         ("device profile ", study.user_attrs.get("device_profile") or {}, ctx.profile.model_dump(mode="json"),
          NOT_SCORING_PROFILE_KEYS),
@@ -136,7 +153,8 @@ def scoring_changes(study: optuna.Study, ctx: SearchContext, limit: int = 6) -> 
     for label, old, new, ignore in pairs:
         a, b = _flat(old), _flat(new)
         for key in sorted(set(a) | set(b)):
-            if key not in ignore and a.get(key, "(absent)") != b.get(key, "(absent)"):
+            ignored = any(key == i or key.startswith(i + ".") for i in ignore)  # "train" covers train.*
+            if not ignored and a.get(key, "(absent)") != b.get(key, "(absent)"):
                 changes.append(f"{label}{key}: {a.get(key, '(absent)')!r} -> {b.get(key, '(absent)')!r}")
     if not changes and study.user_attrs.get("groups") != [g.name for g in ctx.groups]:
         changes.append("the model's prunable groups")

@@ -33,6 +33,7 @@ from autoprune.study.fidelity import finetune_in_rungs, hopeless_at_rung0, rung0
 from autoprune.study.space import suggest_plan
 from autoprune.train.bn import recalibrate_bn
 from autoprune.train.checkpoint import pruned_recipe, save_model
+from autoprune.train.device import batches_to, model_device
 from autoprune.train.finetune import finetune
 from autoprune.train.models import count_flops, count_params, evaluate
 
@@ -79,7 +80,7 @@ def run_trial(trial: optuna.trial.Trial, ctx: SearchContext) -> tuple[float, ...
     if cons["latency_ms"] > 0:
         # 5a. Over the latency budget: no fine-tune, no full evaluation, no int8, no files kept.
         # The trial is infeasible whatever its accuracy; a few batches give the sampler a value.
-        acc = evaluate(cand.model, ctx.data, max_batches=OVER_BUDGET_EVAL_BATCHES)
+        acc = evaluate(cand.model, ctx.data, max_batches=OVER_BUDGET_EVAL_BATCHES, setup=ctx.train)
         attrs.update(finetune_steps=0, skipped_finetune="over latency budget", accuracy_estimated=True)
     else:
         # 5b. Fine-tune (distilled from the dense model; multi-fidelity rungs).
@@ -135,15 +136,18 @@ def build_candidate(ctx: SearchContext, plan: PruningPlan, number: int) -> Candi
     """A copy of the dense model pruned by ``plan`` (its schedule's rounds separated by short
     fine-tunes), with BatchNorm statistics re-estimated for the pruned net (EagleEye)."""
     t0 = time.perf_counter()
-    model = copy.deepcopy(ctx.base)
+    model = copy.deepcopy(ctx.base)  # on the train device, like the dense model
+    dev = model_device(model)
     sp, ft, eff = ctx.space, ctx.cfg.finetune, ctx.cfg.efficiency
+    calib = batches_to(ctx.calib, dev)  # the criteria's calibration pass runs where the model is
     widths = apply_schedule(
-        model, ctx.example1, plan, ctx.data.num_classes, ctx.calib,
+        model, ctx.example1.to(dev), plan, ctx.data.num_classes, calib,
         steps=sp.schedule_steps if sp.schedule != "oneshot" else 1, mode="layerwise" if sp.schedule == "layerwise" else "iterative",
-        between=lambda m: finetune(m, ctx.data, ft, teacher=ctx.base, steps=ft.steps // sp.schedule_steps, seed=trial_seed(ctx, number)),
+        between=lambda m: finetune(m, ctx.data, ft, teacher=ctx.base, steps=ft.steps // sp.schedule_steps, seed=trial_seed(ctx, number),
+                                   setup=ctx.train),
     )
     if eff.bn_recalibration:
-        recalibrate_bn(model, ctx.calib[: eff.bn_batches])
+        recalibrate_bn(model, calib[: eff.bn_batches], ctx.train)
     return Candidate(model, widths, architecture_key(widths, plan), count_params(model), count_flops(model, ctx.example1),
                      time.perf_counter() - t0)
 
@@ -152,13 +156,13 @@ def finetune_candidate(ctx: SearchContext, model: nn.Module, number: int, stop_a
     """The trial's distilled fine-tune, in place; unstructured / N:M zeros stay zero."""
     with hold_zeros(model):
         return finetune_in_rungs(model, ctx.data, ctx.cfg.finetune, ctx.cfg.efficiency, ctx.base, trial_seed(ctx, number),
-                                 stop_after_rung0)
+                                 stop_after_rung0, ctx.train)
 
 
 def score_candidate(ctx: SearchContext, model: nn.Module, onnx_path: Path) -> tuple[float, dict[str, Any]]:
     """Held-out accuracy of the fine-tuned model; on int8 profiles the deployed model is the
     quantized file, so that is what is scored (fp32 accuracy kept beside it)."""
-    acc = evaluate(model, ctx.data)
+    acc = evaluate(model, ctx.data, setup=ctx.train)
     if ctx.profile.precision != "int8":
         return acc, {}
     q_acc, qpath = quantized_accuracy(model, ctx.example, ctx.profile, onnx_path, ctx.cfg.exporter, ctx.calib, ctx.data)

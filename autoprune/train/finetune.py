@@ -16,6 +16,16 @@ import torch.nn.functional as F
 from autoprune.config import FinetuneConfig
 from autoprune.errors import NonFiniteLoss
 from autoprune.train.data import DataBundle
+from autoprune.train.device import (
+    TrainSetup,
+    autocast,
+    compiled,
+    grad_scaler,
+    model_device,
+    precision_of,
+    to_device,
+    training,
+)
 
 
 def distill_loss(student: torch.Tensor, teacher: torch.Tensor, y: torch.Tensor, alpha: float, T: float) -> torch.Tensor:
@@ -33,12 +43,28 @@ def finetune(
     teacher: Optional[nn.Module] = None,
     steps: Optional[int] = None,
     seed: int = 0,
+    setup: Optional[TrainSetup] = None,
 ) -> int:
-    """Train ``model`` in place for ``steps`` (default ``cfg.steps``) optimizer steps."""
+    """Train ``model`` in place for ``steps`` (default ``cfg.steps``) optimizer steps, on the
+    model's device; ``setup`` (the run's ``train:`` section) gives autocast precision, CPU
+    threads (restored afterwards), channels-last and torch.compile. The teacher must be on the
+    same device (the dense model is kept on the train device)."""
     steps = cfg.steps if steps is None else steps
     if steps <= 0:
         return 0
+    with training(setup):
+        return _finetune(model, data, cfg, teacher, steps, seed, setup)
+
+
+def _finetune(model: nn.Module, data: DataBundle, cfg: FinetuneConfig, teacher: Optional[nn.Module], steps: int, seed: int,
+              setup: Optional[TrainSetup]) -> int:
     torch.manual_seed(seed)
+    dev, precision = model_device(model), precision_of(setup)
+    cl = bool(setup and setup.channels_last)
+    if cl:
+        model.to(memory_format=torch.channels_last)  # pruning slices weights back to contiguous
+    scaler = grad_scaler(dev, precision)
+    fwd = compiled(model, setup)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * s / steps)))
     if teacher is not None:
@@ -47,18 +73,25 @@ def finetune(
     while done < steps:
         model.train()
         for x, y in data.loader("train", cfg.batch_size, shuffle=True, seed=seed * 1000 + epoch):
-            out = model(x)
-            if teacher is not None and cfg.distill_alpha > 0:
-                with torch.no_grad():
-                    t_out = teacher(x)
-                loss = distill_loss(out, t_out, y, cfg.distill_alpha, cfg.temperature)
-            else:
-                loss = F.cross_entropy(out, y)
+            x, y = to_device(x, dev, cl), to_device(y, dev)
+            with autocast(dev, precision):
+                out = fwd(x)
+                if teacher is not None and cfg.distill_alpha > 0:
+                    with torch.no_grad():
+                        t_out = teacher(x)
+                    loss = distill_loss(out.float(), t_out.float(), y, cfg.distill_alpha, cfg.temperature)
+                else:
+                    loss = F.cross_entropy(out.float(), y)
             if not torch.isfinite(loss):
                 raise NonFiniteLoss(f"non-finite loss {loss.item()} at fine-tune step {done}")
             opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+            if scaler is not None:
+                scaler.scale(loss).backward()
+                scaler.step(opt)
+                scaler.update()
+            else:
+                loss.backward()
+                opt.step()
             sched.step()
             done += 1
             if done >= steps:

@@ -19,6 +19,16 @@ import torch.nn.functional as F
 from autoprune.errors import ConfigError
 from autoprune.runfolder import torch_load
 from autoprune.train.data import DataBundle
+from autoprune.train.device import (
+    TrainSetup,
+    autocast,
+    compiled,
+    grad_scaler,
+    model_device,
+    precision_of,
+    to_device,
+    training,
+)
 
 
 class BasicBlock(nn.Module):
@@ -185,24 +195,40 @@ def build_model(ref: str, num_classes: int, in_channels: Optional[int] = None, t
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, data: DataBundle, batch_size: int = 256, max_batches: Optional[int] = None) -> float:
-    """Top-1 accuracy on the held-out split."""
+def evaluate(model: nn.Module, data: DataBundle, batch_size: int = 256, max_batches: Optional[int] = None,
+             setup: Optional[TrainSetup] = None) -> float:
+    """Top-1 accuracy on the held-out split, on the model's device (``setup``: autocast precision
+    and CPU threads of the run's ``train:`` section)."""
     model.eval()
-    correct = total = 0
-    for i, (x, y) in enumerate(data.loader("val", batch_size)):
-        if max_batches is not None and i >= max_batches:
-            break
-        correct += int((model(x).argmax(1) == y).sum())
-        total += int(y.numel())
-    return correct / max(total, 1)
+    dev, cl = model_device(model), bool(setup and setup.channels_last)
+    correct = torch.zeros((), dtype=torch.long, device=dev)  # summed on the device: no sync per batch
+    total = 0
+    with training(setup), autocast(dev, precision_of(setup)):
+        for i, (x, y) in enumerate(data.loader("val", batch_size)):
+            if max_batches is not None and i >= max_batches:
+                break
+            correct += (model(to_device(x, dev, cl)).argmax(1) == to_device(y, dev)).sum()
+            total += int(y.numel())
+    return int(correct) / max(total, 1)
 
 
 def pretrain(
-    model: nn.Module, data: DataBundle, seconds: float, lr: float = 3e-3, batch_size: int = 64, seed: int = 0, steps: Optional[int] = None
+    model: nn.Module, data: DataBundle, seconds: float, lr: float = 3e-3, batch_size: int = 64, seed: int = 0, steps: Optional[int] = None,
+    setup: Optional[TrainSetup] = None,
 ) -> int:
     """Train for a wall-clock budget, or exactly ``steps`` steps when given (reproducible on a
-    loaded machine). The demo needs a trained dense model to prune. Returns the steps taken."""
+    loaded machine). The demo needs a trained dense model to prune. Returns the steps taken.
+    Runs on the model's device; ``setup`` gives precision, threads, compile."""
+    with training(setup):
+        return _pretrain(model, data, seconds, lr, batch_size, seed, steps, setup)
+
+
+def _pretrain(model: nn.Module, data: DataBundle, seconds: float, lr: float, batch_size: int, seed: int, steps: Optional[int],
+              setup: Optional[TrainSetup]) -> int:
     torch.manual_seed(seed)
+    dev, precision, cl = model_device(model), precision_of(setup), bool(setup and setup.channels_last)
+    scaler = grad_scaler(dev, precision)
+    fwd = compiled(model, setup)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
     # A known step count gets a cosine decay: the last steps settle the weights instead of
     # leaving them wherever the constant-rate noise put them (a few points on small data).
@@ -216,9 +242,17 @@ def pretrain(
 
     while not finished():
         for x, y in data.loader("train", batch_size, shuffle=True, seed=seed + epoch):
+            x, y = to_device(x, dev, cl), to_device(y, dev)
             opt.zero_grad(set_to_none=True)
-            F.cross_entropy(model(x), y).backward()
-            opt.step()
+            with autocast(dev, precision):
+                loss = F.cross_entropy(fwd(x), y)
+            if scaler is not None:
+                scaler.scale(loss).backward()
+                scaler.step(opt)
+                scaler.update()
+            else:
+                loss.backward()
+                opt.step()
             if sched is not None:
                 sched.step()
             done += 1
@@ -240,7 +274,7 @@ def count_flops(model: nn.Module, example: torch.Tensor) -> float:
     from fvcore.nn import FlopCountAnalysis
 
     model.eval()
-    fca = FlopCountAnalysis(model, example)
+    fca = FlopCountAnalysis(model, example.to(model_device(model)))
     fca.unsupported_ops_warnings(False).uncalled_modules_warnings(False)
     logging.getLogger("fvcore").setLevel(logging.ERROR)
     with torch.no_grad():
