@@ -29,6 +29,7 @@ from autoprune.results.front import front
 from autoprune.runfolder import RunFolder, file_lock, remove_dead_temp_files, writable_dir, writable_paths
 from autoprune.study.context import SearchContext, prepare
 from autoprune.study.final import final_stage
+from autoprune.study.pool import WorkersFailed, plan_slots, run_workers
 from autoprune.study.storage import public_config, redact_url, refuse_results_without_study
 from autoprune.study.study import (
     _fail_stale_local_trials,
@@ -37,6 +38,7 @@ from autoprune.study.study import (
     open_study,
     optimize,
     run_lock,
+    storage_url,
 )
 
 
@@ -90,9 +92,13 @@ def _progress_callback(progress: Progress, task: Any, console: Console, target: 
     return cb
 
 
-def run(cfg: RunConfig, console: Optional[Console] = None, export: bool = True) -> SearchResult:
-    """Run (or resume) the search described by ``cfg`` and export its Pareto front."""
+def run(cfg: RunConfig, console: Optional[Console] = None, export: bool = True, workers: int = 1) -> SearchResult:
+    """Run (or resume) the search described by ``cfg`` and export its Pareto front.
+    ``workers`` > 1: that many worker processes on this machine (``study/pool.py``), each with
+    its own GPU or share of the CPU cores, after this process prepared the dense model once."""
     console = console or Console(stderr=True)
+    if workers < 1:
+        raise ConfigError(f"--workers {workers}: give a number of worker processes, 1 or more")
     t0 = time.perf_counter()
 
     writable_dir(cfg.out, "--out (run folder)")
@@ -130,7 +136,10 @@ def run(cfg: RunConfig, console: Optional[Console] = None, export: bool = True) 
         ) as progress:
             task = progress.add_task("search", total=cfg.search.trials, completed=already, best="")
             try:
-                optimize(ctx, study, _progress_callback(progress, task, console, cfg.search.trials))
+                if workers > 1:
+                    _run_pool(ctx, study, workers, _progress_callback(progress, task, console, cfg.search.trials), console)
+                else:
+                    optimize(ctx, study, _progress_callback(progress, task, console, cfg.search.trials))
             except KeyboardInterrupt:
                 console.log(f"[yellow]interrupted; finished trials are saved and the trial in flight is re-queued. Resume with: {resume_command(cfg)}")
                 raise
@@ -143,6 +152,23 @@ def run(cfg: RunConfig, console: Optional[Console] = None, export: bool = True) 
                 result.export()
     result.wall_s = time.perf_counter() - t0
     return result
+
+
+def _run_pool(ctx: SearchContext, study: optuna.Study, n: int, progress: Any, console: Console) -> None:
+    """``--workers N``: run the trials in N processes; this one shows their progress."""
+    slots = plan_slots(n, ctx.cfg.train.device, ctx.cfg.train.threads)
+    seen: set[int] = {t.number for t in study.get_trials(deepcopy=False) if t.state.is_finished()}
+
+    def tick() -> None:
+        for t in study.get_trials(deepcopy=False):
+            if t.state.is_finished() and t.number not in seen:
+                seen.add(t.number)
+                progress(study, t)
+
+    outcomes = run_workers(ctx.cfg, slots, storage_url(ctx), tick, report=console.log)
+    failed = [o for o in outcomes if o.failed]
+    if failed and len(failed) == len(outcomes):
+        raise WorkersFailed(f"all {n} workers failed: " + "; ".join(o.describe() for o in failed))
 
 
 def resume_command(cfg: RunConfig) -> str:

@@ -41,7 +41,7 @@ def cmd_search(args: argparse.Namespace, console: Console) -> int:
     }
     cfg = load_run_config(args.config, parse_assignments(args.set), **overrides)
     try:
-        result = run(cfg, console=Console(stderr=True))
+        result = run(cfg, console=Console(stderr=True), workers=args.workers)
     except KeyboardInterrupt:
         return 130
     console.print(_fmt_row_table(result.pareto, result.dense, f"Pareto front ({len(result.pareto)} models) on {result.ctx.profile.name}"))
@@ -223,6 +223,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="train a model without weights for this much wall time instead of --pretrain-steps (not reproducible)")
     s.add_argument("--image-size", type=int, help="input height and width the data is resized to (digits: 16, ImageFolder: 224)")
     s.add_argument("--timeout", type=float, help="stop starting new trials after this many seconds")
+    s.add_argument("--workers", type=int, default=1, metavar="N",
+                   help="run N worker processes on this machine, each on its own GPU (training on CUDA) or its own "
+                        "share of the CPU cores; the dense model is prepared once first (default 1)")
     s.add_argument("--set", action="append", metavar="KEY=VALUE", default=[],
                    help="set any run-config key, dotted for sections, value in YAML (repeatable): "
                         "--set efficiency.final_finetune_steps=200 --set search.max_accuracy_drop=0.05")
