@@ -197,3 +197,49 @@ def test_two_workers_share_one_study(tmp_path, fast_profile):
     sessions = study.user_attrs["sessions"]
     assert len({s["pid"] for s in sessions}) == 2  # two worker processes registered on the study
     assert len({t.user_attrs.get("worker") for t in study.trials if "worker" in t.user_attrs}) >= 1
+
+
+# --------------------------------------------------------------------------- MLflow
+def test_mlflow_without_the_package_is_a_config_error(monkeypatch):
+    import importlib.util
+
+    from autoprune.study import tracking
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(tracking.importlib.util, "find_spec", lambda name, *a: None if name == "mlflow" else real(name, *a))
+    with pytest.raises(ConfigError, match=r"search\.mlflow.*pip install 'autoprune\[mlflow\]'"):
+        tracking.check_available("sqlite:///x.db")
+    tracking.check_available(None)  # off: nothing needed
+
+
+@pytest.mark.slow  # MLflow creates its SQLite schema first (migrations): ~5 s CPU, a minute on a busy machine
+def test_mlflow_logs_every_finished_trial(tmp_path):
+    pytest.importorskip("mlflow")
+    import optuna
+    from optuna.distributions import FloatDistribution
+    from optuna.trial import TrialState, create_trial
+
+    from autoprune.study.tracking import MlflowLogger
+
+    run = RunFolder(tmp_path / "run")
+    run.trial(0).model.parent.mkdir(parents=True)
+    run.trial(0).model.write_bytes(b"x")
+    study = optuna.create_study(directions=["maximize", "minimize"])
+    dist = {"ratio/layers.0": FloatDistribution(0.0, 0.7)}
+    study.add_trial(create_trial(params={"ratio/layers.0": 0.25}, distributions=dist, values=[0.9, 1.5], user_attrs={
+        "params": 1234, "flops": 5.0e6, "latency": {"median_ms": 1.5, "p90_ms": 1.7}, "trial_s": 3.0, "worker": "h:1"}))
+    study.add_trial(create_trial(params={"ratio/layers.0": 0.5}, distributions=dist, state=TrialState.FAIL,
+                                 user_attrs={"fail_reason": "ExportError: x"}))
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    logger = MlflowLogger(uri, "autoprune/test", run, ("accuracy", "latency_ms"))
+    for t in study.trials:
+        logger(study, t)
+    runs = {r.info.run_name: r for r in logger.client.search_runs([logger.experiment_id])}
+    assert set(runs) == {"trial-0", "trial-1"}
+    ok = runs["trial-0"].data
+    assert ok.metrics["accuracy"] == 0.9 and ok.metrics["latency_ms"] == 1.5 and ok.metrics["params"] == 1234
+    assert ok.metrics["latency_p90_ms"] == 1.7 and ok.params["ratio/layers.0"] == "0.25"
+    assert ok.tags["autoprune.model_pt"] == str(run.trial(0).model.resolve()) and ok.tags["autoprune.worker"] == "h:1"
+    assert runs["trial-1"].info.status == "FAILED" and runs["trial-1"].data.tags["autoprune.fail_reason"] == "ExportError: x"
+    # a second logger (another worker) finds the same experiment instead of failing
+    assert MlflowLogger(uri, "autoprune/test", run, ("accuracy", "latency_ms")).experiment_id == logger.experiment_id

@@ -34,6 +34,7 @@ from autoprune.study.priors import (
     load_or_scan,
     shape_ranges,
 )
+from autoprune.study.tracking import check_available
 from autoprune.train.checkpoint import (
     check_built_from,
     dense_recipe,
@@ -119,6 +120,7 @@ def prepare(cfg: RunConfig, console: Optional[Callable[[str], None]] = None) -> 
     profile = load_device_profile(cfg.device_profile)
     backends.check(profile)
     setup = setup_from_config(cfg.train)  # train.device: cuda without CUDA stops here, in seconds
+    check_available(cfg.search.mlflow)  # search.mlflow without the mlflow package, likewise
     run = RunFolder(Path(cfg.out))
     run.root.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.search.seed)

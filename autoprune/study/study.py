@@ -25,7 +25,8 @@ from autoprune.runfolder import RunFolder
 from autoprune.study.context import SearchContext
 from autoprune.study.space import seed_plans
 from autoprune.study.storage import check_base_model, fail_running_trial, make_storage, public_config, redact_url, storage_error
-from autoprune.study.trial import DIRECTIONS, run_trial
+from autoprune.study.tracking import MlflowLogger
+from autoprune.study.trial import DIRECTIONS, OBJECTIVES, run_trial
 from autoprune.study.workers import requeue, work
 
 log = logging.getLogger("autoprune")
@@ -279,8 +280,12 @@ def optimize(ctx: SearchContext, study: optuna.Study, progress: Optional[Callabl
 
     if len(completed(study)) >= ctx.cfg.search.trials:
         return
+    callbacks = [progress] if progress else []
+    if ctx.cfg.search.mlflow:
+        callbacks.append(MlflowLogger(ctx.cfg.search.mlflow, f"autoprune/{study.study_name}", ctx.run,
+                                      tuple(OBJECTIVES) + (("onnx_gzip_bytes",) if ctx.cfg.search.size_objective else ())))
     work(
         study, storage_url(ctx), ctx.cfg.search.study_name or "autoprune", ctx.cfg.search,
-        lambda t: run_trial(t, ctx), lambda seed: _sampler(ctx, seed), ctx.out, [progress] if progress else [],
+        lambda t: run_trial(t, ctx), lambda seed: _sampler(ctx, seed), ctx.out, callbacks,
         setup=lambda: enqueue_seeds(study, ctx),
     )

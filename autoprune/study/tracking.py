@@ -1,0 +1,111 @@
+"""Optional MLflow logging of every finished trial (``search.mlflow: <tracking URI>``).
+
+One MLflow run per finished trial, in the experiment ``autoprune/<study name>``: the trial's
+parameters (per-group ratios, methods), its metrics (accuracy, latency, params, FLOPs, sizes,
+seconds per phase), and tags with its state, worker and the paths of its files (``model.pt``,
+``model.onnx``) in the run folder; the files themselves stay there (nothing is uploaded, so a
+remote tracking server is not filled with a copy of every trial).
+
+Plain ``mlflow.tracking.MlflowClient`` rather than optuna-integration's ``MLflowCallback``:
+that one needs a second package and logs only values and parameters, not the trial's user
+attributes (latency statistics, sizes, file paths) nor its failures.
+
+mlflow is an optional dependency (``pip install autoprune[mlflow]``, mlflow-skinny). A trial
+whose logging fails (server down) is not failed for it: the study is the record, MLflow a view.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import logging
+import time
+from typing import Optional
+
+import optuna
+
+from autoprune.errors import ConfigError
+from autoprune.runfolder import RunFolder
+
+log = logging.getLogger("autoprune")
+
+#: Numeric trial attributes logged as MLflow metrics (besides the objectives).
+METRIC_ATTRS = ("params", "flops", "onnx_bytes", "onnx_gzip_bytes", "weight_sparsity", "finetune_steps", "accuracy_rung0",
+                "accuracy_fp32", "prune_s", "finetune_s", "trial_s")
+INSTALL_HINT = "pip install 'autoprune[mlflow]' (mlflow-skinny)"
+
+
+def check_available(uri: Optional[str]) -> None:
+    """Refuse ``search.mlflow`` without the mlflow package, before anything trains."""
+    if uri and importlib.util.find_spec("mlflow") is None:
+        raise ConfigError(f"search.mlflow: {uri} is set but the mlflow package is not installed; {INSTALL_HINT}, "
+                          "or set search.mlflow: null")
+
+
+class MlflowLogger:
+    """An Optuna callback ``(study, frozen_trial)`` that logs each finished trial as an MLflow run."""
+
+    def __init__(self, uri: str, experiment: str, run: RunFolder, objectives: tuple[str, ...]) -> None:
+        check_available(uri)
+        # Imported here, not at the top: mlflow is optional, and importing it costs every search
+        # a second or two even when search.mlflow is off.
+        tracking = importlib.import_module("mlflow.tracking")
+        self.entities = importlib.import_module("mlflow.entities")
+        self.run = run
+        self.objectives = objectives
+        try:
+            self.client = tracking.MlflowClient(tracking_uri=uri)
+            self.experiment_id = self._experiment(experiment)
+        except Exception as exc:  # noqa: BLE001 - MlflowException, connection errors, ...
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise ConfigError(f"search.mlflow: {uri}: MLflow cannot use this tracking URI ({first[:300]}); "
+                              "use e.g. sqlite:///path/mlflow.db or http://host:5000") from None
+
+    def _experiment(self, name: str) -> str:
+        found = self.client.get_experiment_by_name(name)
+        if found is not None:
+            return str(found.experiment_id)
+        try:
+            return str(self.client.create_experiment(name))
+        except Exception:  # noqa: BLE001 - another worker created it meanwhile
+            found = self.client.get_experiment_by_name(name)
+            if found is None:
+                raise
+            return str(found.experiment_id)
+
+    def __call__(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        try:
+            self.log_trial(trial)
+        except Exception as exc:  # noqa: BLE001 - logging must never fail a search
+            log.warning(f"MLflow: trial {trial.number} was not logged ({type(exc).__name__}: {str(exc)[:200]})")
+
+    def log_trial(self, trial: optuna.trial.FrozenTrial) -> str:
+        """Log one finished trial; returns the MLflow run id."""
+        ua = trial.user_attrs
+        files = self.run.trial(trial.number)
+        tags = {"autoprune.trial": str(trial.number), "autoprune.state": trial.state.name,
+                "autoprune.run_dir": str(self.run.root)}
+        for key in ("worker", "fail_reason", "skipped_finetune", "duplicate_of", "quantized_model"):
+            if key in ua:
+                tags[f"autoprune.{key}"] = str(ua[key])[:5000]
+        paths = {"model_pt": files.model, "model_onnx": files.onnx, "model_final_pt": files.final_model}
+        tags.update({f"autoprune.{k}": str(p.resolve()) for k, p in paths.items() if p.is_file()})
+        run = self.client.create_run(self.experiment_id, run_name=f"trial-{trial.number}", tags=tags)
+        rid = run.info.run_id
+        params = {k: str(v)[:6000] for k, v in trial.params.items()}
+        if params:
+            self.client.log_batch(rid, params=[self.entities.Param(k, v) for k, v in params.items()])
+        metrics: dict[str, float] = {}
+        if trial.values:
+            metrics.update({name: float(v) for name, v in zip(self.objectives, trial.values)})
+        lat = ua.get("latency") or {}
+        for k in ("median_ms", "p90_ms", "mean_ms"):
+            if isinstance(lat.get(k), (int, float)):
+                metrics[f"latency_{k}"] = float(lat[k])
+        metrics.update({k: float(ua[k]) for k in METRIC_ATTRS if isinstance(ua.get(k), (int, float))})
+        if metrics:
+            now = int(time.time() * 1000)
+            self.client.log_batch(rid, metrics=[self.entities.Metric(k, v, now, 0) for k, v in metrics.items()])
+        self.client.set_terminated(rid, status="FINISHED" if trial.state == optuna.trial.TrialState.COMPLETE else "FAILED")
+        return rid
+
