@@ -35,6 +35,7 @@ from autoprune.study.trial import (
     trial_seed,
 )
 from autoprune.train.checkpoint import load_model, pruned_recipe
+from autoprune.train.device import resolve_device
 from autoprune.train.models import evaluate
 
 #: Default |rebuilt - stored| accuracy allowed. Replays are exact on the same machine and build;
@@ -63,9 +64,20 @@ def _run_config(study: optuna.Study, run_dir: Path, tmp: Path, storage: Optional
     # Studies made before the config held one pretrain budget stored both; the steps were used.
     if data.get("pretrain_steps") is not None:
         data.pop("pretrain_seconds", None)
-    data["search"] = {**data["search"], "storage": storage, "study_name": study_name}
+    data["search"] = {**data["search"], "storage": storage, "study_name": study_name, "mlflow": None}
+    data["train"] = _local_train(data.get("train") or {})
     data["trust_pickle"] = trust_pickle
     return validate(RunConfig, data, f"{run_dir} (config stored in the study)")
+
+
+def _local_train(stored: dict[str, Any]) -> dict[str, Any]:
+    """The search's ``train:`` section for a replay on *this* machine: same precision and memory
+    format, but the device and threads this machine has (the search may have trained on a GPU
+    that is not here; fp16 then falls back to fp32, CPU autocast has no fp16 training)."""
+    out = {**stored, "device": "auto", "threads": None}
+    if out.get("precision") == "fp16" and resolve_device("auto").type != "cuda":
+        out["precision"] = "fp32"
+    return out
 
 
 def replay_model(ctx: SearchContext, frozen: optuna.trial.FrozenTrial) -> torch.nn.Module:
