@@ -53,7 +53,7 @@ def sensitivity_scan(
     # Compare like with like: the reference is the dense model with the same BN recalibration.
     ref = copy.deepcopy(base)
     recalibrate_bn(ref, calib)
-    dense_acc = evaluate(ref, data, max_batches=max_batches)
+    dense_acc = evaluate(ref, data, max_batches=max_batches, split="search")
     out: dict[str, float] = {}
     for g in groups:
         m = pruned_alone(base, g, example, data.num_classes, ratio, round_to)
@@ -61,7 +61,7 @@ def sensitivity_scan(
             out[g.name] = 0.0
             continue
         recalibrate_bn(m, calib)
-        out[g.name] = dense_acc - evaluate(m, data, max_batches=max_batches)
+        out[g.name] = dense_acc - evaluate(m, data, max_batches=max_batches, split="search")
     return out
 
 

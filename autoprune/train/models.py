@@ -185,16 +185,30 @@ def build_model(ref: str, num_classes: int, in_channels: Optional[int] = None, t
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, data: DataBundle, batch_size: int = 256, max_batches: Optional[int] = None) -> float:
-    """Top-1 accuracy on the held-out split."""
+def evaluate(model: nn.Module, data: DataBundle, batch_size: int = 256, max_batches: Optional[int] = None,
+             split: str = "val") -> float:
+    """Top-1 accuracy on ``split``: ``val`` the whole held-out split, ``search`` the part trials are
+    scored on (``val_samples``), ``test`` the official test split (see ``DataBundle.loader``)."""
     model.eval()
     correct = total = 0
-    for i, (x, y) in enumerate(data.loader("val", batch_size)):
+    for i, (x, y) in enumerate(data.loader(split, batch_size)):
         if max_batches is not None and i >= max_batches:
             break
         correct += int((model(x).argmax(1) == y).sum())
         total += int(y.numel())
     return correct / max(total, 1)
+
+
+def held_out_accuracy(model: nn.Module, data: DataBundle) -> dict[str, float]:
+    """What the search's ``accuracy`` does not already say: ``val_accuracy`` on the whole held-out
+    split when trials score on a subset of it, ``test_accuracy`` where the data has an official
+    test split. For the dense model (dense.json) and the final stage, never inside a trial."""
+    out = {}
+    if data.search_val is not None:
+        out["val_accuracy"] = evaluate(model, data, split="val")
+    if data.test is not None:
+        out["test_accuracy"] = evaluate(model, data, split="test")
+    return out
 
 
 def pretrain(
