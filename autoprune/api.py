@@ -28,7 +28,7 @@ from autoprune.results.artifacts import export_front
 from autoprune.results.front import front
 from autoprune.runfolder import RunFolder, file_lock, remove_dead_temp_files, writable_dir, writable_paths
 from autoprune.study.context import SearchContext, prepare
-from autoprune.study.final import final_stage
+from autoprune.study.final import final_stage, final_stage_needed
 from autoprune.study.pool import WorkersFailed, plan_slots, run_workers
 from autoprune.study.storage import public_config, redact_url, refuse_results_without_study
 from autoprune.study.study import (
@@ -147,7 +147,7 @@ def run(cfg: RunConfig, console: Optional[Console] = None, export: bool = True, 
         if export:
             # Workers sharing a run folder finish together: one writes pareto/ at a time.
             with file_lock(ctx.run.export_lock):
-                if cfg.efficiency.final_finetune_steps:
+                if final_stage_needed(cfg, ctx.data):
                     final_stage(ctx, front(study, ctx.dense), say=lambda s: console.log(s))
                 result.export()
     result.wall_s = time.perf_counter() - t0

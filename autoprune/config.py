@@ -20,10 +20,10 @@ import hashlib
 import importlib.resources
 import json
 from pathlib import Path
-from typing import Any, Literal, Mapping, Optional, Sequence
+from typing import Any, Literal, Mapping, Optional, Sequence, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from autoprune.errors import ConfigError
 from autoprune.prune import methods as registry
@@ -314,6 +314,14 @@ class RunConfig(_Strict):
     #: apart from ``search.seed`` so that repeating a search with another sampler seed scores
     #: its trials on the same held-out images the dense model was never trained on.
     data_seed: int = 0
+    #: Augmentation of the training split only (held-out and test splits are never augmented):
+    #: ``default`` (the data's own: none for digits and factories, pad-crop for Fashion-MNIST,
+    #: pad-crop + flip for CIFAR, RandomResizedCrop + flip for ImageFolders), ``none``, or a list
+    #: of torchvision.transforms.v2 classes with their arguments (``- RandomCrop: {size: 32}``).
+    augment: Union[Literal["default", "none"], list[Union[str, dict[str, Optional[dict[str, Any]]]]]] = "default"
+    #: Score trials on this many held-out images (a fixed subset chosen by ``data_seed``: the same
+    #: images for every trial and worker); the final stage scores the whole split. null = all.
+    val_samples: Optional[int] = Field(None, ge=1)
     #: Models without trained weights (demo, torchvision names) are trained first, for ONE of:
     #: exactly ``pretrain_steps`` steps (reproducible however busy the machine is; ~10-15 s for the
     #: demo on 2 cores), or ``pretrain_seconds`` of wall time (then ``pretrain_steps`` is null).
@@ -335,6 +343,17 @@ class RunConfig(_Strict):
     #: trust. Weights-only files never need it. Left out of every dump of the config (study,
     #: metadata, resume hash): trust is given by whoever runs the command, never by a run folder.
     trust_pickle: bool = Field(False, exclude=True)
+
+    @field_validator("augment", mode="before")
+    @classmethod
+    def _augment_form(cls, v: Any) -> Any:
+        """One readable message instead of pydantic's per-branch ones (class names are checked
+        against torchvision when the data loads: train/data.py augment_steps)."""
+        if v in ("default", "none") or (isinstance(v, list) and all(isinstance(i, str) or (isinstance(i, dict) and len(i) == 1)
+                                                                    for i in v)):
+            return v
+        raise ValueError(f"expected 'default', 'none' or a list of torchvision.transforms.v2 classes, each '- Name: {{args}}' "
+                         f"(e.g. '- RandomHorizontalFlip: {{}}'), got {v!r}")
 
     @model_validator(mode="before")
     @classmethod

@@ -240,7 +240,7 @@ def test_data_split_follows_data_seed_not_the_sampler_seed(tmp_path, fast_profil
     class Stop(Exception):
         pass
 
-    def fake_load_data(ref, image_size, val_fraction, seed):
+    def fake_load_data(ref, image_size, val_fraction, seed, *rest):
         seen.append(seed)
         raise Stop
 

@@ -146,6 +146,11 @@ def evaluation(cfg: dict[str, Any]) -> dict[str, Any]:
         "metric": "top-1 accuracy on the held-out split, PyTorch eager, after the trial's fine-tune",
         "data": cfg.get("data"), "image_size": cfg.get("image_size"), "val_fraction": cfg.get("val_fraction"),
         "data_seed": data_seed,
+        # Trials scored on this many held-out images; the card's accuracy is on all of them (the
+        # final stage re-scores the front), test_accuracy on the official test split, if any.
+        "val_samples": cfg.get("val_samples"),
+        "test_split": "the data's official test split (Fashion-MNIST t10k, CIFAR test batch, an ImageFolder's test/); "
+                      "never seen by the search",
         "how": "from autoprune.train.data import load_data; "
                "load_data(data, image_size, val_fraction, seed=data_seed).val",
     }
@@ -188,8 +193,10 @@ def _model_card(run_dir: Path, row: dict[str, Any], meta: dict[str, Any], model:
         "trial": row["trial"],
         "selection": {"budget": {k: v for k, v in budget.items() if v is not None}, "latency_profile": profile},
         "accuracy": row["accuracy"],
+        "test_accuracy": row.get("test_accuracy"),
         "evaluation": evaluation(cfg),
-        "dense": {"accuracy": dense.get("accuracy"), "params": dense.get("params"), "flops": dense.get("flops"),
+        "dense": {"accuracy": dense.get("accuracy"), "val_accuracy": dense.get("val_accuracy"),
+                  "test_accuracy": dense.get("test_accuracy"), "params": dense.get("params"), "flops": dense.get("flops"),
                   "latency_ms": (dense.get("latency") or {}).get("median_ms"), "onnx_bytes": dense.get("onnx_bytes"),
                   "profile": dense.get("profile")},
         "speedup_vs_dense": row.get("speedup"),

@@ -165,7 +165,7 @@ def rebuild_trial(
         # Over-budget trials were scored on a few batches without a fine-tune; int8 trials on the
         # quantized file (their fp32 accuracy is kept beside it): check like with like.
         acc = evaluate(model, ctx.data, max_batches=OVER_BUDGET_EVAL_BATCHES if frozen.user_attrs.get("accuracy_estimated") else None,
-                       setup=ctx.train)
+                       setup=ctx.train, split="search")
         stored_acc = frozen.user_attrs.get("accuracy_fp32", frozen.values[0])
         if abs(acc - stored_acc) > tolerance:
             raise ConfigError(
@@ -180,14 +180,16 @@ def rebuild_trial(
             # The final stage's longer fine-tune is what export_front deploys for this trial: export
             # the same model (stored, or re-created with the final stage's seed) and check it too.
             final_pt = run.trial(trial).final_model
-            if final_pt.is_file() and not rebuild:
+            if not final["steps"]:
+                source += " (final stage: scored only)"
+            elif final_pt.is_file() and not rebuild:
                 model, source = load_model(final_pt, trust_pickle=trust_pickle), str(final_pt)
             else:
                 say(f"trial {trial}: repeating its final fine-tune ({final['steps']} steps)")
                 final_finetune(model, ctx.data, cfg, ctx.base, trial, final["steps"], ctx.train)
                 source += " + final fine-tune"
             model.eval()
-            facc = evaluate(model, ctx.data, setup=ctx.train)
+            facc = evaluate(model, ctx.data, setup=ctx.train, split="val")
             if abs(facc - final["final_accuracy"]) > tolerance:
                 raise ConfigError(
                     f"trial {trial}: the final-stage model has accuracy {facc:.4f} but final.json recorded "
@@ -195,6 +197,8 @@ def rebuild_trial(
                 )
             row.update(final=final, search_accuracy=row["accuracy"], search_latency_ms=row["latency_ms"],
                        accuracy=final["final_accuracy"], latency_ms=final["final_latency_ms"])
+            if "test_accuracy" in final:
+                row["test_accuracy"] = final["test_accuracy"]
             check["final"] = {"accuracy": facc, "stored_accuracy": final["final_accuracy"], "finetune_seed": final_seed(cfg, trial)}
         meta_extra = {
             "device_profile": ctx.profile.model_dump(mode="json"),

@@ -102,16 +102,17 @@ def _eval_profile(profile: DeviceProfile) -> DeviceProfile:
                          precision="int8")
 
 
-def evaluate_model_file(path: Path, data: Any, profile: DeviceProfile, batch_size: Optional[int] = None) -> float:
-    """Top-1 accuracy of an exported (e.g. quantized) model file on the held-out split, run by the
-    profile's runtime. The file's batch axis is static, so the last batch is padded and the
+def evaluate_model_file(path: Path, data: Any, profile: DeviceProfile, batch_size: Optional[int] = None,
+                        split: str = "val") -> float:
+    """Top-1 accuracy of an exported (e.g. quantized) model file on the held-out ``split`` (see
+    ``DataBundle.loader``), run by the profile's runtime. The file's batch axis is static, so the last batch is padded and the
     padding ignored."""
 
     prof = _eval_profile(profile)
     runner = backends.load(backends.ModelArtifact(Path(path), quantized=True), prof)
     b = batch_size or _input_shape(Path(path))[0]
     correct = total = 0
-    for x, y in data.loader("val", 256):
+    for x, y in data.loader(split, 256):
         xs = x.numpy().astype(np.float32)
         for i in range(0, len(xs), b):
             chunk = xs[i:i + b]
@@ -125,11 +126,11 @@ def evaluate_model_file(path: Path, data: Any, profile: DeviceProfile, batch_siz
 
 
 def quantized_accuracy(model: Any, example: Any, profile: DeviceProfile, onnx_path: Path, exporter: str,
-                       calib: Sequence[Any], data: Any) -> tuple[float, Path]:
+                       calib: Sequence[Any], data: Any, split: str = "val") -> tuple[float, Path]:
     """Export the (fine-tuned) ``model``, quantize it on ``calib`` and return (accuracy, int8 file)."""
     model = cpu_fp32(model)
 
     export_onnx(model, example, onnx_path, exporter)
     batches = calibration_batches(calib, int(example.shape[0]), profile.calib_samples)
     art = quantize_artifact(backends.ModelArtifact(Path(onnx_path), model), profile, batches)
-    return evaluate_model_file(Path(art.onnx_path), data, profile), Path(art.onnx_path)
+    return evaluate_model_file(Path(art.onnx_path), data, profile, split=split), Path(art.onnx_path)

@@ -121,13 +121,18 @@ def export_front(
         for r in rows:
             files = run.trial(r["trial"])
             src = files.model
-            if str(r["trial"]) in finals and files.final_model.is_file():
-                # The final stage's longer fine-tune: deploy that model. Its numbers become the row's
-                # accuracy/latency (what a user picks and deploys); the search-time ones stay as search_*.
-                f = finals[str(r["trial"])]
+            f = finals.get(str(r["trial"]))
+            tuned = bool(f and f.get("steps")) and files.final_model.is_file()
+            if f and (tuned or not f.get("steps")):
+                # The final stage (a longer fine-tune, or with 0 steps only a score on the whole
+                # held-out and test splits): its numbers become the row's accuracy/latency (what a user
+                # picks and deploys); the search-time ones stay as search_*. Deploy its model if tuned.
                 r.update(final=f, search_accuracy=r["accuracy"], search_latency_ms=r["latency_ms"],
                          accuracy=f["final_accuracy"], latency_ms=f["final_latency_ms"])
-                src = files.final_model
+                if "test_accuracy" in f:
+                    r["test_accuracy"] = f["test_accuracy"]
+                if tuned:
+                    src = files.final_model
             if not src.is_file():
                 r["artifacts"] = None  # trial ran on another worker without a shared run folder
                 continue

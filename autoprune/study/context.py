@@ -49,6 +49,7 @@ from autoprune.train.models import (
     count_flops,
     count_params,
     evaluate,
+    held_out_accuracy,
     pretrain,
 )
 
@@ -125,7 +126,7 @@ def prepare(cfg: RunConfig, console: Optional[Callable[[str], None]] = None) -> 
     run.root.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.search.seed)
 
-    data = load_data(cfg.data, cfg.image_size, cfg.val_fraction, cfg.data_seed)
+    data = load_data(cfg.data, cfg.image_size, cfg.val_fraction, cfg.data_seed, cfg.augment, cfg.val_samples)
     data.loader_kwargs = setup.loader_kwargs()
     num_classes = cfg.num_classes or data.num_classes
     shape = tuple(profile.input_shape) if profile.input_shape else data.input_shape
@@ -168,8 +169,11 @@ def prepare(cfg: RunConfig, console: Optional[Callable[[str], None]] = None) -> 
         dense = json.loads(dense_path.read_text())
     else:
         say("measuring the dense model")
+        # "accuracy" is on the images trials are scored on (comparable with theirs); the whole
+        # held-out split and the official test split are reported beside it, never searched on.
         dense = {
-            "accuracy": evaluate(base, data, setup=setup),
+            "accuracy": evaluate(base, data, split="search", setup=setup),
+            **held_out_accuracy(base, data, setup=setup),
             "params": count_params(base),
             "flops": count_flops(base, example[:1]),
             "profile": profile.name,

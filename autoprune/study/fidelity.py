@@ -45,7 +45,7 @@ def finetune_in_rungs(model: nn.Module, data: DataBundle, ft: FinetuneConfig, ef
         return {"finetune_steps": finetune(model, data, ft, teacher=teacher, seed=seed, setup=setup)}
     rung0 = max(1, int(round(ft.steps * eff.rung0_fraction)))
     done = finetune(model, data, ft, teacher=teacher, steps=rung0, seed=seed, setup=setup)
-    acc0 = evaluate(model, data, setup=setup)
+    acc0 = evaluate(model, data, setup=setup, split="search")
     if stop_after_rung0(acc0):
         return {"finetune_steps": done, "accuracy_rung0": acc0, "stopped_at_rung0": True}
     done += finetune(model, data, ft, teacher=teacher, steps=ft.steps - rung0, seed=seed + 7919, setup=setup)

@@ -1,6 +1,10 @@
-"""Final stage: the Pareto models get a longer fine-tune and are re-measured.
+"""Final stage: the Pareto models get a longer fine-tune and are re-measured, and are scored on
+the whole held-out split and on the official test split.
 
 ``final.json`` records short vs final accuracy and latency; exports prefer ``model_final.pt``.
+It also runs without a fine-tune (``final_finetune_steps: 0``) when trials scored on a subset
+of the held-out split (``val_samples``) or the data has a test split: the front then reports
+accuracy on all held-out images and ``test_accuracy``, which no trial ever looked at.
 The fine-tune seed depends only on the config and the trial number, so ``export --trial N
 --rebuild`` repeats it exactly.
 """
@@ -19,7 +23,7 @@ from autoprune.train.checkpoint import load_model, pruned_recipe, save_model
 from autoprune.train.data import DataBundle
 from autoprune.train.device import TrainSetup, model_device
 from autoprune.train.finetune import finetune
-from autoprune.train.models import evaluate
+from autoprune.train.models import evaluate, held_out_accuracy
 
 
 def final_seed(cfg: Any, trial: int) -> int:
@@ -38,10 +42,17 @@ def final_finetune(model: nn.Module, data: DataBundle, cfg: Any, teacher: nn.Mod
         return finetune(model, data, cfg.finetune, teacher=teacher, steps=steps, seed=final_seed(cfg, trial), setup=setup)
 
 
+def final_stage_needed(cfg: Any, data: DataBundle) -> bool:
+    """A longer fine-tune was asked for, or the front's accuracy needs an honest re-score (trials
+    saw a subset of the held-out split, or there is a test split no trial saw)."""
+    return bool(cfg.efficiency.final_finetune_steps) or data.search_val is not None or data.test is not None
+
+
 def final_stage(ctx: Any, rows: list[dict[str, Any]], say: Any = print) -> dict[str, dict[str, Any]]:
     """Longer fine-tune for each Pareto model, then re-measure it. Writes ``final.json`` and
-    ``trials/N/model_final.pt``; export prefers the final model. Idempotent per trial, so a
-    resumed search does not redo finished final fine-tunes."""
+    ``trials/N/model_final.pt``; export prefers the final model. With 0 steps the model is only
+    scored (whole held-out split, test split): no fine-tune, no new latency, no new file.
+    Idempotent per trial, so a resumed search does not redo finished final fine-tunes."""
 
     steps = ctx.cfg.efficiency.final_finetune_steps
     path = ctx.run.final_json
@@ -52,13 +63,20 @@ def final_stage(ctx: Any, rows: list[dict[str, Any]], say: Any = print) -> dict[
         if (key in done and done[key].get("steps") == steps) or not files.model.is_file():
             continue
         model = load_model(files.model, trust_pickle=ctx.cfg.trust_pickle)
-        final_finetune(model, ctx.data, ctx.cfg, ctx.base, r["trial"], steps, ctx.train)
-        acc = evaluate(model, ctx.data, setup=ctx.train)
-        measured = measure_model(model, ctx.example, ctx.profile, files.final_onnx, ctx.cfg.exporter,
-                                 calib=ctx.calib, run=ctx.run, dense=ctx.base)
-        save_model(model, files.final_model, pruned_recipe(ctx.recipe, r["widths"]))
+        latency = r["latency_ms"]
+        if steps:
+            final_finetune(model, ctx.data, ctx.cfg, ctx.base, r["trial"], steps, ctx.train)
+            measured = measure_model(model, ctx.example, ctx.profile, files.final_onnx, ctx.cfg.exporter,
+                                     calib=ctx.calib, run=ctx.run, dense=ctx.base)
+            latency = measured["latency"]["median_ms"]
+            save_model(model, files.final_model, pruned_recipe(ctx.recipe, r["widths"]))
+        acc = evaluate(model, ctx.data, split="val", setup=ctx.train)
+        scores = held_out_accuracy(model, ctx.data, setup=ctx.train)
+        scores.pop("val_accuracy", None)  # that is final_accuracy here
         done[key] = {"steps": steps, "short_accuracy": r["accuracy"], "final_accuracy": acc,
-                     "short_latency_ms": r["latency_ms"], "final_latency_ms": measured["latency"]["median_ms"]}
-        say(f"final fine-tune of trial {r['trial']}: accuracy {r['accuracy']:.4f} -> {acc:.4f} ({steps} steps)")
+                     "short_latency_ms": r["latency_ms"], "final_latency_ms": latency, **scores}
+        test = f", test {scores['test_accuracy']:.4f}" if "test_accuracy" in scores else ""
+        say(f"final stage of trial {r['trial']}: accuracy {r['accuracy']:.4f} -> {acc:.4f} on the whole held-out split"
+            f"{test} ({steps} fine-tune steps)")
         atomic_write_text(path, json.dumps(done, indent=2))
     return done

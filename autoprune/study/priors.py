@@ -57,7 +57,7 @@ def sensitivity_scan(
     # Compare like with like: the reference is the dense model with the same BN recalibration.
     ref = copy.deepcopy(base)
     recalibrate_bn(ref, calib, setup)
-    dense_acc = evaluate(ref, data, max_batches=max_batches, setup=setup)
+    dense_acc = evaluate(ref, data, max_batches=max_batches, split="search", setup=setup)
     out: dict[str, float] = {}
     for g in groups:
         m = pruned_alone(base, g, example, data.num_classes, ratio, round_to)
@@ -65,7 +65,7 @@ def sensitivity_scan(
             out[g.name] = 0.0
             continue
         recalibrate_bn(m, calib, setup)
-        out[g.name] = dense_acc - evaluate(m, data, max_batches=max_batches, setup=setup)
+        out[g.name] = dense_acc - evaluate(m, data, max_batches=max_batches, split="search", setup=setup)
     return out
 
 

@@ -80,7 +80,7 @@ def run_trial(trial: optuna.trial.Trial, ctx: SearchContext) -> tuple[float, ...
     if cons["latency_ms"] > 0:
         # 5a. Over the latency budget: no fine-tune, no full evaluation, no int8, no files kept.
         # The trial is infeasible whatever its accuracy; a few batches give the sampler a value.
-        acc = evaluate(cand.model, ctx.data, max_batches=OVER_BUDGET_EVAL_BATCHES, setup=ctx.train)
+        acc = evaluate(cand.model, ctx.data, max_batches=OVER_BUDGET_EVAL_BATCHES, split="search", setup=ctx.train)
         attrs.update(finetune_steps=0, skipped_finetune="over latency budget", accuracy_estimated=True)
     else:
         # 5b. Fine-tune (distilled from the dense model; multi-fidelity rungs).
@@ -160,12 +160,14 @@ def finetune_candidate(ctx: SearchContext, model: nn.Module, number: int, stop_a
 
 
 def score_candidate(ctx: SearchContext, model: nn.Module, onnx_path: Path) -> tuple[float, dict[str, Any]]:
-    """Held-out accuracy of the fine-tuned model; on int8 profiles the deployed model is the
+    """Accuracy of the fine-tuned model on the search's held-out images (``val_samples``: a fixed
+    subset, the final stage scores the whole split); on int8 profiles the deployed model is the
     quantized file, so that is what is scored (fp32 accuracy kept beside it)."""
-    acc = evaluate(model, ctx.data, setup=ctx.train)
+    acc = evaluate(model, ctx.data, split="search", setup=ctx.train)
     if ctx.profile.precision != "int8":
         return acc, {}
-    q_acc, qpath = quantized_accuracy(model, ctx.example, ctx.profile, onnx_path, ctx.cfg.exporter, ctx.calib, ctx.data)
+    q_acc, qpath = quantized_accuracy(model, ctx.example, ctx.profile, onnx_path, ctx.cfg.exporter, ctx.calib, ctx.data,
+                                      split="search")
     return q_acc, {"accuracy_fp32": acc, "quantized_model": str(qpath)}
 
 

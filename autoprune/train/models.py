@@ -196,20 +196,33 @@ def build_model(ref: str, num_classes: int, in_channels: Optional[int] = None, t
 
 @torch.no_grad()
 def evaluate(model: nn.Module, data: DataBundle, batch_size: int = 256, max_batches: Optional[int] = None,
-             setup: Optional[TrainSetup] = None) -> float:
-    """Top-1 accuracy on the held-out split, on the model's device (``setup``: autocast precision
-    and CPU threads of the run's ``train:`` section)."""
+             split: str = "val", setup: Optional[TrainSetup] = None) -> float:
+    """Top-1 accuracy on ``split``: ``val`` the whole held-out split, ``search`` the part trials are
+    scored on (``val_samples``), ``test`` the official test split (see ``DataBundle.loader``); on
+    the model's device (``setup``: autocast precision and CPU threads of the run's ``train:``)."""
     model.eval()
     dev, cl = model_device(model), bool(setup and setup.channels_last)
     correct = torch.zeros((), dtype=torch.long, device=dev)  # summed on the device: no sync per batch
     total = 0
     with training(setup), autocast(dev, precision_of(setup)):
-        for i, (x, y) in enumerate(data.loader("val", batch_size)):
+        for i, (x, y) in enumerate(data.loader(split, batch_size)):
             if max_batches is not None and i >= max_batches:
                 break
             correct += (model(to_device(x, dev, cl)).argmax(1) == to_device(y, dev)).sum()
             total += int(y.numel())
     return int(correct) / max(total, 1)
+
+
+def held_out_accuracy(model: nn.Module, data: DataBundle, setup: Optional[TrainSetup] = None) -> dict[str, float]:
+    """What the search's ``accuracy`` does not already say: ``val_accuracy`` on the whole held-out
+    split when trials score on a subset of it, ``test_accuracy`` where the data has an official
+    test split. For the dense model (dense.json) and the final stage, never inside a trial."""
+    out = {}
+    if data.search_val is not None:
+        out["val_accuracy"] = evaluate(model, data, split="val", setup=setup)
+    if data.test is not None:
+        out["test_accuracy"] = evaluate(model, data, split="test", setup=setup)
+    return out
 
 
 def pretrain(
