@@ -184,6 +184,12 @@ class DeviceProfile(_Strict):
     #: predicted over budget.max_latency_ms × (1 + lut_margin) without exporting or measuring them.
     lut: bool = False
     lut_margin: float = Field(0.25, ge=0)
+    #: Export parity (measure/parity.py): each exported candidate and the dense model run on this many
+    #: calibration samples must match PyTorch within parity_atol + parity_rtol x max |logit| (and agree
+    #: on top-1), else the trial fails with the difference; 0 samples turns the check off.
+    parity_samples: int = Field(8, ge=0)
+    parity_atol: float = Field(1e-4, ge=0)
+    parity_rtol: float = Field(1e-3, ge=0)
     #: backend: remote — URL of `autoprune serve-latency` on the target, the environment variable
     #: holding its token, the runtime the server should use, and the HTTP timeout.
     url: Optional[str] = None
