@@ -21,7 +21,12 @@ from autoprune.errors import ExportError
 from autoprune.measure.backends import ModelArtifact
 from autoprune.measure.candidate import measure_model
 from autoprune.measure.onnx import export_onnx
-from autoprune.measure.parity import check_export_parity, compare, parity_batch, parity_runtimes
+from autoprune.measure.parity import (
+    check_export_parity,
+    compare,
+    parity_batch,
+    parity_runtimes,
+)
 from autoprune.prune.plan import PruningPlan, apply_plan
 from autoprune.prune.structure import find_groups
 
