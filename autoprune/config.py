@@ -148,7 +148,7 @@ class Budget(_Strict):
 
 class DeviceProfile(_Strict):
     """Where and how latency is measured. Numbers agree with ``benchmark_app -hint none
-    -nstreams 1 -nthreads N -nireq 1 -api sync`` when backend is openvino."""
+    -nstreams 1 -nthreads N -nireq 1 -api sync -infer_precision f32`` when backend is openvino."""
 
     name: str
     backend: Literal["onnxruntime", "openvino", "torch", "remote"]

@@ -29,6 +29,7 @@ from autoprune.measure.parity import (
 )
 from autoprune.prune.plan import PruningPlan, apply_plan
 from autoprune.prune.structure import find_groups
+from autoprune.results.report import write_report
 
 FAST = {"threads": 1, "warmup": 1, "repeats": 3, "target_rel_ci": None, "cache": False}
 
@@ -151,6 +152,8 @@ def test_search_fails_the_mismatched_trials_and_goes_on(tmp_path: Path, monkeypa
     for t in done:
         assert all(r["ok"] for r in t.user_attrs["parity"])
     assert all(r["ok"] for r in res.ctx.dense["parity"])
+    page = write_report(res.out).read_text()  # the report says why they are missing from the front
+    assert "Failed trials" in page and "max abs diff 1" in page
 
 
 def test_dense_mismatch_stops_the_run_before_any_trial(tmp_path: Path):
