@@ -51,7 +51,7 @@ def test_benchmark_app_agreement_runs_in_its_small_form(tmp_path):
     on a shared CI machine are not a unit-test matter; the README quotes a full run)."""
     out = tmp_path / "agree.json"
     p = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "benchmark_app_agreement.py"), "--models", "mobilenet_v2-pruned",
-                        "--rounds", "1", "--seconds", "1", "--px", "32", "--out", str(out)], capture_output=True, text=True, timeout=600)
+                        "--rounds", "1", "--seconds", "1", "--px", "32", "--out", str(out)], capture_output=True, text=True, timeout=600, check=False)
     assert p.returncode == 0, p.stderr[-3000:]
     res = json.loads(out.read_text())
     (row,) = res["results"]
