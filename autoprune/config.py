@@ -148,7 +148,7 @@ class Budget(_Strict):
 
 class DeviceProfile(_Strict):
     """Where and how latency is measured. Numbers agree with ``benchmark_app -hint none
-    -nstreams 1 -nthreads N -nireq 1 -api sync`` when backend is openvino."""
+    -nstreams 1 -nthreads N -nireq 1 -api sync -infer_precision f32`` when backend is openvino."""
 
     name: str
     backend: Literal["onnxruntime", "openvino", "torch", "remote"]
@@ -184,6 +184,12 @@ class DeviceProfile(_Strict):
     #: predicted over budget.max_latency_ms × (1 + lut_margin) without exporting or measuring them.
     lut: bool = False
     lut_margin: float = Field(0.25, ge=0)
+    #: Export parity (measure/parity.py): each exported candidate and the dense model run on this many
+    #: calibration samples must match PyTorch within parity_atol + parity_rtol x max |logit| (and agree
+    #: on top-1), else the trial fails with the difference; 0 samples turns the check off.
+    parity_samples: int = Field(8, ge=0)
+    parity_atol: float = Field(1e-4, ge=0)
+    parity_rtol: float = Field(1e-3, ge=0)
     #: backend: remote — URL of `autoprune serve-latency` on the target, the environment variable
     #: holding its token, the runtime the server should use, and the HTTP timeout.
     url: Optional[str] = None

@@ -42,3 +42,19 @@ def test_small_benchmark_runs_end_to_end(tmp_path):
     s = res["summary"]
     assert s["random-wall"]["wall_s"] >= 0.8 * s["autoprune"]["wall_s"] and s["random-wall"]["trials"] >= 1
     assert "autoprune" in p.stdout and "ratios:" in p.stdout
+
+
+@pytest.mark.slow
+def test_benchmark_app_agreement_runs_in_its_small_form(tmp_path):
+    """The agreement script end to end on one small model, one short round: both tools run on the
+    same file and the summary line is printed (the numbers themselves are not asserted: timings
+    on a shared CI machine are not a unit-test matter; the README quotes a full run)."""
+    out = tmp_path / "agree.json"
+    p = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "benchmark_app_agreement.py"), "--models", "mobilenet_v2-pruned",
+                        "--rounds", "1", "--seconds", "1", "--px", "32", "--out", str(out)], capture_output=True, text=True, timeout=600, check=False)
+    assert p.returncode == 0, p.stderr[-3000:]
+    res = json.loads(out.read_text())
+    (row,) = res["results"]
+    assert row["model"] == "mobilenet_v2-pruned" and "pruned" in row["description"]
+    assert row["autoprune_median_ms"] > 0 and row["benchmark_app_median_ms"] > 0
+    assert "worst:" in p.stdout and "-infer_precision f32" in p.stdout

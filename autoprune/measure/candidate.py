@@ -16,6 +16,7 @@ from autoprune.measure import backends
 from autoprune.measure.cache import LatencyCache, architecture_hash
 from autoprune.measure.lut import LatencyLUT
 from autoprune.measure.onnx import cpu_fp32, export_onnx, file_size, gzip_size
+from autoprune.measure.parity import check_export_parity, parity_batch
 from autoprune.measure.quantize import (
     _input_shape,
     calibration_batches,
@@ -50,6 +51,9 @@ def measure_model(model: nn.Module, example: torch.Tensor, profile: DeviceProfil
     if rejected is not None:
         return rejected
     export_onnx(model, example, onnx_path, exporter)
+    # A broken export fails here, before it is timed (ExportError: the trial FAILs with the difference).
+    parity = check_export_parity(model, backends.ModelArtifact(onnx_path), parity_batch(example, calib, profile.parity_samples),
+                                 profile, int(example.shape[0]))
     arch = architecture_hash(onnx_path)
     cache = LatencyCache(run.latency_cache) if run is not None and profile.cache else None
     stats = cache.get(profile, arch) if cache else None
@@ -63,7 +67,7 @@ def measure_model(model: nn.Module, example: torch.Tensor, profile: DeviceProfil
         if lut is not None:
             lut.record(model, example, stats.median_ms, predicted)
     extra = {"lut_predicted_ms": predicted} if lut is not None else {}
-    return {"latency": stats.to_dict(), "latency_cached": cached, "arch_hash": arch, **extra,
+    return {"latency": stats.to_dict(), "latency_cached": cached, "arch_hash": arch, **extra, "parity": parity,
             "onnx_bytes": file_size(onnx_path), "onnx_gzip_bytes": gzip_size(onnx_path)}
 
 
@@ -131,6 +135,8 @@ def quantized_accuracy(model: Any, example: Any, profile: DeviceProfile, onnx_pa
     model = cpu_fp32(model)
 
     export_onnx(model, example, onnx_path, exporter)
+    check_export_parity(model, backends.ModelArtifact(Path(onnx_path)), parity_batch(example, list(calib), profile.parity_samples),
+                        profile, int(example.shape[0]), what="exported fine-tuned model")
     batches = calibration_batches(calib, int(example.shape[0]), profile.calib_samples)
     art = quantize_artifact(backends.ModelArtifact(Path(onnx_path), model), profile, batches)
     return evaluate_model_file(Path(art.onnx_path), data, profile, split=split), Path(art.onnx_path)

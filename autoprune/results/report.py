@@ -226,6 +226,17 @@ def _table(rows: list[dict[str, Any]], dense: dict[str, Any], remeasures: list[d
     return "\n".join(out)
 
 
+def _failed_table(study: optuna.Study) -> str:
+    """Why each FAIL trial failed (its ``fail_reason``: e.g. an export that does not match PyTorch,
+    with the measured difference), so a user sees what was excluded from the front and why."""
+    e = html.escape
+    rows = [f"<tr><td>{t.number}</td><td style='text-align:left'>{e(str(t.user_attrs.get('fail_reason', '?')))}</td></tr>"
+            for t in study.get_trials(deepcopy=False, states=(TrialState.FAIL,))]
+    if not rows:
+        return ""
+    return "<table class='front failed'><thead><tr><th>trial</th><th>fail_reason</th></tr></thead><tbody>" + "".join(rows) + "</tbody></table>"
+
+
 _CSS = """
 body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:24px auto;max-width:1200px;color:#1f2933;padding:0 16px}
 h1{font-size:1.6em}h2{font-size:1.2em;margin-top:2em;border-bottom:1px solid #cbd2d9}
@@ -292,6 +303,10 @@ def write_report(run_dir: str | Path, out: Optional[str | Path] = None, storage:
                                  config={"responsive": True, "displaylogo": False}))
     parts.append("<h2>Pareto models</h2>")
     parts.append(_table(rows, dense, remeasures))
+    failed = _failed_table(study)
+    if failed:
+        parts.append("<h2>Failed trials</h2>")
+        parts.append(failed)
     parts.append(f"<footer>written {_dt.datetime.now(_dt.timezone.utc):%Y-%m-%d %H:%M UTC} by autoprune; "
                  "deploy one with <code>autoprune pick</code>.</footer></body></html>")
     # A unique temporary name: two reports written at once never share (and truncate) one file.

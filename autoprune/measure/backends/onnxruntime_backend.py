@@ -89,15 +89,49 @@ class OnnxRuntimeBackend(Backend):
             str(artifact.onnx_path), sess_options=session_options(profile.threads),
             providers=[p for p, _ in pairs], provider_options=[o for _, o in pairs],
         )
-        in_name = sess.get_inputs()[0].name
-        in_type = sess.get_inputs()[0].type
+        return FnRunner(_Bound(sess), info={"providers": sess.get_providers(), "threads": profile.threads,
+                                            "precision": profile.precision})
 
-        def run(x: np.ndarray) -> np.ndarray:
-            if in_type == "tensor(float16)" and x.dtype != np.float16:
-                x = x.astype(np.float16)
-            return np.asarray(sess.run(None, {in_name: x})[0]).astype(np.float32, copy=False)
 
-        return FnRunner(run, info={"providers": sess.get_providers(), "threads": profile.threads, "precision": profile.precision})
+class _Bound:
+    """One session called through a reused IOBinding, the input bound once per array.
+
+    ``sess.run(None, {name: x})`` builds the feed dict, validates and wraps ``x`` and allocates
+    a new output list on every call: fixed per-call cost that ``onnxruntime_perf_test`` does not
+    pay and that weighs most on the sub-millisecond models a search produces. The binding shares
+    the caller's array (re-bound only when a different array arrives; a float16 model's input is
+    converted on every call), and the first output is copied out of ORT's buffer, so a timed
+    call is one real inference on the caller's data plus reading its result.
+    """
+
+    def __init__(self, sess: Any) -> None:
+        self.sess = sess
+        inp = sess.get_inputs()[0]
+        self.in_name = inp.name
+        self.dtype = np.dtype(np.float16) if inp.type == "tensor(float16)" else np.dtype(np.float32)
+        self.binding = sess.io_binding()
+        self.binding.bind_output(sess.get_outputs()[0].name, "cpu")
+        self._bound: Any = None  # the caller's array the binding points at (kept alive)
+
+    def _bind(self, x: np.ndarray) -> None:
+        import onnxruntime as ort
+
+        arr = x
+        if not (isinstance(x, np.ndarray) and x.dtype == self.dtype and x.flags.c_contiguous):
+            arr = np.ascontiguousarray(x, dtype=self.dtype)
+        # An OrtValue made from a CPU array shares its memory (bind_cpu_input would copy it once
+        # and then miss in-place changes to the array).
+        self.binding.bind_ortvalue_input(self.in_name, ort.OrtValue.ortvalue_from_numpy(arr))
+        # Only a shared array stays bound across calls (a converted copy would miss in-place changes
+        # to x); the runtime does not own the memory, so ``arr`` is kept alive while bound.
+        self._bound = (x if arr is x else None, arr)
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        if self._bound is None or self._bound[0] is not x:  # [0] is None for a converted copy
+            self._bind(x)
+        self.sess.run_with_iobinding(self.binding)
+        # numpy() may be a view of the bound output buffer, which the next run overwrites: copy.
+        return np.array(self.binding.get_outputs()[0].numpy(), dtype=np.float32, copy=True)
 
 
 BACKENDS.register("onnxruntime", OnnxRuntimeBackend)

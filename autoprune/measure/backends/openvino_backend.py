@@ -90,13 +90,55 @@ class OpenVINOBackend(Backend):
         check_device(core, device, profile.name)
         config = compile_config(core, device, profile)
         compiled = core.compile_model(str(artifact.onnx_path), device, config)
-        request = compiled.create_infer_request()
+        return FnRunner(_Request(compiled), info={"device": device, "config": config, "compiled": _compiled_properties(compiled)})
 
-        def run(x: np.ndarray) -> np.ndarray:
-            request.infer({0: x})
-            return request.get_output_tensor(0).data.copy()
 
-        return FnRunner(run, info={"device": device, "config": config})
+def _compiled_properties(compiled: Any) -> dict[str, str]:
+    """What the plugin actually runs with (the hint may be refused or rewritten by the device)."""
+    supported = set(compiled.get_property("SUPPORTED_PROPERTIES"))
+    keys = ("INFERENCE_PRECISION_HINT", "NUM_STREAMS", "INFERENCE_NUM_THREADS", "PERFORMANCE_HINT")
+    return {k: _text(compiled.get_property(k)) for k in keys if k in supported}
+
+
+def _text(value: Any) -> str:
+    """``ov.Type`` → ``f32`` (its str() is ``<Type: 'float32'>``); other values as str()."""
+    return str(value.to_string()) if hasattr(value, "to_string") else str(value)
+
+
+class _Request:
+    """One reused InferRequest, called the way ``benchmark_app -api sync`` calls it.
+
+    ``request.infer({0: x})`` sends the array through OpenVINO's Python data dispatcher (type
+    checks, a fresh copy into the input tensor) and returns every output copied into a new dict:
+    about 0.2 ms per call on a shared 2-core machine, 15-20% of a 64 px MobileNetV2, none of it
+    inference. Here the input array is wrapped once in an ``ov.Tensor`` that shares its memory
+    (re-wrapped only when a different array arrives; in-place changes to the same array are seen
+    because the memory is shared; an array of another dtype or layout is converted on every call), ``infer()`` runs without inputs and without copying outputs,
+    and the one output we return is copied out of the request's tensor, so what is timed is one
+    real inference on the caller's data plus reading its result.
+    """
+
+    def __init__(self, compiled: Any) -> None:
+        self.request = compiled.create_infer_request()
+        self.dtype = np.dtype(compiled.input(0).element_type.to_dtype())
+        self._bound: Any = None  # the caller's array currently shared with the request (kept alive)
+
+    def _bind(self, x: np.ndarray) -> None:
+        import openvino as ov
+
+        arr = x
+        if not (isinstance(x, np.ndarray) and x.dtype == self.dtype and x.flags.c_contiguous and x.flags.writeable):
+            arr = np.ascontiguousarray(x, dtype=self.dtype)  # OpenVINO can only share these
+        self.request.set_input_tensor(ov.Tensor(arr, shared_memory=True))
+        # Only a shared array stays bound across calls (a converted copy would miss in-place changes
+        # to x); the runtime does not own the memory, so ``arr`` is kept alive while bound.
+        self._bound = (x if arr is x else None, arr)
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        if self._bound is None or self._bound[0] is not x:  # [0] is None for a converted copy
+            self._bind(x)
+        self.request.infer(share_outputs=True)
+        return np.array(self.request.get_output_tensor(0).data, copy=True)
 
 
 BACKENDS.register("openvino", OpenVINOBackend)
