@@ -31,7 +31,12 @@ import torchvision
 
 from autoprune.config import load_device_profile
 from autoprune.measure.onnx import export_onnx
-from autoprune.measure.staircase import export_widths, learned_widths, probe_widths, time_ratios
+from autoprune.measure.staircase import (
+    export_widths,
+    learned_widths,
+    probe_widths,
+    time_ratios,
+)
 from autoprune.prune.plan import kept_channels, slice_to_widths
 from autoprune.prune.structure import PrunableGroup, find_groups
 

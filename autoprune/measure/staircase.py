@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import itertools
 import json
 import math
 import platform
@@ -114,13 +115,13 @@ def probe_widths(n: int, high: float, ch_groups: int = 1, max_widths: int = 8) -
     (grouped convolutions drop the same channels in every group).
     """
     g = max(1, ch_groups)
-    lo = max(g, int(math.ceil(n * (1.0 - high))))
+    lo = max(g, math.ceil(n * (1.0 - high)))
     unit = math.lcm(8 if n >= 32 else max(1, n // 4), g)
 
     def down(w: int, u: int) -> int:
         return (w // u) * u
 
-    lo_unit = int(math.ceil(lo / unit)) * unit
+    lo_unit = math.ceil(lo / unit) * unit
     order: list[int] = [n, n - g, lo_unit if lo_unit < n else lo] + [down(n - 1, math.lcm(u, g)) for u in (32, 16, 8)]
     steps = []
     k = unit
@@ -134,7 +135,7 @@ def probe_widths(n: int, high: float, ch_groups: int = 1, max_widths: int = 8) -
             out.append(w)
     while len(out) < max_widths:  # split the widest gap between probed multiples of the unit
         s = sorted(out)
-        gaps = [(b - a, a, b) for a, b in zip(s, s[1:])]
+        gaps = [(b - a, a, b) for a, b in itertools.pairwise(s)]
         new = [down((a + b) // 2, unit) for d, a, b in sorted(gaps, reverse=True) if d > unit]
         new = [w for w in new if w not in out and lo <= w <= n and w % g == 0]
         if not new:
@@ -276,8 +277,8 @@ def time_ratios(files: Mapping[tuple[str, int], Path], profile: DeviceProfile, x
             st = backends.measure(backends.ModelArtifact(files[k], models.get(k)), prof, x, reference=ref_art)
             out[k] = 1.0 / float(st.speedup) if st.speedup else st.median_ms / float(st.reference_median_ms or st.median_ms)
         return out
-    kw = dict(warmup=prof.warmup, repeats=prof.repeats, target_rel_ci=prof.target_rel_ci, max_time_s=prof.max_time_s,
-              batch_size=int(x.shape[0]))
+    kw: dict[str, Any] = {"warmup": prof.warmup, "repeats": prof.repeats, "target_rel_ci": prof.target_rel_ci,
+                          "max_time_s": prof.max_time_s, "batch_size": int(x.shape[0])}
     with backend.session(prof):
         ref = backends.one_inference_timer(backend.load(ref_art, prof), x)
         for k in keys:

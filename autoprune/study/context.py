@@ -26,7 +26,12 @@ from autoprune.config import (
 from autoprune.errors import ConfigError
 from autoprune.measure import backends
 from autoprune.measure.candidate import measure_model
-from autoprune.measure.staircase import fingerprint_key, fingerprint, learned_widths, load_or_measure
+from autoprune.measure.staircase import (
+    fingerprint,
+    fingerprint_key,
+    learned_widths,
+    load_or_measure,
+)
 from autoprune.prune.structure import PrunableGroup, apply_rules, find_groups
 from autoprune.runfolder import RunFolder, atomic_write_text
 from autoprune.study.priors import (
