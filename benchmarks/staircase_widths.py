@@ -153,8 +153,9 @@ def main() -> int:
                         for (vname, _), r in time_ratios(vfiles, prof, x.numpy()).items():
                             samples[vname].append(r)
                     med = {v: float(np.median(s)) for v, s in samples.items()}
-                    for v, (r, _, f) in variants.items():
+                    for v, (r, w, f) in variants.items():
                         rows.append({"target_macs": target, "variant": v, "ratio": r, "macs_frac": f, "latency_vs_dense": med[v],
+                                     "widths": {k: list(x) for k, x in w.items()},
                                      "vs_round_to_8": med[v] / med["round_to 8"], "samples": samples[v]})
                         print(f"    MACs {f:.3f} (target {target}) {v:11s} uniform ratio {r:.3f}: latency {med[v]:.3f}x dense, "
                               f"{med[v] / med['round_to 8']:.3f}x round_to 8 (median of {args.rounds} rounds)")

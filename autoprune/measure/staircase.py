@@ -239,17 +239,26 @@ def check_given(path: Path, fp: Mapping[str, Any], profile: DeviceProfile) -> di
 
 # --------------------------------------------------------------------------- measuring
 def export_widths(base: nn.Module, example: torch.Tensor, num_classes: Optional[int],
-                  todo: Mapping[str, tuple[int, Sequence[int]]], folder: Path,
-                  exporter: str = "torchscript") -> dict[tuple[str, int], Path]:
+                  todo: Mapping[str, tuple[int, Sequence[int]]], folder: Path, exporter: str = "torchscript", *,
+                  dense: Optional[Path] = None,
+                  models: Optional[dict[tuple[str, int], nn.Module]] = None) -> dict[tuple[str, int], Path]:
     """ONNX files of ``base`` with one group cut to each width (the rest dense), and the dense
-    model itself under ``("", 0)``. ``todo`` is ``{group: (channels, widths)}``. Which channels
-    go does not matter for latency, so no criterion is scored (``slice_to_widths``)."""
+    model itself under ``("", 0)`` (``dense``: already exported there). ``todo`` is ``{group:
+    (channels, widths)}``. Which channels go does not matter for latency, so no criterion is
+    scored (``plan.narrowing``: one dependency graph per group, the widths cut one after the
+    other). ``models``, when given, receives each cut PyTorch module (the torch backend times
+    modules, not files)."""
     ex1 = example[:1]
-    out = {("", 0): export_onnx(copy.deepcopy(base), example, folder / "dense.onnx", exporter)}
-    for gi, (name, (n, widths)) in enumerate(todo.items()):
+    out = {("", 0): dense if dense is not None else export_onnx(copy.deepcopy(base), example, folder / "dense.onnx", exporter)}
+    if models is not None:
+        models[("", 0)] = base
+    for name, (n, widths) in todo.items():
+        gi = hashlib.sha256(name.encode()).hexdigest()[:10]
         m = copy.deepcopy(base)
         for w in narrowing(m, ex1, name, [w for w in widths if w < n], num_classes):
             out[(name, w)] = export_onnx(m, example, folder / f"g{gi}_{w}.onnx", exporter)
+            if models is not None:
+                models[(name, w)] = copy.deepcopy(m)
     return out
 
 
@@ -294,12 +303,17 @@ def measure_staircases(base: nn.Module, groups: Sequence[PrunableGroup], example
     """``{group: {width: latency / dense}}`` for the requested widths, timed on ``profile``."""
     chans = {g.name: g.channels for g in groups}
     todo = {name: (chans[name], list(ws)) for name, ws in widths.items() if ws}
-    with tempfile.TemporaryDirectory(prefix="autoprune-staircase-") as d:
-        files = export_widths(base, example, num_classes, todo, Path(d), exporter)
-        ratios = time_ratios(files, profile, example.numpy())
     out: dict[str, dict[int, float]] = {name: {} for name in todo}
-    for (name, w), r in ratios.items():
-        out[name][w] = r
+    with tempfile.TemporaryDirectory(prefix="autoprune-staircase-") as d:
+        dense = export_onnx(copy.deepcopy(base), example, Path(d) / "dense.onnx", exporter)
+        for name, job in todo.items():  # one group at a time: its files (and modules) only
+            mods: Optional[dict[tuple[str, int], nn.Module]] = {} if profile.backend == "torch" else None
+            files = export_widths(base, example, num_classes, {name: job}, Path(d), exporter, dense=dense, models=mods)
+            for (_, w), r in time_ratios(files, profile, example.numpy(), mods).items():
+                out[name][w] = r
+            for k, f in files.items():
+                if k != ("", 0):
+                    f.unlink(missing_ok=True)
     return out
 
 
