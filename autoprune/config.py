@@ -84,6 +84,11 @@ def _check_range(low: Optional[float], high: Optional[float]) -> None:
         raise ValueError(f"low={low} is greater than high={high}")
 
 
+#: Kept widths are multiples of this with ``round_to: auto`` when no staircases were measured:
+#: odd channel counts can be slower than the dense model on vectorised kernels.
+DEFAULT_ROUND_TO = 8
+
+
 class SearchSpace(_Strict):
     """Per-group sparsity search space.
 
@@ -95,7 +100,10 @@ class SearchSpace(_Strict):
     low: float = 0.0
     high: float = 0.7
     step: Optional[float] = 0.05
-    round_to: int = Field(8, ge=1, description="keep a multiple of this many channels")
+    #: Kept widths are a multiple of this many channels (an integer: exactly that, as always), or
+    #: ``auto``/null: the widths learned from latency staircases (``efficiency.staircases: true``,
+    #: measure/staircase.py), falling back to DEFAULT_ROUND_TO when staircases are off.
+    round_to: Optional[int] = Field(None, ge=1, description="keep a multiple of this many channels; auto/null = learned")
     methods: list[str] = Field(default_factory=lambda: ["l1"])
     global_method: bool = True
     #: What a group's ratio removes: structured (channels, physically) | unstructured (weights
@@ -120,6 +128,19 @@ class SearchSpace(_Strict):
     #: same level: groups that lose least accuracy per FLOP saved pruned up to ``seed_spread``/2
     #: more, the dearest ones that much less (efficiency.allocate_ratios). 0 = uniform seeds only.
     seed_spread: float = Field(0.3, ge=0, le=1)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _auto_round_to(cls, data: Any) -> Any:
+        """``round_to: auto`` is spelled null internally (one value for "learned")."""
+        if isinstance(data, dict) and isinstance(data.get("round_to"), str) and data["round_to"].strip().lower() == "auto":
+            return {**data, "round_to": None}
+        return data
+
+    @property
+    def round_unit(self) -> int:
+        """The rounding unit wherever no learned widths apply: ``round_to``, or 8 for auto."""
+        return self.round_to or DEFAULT_ROUND_TO
 
     @model_validator(mode="after")
     def _range(self) -> "SearchSpace":
@@ -193,6 +214,10 @@ class DeviceProfile(_Strict):
     #: backend: remote — URL of `autoprune serve-latency` on the target, the environment variable
     #: holding its token, the runtime the server should use, and the HTTP timeout.
     url: Optional[str] = None
+    #: Latency staircases of this device measured elsewhere (a ``staircases/<fingerprint>.json`` of
+    #: another run folder, e.g. one measured on the remote target): used instead of measuring when
+    #: its fingerprint matches this run's model and settings (measure/staircase.py).
+    staircases: Optional[str] = None
     token_env: str = "AUTOPRUNE_LATENCY_TOKEN"
     remote_backend: Literal["onnxruntime", "openvino"] = "onnxruntime"
     request_timeout_s: float = Field(300.0, gt=0)
@@ -260,6 +285,15 @@ class EfficiencyConfig(_Strict):
     #: Fine-tune a fraction of the steps first; stop trials already dominated at that fidelity.
     multi_fidelity: bool = True
     rung0_fraction: float = Field(0.34, gt=0, lt=1)
+    #: Latency staircases (measure/staircase.py): time each group at a few kept widths on the target
+    #: once per run and device; with the search space's ``round_to: auto`` kept widths snap to the
+    #: lower edge of each latency step (most channels for the time). Off by default: it costs an
+    #: export and a timing per width (seconds for the demo, minutes for a ResNet).
+    staircases: bool = False
+    #: Widths probed per group (the full width included), and how much faster (a fraction of the
+    #: next wider allowed width's latency) a narrower width must be to count as a new step.
+    staircase_widths: int = Field(8, ge=2, le=32)
+    staircase_tolerance: float = Field(0.03, ge=0, lt=1)
     #: Longer fine-tune for the Pareto models at the end (0 = off); report short vs final accuracy.
     final_finetune_steps: int = Field(0, ge=0)
 

@@ -121,7 +121,8 @@ class RunFolder:
         (folders): a read-only one must stop the search before it trains (see writable_paths).
         ``local_study``: the study is this folder's SQLite ``study.db``."""
         files = [self.lock, self.prepare_lock, self.export_lock, self.latency_cache]
-        folders = [self.trial(0).root.parent, self.dense_onnx.parent, self.lut("x").parent, self.pareto_dir]
+        folders = [self.trial(0).root.parent, self.dense_onnx.parent, self.lut("x").parent, self.staircases("x").parent,
+                   self.pareto_dir]
         return [*files, *([self.study_db] if local_study else []), *folders]
 
     # -- the dense model and what is computed from it once per run
@@ -152,6 +153,15 @@ class RunFolder:
 
     def lut(self, profile_key: str) -> Path:
         return self.root / "lut" / f"{profile_key}.json"
+
+    def staircases(self, fingerprint_key: str) -> Path:
+        """Latency staircases of one device fingerprint (measure/staircase.py)."""
+        return self.root / "staircases" / f"{fingerprint_key}.json"
+
+    @property
+    def allowed_widths(self) -> Path:
+        """The learned widths per group this run's search uses, pinned by the first measurement."""
+        return self.root / "staircases" / "allowed_widths.json"
 
     # -- trials and the final stage
     def trial(self, number: int) -> TrialFiles:
@@ -215,6 +225,7 @@ class RunFolder:
         inside them; ``picked/`` and ``export/`` are outputs that pick/export may replace."""
         paths = (self.study_db, self.lock, self.prepare_lock, self.export_lock, self.base_model, self.dense_json,
                  self.dense_onnx, self.sensitivity, self.flops_savings, self.latency_cache, self.lut("x"),
+                 self.staircases("x"),
                  self.trial(0).root, self.final_json, self.pareto_dir, self.pareto_json, self.pareto_csv,
                  self.pareto_png, self.pareto_html, self.report_html, self.remeasure_dir)
         return frozenset(p.relative_to(self.root).parts[0] for p in paths)

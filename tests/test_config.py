@@ -15,7 +15,7 @@ from autoprune.errors import ConfigError
 
 def test_shipped_yaml_all_validate():
     for p in shipped_dir("search_spaces").glob("*.yaml"):
-        assert load_search_space(str(p)).round_to >= 1
+        assert load_search_space(str(p)).round_unit >= 1
     names = {load_device_profile(str(p)).name for p in shipped_dir("device_profiles").glob("*.yaml")}
     assert {"onnxruntime-cpu", "openvino-cpu", "onnxruntime-cuda", "torch-cuda"} <= names
     assert load_run_config(str(shipped_dir("examples") / "digits.yaml")).search.trials == 20

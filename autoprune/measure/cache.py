@@ -21,7 +21,7 @@ from autoprune.config import DeviceProfile
 from autoprune.measure.stats import LatencyStats
 
 #: Profile keys that do not change what a measurement returns.
-_NOT_MEASUREMENT = {"budget", "cache", "request_timeout_s", "token_env"}
+_NOT_MEASUREMENT = {"budget", "cache", "request_timeout_s", "token_env", "staircases"}
 
 
 def architecture_hash(onnx_path: Path) -> str:

@@ -5,7 +5,8 @@ exactly as fast on onnxruntime and OpenVINO), so ``structured`` (the default gra
 tensors; ``unstructured`` / ``nm:N:M`` / ``hybrid`` also write zeros (smaller gzip size, see
 ``methods/granularity.py``). Kept widths
 are rounded to a multiple of ``round_to`` because odd channel counts can be slower than the
-dense model on vectorised kernels.
+dense model on vectorised kernels, or, where the plan carries learned ``widths`` for a group
+(latency staircases, ``measure/staircase.py``), snapped to the nearest of those.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from __future__ import annotations
 import copy
 import math
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Iterator, Optional, Sequence
 
 import torch
 import torch.nn as nn
@@ -48,6 +49,9 @@ class PruningPlan:
     #: batches before ``bn_scale`` ranks channels (0 = off).
     bn_l1: float = 0.0
     bn_l1_steps: int = 20
+    #: Learned channel granularity: per group, the only kept widths allowed (ascending, the full
+    #: width included), from the group's latency staircase. Groups not listed use ``round_to``.
+    widths: dict[str, list[int]] = field(default_factory=dict)
 
     def method_for(self, group: str) -> str:
         return self.methods.get(group, self.default_method)
@@ -61,11 +65,22 @@ class PruningPlan:
         return gr.kind == "nm" or self.ratios.get(group, 0.0) > 0 or (gr.kind == "hybrid" and self.weight_ratios.get(group, 0.0) > 0)
 
 
-def kept_channels(n: int, ratio: float, round_to: int = 8, ch_groups: int = 1) -> int:
+def kept_channels(n: int, ratio: float, round_to: int = 8, ch_groups: int = 1, allowed: Optional[Sequence[int]] = None) -> int:
     """Channels kept when removing ``ratio`` of ``n``: nearest multiple of the rounding unit,
-    at least one unit, never more than ``n`` (a group smaller than the unit is left whole)."""
+    at least one unit, never more than ``n`` (a group smaller than the unit is left whole).
+
+    With ``allowed`` (learned widths of this group), the nearest allowed width to ``n·(1-ratio)``
+    instead, ties going to the narrower (faster) one. Nearest rather than always down keeps
+    ``ratio`` meaning "fraction removed" on average, as rounding to ``round_to`` does: snapping
+    down would prune every group harder than the sampler asked and shift the whole search."""
     if not 0.0 <= ratio < 1.0:
         raise ValueError(f"ratio {ratio} outside [0, 1)")
+    if allowed:
+        fits = [int(w) for w in allowed if 0 < int(w) <= n]
+        if ratio == 0.0 or not fits:
+            return n
+        target = n * (1.0 - ratio)
+        return min(fits, key=lambda w: (abs(w - target), w))
     unit = math.lcm(max(1, round_to), max(1, ch_groups))
     if ratio == 0.0 or n <= unit:
         return n
@@ -125,7 +140,7 @@ def apply_plan(
         if not gran.removes_channels or ratio <= 0:
             continue
         g = channel_groups(DG, group)
-        keep = kept_channels(n, ratio, plan.round_to, g)
+        keep = kept_channels(n, ratio, plan.round_to, g, plan.widths.get(name))
         if keep >= n:
             continue
         imp = criteria[plan.method_for(name)](group, stats)
@@ -217,7 +232,7 @@ def apply_schedule(
                 sub.granularity[name] = "structured"
                 continue
             if gran.removes_channels:
-                target = kept_channels(n0, r * frac, plan.round_to, g)
+                target = kept_channels(n0, r * frac, plan.round_to, g, plan.widths.get(name))
                 cur = current[name]
                 sub.ratios[name] = 1.0 - target / cur if target < cur else 0.0
             else:
@@ -267,3 +282,29 @@ def slice_to_widths(
         cuts.append((root, _drop_indices(order, n, int(after), channel_groups(DG, group))))
     for root, idxs in cuts:  # indices of one group never shift when another group is sliced
         DG.get_pruning_group(root, DG.get_pruner_of_module(root).prune_out_channels, idxs).prune()
+
+
+def narrowing(
+    model: nn.Module,
+    example: torch.Tensor,
+    group: str,
+    widths: Sequence[int],
+    num_classes: Optional[int] = None,
+) -> Iterator[int]:
+    """Cut one group of ``model`` to each of ``widths`` in turn (descending), in place, yielding
+    each width once the model has it: one dependency graph for all the widths of a group rather
+    than one per width (latency staircases time a group at several widths; only the
+    architecture matters, so, as in :func:`slice_to_widths`, the last channels go)."""
+    DG = build_graph(model, example)
+    live = dict(iter_groups(DG, output_layers(model, num_classes)))
+    if group not in live:
+        raise ValueError(f"group {group} is not in the model")
+    grp = live[group]
+    root = grp[0].dep.target.module
+    g = channel_groups(DG, grp)
+    for w in sorted({int(w) for w in widths}, reverse=True):
+        n = int(DG.get_out_channels(root))
+        if w < n:
+            order = torch.arange(n, 0, -1, dtype=torch.float32)
+            DG.get_pruning_group(root, DG.get_pruner_of_module(root).prune_out_channels, _drop_indices(order, n, w, g)).prune()
+        yield int(DG.get_out_channels(root))

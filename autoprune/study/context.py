@@ -26,6 +26,13 @@ from autoprune.config import (
 from autoprune.errors import ConfigError
 from autoprune.measure import backends
 from autoprune.measure.candidate import measure_model
+from autoprune.measure.onnx import cpu_fp32
+from autoprune.measure.staircase import (
+    fingerprint,
+    fingerprint_key,
+    learned_widths,
+    load_or_measure,
+)
 from autoprune.prune.structure import PrunableGroup, apply_rules, find_groups
 from autoprune.runfolder import RunFolder, atomic_write_text
 from autoprune.study.priors import (
@@ -77,6 +84,9 @@ class SearchContext:
     recipe: dict[str, Any] = field(default_factory=dict)
     #: The resolved ``train:`` section: ``base`` lives on ``train.device``; trials train there.
     train: Optional[TrainSetup] = None
+    #: Learned channel granularity: allowed kept widths per group (``round_to: auto`` with
+    #: ``efficiency.staircases``); empty = every group rounds to ``space.round_unit``.
+    widths: dict[str, list[int]] = field(default_factory=dict)
 
     @property
     def example1(self) -> torch.Tensor:
@@ -147,6 +157,8 @@ def prepare(cfg: RunConfig, console: Optional[Callable[[str], None]] = None) -> 
     base.eval()
 
     eff = cfg.efficiency
+    # Staircases are timed on CPU fp32 copies (the target backend), wherever the dense model trains.
+    widths = _learned_widths(cfg, space, profile, run, cpu_fp32(base), example, groups, num_classes, say)
     calib_n = max(4, eff.bn_batches)
     calib = [b for _, b in zip(range(calib_n), data.loader("train", cfg.finetune.batch_size, shuffle=True, seed=cfg.search.seed))]
     drops: dict[str, float] = {}
@@ -154,13 +166,13 @@ def prepare(cfg: RunConfig, console: Optional[Callable[[str], None]] = None) -> 
     if eff.sensitivity_scan:
         drops = load_or_scan(
             run.sensitivity, base=base, groups=groups, data=data, example=example[:1],
-            calib=calib[: eff.bn_batches] if eff.bn_recalibration else [], ratio=eff.sensitivity_ratio, round_to=space.round_to,
+            calib=calib[: eff.bn_batches] if eff.bn_recalibration else [], ratio=eff.sensitivity_ratio, round_to=space.round_unit,
             setup=setup,
         )
         if space.seed_spread > 0 and space.seed_uniform:
             savings = load_or_compute(
                 run.flops_savings, flops_savings, base=base, groups=groups, example=example[:1],
-                num_classes=num_classes, ratio=eff.sensitivity_ratio, round_to=space.round_to,
+                num_classes=num_classes, ratio=eff.sensitivity_ratio, round_to=space.round_unit,
             )
         groups = shape_ranges(groups, drops, eff.sensitivity_strength)
 
@@ -180,7 +192,33 @@ def prepare(cfg: RunConfig, console: Optional[Callable[[str], None]] = None) -> 
             **measure_model(base, example, profile, run.dense_onnx, cfg.exporter, calib=calib, run=run),
         }
         atomic_write_text(dense_path, json.dumps(dense, indent=2))
-    return SearchContext(cfg, space, profile, run, data, base, example, groups, dense, calib, drops, savings, recipe, setup)
+    return SearchContext(cfg, space, profile, run, data, base, example, groups, dense, calib, drops, savings, recipe, setup, widths)
+
+
+def _learned_widths(cfg: RunConfig, space: SearchSpace, profile: DeviceProfile, run: RunFolder, base: nn.Module,
+                    example: torch.Tensor, groups: list[PrunableGroup], num_classes: int,
+                    say: Callable[[str], None]) -> dict[str, list[int]]:
+    """Allowed kept widths per group, fixed once per run folder (``allowed_widths.json``): a
+    resumed run, a second worker on another machine and ``export --trial N`` must map the same
+    ratios to the same widths, so the first measurement pins them. Staircases themselves are
+    stored per device fingerprint (``staircases/<key>.json``) and reused where it matches.
+    Called before the sensitivity scan narrows the ranges, so the probes cover the whole space."""
+    eff = cfg.efficiency
+    if not eff.staircases:
+        return {}
+    if space.round_to is not None:
+        say(f"efficiency.staircases is on but search space {cfg.search_space} sets round_to: {space.round_to}, "
+            "which wins; use round_to: auto to snap to learned widths")
+        return {}
+    pinned = run.allowed_widths
+    if pinned.is_file():
+        return {k: [int(w) for w in v] for k, v in json.loads(pinned.read_text())["widths"].items()}
+    fp = fingerprint(profile, base, example)
+    stairs = load_or_measure(run.staircases(fingerprint_key(fp)), base, groups, example, profile, num_classes,
+                             max_widths=eff.staircase_widths, say=say)
+    widths = learned_widths(stairs, groups, eff.staircase_tolerance)
+    atomic_write_text(pinned, json.dumps({"fingerprint": fp, "tolerance": eff.staircase_tolerance, "widths": widths}, indent=1))
+    return widths
 
 
 def _dense_model(cfg: RunConfig, data: DataBundle, num_classes: int, shape: tuple[int, ...], run: RunFolder,

@@ -63,7 +63,8 @@ def suggest_plan(trial: optuna.trial.BaseTrial, ctx: SearchContext) -> PruningPl
             meths[g.name] = trial.suggest_categorical(METHOD_PREFIX + g.name, options) if len(options) > 1 else options[0]
     # ``granularity``/``granularity/<group>`` and, for hybrid groups, ``wratio/<group>`` (methods/space.py).
     grans, wratios = suggest_granularities(trial, sp, ctx.groups)
-    return PruningPlan(ratios, meths, sp.round_to, granularity=grans, weight_ratios=wratios, bn_l1=sp.bn_l1, bn_l1_steps=sp.bn_l1_steps)
+    return PruningPlan(ratios, meths, sp.round_unit, granularity=grans, weight_ratios=wratios, bn_l1=sp.bn_l1,
+                       bn_l1_steps=sp.bn_l1_steps, widths=ctx.widths)
 
 
 def seed_plans(ctx: SearchContext) -> list[dict[str, float]]:
