@@ -274,3 +274,53 @@ def slice_to_widths(
         order = torch.arange(n, 0, -1, dtype=torch.float32)  # lowest score = last channel
         cuts.append((g, _drop_indices(order, n, int(after), g.ch_groups)))
     _cut(model, cuts)
+
+
+def check_prunable(
+    model: nn.Module,
+    example: torch.Tensor,
+    groups: list[Any],
+    num_classes: Optional[int] = None,
+    round_to: int = 8,
+    ratio: float = 0.3,
+) -> dict[str, str]:
+    """Groups whose pruning breaks the model, with the reason: {group name: error}.
+
+    Every group is pruned by ``ratio`` at once on a copy, which then runs in train and eval mode
+    (batch of two: train-mode BatchNorm needs it) and must still give ``num_classes`` outputs;
+    when that fails, the groups are bisected to the ones that fail alone. One copy and one
+    forward for a model that is fine, so architecture problems (a shape attribute nothing
+    updates, a reshape torch-pruning mistraced) surface in seconds, before the dense model
+    is trained, instead of failing every trial.
+    """
+    x = example[:1].repeat(2, *([1] * (example.dim() - 1)))
+    names = [g.name for g in groups]
+
+    def fails(subset: list[str]) -> Optional[str]:
+        m = copy.deepcopy(model)
+        try:
+            apply_plan(m, x[:1], PruningPlan({n: ratio for n in subset}, round_to=round_to), num_classes)
+            with torch.no_grad():
+                for train in (True, False):
+                    out = m.train(train)(x)
+                    out = out[0] if isinstance(out, (tuple, list)) else out
+                    if num_classes is not None and out.shape[-1] != num_classes:
+                        return f"output has {out.shape[-1]} values after pruning, not {num_classes}"
+        except Exception as exc:  # noqa: BLE001 - any failure means: not prunable this way
+            return f"{type(exc).__name__}: {' '.join(str(exc).split())}"[:300]
+        return None
+
+    bad: dict[str, str] = {}
+
+    def bisect(subset: list[str], reason: Optional[str]) -> None:
+        if reason is None:
+            return
+        if len(subset) == 1:
+            bad[subset[0]] = reason
+            return
+        half = len(subset) // 2
+        for part in (subset[:half], subset[half:]):
+            bisect(part, fails(part))
+
+    bisect(names, fails(names) if names else None)
+    return bad

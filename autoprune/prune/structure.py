@@ -12,14 +12,22 @@ import contextlib
 import copy
 import fnmatch
 import math
+import multiprocessing
+import os
+import sys
 import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Optional, Sequence
+from typing import Any, Iterator, Optional, Sequence
 
 import torch
 import torch.nn as nn
 import torch_pruning as tp
+
+try:
+    import resource
+except ImportError:  # not on Windows
+    resource = None  # type: ignore[assignment]
 
 from autoprune.config import LayerRule
 from autoprune.errors import ConfigError
@@ -316,3 +324,65 @@ def apply_rules(groups: list[PrunableGroup], low: float, high: float, methods: l
         names = ", ".join(g.name for g in groups)
         raise ConfigError(f"{source}: key 'layers.pattern': {unused} match no prunable group; groups are: {names}")
     return kept
+
+
+# --------------------------------------------------------------------------- bounded analysis
+#: What the structure analysis of one model may take before it is refused: torch-pruning's
+#: tracing can grow without bound on some constructs (Swin's shifted windows: all memory of a
+#: 23 GB machine, upstream Torch-Pruning #525).
+PROBE_MEMORY_MB = 4096
+PROBE_TIMEOUT_S = 120.0
+
+
+def probe_structure(model: nn.Module, example: torch.Tensor, num_classes: Optional[int] = None,
+                    memory_mb: float = PROBE_MEMORY_MB, timeout_s: float = PROBE_TIMEOUT_S) -> None:
+    """Run :func:`analyse` once in a forked child under an address-space limit (``RLIMIT_AS``:
+    a hard bound, the kernel refuses the allocation) and a wall-clock timeout; raise a
+    ConfigError naming the model's unusual constructs when it runs out of either.
+
+    The dependency graph holds live references into the model, so it cannot come back from a
+    child; the parent builds its own once the probe proved the analysis fits. Where ``fork``
+    or ``RLIMIT_AS`` do not exist (Windows, macOS), the analysis runs unbounded.
+    """
+    if not hasattr(os, "fork") or resource is None or sys.platform != "linux":
+        return
+    ctx = multiprocessing.get_context("fork")
+    recv, send = ctx.Pipe(duplex=False)
+    proc = ctx.Process(target=_probe_child, args=(send, model, example, num_classes, memory_mb), daemon=True)
+    proc.start()
+    send.close()
+    verdict: Optional[tuple[str, str]] = None
+    if recv.poll(timeout_s):
+        with contextlib.suppress(EOFError):
+            verdict = recv.recv()
+    if proc.is_alive():
+        proc.kill()
+    proc.join()
+    if verdict is not None and verdict[0] == "ok":
+        return
+    what = type(model).__name__
+    special = sorted({type(m).__name__ for m in model.modules() if "attention" in type(m).__name__.lower()
+                      and not isinstance(m, (nn.MultiheadAttention, SlimAttention))})
+    construct = f" (its {', '.join(special)} layers)" if special else ""
+    if verdict is None:
+        why = (f"took more than {timeout_s:.0f} s" if proc.exitcode in (None, -9) else
+               f"ran out of its {memory_mb:.0f} MB memory bound (exit code {proc.exitcode})")
+    else:
+        why = f"failed: {verdict[1]}"
+    raise ConfigError(f"model {what}: torch-pruning's structure analysis {why}{construct}; this architecture is not supported "
+                      f"(torch-pruning's tracing of its reshapes explodes, upstream Torch-Pruning #525)")
+
+
+def _probe_child(send: Any, model: nn.Module, example: torch.Tensor, num_classes: Optional[int], memory_mb: float) -> None:
+    torch.set_num_threads(1)  # the parent's thread pool does not survive fork
+    with open("/proc/self/status") as f:
+        vm = next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmSize:"))
+    limit = vm + int(memory_mb * 2**20)
+    resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+    try:
+        analyse(model, example, num_classes)
+        send.send(("ok", ""))
+    except MemoryError:
+        send.send(("memory", f"ran out of its {memory_mb:.0f} MB memory bound"))
+    except BaseException as exc:  # noqa: BLE001 - reported to the parent, which decides
+        send.send(("error", _why(exc)))
