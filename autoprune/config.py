@@ -122,6 +122,9 @@ class SearchSpace(_Strict):
     schedule: Literal["oneshot", "iterative", "layerwise"] = "oneshot"
     schedule_steps: int = Field(1, ge=1)
     layers: list[LayerRule] = Field(default_factory=list)
+    #: Also search a transformer's embedding width (the model width every block, attention and
+    #: residual add shares): one group that touches every layer, so off unless asked for.
+    embedding: bool = False
     #: Uniform ratios enqueued as first trials: cheap, strong seeds for the sampler.
     seed_uniform: list[float] = Field(default_factory=lambda: [0.25, 0.5])
     #: With the sensitivity scan on, each uniform seed also gets a non-uniform twin around the

@@ -20,12 +20,8 @@ import torch
 import torch.nn as nn
 
 from autoprune.prune import methods
-from autoprune.prune.structure import (
-    build_graph,
-    channel_groups,
-    iter_groups,
-    output_layers,
-)
+from autoprune.prune.attention import head_scores, prune_heads, sync_shape_attributes
+from autoprune.prune.structure import LiveGroup, analyse
 
 
 @dataclass
@@ -112,10 +108,8 @@ def apply_plan(
     2. every structured/hybrid group is scored on the *unpruned* network, then sliced;
     3. unstructured / N:M / hybrid groups get per-weight masks on what remains, written as zeros.
     """
-    outputs = output_layers(model, num_classes)
-    DG = build_graph(model, example)
-    groups = list(iter_groups(DG, outputs))
-    active = [(name, grp) for name, grp in groups if plan.active(name)]
+    groups = analyse(model, example, num_classes).groups
+    active = [(g.name, g.group) for g in groups if plan.active(g.name) and g.kind != "heads"]
     criteria = {m: methods.get(m) for m in {plan.method_for(name) for name, _ in active}}
     if plan.bn_l1 > 0 and "bn_scale" in criteria:
         if not calib:
@@ -130,33 +124,30 @@ def apply_plan(
 
     stats = _stats()
     widths: dict[str, tuple[int, int]] = {}
-    cuts: list[tuple[nn.Module, list[int]]] = []
-    for name, group in groups:
-        root = group[0].dep.target.module
-        n = int(DG.get_out_channels(root))
-        widths[name] = (n, n)
-        gran = plan.granularity_for(name)
-        ratio = float(plan.ratios.get(name, 0.0))
+    cuts: list[tuple[LiveGroup, list[int]]] = []
+    for g in groups:
+        n = g.channels
+        widths[g.name] = (n, n)
+        gran = plan.granularity_for(g.name)
+        ratio = float(plan.ratios.get(g.name, 0.0))
         if not gran.removes_channels or ratio <= 0:
             continue
-        g = channel_groups(DG, group)
-        keep = kept_channels(n, ratio, plan.round_to, g, plan.widths.get(name))
+        keep = kept_channels(n, ratio, unit_of(g, plan.round_to), g.ch_groups, plan.widths.get(g.name))
         if keep >= n:
             continue
-        imp = criteria[plan.method_for(name)](group, stats)
+        # Heads: L1 magnitude of each head's weights, whatever the channel criterion.
+        imp = head_scores(model.get_submodule(g.module)) if g.kind == "heads" else criteria[plan.method_for(g.name)](g.group, stats)
         if imp is None:  # torch-pruning returns None for groups it cannot score
             continue
-        widths[name] = (n, keep)
-        cuts.append((root, _drop_indices(imp, n, keep, g)))
-    for root, idxs in cuts:  # indices of one group never shift when another group is sliced
-        DG.get_pruning_group(root, DG.get_pruner_of_module(root).prune_out_channels, idxs).prune()
+        widths[g.name] = (n, keep)
+        cuts.append((g, _drop_indices(imp, n, keep, g.ch_groups)))
+    _cut(model, cuts)
 
     weighted = [name for name, _ in active if plan.granularity_for(name).zeros_weights]
     if weighted:
         if cuts:  # shapes changed: rebuild the graph and re-measure on the pruned network
-            DG = build_graph(model, example)
             stats = _stats()
-        live = dict(iter_groups(DG, outputs))
+        live = {g.name: g.group for g in analyse(model, example, num_classes).groups}
         masks: list[tuple[nn.Module, torch.Tensor]] = []
         for name in weighted:
             group = live[name]
@@ -175,6 +166,26 @@ def apply_plan(
             methods.apply_mask(layer, mask)
     model.zero_grad(set_to_none=True)
     return widths
+
+
+def unit_of(g: LiveGroup, round_to: int) -> int:
+    """Widths are rounded to ``round_to`` channels; heads are counted one by one."""
+    return 1 if g.kind == "heads" else round_to
+
+
+def _cut(model: nn.Module, cuts: list[tuple[LiveGroup, list[int]]]) -> None:
+    """Slice every group (channel groups through torch-pruning first, then heads: a head cut
+    replaces the attention module, which the channel groups' graph still refers to), then
+    update the model's own shape attributes (``sync_shape_attributes``)."""
+    for g, idxs in cuts:  # indices of one group never shift when another group is sliced
+        if g.kind != "heads":
+            root = g.root
+            g.DG.get_pruning_group(root, g.DG.get_pruner_of_module(root).prune_out_channels, idxs).prune()
+    for g, idxs in cuts:
+        if g.kind == "heads":
+            prune_heads(model, g.module, idxs)
+    if cuts:
+        sync_shape_attributes(model)
 
 
 def apply_schedule(
@@ -206,14 +217,13 @@ def apply_schedule(
         raise ValueError(f"schedule steps={steps}; must be >= 1")
     if steps == 1:
         return apply_plan(model, example, plan, num_classes, calib)
-    DG = build_graph(model, example)
-    info = {name: (int(DG.get_out_channels(grp[0].dep.target.module)), channel_groups(DG, grp)) for name, grp in iter_groups(DG, output_layers(model, num_classes))}
+    info = {g.name: (g.channels, g.ch_groups, unit_of(g, plan.round_to)) for g in analyse(model, example, num_classes).groups}
     order = list(info)
     chunks = [order[i * len(order) // steps:(i + 1) * len(order) // steps] for i in range(steps)]
-    current = {name: n for name, (n, _) in info.items()}
+    current = {name: n for name, (n, _, _) in info.items()}
     for k in range(1, steps + 1):
         sub = copy.deepcopy(plan)
-        for name, (n0, g) in info.items():
+        for name, (n0, g, unit) in info.items():
             gran = plan.granularity_for(name)
             r = float(plan.ratios.get(name, 0.0))
             w = float(plan.weight_ratios.get(name, 0.0))
@@ -232,7 +242,7 @@ def apply_schedule(
                 sub.granularity[name] = "structured"
                 continue
             if gran.removes_channels:
-                target = kept_channels(n0, r * frac, plan.round_to, g, plan.widths.get(name))
+                target = kept_channels(n0, r * frac, unit, g, plan.widths.get(name))
                 cur = current[name]
                 sub.ratios[name] = 1.0 - target / cur if target < cur else 0.0
             else:
@@ -264,24 +274,21 @@ def slice_to_widths(
     after)}`` as :func:`apply_plan` returns it; a group this model does not have, or whose width
     is not ``before``, raises ``ValueError`` (the dense model is not the one that was pruned).
     """
-    DG = build_graph(model, example)
-    live = dict(iter_groups(DG, output_layers(model, num_classes)))
+    live = analyse(model, example, num_classes).by_name()
     missing = sorted(set(widths) - set(live))
     if missing:
         raise ValueError(f"groups {missing[:5]} are not in the rebuilt dense model")
-    cuts: list[tuple[nn.Module, list[int]]] = []
+    cuts: list[tuple[LiveGroup, list[int]]] = []
     for name, (before, after) in widths.items():
-        group = live[name]
-        root = group[0].dep.target.module
-        n = int(DG.get_out_channels(root))
+        g = live[name]
+        n = g.channels
         if n != int(before):
             raise ValueError(f"group {name} has {n} channels in the rebuilt dense model, {before} when it was pruned")
         if int(after) >= n:
             continue
         order = torch.arange(n, 0, -1, dtype=torch.float32)  # lowest score = last channel
-        cuts.append((root, _drop_indices(order, n, int(after), channel_groups(DG, group))))
-    for root, idxs in cuts:  # indices of one group never shift when another group is sliced
-        DG.get_pruning_group(root, DG.get_pruner_of_module(root).prune_out_channels, idxs).prune()
+        cuts.append((g, _drop_indices(order, n, int(after), g.ch_groups)))
+    _cut(model, cuts)
 
 
 def narrowing(
@@ -295,16 +302,66 @@ def narrowing(
     each width once the model has it: one dependency graph for all the widths of a group rather
     than one per width (latency staircases time a group at several widths; only the
     architecture matters, so, as in :func:`slice_to_widths`, the last channels go)."""
-    DG = build_graph(model, example)
-    live = dict(iter_groups(DG, output_layers(model, num_classes)))
-    if group not in live:
-        raise ValueError(f"group {group} is not in the model")
-    grp = live[group]
-    root = grp[0].dep.target.module
-    g = channel_groups(DG, grp)
+    live = analyse(model, example, num_classes).by_name()
+    if group not in live or live[group].kind == "heads":
+        raise ValueError(f"channel group {group} is not in the model")
+    g = live[group]
+    root, DG = g.root, g.DG
+    assert root is not None and DG is not None
     for w in sorted({int(w) for w in widths}, reverse=True):
         n = int(DG.get_out_channels(root))
         if w < n:
             order = torch.arange(n, 0, -1, dtype=torch.float32)
-            DG.get_pruning_group(root, DG.get_pruner_of_module(root).prune_out_channels, _drop_indices(order, n, w, g)).prune()
+            DG.get_pruning_group(root, DG.get_pruner_of_module(root).prune_out_channels, _drop_indices(order, n, w, g.ch_groups)).prune()
+            sync_shape_attributes(model)
         yield int(DG.get_out_channels(root))
+
+
+def check_prunable(
+    model: nn.Module,
+    example: torch.Tensor,
+    groups: list[Any],
+    num_classes: Optional[int] = None,
+    round_to: int = 8,
+    ratio: float = 0.3,
+) -> dict[str, str]:
+    """Groups whose pruning breaks the model, with the reason: {group name: error}.
+
+    Every group is pruned by ``ratio`` at once on a copy, which then runs in train and eval mode
+    (batch of two: train-mode BatchNorm needs it) and must still give ``num_classes`` outputs;
+    when that fails, the groups are bisected to the ones that fail alone. One copy and one
+    forward for a model that is fine, so architecture problems (a shape attribute nothing
+    updates, a reshape torch-pruning mistraced) surface in seconds, before the dense model
+    is trained, instead of failing every trial.
+    """
+    x = example[:1].repeat(2, *([1] * (example.dim() - 1)))
+    names = [g.name for g in groups]
+
+    def fails(subset: list[str]) -> Optional[str]:
+        m = copy.deepcopy(model)
+        try:
+            apply_plan(m, x[:1], PruningPlan({n: ratio for n in subset}, round_to=round_to), num_classes)
+            with torch.no_grad():
+                for train in (True, False):
+                    out = m.train(train)(x)
+                    out = out[0] if isinstance(out, (tuple, list)) else out
+                    if num_classes is not None and out.shape[-1] != num_classes:
+                        return f"output has {out.shape[-1]} values after pruning, not {num_classes}"
+        except Exception as exc:  # noqa: BLE001 - any failure means: not prunable this way
+            return f"{type(exc).__name__}: {' '.join(str(exc).split())}"[:300]
+        return None
+
+    bad: dict[str, str] = {}
+
+    def bisect(subset: list[str], reason: Optional[str]) -> None:
+        if reason is None:
+            return
+        if len(subset) == 1:
+            bad[subset[0]] = reason
+            return
+        half = len(subset) // 2
+        for part in (subset[:half], subset[half:]):
+            bisect(part, fails(part))
+
+    bisect(names, fails(names) if names else None)
+    return bad

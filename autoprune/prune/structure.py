@@ -8,16 +8,30 @@ prunes; that name is what search spaces match with glob patterns and what trials
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import fnmatch
+import math
+import multiprocessing
+import os
+import sys
+import traceback
 from dataclasses import dataclass, field
-from typing import Iterator, Optional, Sequence
+from pathlib import Path
+from typing import Any, Iterator, Optional, Sequence
 
 import torch
 import torch.nn as nn
 import torch_pruning as tp
 
+try:
+    import resource
+except ImportError:  # not on Windows
+    resource = None  # type: ignore[assignment]
+
 from autoprune.config import LayerRule
 from autoprune.errors import ConfigError
+from autoprune.prune.attention import CUSTOM_PRUNERS, HEAD_TYPES, SlimAttention, num_heads
 
 ROOT_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 
@@ -37,6 +51,8 @@ class PrunableGroup:
     low: float = 0.0
     high: float = 0.0
     methods: list[str] = field(default_factory=list)
+    #: ``channels`` | ``embedding`` (a transformer's model width) | ``heads`` (whole attention heads).
+    kind: str = "channels"
 
 
 def output_layers(model: nn.Module, num_classes: Optional[int] = None) -> list[nn.Module]:
@@ -52,18 +68,22 @@ def output_layers(model: nn.Module, num_classes: Optional[int] = None) -> list[n
 
 def build_graph(model: nn.Module, example: torch.Tensor) -> tp.DependencyGraph:
     model.eval()
-    return tp.DependencyGraph().build_dependency(model, example_inputs=example)
+    return tp.DependencyGraph().build_dependency(model, example_inputs=example, customized_pruners=dict(CUSTOM_PRUNERS))
 
 
 def channel_groups(DG: tp.DependencyGraph, group: tp.Group) -> int:
-    """Grouped convs (not depthwise) force the same removal pattern in each of their groups."""
+    """The unit a group's width must stay a multiple of, and the number of blocks that drop the
+    same pattern: grouped convs (not depthwise), GroupNorm, and ``nn.MultiheadAttention``
+    (its embedding width must stay divisible by ``num_heads``)."""
     g = 1
     for dep, _ in group:
         m = dep.target.module
         if isinstance(m, nn.modules.conv._ConvNd) and m.groups > 1 and m.groups != m.out_channels:
-            g = max(g, m.groups)
+            g = math.lcm(g, m.groups)
         elif isinstance(m, nn.GroupNorm):
-            g = max(g, m.num_groups)
+            g = math.lcm(g, m.num_groups)
+        elif isinstance(m, nn.MultiheadAttention):
+            g = math.lcm(g, m.num_heads)
     return g
 
 
@@ -89,23 +109,186 @@ def iter_groups(DG: tp.DependencyGraph, ignored: Sequence[nn.Module]) -> Iterato
         yield names[id(root)], group
 
 
-def find_groups(model: nn.Module, example: torch.Tensor, num_classes: Optional[int] = None) -> list[PrunableGroup]:
-    """List every prunable group of ``model`` (the output layer excluded)."""
-    DG = build_graph(model, example)
-    out = []
-    names = graph_names(DG)
-    for name, group in iter_groups(DG, output_layers(model, num_classes)):
-        root = group[0].dep.target.module
-        members, consumers = set(), set()
-        for dep, _ in group:
-            mod_name = names.get(id(dep.target.module))
-            if mod_name is None:
+# --------------------------------------------------------------------------- the live structure
+@dataclass
+class LiveGroup:
+    """A group as it is on the model right now, with what prunes it.
+
+    ``kind``: ``channels`` (a torch-pruning group), ``embedding`` (a torch-pruning group that
+    holds a transformer's embedding width: every block's attention and residual stream; searched
+    only when the search space says ``embedding: true``), or ``heads`` (the whole heads of one
+    attention module, pruned by :mod:`autoprune.prune.attention`; ``group``/``DG`` are None).
+    """
+
+    name: str
+    kind: str
+    channels: int
+    ch_groups: int
+    module: str  # qualified name of the root (channels) or attention module (heads)
+    DG: Optional[tp.DependencyGraph] = None
+    group: Optional[tp.Group] = None
+    members: list[str] = field(default_factory=list)
+    consumers: list[str] = field(default_factory=list)
+
+    @property
+    def root(self) -> Optional[nn.Module]:
+        return self.group[0].dep.target.module if self.group is not None else None
+
+
+@dataclass
+class Structure:
+    """Every group of a model, and the parts left unpruned with the reason (name → reason)."""
+
+    groups: list[LiveGroup]
+    unprunable: dict[str, str] = field(default_factory=dict)
+
+    def by_name(self) -> dict[str, LiveGroup]:
+        return {g.name: g for g in self.groups}
+
+
+def analyse(model: nn.Module, example: torch.Tensor, num_classes: Optional[int] = None) -> Structure:
+    """The model's groups: torch-pruning's dependency groups, plus one heads group per attention
+    module. Where torch-pruning cannot trace the model (e.g. ShuffleNetV2's channel shuffle: a
+    ZeroDivisionError in its reshape index mapping), the model is split into the largest
+    sub-modules it can trace; their inner groups stay prunable, the widths that cross their
+    borders are left unpruned and reported in ``unprunable`` (never an exception)."""
+    model.eval()
+    outputs = output_layers(model, num_classes)
+    regions, unprunable = _regions(model, example)
+    groups: list[LiveGroup] = []
+    seen: set[str] = set()
+    for prefix, region, DG, x in regions:
+        names = graph_names(DG)
+        for local, group in iter_groups(DG, [m for m in outputs if any(m is r for r in region.modules())]):
+            root = group[0].dep.target.module
+            name = prefix + local
+            if prefix and not _inner(prefix, region, DG, group, x):
                 continue
-            (members if DG.is_out_channel_pruning_fn(dep.handler) else consumers).add(mod_name)
-        out.append(
-            PrunableGroup(name, int(DG.get_out_channels(root)), channel_groups(DG, group), sorted(members), sorted(consumers - members))
-        )
-    return out
+            members, consumers, kind = set(), set(), "channels"
+            for dep, _ in group:
+                mod = dep.target.module
+                mod_name = names.get(id(mod))
+                if isinstance(mod, (nn.MultiheadAttention, SlimAttention)) and DG.is_out_channel_pruning_fn(dep.handler):
+                    kind = "embedding"
+                if mod_name is None:
+                    continue
+                (members if DG.is_out_channel_pruning_fn(dep.handler) else consumers).add(prefix + mod_name)
+            if kind == "embedding":
+                order = {n: i for i, (n, _) in enumerate(model.named_modules())}
+                first = min((m for m in members if m in order), key=order.__getitem__, default=name)
+                name = f"{first} (embedding)"
+            if name in seen:
+                continue
+            seen.add(name)
+            groups.append(LiveGroup(name, kind, int(DG.get_out_channels(root)), channel_groups(DG, group), prefix + local, DG, group,
+                                    sorted(members), sorted(consumers - members)))
+    for name, m in model.named_modules():
+        if isinstance(m, SlimAttention) or (isinstance(m, HEAD_TYPES) and _heads_supported(m)):
+            if num_heads(m) > 1:
+                groups.append(LiveGroup(f"{name} (heads)", "heads", num_heads(m), 1, name, members=[name]))
+        elif isinstance(m, HEAD_TYPES):
+            unprunable[f"{name} (heads)"] = "only self-attention with one in_proj_weight and no bias_k/add_zero_attn has its heads pruned"
+    return Structure(groups, unprunable)
+
+
+def _heads_supported(m: nn.MultiheadAttention) -> bool:
+    return bool(m._qkv_same_embed_dim) and m.bias_k is None and not m.add_zero_attn
+
+
+def _regions(model: nn.Module, example: torch.Tensor) -> tuple[list[tuple[str, nn.Module, tp.DependencyGraph, torch.Tensor]], dict[str, str]]:
+    """(name prefix, module, dependency graph, its input) of the largest traceable parts."""
+    try:
+        return [("", model, build_graph(model, example), example)], {}
+    except Exception as exc:  # noqa: BLE001 - torch-pruning raises whatever its tracing hits
+        whole = _why(exc)
+    inputs = _module_inputs(model, example)
+    regions: list[tuple[str, nn.Module, tp.DependencyGraph, torch.Tensor]] = []
+    unprunable: dict[str, str] = {}
+
+    def visit(prefix: str, module: nn.Module, reason: str) -> None:
+        failed = []
+        for cname, child in module.named_children():
+            full = prefix + cname
+            if isinstance(child, ROOT_TYPES) or not any(isinstance(m, ROOT_TYPES) for m in child.modules()):
+                continue
+            x = inputs.get(full)
+            if x is None:
+                failed.append(full)
+                continue
+            try:
+                regions.append((full + ".", child, build_graph(child, x), x))
+            except Exception as exc:  # noqa: BLE001
+                visit(full + ".", child, _why(exc))
+        unprunable[prefix.rstrip(".") or "(model)"] = (
+            f"widths between its parts left unpruned: torch-pruning cannot trace it ({reason})"
+            + (f"; not traced either (called more than once or not with one tensor): {', '.join(failed)}" if failed else ""))
+
+    visit("", model, whole)
+    model.eval()
+    return regions, unprunable
+
+
+def _why(exc: BaseException) -> str:
+    where = traceback.extract_tb(exc.__traceback__)[-1] if exc.__traceback__ else None
+    at = f" in {Path(where.filename).name}:{where.name}" if where else ""
+    return f"{type(exc).__name__}{at}: {exc}"[:300]
+
+
+def _module_inputs(model: nn.Module, example: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The input each sub-module got in one forward, for those called once with one tensor."""
+    seen: dict[str, Optional[torch.Tensor]] = {}
+    hooks = []
+    for name, m in model.named_modules():
+        def hook(mod: nn.Module, args: tuple, name: str = name) -> None:
+            one = len(args) == 1 and isinstance(args[0], torch.Tensor)
+            seen[name] = args[0].detach() if one and name not in seen else None
+        hooks.append(m.register_forward_pre_hook(hook))
+    try:
+        with torch.no_grad():
+            model.eval()(example)
+    finally:
+        for h in hooks:
+            h.remove()
+    return {k: v for k, v in seen.items() if v is not None}
+
+
+#: (region name, region repr, input shape, root) → whether that group stays inside its region.
+_INNER_CACHE: dict[tuple[str, str, tuple[int, ...], str], bool] = {}
+
+
+def _inner(prefix: str, region: nn.Module, DG: tp.DependencyGraph, group: tp.Group, x: torch.Tensor) -> bool:
+    """Whether pruning ``group`` keeps the region's input and output shapes (a group that
+    changes them would need the layers outside the region, which torch-pruning could not trace).
+    Tested on a copy: prune one unit, run the region."""
+    root_name = graph_names(DG)[id(group[0].dep.target.module)]
+    key = (prefix, repr(region), tuple(x.shape), root_name)
+    if key not in _INNER_CACHE:
+        ok = False
+        with contextlib.suppress(Exception):
+            with torch.no_grad():
+                ref = region.eval()(x).shape
+            copy_ = copy.deepcopy(region).eval()
+            DG2 = build_graph(copy_, x)  # tracing needs autograd: not under no_grad
+            root = copy_.get_submodule(root_name)
+            prune = DG2.get_pruner_of_module(root).prune_out_channels
+            g = channel_groups(DG2, DG2.get_pruning_group(root, prune, [0]))
+            n = int(DG2.get_out_channels(root))
+            if n > g:
+                DG2.get_pruning_group(root, prune, [i * (n // g) for i in range(g)]).prune()
+                with torch.no_grad():
+                    ok = copy_(x).shape == ref
+        _INNER_CACHE[key] = ok
+    return _INNER_CACHE[key]
+
+
+def find_groups(model: nn.Module, example: torch.Tensor, num_classes: Optional[int] = None, embedding: bool = False) -> list[PrunableGroup]:
+    """List every prunable group of ``model`` (the output layer excluded); a transformer's
+    embedding width only with ``embedding`` (it touches every block)."""
+    return [to_prunable(g) for g in analyse(model, example, num_classes).groups if embedding or g.kind != "embedding"]
+
+
+def to_prunable(g: LiveGroup) -> PrunableGroup:
+    return PrunableGroup(g.name, g.channels, g.ch_groups, list(g.members), list(g.consumers), kind=g.kind)
 
 
 def apply_rules(groups: list[PrunableGroup], low: float, high: float, methods: list[str], rules: list[LayerRule], source: str = "search space") -> list[PrunableGroup]:
@@ -141,3 +324,65 @@ def apply_rules(groups: list[PrunableGroup], low: float, high: float, methods: l
         names = ", ".join(g.name for g in groups)
         raise ConfigError(f"{source}: key 'layers.pattern': {unused} match no prunable group; groups are: {names}")
     return kept
+
+
+# --------------------------------------------------------------------------- bounded analysis
+#: What the structure analysis of one model may take before it is refused: torch-pruning's
+#: tracing can grow without bound on some constructs (Swin's shifted windows: all memory of a
+#: 23 GB machine, upstream Torch-Pruning #525).
+PROBE_MEMORY_MB = 4096
+PROBE_TIMEOUT_S = 120.0
+
+
+def probe_structure(model: nn.Module, example: torch.Tensor, num_classes: Optional[int] = None,
+                    memory_mb: float = PROBE_MEMORY_MB, timeout_s: float = PROBE_TIMEOUT_S) -> None:
+    """Run :func:`analyse` once in a forked child under an address-space limit (``RLIMIT_AS``:
+    a hard bound, the kernel refuses the allocation) and a wall-clock timeout; raise a
+    ConfigError naming the model's unusual constructs when it runs out of either.
+
+    The dependency graph holds live references into the model, so it cannot come back from a
+    child; the parent builds its own once the probe proved the analysis fits. Where ``fork``
+    or ``RLIMIT_AS`` do not exist (Windows, macOS), the analysis runs unbounded.
+    """
+    if not hasattr(os, "fork") or resource is None or sys.platform != "linux":
+        return
+    ctx = multiprocessing.get_context("fork")
+    recv, send = ctx.Pipe(duplex=False)
+    proc = ctx.Process(target=_probe_child, args=(send, model, example, num_classes, memory_mb), daemon=True)
+    proc.start()
+    send.close()
+    verdict: Optional[tuple[str, str]] = None
+    if recv.poll(timeout_s):
+        with contextlib.suppress(EOFError):
+            verdict = recv.recv()
+    if proc.is_alive():
+        proc.kill()
+    proc.join()
+    if verdict is not None and verdict[0] == "ok":
+        return
+    what = type(model).__name__
+    special = sorted({type(m).__name__ for m in model.modules() if "attention" in type(m).__name__.lower()
+                      and not isinstance(m, (nn.MultiheadAttention, SlimAttention))})
+    construct = f" (its {', '.join(special)} layers)" if special else ""
+    if verdict is None:
+        why = (f"took more than {timeout_s:.0f} s" if proc.exitcode in (None, -9) else
+               f"ran out of its {memory_mb:.0f} MB memory bound (exit code {proc.exitcode})")
+    else:
+        why = f"failed: {verdict[1]}"
+    raise ConfigError(f"model {what}: torch-pruning's structure analysis {why}{construct}; this architecture is not supported "
+                      f"(torch-pruning's tracing of its reshapes explodes, upstream Torch-Pruning #525)")
+
+
+def _probe_child(send: Any, model: nn.Module, example: torch.Tensor, num_classes: Optional[int], memory_mb: float) -> None:
+    torch.set_num_threads(1)  # the parent's thread pool does not survive fork
+    with open("/proc/self/status") as f:
+        vm = next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmSize:"))
+    limit = vm + int(memory_mb * 2**20)
+    resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+    try:
+        analyse(model, example, num_classes)
+        send.send(("ok", ""))
+    except MemoryError:
+        send.send(("memory", f"ran out of its {memory_mb:.0f} MB memory bound"))
+    except BaseException as exc:  # noqa: BLE001 - reported to the parent, which decides
+        send.send(("error", _why(exc)))

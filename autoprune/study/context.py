@@ -33,7 +33,8 @@ from autoprune.measure.staircase import (
     learned_widths,
     load_or_measure,
 )
-from autoprune.prune.structure import PrunableGroup, apply_rules, find_groups
+from autoprune.prune.plan import check_prunable
+from autoprune.prune.structure import PrunableGroup, apply_rules, find_groups, probe_structure
 from autoprune.runfolder import RunFolder, atomic_write_text
 from autoprune.study.priors import (
     flops_savings,
@@ -99,7 +100,7 @@ class SearchContext:
 
 def _check_model(
     cfg: RunConfig, space: SearchSpace, profile: DeviceProfile, base: nn.Module, data: DataBundle, num_classes: int
-) -> tuple[torch.Tensor, list[PrunableGroup]]:
+) -> tuple[torch.Tensor, list[PrunableGroup], dict[str, str]]:
     """The example input (at the profile's batch size) and the prunable groups with the search
     space's rules applied, found on ``base`` before it is trained: a model that refuses the input
     shape or a layer pattern that matches nothing fails in seconds, not after pre-training.
@@ -113,12 +114,21 @@ def _check_model(
     except Exception as exc:  # noqa: BLE001
         raise ConfigError(f"model {cfg.model} does not accept input of shape {list(example[:1].shape)}: {exc}") from None
 
+    # The analysis runs bounded first (a forked probe): some architectures make torch-pruning's
+    # tracing take all memory. Then every group is pruned a little on a copy and run (train and
+    # eval mode): a group that breaks the model is left out with its reason, not tried by trials.
+    probe_structure(base, example[:1], num_classes)
     groups = apply_rules(
-        find_groups(base, example[:1], num_classes), space.low, space.high, space.methods, space.layers, f"search space {cfg.search_space}"
+        find_groups(base, example[:1], num_classes, embedding=space.embedding), space.low, space.high, space.methods, space.layers,
+        f"search space {cfg.search_space}"
     )
+    broken = check_prunable(base, example[:1], [g for g in groups if g.high > 0], num_classes, space.round_to)
+    for name, why in broken.items():
+        log.warning("group %s left unpruned: pruning it breaks the model (%s)", name, why)
+    groups = [g for g in groups if g.name not in broken]
     if not groups:
         raise ConfigError(f"search space {cfg.search_space}: every prunable group is skipped; nothing to search")
-    return example, groups
+    return example, groups, broken
 
 
 def prepare(cfg: RunConfig, console: Optional[Callable[[str], None]] = None) -> SearchContext:
@@ -141,7 +151,10 @@ def prepare(cfg: RunConfig, console: Optional[Callable[[str], None]] = None) -> 
     num_classes = cfg.num_classes or data.num_classes
     shape = tuple(profile.input_shape) if profile.input_shape else data.input_shape
     base, recipe, fresh = _dense_model(cfg, data, num_classes, shape, run, say)
-    example, groups = _check_model(cfg, space, profile, base, data, num_classes)
+    say(f"checking that every prunable group of {cfg.model} can be pruned")
+    example, groups, broken = _check_model(cfg, space, profile, base, data, num_classes)
+    if broken:  # kept for the report: why a group the user may expect is not searched
+        atomic_write_text(run.root / "unprunable.json", json.dumps(broken, indent=2))
     # The dense model (every trial's starting point and distillation teacher) stays on the train
     # device for the whole run; groups were found on the CPU above and name modules, not tensors.
     prepare_model(base, setup)
@@ -167,12 +180,12 @@ def prepare(cfg: RunConfig, console: Optional[Callable[[str], None]] = None) -> 
         drops = load_or_scan(
             run.sensitivity, base=base, groups=groups, data=data, example=example[:1],
             calib=calib[: eff.bn_batches] if eff.bn_recalibration else [], ratio=eff.sensitivity_ratio, round_to=space.round_unit,
-            setup=setup,
+            setup=setup, progress=say,
         )
         if space.seed_spread > 0 and space.seed_uniform:
             savings = load_or_compute(
                 run.flops_savings, flops_savings, base=base, groups=groups, example=example[:1],
-                num_classes=num_classes, ratio=eff.sensitivity_ratio, round_to=space.round_unit,
+                num_classes=num_classes, ratio=eff.sensitivity_ratio, round_to=space.round_unit, progress=say,
             )
         groups = shape_ranges(groups, drops, eff.sensitivity_strength)
 
