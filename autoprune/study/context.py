@@ -122,7 +122,7 @@ def _check_model(
         find_groups(base, example[:1], num_classes, embedding=space.embedding), space.low, space.high, space.methods, space.layers,
         f"search space {cfg.search_space}"
     )
-    broken = check_prunable(base, example[:1], [g for g in groups if g.high > 0], num_classes, space.round_to)
+    broken = check_prunable(base, example[:1], [g for g in groups if g.high > 0], num_classes, space.round_unit)
     for name, why in broken.items():
         log.warning("group %s left unpruned: pruning it breaks the model (%s)", name, why)
     groups = [g for g in groups if g.name not in broken]
