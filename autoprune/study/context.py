@@ -49,6 +49,7 @@ from autoprune.train.models import (
     evaluate,
     pretrain,
 )
+from autoprune.train.task import ClassificationTask, Task, load_task
 
 log = logging.getLogger("autoprune")
 
@@ -72,6 +73,8 @@ class SearchContext:
     savings: dict[str, float] = field(default_factory=dict)
     #: What rebuilds the dense model (``train/checkpoint.py``); trial files add their widths to it.
     recipe: dict[str, Any] = field(default_factory=dict)
+    #: What the model is for (run config ``task:``): its loss, distillation and metric.
+    task: Task = field(default_factory=ClassificationTask)
 
     @property
     def example1(self) -> torch.Tensor:
@@ -83,7 +86,8 @@ class SearchContext:
 
 
 def _check_model(
-    cfg: RunConfig, space: SearchSpace, profile: DeviceProfile, base: nn.Module, data: DataBundle, num_classes: int
+    cfg: RunConfig, space: SearchSpace, profile: DeviceProfile, base: nn.Module, data: DataBundle, num_classes: int,
+    task: Optional[Task] = None,
 ) -> tuple[torch.Tensor, list[PrunableGroup]]:
     """The example input (at the profile's batch size) and the prunable groups with the search
     space's rules applied, found on ``base`` before it is trained: a model that refuses the input
@@ -91,6 +95,8 @@ def _check_model(
     The groups depend only on the architecture, so they hold for the trained weights too."""
     shape = tuple(profile.input_shape) if profile.input_shape else data.input_shape
     example = torch.randn(profile.batch_size, *shape, generator=torch.Generator().manual_seed(cfg.search.seed))
+    own = task.example_input(data, profile.batch_size) if task is not None else None
+    example = own.detach().float() if own is not None else example
     base.eval()
     try:
         with torch.no_grad():
@@ -118,19 +124,20 @@ def prepare(cfg: RunConfig, console: Optional[Callable[[str], None]] = None) -> 
     run = RunFolder(Path(cfg.out))
     run.root.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.search.seed)
+    task = load_task(cfg.task, cfg.output)
 
     data = load_data(cfg.data, cfg.image_size, cfg.val_fraction, cfg.data_seed)
     num_classes = cfg.num_classes or data.num_classes
     shape = tuple(profile.input_shape) if profile.input_shape else data.input_shape
     base, recipe, fresh = _dense_model(cfg, data, num_classes, shape, run, say)
-    example, groups = _check_model(cfg, space, profile, base, data, num_classes)
+    example, groups = _check_model(cfg, space, profile, base, data, num_classes, task)
     if fresh:
         if recipe["trained"] is not None:
             # The config holds exactly one budget: steps, or (steps null) wall-clock seconds.
             seconds = cfg.pretrain_seconds or 0.0
             budget = f"{cfg.pretrain_steps} steps" if cfg.pretrain_steps is not None else f"{seconds:g}s of wall time"
             say(f"training the dense {cfg.model} model for {budget} (no trained weights were given)")
-            pretrain(base, data, seconds, seed=cfg.search.seed, steps=cfg.pretrain_steps)
+            pretrain(base, data, seconds, seed=cfg.search.seed, steps=cfg.pretrain_steps, task=task)
         save_model(base, run.base_model, recipe)
     base.eval()
 
@@ -143,6 +150,7 @@ def prepare(cfg: RunConfig, console: Optional[Callable[[str], None]] = None) -> 
         drops = load_or_scan(
             run.sensitivity, base=base, groups=groups, data=data, example=example[:1],
             calib=calib[: eff.bn_batches] if eff.bn_recalibration else [], ratio=eff.sensitivity_ratio, round_to=space.round_to,
+            task=task,
         )
         if space.seed_spread > 0 and space.seed_uniform:
             savings = load_or_compute(
@@ -157,14 +165,15 @@ def prepare(cfg: RunConfig, console: Optional[Callable[[str], None]] = None) -> 
     else:
         say("measuring the dense model")
         dense = {
-            "accuracy": evaluate(base, data),
+            "accuracy": evaluate(base, data, task=task),
+            "metric_name": task.metric_name,
             "params": count_params(base),
             "flops": count_flops(base, example[:1]),
             "profile": profile.name,
             **measure_model(base, example, profile, run.dense_onnx, cfg.exporter, calib=calib, run=run),
         }
         atomic_write_text(dense_path, json.dumps(dense, indent=2))
-    return SearchContext(cfg, space, profile, run, data, base, example, groups, dense, calib, drops, savings, recipe)
+    return SearchContext(cfg, space, profile, run, data, base, example, groups, dense, calib, drops, savings, recipe, task)
 
 
 def _dense_model(cfg: RunConfig, data: DataBundle, num_classes: int, shape: tuple[int, ...], run: RunFolder,

@@ -30,7 +30,7 @@ def rung0_history(study: Any) -> tuple[list[tuple[float, float, float]], list[tu
 
 
 def finetune_in_rungs(model: nn.Module, data: DataBundle, ft: FinetuneConfig, eff: EfficiencyConfig, teacher: nn.Module,
-                      seed: int, stop_after_rung0: Callable[[float], bool]) -> dict[str, Any]:
+                      seed: int, stop_after_rung0: Callable[[float], bool], task: Any = None) -> dict[str, Any]:
     """Fine-tune ``model`` in place, in two rungs when ``multi_fidelity`` is on.
 
     After the first ``rung0_fraction`` of the steps the model is evaluated and
@@ -41,13 +41,13 @@ def finetune_in_rungs(model: nn.Module, data: DataBundle, ft: FinetuneConfig, ef
     Returns the trial attributes: steps done, rung-0 accuracy, whether it stopped there.
     """
     if not eff.multi_fidelity or ft.steps < 3:
-        return {"finetune_steps": finetune(model, data, ft, teacher=teacher, seed=seed)}
+        return {"finetune_steps": finetune(model, data, ft, teacher=teacher, seed=seed, task=task)}
     rung0 = max(1, int(round(ft.steps * eff.rung0_fraction)))
-    done = finetune(model, data, ft, teacher=teacher, steps=rung0, seed=seed)
-    acc0 = evaluate(model, data)
+    done = finetune(model, data, ft, teacher=teacher, steps=rung0, seed=seed, task=task)
+    acc0 = evaluate(model, data, task=task)
     if stop_after_rung0(acc0):
         return {"finetune_steps": done, "accuracy_rung0": acc0, "stopped_at_rung0": True}
-    done += finetune(model, data, ft, teacher=teacher, steps=ft.steps - rung0, seed=seed + 7919)
+    done += finetune(model, data, ft, teacher=teacher, steps=ft.steps - rung0, seed=seed + 7919, task=task)
     return {"finetune_steps": done, "accuracy_rung0": acc0, "stopped_at_rung0": False}
 
 

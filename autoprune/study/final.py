@@ -26,12 +26,12 @@ def final_seed(cfg: Any, trial: int) -> int:
     return cfg.search.seed + 100_003 + trial
 
 
-def final_finetune(model: nn.Module, data: DataBundle, cfg: Any, teacher: nn.Module, trial: int, steps: int) -> int:
+def final_finetune(model: nn.Module, data: DataBundle, cfg: Any, teacher: nn.Module, trial: int, steps: int, task: Any = None) -> int:
     """The final stage's longer fine-tune of one trial's model, in place; its seed depends only
     on the config and trial number, so ``export --trial N --rebuild`` repeats it exactly."""
 
     with hold_zeros(model):  # unstructured / N:M zeros stay zero
-        return finetune(model, data, cfg.finetune, teacher=teacher, steps=steps, seed=final_seed(cfg, trial))
+        return finetune(model, data, cfg.finetune, teacher=teacher, steps=steps, seed=final_seed(cfg, trial), task=task)
 
 
 def final_stage(ctx: Any, rows: list[dict[str, Any]], say: Any = print) -> dict[str, dict[str, Any]]:
@@ -48,8 +48,8 @@ def final_stage(ctx: Any, rows: list[dict[str, Any]], say: Any = print) -> dict[
         if (key in done and done[key].get("steps") == steps) or not files.model.is_file():
             continue
         model = load_model(files.model, trust_pickle=ctx.cfg.trust_pickle)
-        final_finetune(model, ctx.data, ctx.cfg, ctx.base, r["trial"], steps)
-        acc = evaluate(model, ctx.data)
+        final_finetune(model, ctx.data, ctx.cfg, ctx.base, r["trial"], steps, task=ctx.task)
+        acc = evaluate(model, ctx.data, task=ctx.task)
         measured = measure_model(model, ctx.example, ctx.profile, files.final_onnx, ctx.cfg.exporter,
                                  calib=ctx.calib, run=ctx.run, dense=ctx.base)
         save_model(model, files.final_model, pruned_recipe(ctx.recipe, r["widths"]))

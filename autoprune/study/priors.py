@@ -47,13 +47,14 @@ def sensitivity_scan(
     ratio: float = 0.5,
     round_to: int = 8,
     max_batches: Optional[int] = 4,
+    task: Optional[Any] = None,
 ) -> dict[str, float]:
     """Accuracy drop (dense − pruned) when only one group is pruned by ``ratio`` (L1, BN
     recalibrated, no fine-tune). Evaluated on at most ``max_batches`` validation batches."""
     # Compare like with like: the reference is the dense model with the same BN recalibration.
     ref = copy.deepcopy(base)
     recalibrate_bn(ref, calib)
-    dense_acc = evaluate(ref, data, max_batches=max_batches)
+    dense_acc = evaluate(ref, data, max_batches=max_batches, task=task)
     out: dict[str, float] = {}
     for g in groups:
         m = pruned_alone(base, g, example, data.num_classes, ratio, round_to)
@@ -61,7 +62,7 @@ def sensitivity_scan(
             out[g.name] = 0.0
             continue
         recalibrate_bn(m, calib)
-        out[g.name] = dense_acc - evaluate(m, data, max_batches=max_batches)
+        out[g.name] = dense_acc - evaluate(m, data, max_batches=max_batches, task=task)
     return out
 
 

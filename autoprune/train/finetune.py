@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from autoprune.config import FinetuneConfig
 from autoprune.errors import NonFiniteLoss
 from autoprune.train.data import DataBundle
+from autoprune.train.task import ClassificationTask, Task
 
 
 def distill_loss(student: torch.Tensor, teacher: torch.Tensor, y: torch.Tensor, alpha: float, T: float) -> torch.Tensor:
@@ -33,8 +34,11 @@ def finetune(
     teacher: Optional[nn.Module] = None,
     steps: Optional[int] = None,
     seed: int = 0,
+    task: Optional[Task] = None,
 ) -> int:
-    """Train ``model`` in place for ``steps`` (default ``cfg.steps``) optimizer steps."""
+    """Train ``model`` in place for ``steps`` (default ``cfg.steps``) optimizer steps on the
+    ``task``'s loss (default: classification), distilled from ``teacher`` when given."""
+    task = task or ClassificationTask()
     steps = cfg.steps if steps is None else steps
     if steps <= 0:
         return 0
@@ -47,13 +51,7 @@ def finetune(
     while done < steps:
         model.train()
         for x, y in data.loader("train", cfg.batch_size, shuffle=True, seed=seed * 1000 + epoch):
-            out = model(x)
-            if teacher is not None and cfg.distill_alpha > 0:
-                with torch.no_grad():
-                    t_out = teacher(x)
-                loss = distill_loss(out, t_out, y, cfg.distill_alpha, cfg.temperature)
-            else:
-                loss = F.cross_entropy(out, y)
+            loss = task.loss(model, (x, y), teacher, cfg.distill_alpha, cfg.temperature)
             if not torch.isfinite(loss):
                 raise NonFiniteLoss(f"non-finite loss {loss.item()} at fine-tune step {done}")
             opt.zero_grad(set_to_none=True)

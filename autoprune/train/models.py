@@ -7,6 +7,7 @@ both are needed before anything is pruned.
 from __future__ import annotations
 
 import importlib
+import itertools
 import math
 import time
 from pathlib import Path
@@ -17,8 +18,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from autoprune.errors import ConfigError
+from autoprune.outputs import drop_aux_heads, without_dropped
 from autoprune.runfolder import torch_load
 from autoprune.train.data import DataBundle
+from autoprune.train.task import ClassificationTask, Task
 
 
 class BasicBlock(nn.Module):
@@ -79,7 +82,9 @@ def _torchvision(name: str, num_classes: int) -> Optional[nn.Module]:
     if name not in tvm.list_models(module=tvm):
         return None
     # weights=None: nothing is downloaded; users bring trained weights as a checkpoint.
-    return tvm.get_model(name, weights=None, num_classes=num_classes)
+    model = tvm.get_model(name, weights=None, num_classes=num_classes)
+    drop_aux_heads(model)  # GoogLeNet / Inception v3: one output, pruned consistently (autoprune.outputs)
+    return model
 
 
 def _examples(keys: list[str], n: int = 2) -> str:
@@ -137,7 +142,7 @@ def _from_checkpoint(path: Path, num_classes: int, trust_pickle: bool = False) -
     if isinstance(obj, dict) and "arch" in obj and "state_dict" in obj:
         model = build_model(str(obj["arch"]), int(obj.get("num_classes", num_classes)))
         try:
-            model.load_state_dict(obj["state_dict"])
+            model.load_state_dict(without_dropped(obj["state_dict"], model) if isinstance(obj["state_dict"], dict) else obj["state_dict"])
         except (RuntimeError, TypeError):
             raise ConfigError(state_dict_mismatch(path, obj, model)) from None
         return model
@@ -185,20 +190,19 @@ def build_model(ref: str, num_classes: int, in_channels: Optional[int] = None, t
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, data: DataBundle, batch_size: int = 256, max_batches: Optional[int] = None) -> float:
-    """Top-1 accuracy on the held-out split."""
+def evaluate(model: nn.Module, data: DataBundle, batch_size: int = 256, max_batches: Optional[int] = None,
+             task: Optional[Task] = None) -> float:
+    """The ``task``'s metric on the held-out split (default: top-1 accuracy)."""
     model.eval()
-    correct = total = 0
-    for i, (x, y) in enumerate(data.loader("val", batch_size)):
-        if max_batches is not None and i >= max_batches:
-            break
-        correct += int((model(x).argmax(1) == y).sum())
-        total += int(y.numel())
-    return correct / max(total, 1)
+    loader: Any = data.loader("val", batch_size)
+    if max_batches is not None:
+        loader = itertools.islice(loader, max_batches)
+    return (task or ClassificationTask()).evaluate(model, loader)
 
 
 def pretrain(
-    model: nn.Module, data: DataBundle, seconds: float, lr: float = 3e-3, batch_size: int = 64, seed: int = 0, steps: Optional[int] = None
+    model: nn.Module, data: DataBundle, seconds: float, lr: float = 3e-3, batch_size: int = 64, seed: int = 0, steps: Optional[int] = None,
+    task: Optional[Task] = None,
 ) -> int:
     """Train for a wall-clock budget, or exactly ``steps`` steps when given (reproducible on a
     loaded machine). The demo needs a trained dense model to prune. Returns the steps taken."""
@@ -207,6 +211,7 @@ def pretrain(
     # A known step count gets a cosine decay: the last steps settle the weights instead of
     # leaving them wherever the constant-rate noise put them (a few points on small data).
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps))) if steps else None
+    task = task or ClassificationTask()
     model.train()
     target = steps
     done, t0, epoch = 0, time.perf_counter(), 0
@@ -217,7 +222,7 @@ def pretrain(
     while not finished():
         for x, y in data.loader("train", batch_size, shuffle=True, seed=seed + epoch):
             opt.zero_grad(set_to_none=True)
-            F.cross_entropy(model(x), y).backward()
+            task.loss(model, (x, y)).backward()
             opt.step()
             if sched is not None:
                 sched.step()
