@@ -110,3 +110,32 @@ def without_dropped(state_dict: Mapping[str, Any], model: nn.Module) -> dict[str
     auxiliary heads): a checkpoint trained with them still loads strictly into the model without."""
     gone = {n for n in AUX_HEADS if hasattr(model, n) and getattr(model, n) is None}
     return {k: v for k, v in state_dict.items() if k.split(".", 1)[0] not in gone}
+
+
+def train_only_modules(model: nn.Module, example: torch.Tensor) -> list[str]:
+    """Names of the modules with parameters that run in train mode but not in eval mode: the
+    auxiliary heads of a model its own code builds (torchvision's are dropped by
+    :func:`drop_aux_heads`). The dependency graph is traced in eval mode, so pruning would leave
+    such a head reading channels that no longer exist and every fine-tune would fail; the search
+    refuses the model before training instead. Runs on a copy (train-mode BatchNorm would move
+    the running statistics); a model whose train-mode forward fails here is left to the search."""
+    import copy
+
+    probe = copy.deepcopy(model)
+    x = example[:1].repeat(2, *([1] * (example.dim() - 1)))  # BatchNorm in train mode needs 2+ values
+    reached: dict[bool, set[str]] = {}
+    for training in (False, True):
+        seen: set[str] = set()
+        hooks = [m.register_forward_hook(lambda m, i, o, n=n: seen.add(n)) for n, m in probe.named_modules()]
+        try:
+            with torch.no_grad():
+                probe.train(training)(x)
+        except Exception:  # noqa: BLE001 - only a probe: the search reports real failures itself
+            return []
+        finally:
+            for h in hooks:
+                h.remove()
+        reached[training] = seen
+    only = sorted(reached[True] - reached[False])
+    with_params = [n for n in only if any(True for _ in probe.get_submodule(n).parameters())]
+    return [n for n in with_params if not any(n.startswith(o + ".") for o in with_params)]  # outermost only

@@ -294,3 +294,25 @@ def test_segmentation_example_searches_picks_and_runs_from_its_bundle(tmp_path, 
     out = subprocess.run([sys.executable, "infer_example.py"], cwd=dest, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     assert "onnxruntime: class mask [1, 32, 32]" in out.stdout and "miou" in out.stdout
+
+
+def test_a_model_with_train_only_heads_is_refused_before_training(tmp_path, fast_profile, monkeypatch):
+    (tmp_path / "aux_model.py").write_text(
+        "import torch.nn as nn\n"
+        "class AuxNet(nn.Module):\n"
+        "    def __init__(self, num_classes=10):\n"
+        "        super().__init__()\n"
+        "        self.body = nn.Sequential(nn.Conv2d(1, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU())\n"
+        "        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, num_classes))\n"
+        "        self.aux = nn.Sequential(nn.Conv2d(16, 8, 1), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, num_classes))\n"
+        "    def forward(self, x):\n"
+        "        f = self.body(x)\n"
+        "        return (self.head(f), self.aux(f)) if self.training else self.head(f)\n"
+        "def build(num_classes=10):\n"
+        "    return AuxNet(num_classes)\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    cfg = tiny_run_config(tmp_path / "out", fast_profile, trials=1, model="aux_model:build")
+    with pytest.raises(ConfigError, match=r"aux_model:build: aux run only in train mode.*aux_logits=False"):
+        autoprune.run(load_run_config(str(write_yaml(tmp_path / "run.yaml", cfg))))
+    assert not (tmp_path / "out" / "base_model.pt").exists()

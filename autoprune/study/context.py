@@ -26,6 +26,7 @@ from autoprune.config import (
 from autoprune.errors import ConfigError
 from autoprune.measure import backends
 from autoprune.measure.candidate import measure_model
+from autoprune.outputs import train_only_modules
 from autoprune.prune.structure import PrunableGroup, apply_rules, find_groups
 from autoprune.runfolder import RunFolder, atomic_write_text
 from autoprune.study.priors import (
@@ -103,6 +104,11 @@ def _check_model(
             base(example[:1])
     except Exception as exc:  # noqa: BLE001
         raise ConfigError(f"model {cfg.model} does not accept input of shape {list(example[:1].shape)}: {exc}") from None
+    aux = train_only_modules(base, example)
+    if aux:
+        raise ConfigError(f"model {cfg.model}: {', '.join(aux)} run only in train mode (auxiliary heads); pruning follows the "
+                          "eval-mode graph, so they would be left reading removed channels; build the model without them "
+                          "(as torchvision's aux_logits=False) or return the main output alone in train mode too")
 
     groups = apply_rules(
         find_groups(base, example[:1], num_classes), space.low, space.high, space.methods, space.layers, f"search space {cfg.search_space}"
