@@ -82,7 +82,7 @@ def _progress_callback(progress: Progress, task: Any, console: Console, target: 
         if trial.state == optuna.trial.TrialState.COMPLETE:
             ua = trial.user_attrs
             console.log(
-                f"trial {trial.number}: acc {trial.values[0]:.3f} latency {trial.values[1]:.3f} ms "
+                f"trial {trial.number}: {ua.get('metric_name', 'acc')} {trial.values[0]:.3f} latency {trial.values[1]:.3f} ms "
                 f"params {ua.get('params', 0):,} ({ua.get('trial_s', 0):.1f}s)"
                 + (f" [{ua['skipped_finetune']}]" if ua.get("skipped_finetune") else "")
             )
@@ -126,7 +126,7 @@ def run(cfg: RunConfig, console: Optional[Console] = None, export: bool = True, 
             enqueue_seeds(study, ctx)
         already = len(completed(study))
         console.log(
-            f"{len(ctx.groups)} prunable groups; dense: acc {ctx.dense['accuracy']:.3f}, "
+            f"{len(ctx.groups)} prunable groups; dense: {ctx.task.metric_name} {ctx.dense['accuracy']:.3f}, "
             f"latency {ctx.dense['latency']['median_ms']:.3f} ms on {ctx.profile.name}; "
             f"{already}/{cfg.search.trials} trials already done; study in {redact_url(cfg.search.storage) or ctx.run.study_db}"
         )

@@ -16,7 +16,8 @@ from autoprune.errors import AutopruneError, ConfigError
 
 def _fmt_row_table(rows: list[dict], dense: Optional[dict], title: str) -> Table:
     t = Table(title=title)
-    for c in ("trial", "accuracy", "latency ms (median)", "p90 ms", "speed-up", "MFLOPs", "params", "ONNX KB"):
+    metric = (dense or {}).get("metric_name", "accuracy")  # the task's metric (miou, ...)
+    for c in ("trial", metric, "latency ms (median)", "p90 ms", "speed-up", "MFLOPs", "params", "ONNX KB"):
         t.add_column(c, justify="right")
     if dense:
         t.add_row("dense", f"{dense['accuracy']:.4f}", f"{dense['latency']['median_ms']:.3f}", f"{dense['latency']['p90_ms']:.3f}", "1.00x",

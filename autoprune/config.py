@@ -373,6 +373,12 @@ class RunConfig(_Strict):
     #: ``pretrain_steps: null`` alone trains for DEFAULT_PRETRAIN_SECONDS. Checkpoints never train.
     pretrain_steps: Optional[int] = Field(150, ge=0)
     pretrain_seconds: Optional[float] = Field(None, ge=0)
+    #: What the model is for: its loss, distillation and metric (``autoprune.train.task``): a
+    #: registered name (classification, segmentation) or ``package.module:object``.
+    task: str = "classification"
+    #: How to find the main output when the model returns a namedtuple, dict or tuple:
+    #: ``package.module:function``; null = ``autoprune.outputs.main_output`` (logits, out, first item).
+    output: Optional[str] = None
     search_space: str = "default"
     device_profile: str = "onnxruntime-cpu"
     out: str = "runs/digits-demo"

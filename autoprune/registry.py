@@ -1,4 +1,4 @@
-"""One registry class for every plug-in kind: pruning methods and latency backends.
+"""One registry class for every plug-in kind: pruning methods, latency backends and tasks.
 
 Modelled on timm's ``register_model``: a plug-in registers a zero-argument factory under a name;
 YAML files name plug-ins, so names are the public interface. Registering a name twice is almost
@@ -64,3 +64,5 @@ def _where(f: Callable[..., object]) -> str:
 METHODS: Registry = Registry("pruning method")
 #: Latency backends (autoprune.measure.backends registers the shipped ones).
 BACKENDS: Registry = Registry("backend")
+#: Tasks by name (``task: classification`` in a run config; autoprune.train.task registers the shipped ones).
+TASKS: Registry = Registry("task")

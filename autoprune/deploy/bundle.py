@@ -18,6 +18,7 @@ from typing import Any, Optional
 
 from autoprune.errors import ConfigError
 from autoprune.measure.onnx import file_size
+from autoprune.outputs import main_output
 from autoprune.prune.plan import PruningPlan, apply_plan
 from autoprune.results.artifacts import versions
 from autoprune.results.front import search_profile_name
@@ -112,7 +113,7 @@ def _format_agreement(model: Any, example: Any, dest: Path, files: dict[str, str
 
     x = example.numpy()
     with torch.no_grad():
-        ref = model(example).numpy()
+        ref = main_output(model(example)).numpy()
     out: dict[str, float] = {}
     sess = ort.InferenceSession(str(dest / "model.onnx"), providers=["CPUExecutionProvider"])
     out["onnxruntime"] = float(np.abs(sess.run(None, {sess.get_inputs()[0].name: x})[0] - ref).max())
@@ -127,14 +128,14 @@ def _format_agreement(model: Any, example: Any, dest: Path, files: dict[str, str
     with torch.no_grad():
         if "torch_export" in files:
             ep = torch.export.load(str(dest / files["torch_export"]))
-            out["torch_export"] = float(np.abs(ep.module()(example).numpy() - ref).max())
+            out["torch_export"] = float(np.abs(main_output(ep.module()(example)).numpy() - ref).max())
         if "torchscript" in files:
             ts = torch.jit.load(str(dest / files["torchscript"]))
-            out["torchscript"] = float(np.abs(ts(example).numpy() - ref).max())
+            out["torchscript"] = float(np.abs(main_output(ts(example)).numpy() - ref).max())
     return out, default
 
 
-def evaluation(cfg: dict[str, Any]) -> dict[str, Any]:
+def evaluation(cfg: dict[str, Any], metric_name: str = "accuracy") -> dict[str, Any]:
     """How the card's accuracy was measured, with what rebuilds the held-out split: the split
     follows ``data_seed``, not ``search.seed`` (rebuilding it with the sampler seed would mix
     training images into the evaluation). Studies made before ``data_seed`` existed split
@@ -143,7 +144,8 @@ def evaluation(cfg: dict[str, Any]) -> dict[str, Any]:
     if data_seed is None:
         data_seed = (cfg.get("search") or {}).get("seed", 0)
     return {
-        "metric": "top-1 accuracy on the held-out split, PyTorch eager, after the trial's fine-tune",
+        "metric": ("top-1 accuracy" if metric_name == "accuracy" else f"{metric_name} (task {cfg.get('task')})")
+                  + " on the held-out split, PyTorch eager, after the trial's fine-tune",
         "data": cfg.get("data"), "image_size": cfg.get("image_size"), "val_fraction": cfg.get("val_fraction"),
         "data_seed": data_seed,
         # Trials scored on this many held-out images; the card's accuracy is on all of them (the
@@ -194,7 +196,8 @@ def _model_card(run_dir: Path, row: dict[str, Any], meta: dict[str, Any], model:
         "selection": {"budget": {k: v for k, v in budget.items() if v is not None}, "latency_profile": profile},
         "accuracy": row["accuracy"],
         "test_accuracy": row.get("test_accuracy"),
-        "evaluation": evaluation(cfg),
+        "metric_name": row.get("metric_name", "accuracy"),
+        "evaluation": evaluation(cfg, row.get("metric_name", "accuracy")),
         "dense": {"accuracy": dense.get("accuracy"), "val_accuracy": dense.get("val_accuracy"),
                   "test_accuracy": dense.get("test_accuracy"), "params": dense.get("params"), "flops": dense.get("flops"),
                   "latency_ms": (dense.get("latency") or {}).get("median_ms"), "onnx_bytes": dense.get("onnx_bytes"),

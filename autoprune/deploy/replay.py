@@ -165,7 +165,7 @@ def rebuild_trial(
         # Over-budget trials were scored on a few batches without a fine-tune; int8 trials on the
         # quantized file (their fp32 accuracy is kept beside it): check like with like.
         acc = evaluate(model, ctx.data, max_batches=OVER_BUDGET_EVAL_BATCHES if frozen.user_attrs.get("accuracy_estimated") else None,
-                       setup=ctx.train, split="search")
+                       setup=ctx.train, split="search", task=ctx.task)
         stored_acc = frozen.user_attrs.get("accuracy_fp32", frozen.values[0])
         if abs(acc - stored_acc) > tolerance:
             raise ConfigError(
@@ -186,10 +186,10 @@ def rebuild_trial(
                 model, source = load_model(final_pt, trust_pickle=trust_pickle), str(final_pt)
             else:
                 say(f"trial {trial}: repeating its final fine-tune ({final['steps']} steps)")
-                final_finetune(model, ctx.data, cfg, ctx.base, trial, final["steps"], ctx.train)
+                final_finetune(model, ctx.data, cfg, ctx.base, trial, final["steps"], ctx.train, task=ctx.task)
                 source += " + final fine-tune"
             model.eval()
-            facc = evaluate(model, ctx.data, setup=ctx.train, split="val")
+            facc = evaluate(model, ctx.data, setup=ctx.train, split="val", task=ctx.task)
             if abs(facc - final["final_accuracy"]) > tolerance:
                 raise ConfigError(
                     f"trial {trial}: the final-stage model has accuracy {facc:.4f} but final.json recorded "

@@ -107,14 +107,16 @@ def _eval_profile(profile: DeviceProfile) -> DeviceProfile:
 
 
 def evaluate_model_file(path: Path, data: Any, profile: DeviceProfile, batch_size: Optional[int] = None,
-                        split: str = "val") -> float:
-    """Top-1 accuracy of an exported (e.g. quantized) model file on the held-out ``split`` (see
-    ``DataBundle.loader``), run by the profile's runtime. The file's batch axis is static, so the last batch is padded and the
-    padding ignored."""
+                        split: str = "val", task: Any = None) -> float:
+    """Top-1 accuracy (or ``task``'s metric) of an exported (e.g. quantized) model file on the
+    held-out ``split`` (see ``DataBundle.loader``), run by the profile's runtime. The file's batch
+    axis is static, so the last batch is padded and the padding ignored."""
 
     prof = _eval_profile(profile)
     runner = backends.load(backends.ModelArtifact(Path(path), quantized=True), prof)
     b = batch_size or _input_shape(Path(path))[0]
+    if task is not None:
+        return float(task.evaluate(_padded_runner(runner, b), data.loader(split, 256)))
     correct = total = 0
     for x, y in data.loader(split, 256):
         xs = x.numpy().astype(np.float32)
@@ -129,8 +131,25 @@ def evaluate_model_file(path: Path, data: Any, profile: DeviceProfile, batch_siz
     return correct / max(total, 1)
 
 
+def _padded_runner(runner: Any, b: int) -> Any:
+    """``runner`` (static batch ``b``, numpy) as a torch callable on any batch size, for a task's evaluate."""
+
+    def run(x: torch.Tensor) -> torch.Tensor:
+        xs = x.numpy().astype(np.float32)
+        outs = []
+        for i in range(0, len(xs), b):
+            chunk = xs[i:i + b]
+            n = len(chunk)
+            if n < b:
+                chunk = np.concatenate([chunk, np.repeat(chunk[-1:], b - n, 0)], 0)
+            outs.append(np.asarray(runner(chunk))[:n])
+        return torch.from_numpy(np.concatenate(outs, 0))
+
+    return run
+
+
 def quantized_accuracy(model: Any, example: Any, profile: DeviceProfile, onnx_path: Path, exporter: str,
-                       calib: Sequence[Any], data: Any, split: str = "val") -> tuple[float, Path]:
+                       calib: Sequence[Any], data: Any, split: str = "val", task: Any = None) -> tuple[float, Path]:
     """Export the (fine-tuned) ``model``, quantize it on ``calib`` and return (accuracy, int8 file)."""
     model = cpu_fp32(model)
 
@@ -139,4 +158,4 @@ def quantized_accuracy(model: Any, example: Any, profile: DeviceProfile, onnx_pa
                         profile, int(example.shape[0]), what="exported fine-tuned model")
     batches = calibration_batches(calib, int(example.shape[0]), profile.calib_samples)
     art = quantize_artifact(backends.ModelArtifact(Path(onnx_path), model), profile, batches)
-    return evaluate_model_file(Path(art.onnx_path), data, profile, split=split), Path(art.onnx_path)
+    return evaluate_model_file(Path(art.onnx_path), data, profile, split=split, task=task), Path(art.onnx_path)

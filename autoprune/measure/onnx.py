@@ -18,6 +18,7 @@ import torch
 import torch.nn as nn
 
 from autoprune.errors import ExportError
+from autoprune.outputs import MainOutput
 from autoprune.runfolder import temp_sibling
 
 
@@ -61,6 +62,9 @@ def export_onnx(model: nn.Module, example: torch.Tensor, path: Path, exporter: s
     path.parent.mkdir(parents=True, exist_ok=True)
     model = cpu_fp32(model).eval()
     example = example.detach().to("cpu", torch.float32)
+    with torch.no_grad():
+        if not isinstance(model(example), torch.Tensor):
+            model = MainOutput(model).eval()  # a dict/tuple output: export its main output only
     tmp = temp_sibling(path)  # unique: workers sharing a run folder may export the same file at once
     try:
         kwargs = {"external_data": False} if exporter == "dynamo" else {}

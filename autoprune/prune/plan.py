@@ -19,6 +19,7 @@ from typing import Any, Callable, Iterator, Optional, Sequence
 import torch
 import torch.nn as nn
 
+from autoprune.outputs import main_output
 from autoprune.prune import methods
 from autoprune.prune.attention import head_scores, prune_heads, sync_shape_attributes
 from autoprune.prune.structure import LiveGroup, analyse
@@ -343,10 +344,10 @@ def check_prunable(
             apply_plan(m, x[:1], PruningPlan({n: ratio for n in subset}, round_to=round_to), num_classes)
             with torch.no_grad():
                 for train in (True, False):
-                    out = m.train(train)(x)
-                    out = out[0] if isinstance(out, (tuple, list)) else out
-                    if num_classes is not None and out.shape[-1] != num_classes:
-                        return f"output has {out.shape[-1]} values after pruning, not {num_classes}"
+                    out = main_output(m.train(train)(x))
+                    # (N, classes) logits or (N, classes, H, W) dense outputs: classes on axis 1.
+                    if num_classes is not None and out.shape[1] != num_classes:
+                        return f"output has {out.shape[1]} classes after pruning, not {num_classes}"
         except Exception as exc:  # noqa: BLE001 - any failure means: not prunable this way
             return f"{type(exc).__name__}: {' '.join(str(exc).split())}"[:300]
         return None

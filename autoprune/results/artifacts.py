@@ -17,6 +17,7 @@ import torch
 
 from autoprune import __version__
 from autoprune.measure.onnx import cpu_fp32, export_onnx, export_openvino, file_size, gzip_size
+from autoprune.outputs import main_output
 from autoprune.results.front import front, front_json, write_tables
 from autoprune.results.report import write_plots
 from autoprune.runfolder import RunFolder, atomic_dir, atomic_write_text
@@ -69,7 +70,7 @@ def export_trial_artifacts(
     # Check that the deployable file computes what the PyTorch model computes.
     sess = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
     with torch.no_grad():
-        ref = model(example).numpy()
+        ref = main_output(model(example)).numpy()
     got = sess.run(None, {sess.get_inputs()[0].name: example.numpy()})[0]
     meta = {
         **row,

@@ -25,6 +25,7 @@ def trial_row(t: optuna.trial.FrozenTrial, dense: dict[str, Any]) -> dict[str, A
     return {
         "trial": t.number,
         "accuracy": t.values[0] if t.values else ua.get("accuracy"),
+        "metric_name": ua.get("metric_name", "accuracy"),
         "latency_ms": t.values[1] if t.values else lat.get("median_ms"),
         "latency_p90_ms": lat.get("p90_ms"),
         "latency_cv": lat.get("cv"),

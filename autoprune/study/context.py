@@ -33,6 +33,7 @@ from autoprune.measure.staircase import (
     learned_widths,
     load_or_measure,
 )
+from autoprune.outputs import train_only_modules
 from autoprune.prune.plan import check_prunable
 from autoprune.prune.structure import PrunableGroup, apply_rules, find_groups, probe_structure
 from autoprune.runfolder import RunFolder, atomic_write_text
@@ -60,6 +61,7 @@ from autoprune.train.models import (
     held_out_accuracy,
     pretrain,
 )
+from autoprune.train.task import ClassificationTask, Task, load_task
 
 log = logging.getLogger("autoprune")
 
@@ -88,6 +90,8 @@ class SearchContext:
     #: Learned channel granularity: allowed kept widths per group (``round_to: auto`` with
     #: ``efficiency.staircases``); empty = every group rounds to ``space.round_unit``.
     widths: dict[str, list[int]] = field(default_factory=dict)
+    #: What the model is for (run config ``task:``): its loss, distillation and metric.
+    task: Task = field(default_factory=ClassificationTask)
 
     @property
     def example1(self) -> torch.Tensor:
@@ -99,7 +103,8 @@ class SearchContext:
 
 
 def _check_model(
-    cfg: RunConfig, space: SearchSpace, profile: DeviceProfile, base: nn.Module, data: DataBundle, num_classes: int
+    cfg: RunConfig, space: SearchSpace, profile: DeviceProfile, base: nn.Module, data: DataBundle, num_classes: int,
+    task: Optional[Task] = None,
 ) -> tuple[torch.Tensor, list[PrunableGroup], dict[str, str]]:
     """The example input (at the profile's batch size) and the prunable groups with the search
     space's rules applied, found on ``base`` before it is trained: a model that refuses the input
@@ -107,12 +112,19 @@ def _check_model(
     The groups depend only on the architecture, so they hold for the trained weights too."""
     shape = tuple(profile.input_shape) if profile.input_shape else data.input_shape
     example = torch.randn(profile.batch_size, *shape, generator=torch.Generator().manual_seed(cfg.search.seed))
+    own = task.example_input(data, profile.batch_size) if task is not None else None
+    example = own.detach().float() if own is not None else example
     base.eval()
     try:
         with torch.no_grad():
             base(example[:1])
     except Exception as exc:  # noqa: BLE001
         raise ConfigError(f"model {cfg.model} does not accept input of shape {list(example[:1].shape)}: {exc}") from None
+    aux = train_only_modules(base, example)
+    if aux:
+        raise ConfigError(f"model {cfg.model}: {', '.join(aux)} run only in train mode (auxiliary heads); pruning follows the "
+                          "eval-mode graph, so they would be left reading removed channels; build the model without them "
+                          "(as torchvision's aux_logits=False) or return the main output alone in train mode too")
 
     # The analysis runs bounded first (a forked probe): some architectures make torch-pruning's
     # tracing take all memory. Then every group is pruned a little on a copy and run (train and
@@ -145,6 +157,7 @@ def prepare(cfg: RunConfig, console: Optional[Callable[[str], None]] = None) -> 
     run = RunFolder(Path(cfg.out))
     run.root.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.search.seed)
+    task = load_task(cfg.task, cfg.output)
 
     data = load_data(cfg.data, cfg.image_size, cfg.val_fraction, cfg.data_seed, cfg.augment, cfg.val_samples)
     data.loader_kwargs = setup.loader_kwargs()
@@ -152,7 +165,7 @@ def prepare(cfg: RunConfig, console: Optional[Callable[[str], None]] = None) -> 
     shape = tuple(profile.input_shape) if profile.input_shape else data.input_shape
     base, recipe, fresh = _dense_model(cfg, data, num_classes, shape, run, say)
     say(f"checking that every prunable group of {cfg.model} can be pruned")
-    example, groups, broken = _check_model(cfg, space, profile, base, data, num_classes)
+    example, groups, broken = _check_model(cfg, space, profile, base, data, num_classes, task)
     if broken:  # kept for the report: why a group the user may expect is not searched
         atomic_write_text(run.root / "unprunable.json", json.dumps(broken, indent=2))
     # The dense model (every trial's starting point and distillation teacher) stays on the train
@@ -165,7 +178,7 @@ def prepare(cfg: RunConfig, console: Optional[Callable[[str], None]] = None) -> 
             seconds = cfg.pretrain_seconds or 0.0
             budget = f"{cfg.pretrain_steps} steps" if cfg.pretrain_steps is not None else f"{seconds:g}s of wall time"
             say(f"training the dense {cfg.model} model for {budget} (no trained weights were given)")
-            pretrain(base, data, seconds, seed=cfg.search.seed, steps=cfg.pretrain_steps, setup=setup)
+            pretrain(base, data, seconds, seed=cfg.search.seed, steps=cfg.pretrain_steps, setup=setup, task=task)
         save_model(base, run.base_model, recipe)
     base.eval()
 
@@ -180,7 +193,7 @@ def prepare(cfg: RunConfig, console: Optional[Callable[[str], None]] = None) -> 
         drops = load_or_scan(
             run.sensitivity, base=base, groups=groups, data=data, example=example[:1],
             calib=calib[: eff.bn_batches] if eff.bn_recalibration else [], ratio=eff.sensitivity_ratio, round_to=space.round_unit,
-            setup=setup, progress=say,
+            setup=setup, progress=say, task=task,
         )
         if space.seed_spread > 0 and space.seed_uniform:
             savings = load_or_compute(
@@ -197,15 +210,16 @@ def prepare(cfg: RunConfig, console: Optional[Callable[[str], None]] = None) -> 
         # "accuracy" is on the images trials are scored on (comparable with theirs); the whole
         # held-out split and the official test split are reported beside it, never searched on.
         dense = {
-            "accuracy": evaluate(base, data, split="search", setup=setup),
-            **held_out_accuracy(base, data, setup=setup),
+            "accuracy": evaluate(base, data, split="search", setup=setup, task=task),
+            "metric_name": task.metric_name,
+            **held_out_accuracy(base, data, setup=setup, task=task),
             "params": count_params(base),
             "flops": count_flops(base, example[:1]),
             "profile": profile.name,
             **measure_model(base, example, profile, run.dense_onnx, cfg.exporter, calib=calib, run=run),
         }
         atomic_write_text(dense_path, json.dumps(dense, indent=2))
-    return SearchContext(cfg, space, profile, run, data, base, example, groups, dense, calib, drops, savings, recipe, setup, widths)
+    return SearchContext(cfg, space, profile, run, data, base, example, groups, dense, calib, drops, savings, recipe, setup, widths, task)
 
 
 def _learned_widths(cfg: RunConfig, space: SearchSpace, profile: DeviceProfile, run: RunFolder, base: nn.Module,

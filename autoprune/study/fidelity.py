@@ -31,7 +31,8 @@ def rung0_history(study: Any) -> tuple[list[tuple[float, float, float]], list[tu
 
 
 def finetune_in_rungs(model: nn.Module, data: DataBundle, ft: FinetuneConfig, eff: EfficiencyConfig, teacher: nn.Module,
-                      seed: int, stop_after_rung0: Callable[[float], bool], setup: Optional[TrainSetup] = None) -> dict[str, Any]:
+                      seed: int, stop_after_rung0: Callable[[float], bool], setup: Optional[TrainSetup] = None,
+                      task: Any = None) -> dict[str, Any]:
     """Fine-tune ``model`` in place, in two rungs when ``multi_fidelity`` is on.
 
     After the first ``rung0_fraction`` of the steps the model is evaluated and
@@ -42,13 +43,13 @@ def finetune_in_rungs(model: nn.Module, data: DataBundle, ft: FinetuneConfig, ef
     Returns the trial attributes: steps done, rung-0 accuracy, whether it stopped there.
     """
     if not eff.multi_fidelity or ft.steps < 3:
-        return {"finetune_steps": finetune(model, data, ft, teacher=teacher, seed=seed, setup=setup)}
+        return {"finetune_steps": finetune(model, data, ft, teacher=teacher, seed=seed, setup=setup, task=task)}
     rung0 = max(1, int(round(ft.steps * eff.rung0_fraction)))
-    done = finetune(model, data, ft, teacher=teacher, steps=rung0, seed=seed, setup=setup)
-    acc0 = evaluate(model, data, setup=setup, split="search")
+    done = finetune(model, data, ft, teacher=teacher, steps=rung0, seed=seed, setup=setup, task=task)
+    acc0 = evaluate(model, data, setup=setup, split="search", task=task)
     if stop_after_rung0(acc0):
         return {"finetune_steps": done, "accuracy_rung0": acc0, "stopped_at_rung0": True}
-    done += finetune(model, data, ft, teacher=teacher, steps=ft.steps - rung0, seed=seed + 7919, setup=setup)
+    done += finetune(model, data, ft, teacher=teacher, steps=ft.steps - rung0, seed=seed + 7919, setup=setup, task=task)
     return {"finetune_steps": done, "accuracy_rung0": acc0, "stopped_at_rung0": False}
 
 

@@ -32,14 +32,14 @@ def final_seed(cfg: Any, trial: int) -> int:
 
 
 def final_finetune(model: nn.Module, data: DataBundle, cfg: Any, teacher: nn.Module, trial: int, steps: int,
-                   setup: Optional[TrainSetup] = None) -> int:
+                   setup: Optional[TrainSetup] = None, task: Any = None) -> int:
     """The final stage's longer fine-tune of one trial's model, in place, on the teacher's device
     (the train device; ``model`` is moved there); its seed depends only on the config and trial
     number, so ``export --trial N --rebuild`` repeats it exactly."""
 
     model.to(model_device(teacher))
     with hold_zeros(model):  # unstructured / N:M zeros stay zero
-        return finetune(model, data, cfg.finetune, teacher=teacher, steps=steps, seed=final_seed(cfg, trial), setup=setup)
+        return finetune(model, data, cfg.finetune, teacher=teacher, steps=steps, seed=final_seed(cfg, trial), setup=setup, task=task)
 
 
 def final_stage_needed(cfg: Any, data: DataBundle) -> bool:
@@ -65,13 +65,13 @@ def final_stage(ctx: Any, rows: list[dict[str, Any]], say: Any = print) -> dict[
         model = load_model(files.model, trust_pickle=ctx.cfg.trust_pickle)
         latency = r["latency_ms"]
         if steps:
-            final_finetune(model, ctx.data, ctx.cfg, ctx.base, r["trial"], steps, ctx.train)
+            final_finetune(model, ctx.data, ctx.cfg, ctx.base, r["trial"], steps, ctx.train, task=ctx.task)
             measured = measure_model(model, ctx.example, ctx.profile, files.final_onnx, ctx.cfg.exporter,
                                      calib=ctx.calib, run=ctx.run, dense=ctx.base)
             latency = measured["latency"]["median_ms"]
             save_model(model, files.final_model, pruned_recipe(ctx.recipe, r["widths"]))
-        acc = evaluate(model, ctx.data, split="val", setup=ctx.train)
-        scores = held_out_accuracy(model, ctx.data, setup=ctx.train)
+        acc = evaluate(model, ctx.data, split="val", setup=ctx.train, task=ctx.task)
+        scores = held_out_accuracy(model, ctx.data, setup=ctx.train, task=ctx.task)
         scores.pop("val_accuracy", None)  # that is final_accuracy here
         done[key] = {"steps": steps, "short_accuracy": r["accuracy"], "final_accuracy": acc,
                      "short_latency_ms": r["latency_ms"], "final_latency_ms": latency, **scores}

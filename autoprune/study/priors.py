@@ -51,6 +51,7 @@ def sensitivity_scan(
     max_batches: Optional[int] = 4,
     setup: Optional[TrainSetup] = None,
     progress: Optional[Callable[[str], None]] = None,
+    task: Optional[Any] = None,
 ) -> dict[str, float]:
     """Accuracy drop (dense − pruned) when only one group is pruned by ``ratio`` (L1, BN
     recalibrated, no fine-tune). Evaluated on at most ``max_batches`` validation batches, on
@@ -60,7 +61,7 @@ def sensitivity_scan(
     # Compare like with like: the reference is the dense model with the same BN recalibration.
     ref = copy.deepcopy(base)
     recalibrate_bn(ref, calib, setup)
-    dense_acc = evaluate(ref, data, max_batches=max_batches, split="search", setup=setup)
+    dense_acc = evaluate(ref, data, max_batches=max_batches, split="search", setup=setup, task=task)
     out: dict[str, float] = {}
     for g in with_eta(groups, "sensitivity scan", progress):
         try:
@@ -69,7 +70,7 @@ def sensitivity_scan(
                 out[g.name] = 0.0
                 continue
             recalibrate_bn(m, calib, setup)
-            out[g.name] = dense_acc - evaluate(m, data, max_batches=max_batches, split="search", setup=setup)
+            out[g.name] = dense_acc - evaluate(m, data, max_batches=max_batches, split="search", setup=setup, task=task)
         except Exception as exc:  # noqa: BLE001 - one group never stops the scan
             # Counted as losing everything: the group's range is narrowed the most.
             out[g.name] = dense_acc

@@ -68,6 +68,16 @@ NOT_SCORING_PROFILE_KEYS = ("request_timeout_s", "token_env")
 #: Version of :func:`search_hash` stored next to it; studies without it hold the hash of
 #: :func:`_legacy_search_hash` and are upgraded when that one matches.
 SEARCH_HASH_VERSION = 2
+#: Run-config keys added after studies were first stored, with the default that scores trials as
+#: before they existed: left out of the hash at that default, so older studies still resume.
+ADDED_KEY_DEFAULTS = {"task": "classification", "output": None}
+
+
+def _without_added_defaults(cfg: dict[str, Any]) -> dict[str, Any]:
+    for key, default in ADDED_KEY_DEFAULTS.items():
+        if key in cfg and cfg[key] == default:
+            del cfg[key]
+    return cfg
 
 
 def _get(d: dict[str, Any], key: str) -> Any:
@@ -103,7 +113,7 @@ def _groups_hash(ctx: SearchContext) -> str:
 def search_hash(ctx: SearchContext) -> str:
     """What must not change between resumes: the space, the profile, and how trials are scored
     (everything but :data:`NOT_SCORING_KEYS`)."""
-    cfg = _without_runtime_keys(ctx.cfg.model_dump(mode="json"))
+    cfg = _without_added_defaults(_without_runtime_keys(ctx.cfg.model_dump(mode="json")))
     for key in NOT_SCORING_KEYS:
         _put(cfg, key, None)
     prof = ctx.profile.model_dump(mode="json")
@@ -116,7 +126,7 @@ def _legacy_search_hash(ctx: SearchContext, stored_cfg: dict[str, Any], stored_p
     """The hash studies made before :data:`SEARCH_HASH_VERSION` 2 stored, with the keys that
     version hashed but this one ignores taken from the study's stored config: it matches when
     only those keys changed, so such a study resumes (and is upgraded) like a new one."""
-    cfg = _without_runtime_keys(ctx.cfg.model_dump(mode="json"))
+    cfg = _without_added_defaults(_without_runtime_keys(ctx.cfg.model_dump(mode="json")))
     legacy_fixed = {"out": "", "search.trials": 1, "search.timeout_s": None, "search.storage": None,
                     "search.heartbeat_interval": 10, "search.grace_period": 30, "search.max_retries": 2}
     for key in NOT_SCORING_KEYS:

@@ -80,7 +80,7 @@ def run_trial(trial: optuna.trial.Trial, ctx: SearchContext) -> tuple[float, ...
     if cons["latency_ms"] > 0:
         # 5a. Over the latency budget: no fine-tune, no full evaluation, no int8, no files kept.
         # The trial is infeasible whatever its accuracy; a few batches give the sampler a value.
-        acc = evaluate(cand.model, ctx.data, max_batches=OVER_BUDGET_EVAL_BATCHES, split="search", setup=ctx.train)
+        acc = evaluate(cand.model, ctx.data, max_batches=OVER_BUDGET_EVAL_BATCHES, split="search", setup=ctx.train, task=ctx.task)
         attrs.update(finetune_steps=0, skipped_finetune="over latency budget", accuracy_estimated=True)
     else:
         # 5b. Fine-tune (distilled from the dense model; multi-fidelity rungs).
@@ -98,7 +98,7 @@ def run_trial(trial: optuna.trial.Trial, ctx: SearchContext) -> tuple[float, ...
 
     drop = ctx.cfg.search.max_accuracy_drop
     trial.set_constraint("accuracy_drop", (ctx.dense["accuracy"] - acc) - drop if drop else -1.0)
-    attrs.update(accuracy=acc, trial_s=time.perf_counter() - t0)
+    attrs.update(accuracy=acc, metric_name=ctx.task.metric_name, trial_s=time.perf_counter() - t0)
     for k, v in attrs.items():
         trial.set_user_attr(k, v)
     if ctx.cfg.search.size_objective:
@@ -144,7 +144,7 @@ def build_candidate(ctx: SearchContext, plan: PruningPlan, number: int) -> Candi
         model, ctx.example1.to(dev), plan, ctx.data.num_classes, calib,
         steps=sp.schedule_steps if sp.schedule != "oneshot" else 1, mode="layerwise" if sp.schedule == "layerwise" else "iterative",
         between=lambda m: finetune(m, ctx.data, ft, teacher=ctx.base, steps=ft.steps // sp.schedule_steps, seed=trial_seed(ctx, number),
-                                   setup=ctx.train),
+                                   setup=ctx.train, task=ctx.task),
     )
     if eff.bn_recalibration:
         recalibrate_bn(model, calib[: eff.bn_batches], ctx.train)
@@ -156,18 +156,18 @@ def finetune_candidate(ctx: SearchContext, model: nn.Module, number: int, stop_a
     """The trial's distilled fine-tune, in place; unstructured / N:M zeros stay zero."""
     with hold_zeros(model):
         return finetune_in_rungs(model, ctx.data, ctx.cfg.finetune, ctx.cfg.efficiency, ctx.base, trial_seed(ctx, number),
-                                 stop_after_rung0, ctx.train)
+                                 stop_after_rung0, ctx.train, task=ctx.task)
 
 
 def score_candidate(ctx: SearchContext, model: nn.Module, onnx_path: Path) -> tuple[float, dict[str, Any]]:
     """Accuracy of the fine-tuned model on the search's held-out images (``val_samples``: a fixed
     subset, the final stage scores the whole split); on int8 profiles the deployed model is the
     quantized file, so that is what is scored (fp32 accuracy kept beside it)."""
-    acc = evaluate(model, ctx.data, split="search", setup=ctx.train)
+    acc = evaluate(model, ctx.data, split="search", setup=ctx.train, task=ctx.task)
     if ctx.profile.precision != "int8":
         return acc, {}
     q_acc, qpath = quantized_accuracy(model, ctx.example, ctx.profile, onnx_path, ctx.cfg.exporter, ctx.calib, ctx.data,
-                                      split="search")
+                                      split="search", task=ctx.task)
     return q_acc, {"accuracy_fp32": acc, "quantized_model": str(qpath)}
 
 

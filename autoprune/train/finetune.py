@@ -26,6 +26,7 @@ from autoprune.train.device import (
     to_device,
     training,
 )
+from autoprune.train.task import ClassificationTask, Task
 
 
 def distill_loss(student: torch.Tensor, teacher: torch.Tensor, y: torch.Tensor, alpha: float, T: float) -> torch.Tensor:
@@ -44,20 +45,23 @@ def finetune(
     steps: Optional[int] = None,
     seed: int = 0,
     setup: Optional[TrainSetup] = None,
+    task: Optional[Task] = None,
 ) -> int:
-    """Train ``model`` in place for ``steps`` (default ``cfg.steps``) optimizer steps, on the
+    """Train ``model`` in place for ``steps`` (default ``cfg.steps``) optimizer steps on the
+    ``task``'s loss (default: classification), distilled from ``teacher`` when given, on the
     model's device; ``setup`` (the run's ``train:`` section) gives autocast precision, CPU
     threads (restored afterwards), channels-last and torch.compile. The teacher must be on the
     same device (the dense model is kept on the train device)."""
+    task = task or ClassificationTask()
     steps = cfg.steps if steps is None else steps
     if steps <= 0:
         return 0
     with training(setup):
-        return _finetune(model, data, cfg, teacher, steps, seed, setup)
+        return _finetune(model, data, cfg, teacher, steps, seed, setup, task)
 
 
 def _finetune(model: nn.Module, data: DataBundle, cfg: FinetuneConfig, teacher: Optional[nn.Module], steps: int, seed: int,
-              setup: Optional[TrainSetup]) -> int:
+              setup: Optional[TrainSetup], task: Task) -> int:
     torch.manual_seed(seed)
     dev, precision = model_device(model), precision_of(setup)
     cl = bool(setup and setup.channels_last)
@@ -75,13 +79,7 @@ def _finetune(model: nn.Module, data: DataBundle, cfg: FinetuneConfig, teacher: 
         for x, y in data.loader("train", cfg.batch_size, shuffle=True, seed=seed * 1000 + epoch):
             x, y = to_device(x, dev, cl), to_device(y, dev)
             with autocast(dev, precision):
-                out = fwd(x)
-                if teacher is not None and cfg.distill_alpha > 0:
-                    with torch.no_grad():
-                        t_out = teacher(x)
-                    loss = distill_loss(out.float(), t_out.float(), y, cfg.distill_alpha, cfg.temperature)
-                else:
-                    loss = F.cross_entropy(out.float(), y)
+                loss = task.loss(fwd, (x, y), teacher, cfg.distill_alpha, cfg.temperature)
             if not torch.isfinite(loss):
                 raise NonFiniteLoss(f"non-finite loss {loss.item()} at fine-tune step {done}")
             opt.zero_grad(set_to_none=True)

@@ -7,6 +7,7 @@ both are needed before anything is pruned.
 from __future__ import annotations
 
 import importlib
+import itertools
 import math
 import time
 from pathlib import Path
@@ -17,6 +18,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from autoprune.errors import ConfigError
+from autoprune.outputs import drop_aux_heads, without_dropped
 from autoprune.runfolder import torch_load
 from autoprune.train.data import DataBundle
 from autoprune.train.device import (
@@ -29,6 +31,7 @@ from autoprune.train.device import (
     to_device,
     training,
 )
+from autoprune.train.task import ClassificationTask, Task
 
 
 class BasicBlock(nn.Module):
@@ -89,7 +92,9 @@ def _torchvision(name: str, num_classes: int) -> Optional[nn.Module]:
     if name not in tvm.list_models(module=tvm):
         return None
     # weights=None: nothing is downloaded; users bring trained weights as a checkpoint.
-    return tvm.get_model(name, weights=None, num_classes=num_classes)
+    model = tvm.get_model(name, weights=None, num_classes=num_classes)
+    drop_aux_heads(model)  # GoogLeNet / Inception v3: one output, pruned consistently (autoprune.outputs)
+    return model
 
 
 def _examples(keys: list[str], n: int = 2) -> str:
@@ -147,7 +152,7 @@ def _from_checkpoint(path: Path, num_classes: int, trust_pickle: bool = False) -
     if isinstance(obj, dict) and "arch" in obj and "state_dict" in obj:
         model = build_model(str(obj["arch"]), int(obj.get("num_classes", num_classes)))
         try:
-            model.load_state_dict(obj["state_dict"])
+            model.load_state_dict(without_dropped(obj["state_dict"], model) if isinstance(obj["state_dict"], dict) else obj["state_dict"])
         except (RuntimeError, TypeError):
             raise ConfigError(state_dict_mismatch(path, obj, model)) from None
         return model
@@ -196,48 +201,47 @@ def build_model(ref: str, num_classes: int, in_channels: Optional[int] = None, t
 
 @torch.no_grad()
 def evaluate(model: nn.Module, data: DataBundle, batch_size: int = 256, max_batches: Optional[int] = None,
-             split: str = "val", setup: Optional[TrainSetup] = None) -> float:
-    """Top-1 accuracy on ``split``: ``val`` the whole held-out split, ``search`` the part trials are
-    scored on (``val_samples``), ``test`` the official test split (see ``DataBundle.loader``); on
-    the model's device (``setup``: autocast precision and CPU threads of the run's ``train:``)."""
+             split: str = "val", setup: Optional[TrainSetup] = None, task: Optional[Task] = None) -> float:
+    """The ``task``'s metric (default: top-1 accuracy) on ``split``: ``val`` the whole held-out
+    split, ``search`` the part trials are scored on (``val_samples``), ``test`` the official test
+    split (see ``DataBundle.loader``); on the model's device (``setup``: autocast precision and
+    CPU threads of the run's ``train:``)."""
     model.eval()
     dev, cl = model_device(model), bool(setup and setup.channels_last)
-    correct = torch.zeros((), dtype=torch.long, device=dev)  # summed on the device: no sync per batch
-    total = 0
+    batches: Any = ((to_device(x, dev, cl), to_device(y, dev)) for x, y in data.loader(split, batch_size))
+    if max_batches is not None:
+        batches = itertools.islice(batches, max_batches)
     with training(setup), autocast(dev, precision_of(setup)):
-        for i, (x, y) in enumerate(data.loader(split, batch_size)):
-            if max_batches is not None and i >= max_batches:
-                break
-            correct += (model(to_device(x, dev, cl)).argmax(1) == to_device(y, dev)).sum()
-            total += int(y.numel())
-    return int(correct) / max(total, 1)
+        return (task or ClassificationTask()).evaluate(model, batches)
 
 
-def held_out_accuracy(model: nn.Module, data: DataBundle, setup: Optional[TrainSetup] = None) -> dict[str, float]:
+def held_out_accuracy(model: nn.Module, data: DataBundle, setup: Optional[TrainSetup] = None,
+                      task: Optional[Task] = None) -> dict[str, float]:
     """What the search's ``accuracy`` does not already say: ``val_accuracy`` on the whole held-out
     split when trials score on a subset of it, ``test_accuracy`` where the data has an official
     test split. For the dense model (dense.json) and the final stage, never inside a trial."""
     out = {}
     if data.search_val is not None:
-        out["val_accuracy"] = evaluate(model, data, split="val", setup=setup)
+        out["val_accuracy"] = evaluate(model, data, split="val", setup=setup, task=task)
     if data.test is not None:
-        out["test_accuracy"] = evaluate(model, data, split="test", setup=setup)
+        out["test_accuracy"] = evaluate(model, data, split="test", setup=setup, task=task)
     return out
 
 
 def pretrain(
     model: nn.Module, data: DataBundle, seconds: float, lr: float = 3e-3, batch_size: int = 64, seed: int = 0, steps: Optional[int] = None,
     setup: Optional[TrainSetup] = None,
+    task: Optional[Task] = None,
 ) -> int:
     """Train for a wall-clock budget, or exactly ``steps`` steps when given (reproducible on a
     loaded machine). The demo needs a trained dense model to prune. Returns the steps taken.
     Runs on the model's device; ``setup`` gives precision, threads, compile."""
     with training(setup):
-        return _pretrain(model, data, seconds, lr, batch_size, seed, steps, setup)
+        return _pretrain(model, data, seconds, lr, batch_size, seed, steps, setup, task or ClassificationTask())
 
 
 def _pretrain(model: nn.Module, data: DataBundle, seconds: float, lr: float, batch_size: int, seed: int, steps: Optional[int],
-              setup: Optional[TrainSetup]) -> int:
+              setup: Optional[TrainSetup], task: Task) -> int:
     torch.manual_seed(seed)
     dev, precision, cl = model_device(model), precision_of(setup), bool(setup and setup.channels_last)
     scaler = grad_scaler(dev, precision)
@@ -258,7 +262,7 @@ def _pretrain(model: nn.Module, data: DataBundle, seconds: float, lr: float, bat
             x, y = to_device(x, dev, cl), to_device(y, dev)
             opt.zero_grad(set_to_none=True)
             with autocast(dev, precision):
-                loss = F.cross_entropy(fwd(x), y)
+                loss = task.loss(fwd, (x, y))
             if scaler is not None:
                 scaler.scale(loss).backward()
                 scaler.step(opt)

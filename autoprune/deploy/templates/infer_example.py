@@ -86,11 +86,16 @@ def main(argv: list[str]) -> int:
         except ImportError as exc:
             print(f"{name}: not installed ({exc}); pip install {name}")
     for name, logits in results.items():
-        print(f"{name}: top-1 {logits.argmax(1).tolist()}")
+        if logits.ndim > 2:  # dense predictions (segmentation): a class per pixel
+            mask = logits.argmax(1)
+            counts = dict(zip(*(v.tolist() for v in np.unique(mask[0], return_counts=True))))
+            print(f"{name}: class mask {list(mask.shape)}; pixels per class in image 0: {counts}")
+        else:
+            print(f"{name}: top-1 {logits.argmax(1).tolist()}")
     if len(results) == 2:
         a, b = results.values()
         print(f"max |onnxruntime - openvino| = {float(np.abs(a - b).max()):.2e}")
-    print(f"trial {info['trial']}: accuracy {info['accuracy']:.4f}, params {info['params']:,}")
+    print(f"trial {info['trial']}: {info.get('metric_name', 'accuracy')} {info['accuracy']:.4f}, params {info['params']:,}")
     return 0 if results else 1
 
 

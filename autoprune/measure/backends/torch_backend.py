@@ -17,6 +17,7 @@ from autoprune.config import DeviceProfile
 from autoprune.errors import BackendUnavailable, ConfigError
 from autoprune.measure.backends.base import Backend, FnRunner, Runner
 from autoprune.measure.onnx import ModelArtifact
+from autoprune.outputs import main_output
 from autoprune.registry import BACKENDS
 
 
@@ -74,7 +75,7 @@ class TorchBackend(Backend):
 
         @torch.inference_mode()
         def forward(x: np.ndarray) -> torch.Tensor:
-            return model(torch.from_numpy(x).to(device, dtype, non_blocking=True))
+            return main_output(model(torch.from_numpy(x).to(device, dtype, non_blocking=True)))
 
         def run(x: np.ndarray) -> np.ndarray:
             # The thread count holds only while this inference runs (a no-op check inside

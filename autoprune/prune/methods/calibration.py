@@ -15,6 +15,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from autoprune.outputs import main_output
+
 LAYER_TYPES = (nn.modules.conv._ConvNd, nn.Linear)
 
 
@@ -78,7 +80,7 @@ def collect(
         for x, y in batches:
             if grads:
                 model.zero_grad(set_to_none=True)
-                F.cross_entropy(model(x), y).backward()
+                F.cross_entropy(main_output(model(x)), y).backward()
                 for m, p in params.items():
                     if p.grad is None:
                         continue
@@ -120,7 +122,7 @@ def bn_l1_finetune(
     model.train()
     for i in range(steps):
         x, y = batches[i % len(batches)]
-        loss = F.cross_entropy(model(x), y) + lam * sum(m.weight.abs().sum() for m in bns)
+        loss = F.cross_entropy(main_output(model(x)), y) + lam * sum(m.weight.abs().sum() for m in bns)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
