@@ -322,6 +322,8 @@ def _legacy_study(cfg: RunConfig, out: Path) -> optuna.Study:
 
     ctx = prepare(cfg)
     dump = cfg.model_dump(mode="json")
+    dump.pop("train", None)  # sections and keys added since then were not in its dump
+    dump["search"].pop("mlflow", None)
     dump["pretrain_seconds"] = 10.0
     dump["out"] = ""
     dump["search"].update(trials=1, timeout_s=None, storage=None, heartbeat_interval=10, grace_period=30, max_retries=2)

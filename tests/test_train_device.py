@@ -243,3 +243,11 @@ def test_mlflow_logs_every_finished_trial(tmp_path):
     assert runs["trial-1"].info.status == "FAILED" and runs["trial-1"].data.tags["autoprune.fail_reason"] == "ExportError: x"
     # a second logger (another worker) finds the same experiment instead of failing
     assert MlflowLogger(uri, "autoprune/test", run, ("accuracy", "latency_ms")).experiment_id == logger.experiment_id
+
+
+def test_workers_must_be_positive(tmp_path, capsys):
+    from autoprune.cli import main
+
+    assert main(["search", "--out", str(tmp_path / "out"), "--workers", "0"]) == 2
+    assert "--workers 0" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()  # refused before anything was written

@@ -66,7 +66,7 @@ def collect(
 
         def hook(m: nn.Module, inputs: tuple[torch.Tensor, ...]) -> None:
             x = _channel_view(m, inputs[0].detach().float())
-            s = torch.stack([x.abs().sum(1), (x <= 0).float().sum(1), torch.full((x.shape[0],), float(x.shape[1]))])
+            s = torch.stack([x.abs().sum(1), (x <= 0).float().sum(1), torch.full((x.shape[0],), float(x.shape[1]), device=x.device)])
             if m in sums and sums[m][0].shape == s.shape:
                 sums[m][0] += s
             else:

@@ -70,11 +70,11 @@ def _input_index(layer: nn.Module) -> torch.Tensor:
     """For every element of ``layer.weight``, the index of the input channel it multiplies."""
     w = layer.weight
     if isinstance(layer, nn.Linear):
-        return torch.arange(w.shape[1]).view(1, -1).expand_as(w)
+        return torch.arange(w.shape[1], device=w.device).view(1, -1).expand_as(w)
     out_c, in_per_g = w.shape[0], w.shape[1]
     groups = getattr(layer, "groups", 1)
-    base = (torch.arange(out_c) // max(1, out_c // groups)) * in_per_g
-    idx = base.view(-1, 1) + torch.arange(in_per_g).view(1, -1)
+    base = (torch.arange(out_c, device=w.device) // max(1, out_c // groups)) * in_per_g
+    idx = base.view(-1, 1) + torch.arange(in_per_g, device=w.device).view(1, -1)
     return idx.view(out_c, in_per_g, *([1] * (w.dim() - 2))).expand_as(w)
 
 

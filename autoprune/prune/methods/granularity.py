@@ -102,7 +102,7 @@ def nm_mask(weight: torch.Tensor, scores: torch.Tensor, n: int, m: int) -> torch
     rows, cols = s.shape
     pad = (-cols) % m
     if pad:
-        s = torch.cat([s, torch.full((rows, pad), -float("inf"))], 1)
+        s = torch.cat([s, torch.full((rows, pad), -float("inf"), device=s.device)], 1)
     blocks = s.view(rows, -1, m)
     keep = torch.zeros_like(blocks, dtype=torch.bool)
     keep.scatter_(2, torch.topk(blocks, n, dim=2).indices, True)
