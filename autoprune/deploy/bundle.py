@@ -195,7 +195,7 @@ def _model_card(run_dir: Path, row: dict[str, Any], meta: dict[str, Any], model:
         "accuracy": row["accuracy"],
         "test_accuracy": row.get("test_accuracy"),
         "evaluation": evaluation(cfg),
-        "dense": {"accuracy": dense.get("accuracy"), "val_accuracy": dense.get("val_accuracy"),
+        "dense": {"accuracy": dense.get("accuracy"),
                   "test_accuracy": dense.get("test_accuracy"), "params": dense.get("params"), "flops": dense.get("flops"),
                   "latency_ms": (dense.get("latency") or {}).get("median_ms"), "onnx_bytes": dense.get("onnx_bytes"),
                   "profile": dense.get("profile")},
