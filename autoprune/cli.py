@@ -209,7 +209,7 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("search", help="run or resume a search (default: the embedded digits demo)")
     s.add_argument("--config", help="run config: a YAML file or a shipped name (e.g. digits)")
     s.add_argument("--model", help="demo | torchvision name | module:function | checkpoint .pt")
-    s.add_argument("--data", help="digits | ImageFolder dir | module:function")
+    s.add_argument("--data", help="digits | digits-cluttered | fashion-mnist[:DIR] | cifar10:DIR | cifar100:DIR | ImageFolder dir | module:function")
     s.add_argument("--search-space", help="YAML file or shipped name (search_spaces/)")
     s.add_argument("--device-profile", help="YAML file or shipped name (device_profiles/)")
     s.add_argument("--trials", type=int)

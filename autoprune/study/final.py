@@ -72,7 +72,7 @@ def final_stage(ctx: Any, rows: list[dict[str, Any]], say: Any = print) -> dict[
             save_model(model, files.final_model, pruned_recipe(ctx.recipe, r["widths"]))
         acc = evaluate(model, ctx.data, split="val", setup=ctx.train, task=ctx.task)
         scores = held_out_accuracy(model, ctx.data, setup=ctx.train, task=ctx.task)
-        scores.pop("val_accuracy", None)  # that is final_accuracy here
+        scores.pop("search_accuracy", None)  # the trial's own accuracy already is
         done[key] = {"steps": steps, "short_accuracy": r["accuracy"], "final_accuracy": acc,
                      "short_latency_ms": r["latency_ms"], "final_latency_ms": latency, **scores}
         test = f", test {scores['test_accuracy']:.4f}" if "test_accuracy" in scores else ""

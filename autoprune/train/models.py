@@ -217,12 +217,12 @@ def evaluate(model: nn.Module, data: DataBundle, batch_size: int = 256, max_batc
 
 def held_out_accuracy(model: nn.Module, data: DataBundle, setup: Optional[TrainSetup] = None,
                       task: Optional[Task] = None) -> dict[str, float]:
-    """What the search's ``accuracy`` does not already say: ``val_accuracy`` on the whole held-out
-    split when trials score on a subset of it, ``test_accuracy`` where the data has an official
-    test split. For the dense model (dense.json) and the final stage, never inside a trial."""
+    """Beside the accuracy on the whole held-out split: ``search_accuracy`` on the images trials
+    are scored on when that is a subset (``val_samples``), ``test_accuracy`` where the data has an
+    official test split. For the dense model (dense.json) and the final stage, never in a trial."""
     out = {}
     if data.search_val is not None:
-        out["val_accuracy"] = evaluate(model, data, split="val", setup=setup, task=task)
+        out["search_accuracy"] = evaluate(model, data, split="search", setup=setup, task=task)
     if data.test is not None:
         out["test_accuracy"] = evaluate(model, data, split="test", setup=setup, task=task)
     return out
