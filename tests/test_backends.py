@@ -156,6 +156,10 @@ def test_int8_quantization_keeps_predictions(tmp_path: Path, backend, device, su
     fp32 = evaluate(model, data)
     int8 = evaluate_model_file(Path(q.onnx_path), data, prof)
     assert fp32 > 0.5 and abs(int8 - fp32) < 0.05
+    # a task's evaluate on the quantized file (what trials call) scores it the same way
+    from autoprune.train.task import ClassificationTask
+
+    assert evaluate_model_file(Path(q.onnx_path), data, prof, task=ClassificationTask()) == int8
     st = backends.measure(q, prof, x.numpy())
     assert st.median_ms > 0
 

@@ -74,8 +74,9 @@ def choose(
         lo = min(rows, key=lambda r: r["latency_ms"]) if rows else None
         hint = ""
         if lo:
-            hint = (f" fastest Pareto model: {lo['latency_ms']:.3f} ms, acc {lo['accuracy']:.4f}, {lo['params']:,} params, "
-                    f"{(lo.get('onnx_bytes') or 0) / 1e6:.2f} MB; most accurate: "
+            metric = lo.get("metric_name", "accuracy")  # the task's metric (miou ...), held as "accuracy"
+            hint = (f" fastest Pareto model: {lo['latency_ms']:.3f} ms, {metric} {lo['accuracy']:.4f}, {lo['params']:,} params, "
+                    f"{(lo.get('onnx_bytes') or 0) / 1e6:.2f} MB; best {metric}: "
                     f"{max(r['accuracy'] for r in rows):.4f}. Relax a budget or pick with --trial.")
         raise ConfigError(f"no Pareto model meets the budget.{hint}")
     return max(ok, key=lambda r: (r["accuracy"], -r["latency_ms"]))
