@@ -67,7 +67,8 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--px", type=int, default=64)
     ap.add_argument("--seconds", type=float, default=6.0, help="per model per backend")
-    ap.add_argument("--models", nargs="+", default=["mobilenet_v2", "resnet18"])
+    ap.add_argument("--models", nargs="+", default=["tiny", "mobilenet_v2", "resnet18"],
+                    help="torchvision names, or 'tiny' (one 3x3 conv and a linear layer: almost only per-call overhead)")
     args = ap.parse_args()
 
     import torch
@@ -83,8 +84,9 @@ def main() -> int:
     print(f"load average at start: {os.getloadavg()[0]:.2f} on {os.cpu_count()} CPUs; threads={args.threads}", flush=True)
     for name in args.models:
         torch.manual_seed(0)
-        path = export_onnx(getattr(torchvision.models, name)(weights=None).eval(), torch.from_numpy(x), tmp / f"{name}.onnx",
-                           "torchscript")
+        net = (torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(8, 10))
+               if name == "tiny" else getattr(torchvision.models, name)(weights=None))
+        path = export_onnx(net.eval(), torch.from_numpy(x), tmp / f"{name}.onnx", "torchscript")
         for backend, device, old in [("openvino", "CPU", old_openvino), ("onnxruntime", "cpu", old_onnxruntime)]:
             prof = DeviceProfile(name="b", backend=backend, device=device, threads=args.threads)
             new_fn = backends.load(backends.ModelArtifact(path), prof)

@@ -129,7 +129,9 @@ def check_export_parity(model: nn.Module, artifact: backends.ModelArtifact, batc
     try:
         device = next((t.device for t in model.parameters()), torch.device("cpu"))
         with torch.no_grad():
-            ref = model(batch.to(device)).detach().float().cpu().numpy()
+            out = model(batch.to(device))
+        out = out[0] if isinstance(out, (tuple, list)) else out  # the exported file's output 0 ("logits")
+        ref = out.detach().float().cpu().numpy()
     finally:
         model.train(was_training)
     xs = batch.detach().cpu().numpy().astype(np.float32)

@@ -29,7 +29,8 @@ class LatencyStats:
     reference_median_ms: Optional[float] = None
     #: Median over interleaved pairs of reference time / this model's time (>1 = faster than dense).
     speedup: Optional[float] = None
-    #: "perf_counter" (host wall clock) or "cuda_events" (device-side time of the forward pass).
+    #: "perf_counter" (host wall clock), "cuda_events" (device-side time of the forward pass) or
+    #: "openvino_infer" (OpenVINO's own time of the request's synchronous infer, benchmark_app's clock).
     clock: str = "perf_counter"
 
     @property

@@ -97,8 +97,9 @@ class _Bound:
     """One session called through a reused IOBinding, the input bound once per array.
 
     ``sess.run(None, {name: x})`` builds the feed dict, validates and wraps ``x`` and allocates
-    a new output list on every call: fixed per-call cost that ``onnxruntime_perf_test`` does not
-    pay and that weighs most on the sub-millisecond models a search produces. The binding shares
+    a new output list on every call. That costs little (about 8 us per call on a trivial model on
+    a shared 2-core machine, of which this saves about 3 us: ``benchmarks/runner_overhead.py``),
+    but it is paid by no C++ deployment and weighs most on sub-millisecond models. The binding shares
     the caller's array (re-bound only when a different array arrives; a float16 model's input is
     converted on every call), and the first output is copied out of ORT's buffer, so a timed
     call is one real inference on the caller's data plus reading its result.
@@ -130,8 +131,8 @@ class _Bound:
         if self._bound is None or self._bound[0] is not x:  # [0] is None for a converted copy
             self._bind(x)
         self.sess.run_with_iobinding(self.binding)
-        # numpy() may be a view of the bound output buffer, which the next run overwrites: copy.
-        return np.array(self.binding.get_outputs()[0].numpy(), dtype=np.float32, copy=True)
+        # A fresh host copy (OrtValue.numpy() may be a view of a buffer the next run overwrites).
+        return np.asarray(self.binding.copy_outputs_to_cpu()[0]).astype(np.float32, copy=False)
 
 
 BACKENDS.register("onnxruntime", OnnxRuntimeBackend)
