@@ -9,7 +9,6 @@ prunes; that name is what search spaces match with glob patterns and what trials
 from __future__ import annotations
 
 import contextlib
-import copy
 import fnmatch
 import math
 import multiprocessing

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 import optuna
+import torch
 import torch.nn as nn
 from optuna.trial import TrialState
 
@@ -142,6 +143,12 @@ def build_candidate(ctx: SearchContext, plan: PruningPlan, number: int) -> Candi
         steps=sp.schedule_steps if sp.schedule != "oneshot" else 1, mode="layerwise" if sp.schedule == "layerwise" else "iterative",
         between=lambda m: finetune(m, ctx.data, ft, teacher=ctx.base, steps=ft.steps // sp.schedule_steps, seed=trial_seed(ctx, number)),
     )
+    try:  # before FLOPs, BN and latency: a model that no longer runs fails here, with the reason
+        with torch.no_grad():
+            model.eval()(ctx.example1)
+    except Exception as exc:  # noqa: BLE001
+        raise RuntimeError(f"the pruned model does not run ({type(exc).__name__}: {' '.join(str(exc).split())}); "
+                           f"pruned groups: {sorted(k for k, (a, b) in widths.items() if b < a)}") from exc
     if eff.bn_recalibration:
         recalibrate_bn(model, ctx.calib[: eff.bn_batches])
     return Candidate(model, widths, architecture_key(widths, plan), count_params(model), count_flops(model, ctx.example1),
