@@ -179,3 +179,14 @@ def test_check_prunable_names_the_group_that_breaks_the_model():
     groups = find_groups(m, x, 10)
     bad = check_prunable(m, x, groups, 10, round_to=4)
     assert set(bad) == {"b"} and "RuntimeError" in bad["b"]
+
+
+def test_groups_command_plain_output_counts_and_image_size(capsys):
+    from autoprune.cli import main
+
+    assert main(["groups", "--model", "demo", "--image-size", "24"]) == 0
+    out = capsys.readouterr().out.strip().splitlines()
+    rows = [line.split("\t") for line in out[1:-1]]
+    assert out[0].startswith("group\tkind") and all(len(r) == 6 for r in rows)
+    assert "layers.0.conv1" in {r[0] for r in rows}
+    assert out[-1] == f"{len(rows)} prunable groups of demo at [1, 24, 24]; 0 parts not searched"
