@@ -2,8 +2,12 @@
 
 A *group* is a set of channels that must be removed together (a conv's filters, the BN after
 it, the next conv's input channels, every layer joined to it by a residual add or a concat).
-Each group is named after its root module, the first conv/linear whose output channels it
-prunes; that name is what search spaces match with glob patterns and what trials record.
+Each channel group is named after its root module, the first conv/linear whose output channels
+it prunes; that name is what search spaces match with glob patterns and what trials record.
+Transformers add ``<attention module> (heads)`` groups (whole heads, ``prune/attention.py``) and
+one ``<first member> (embedding)`` group for the width every block shares (searched only when
+the space asks). :func:`analyse` never raises on a construct torch-pruning cannot trace: that
+part is left unpruned with the reason; :func:`probe_structure` bounds its memory and time.
 """
 
 from __future__ import annotations
