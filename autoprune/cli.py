@@ -77,24 +77,61 @@ def cmd_bench(args: argparse.Namespace, console: Console) -> int:
 
 
 def cmd_groups(args: argparse.Namespace, console: Console) -> int:
-    """Show the prunable groups of a model: the names search-space patterns match."""
+    """Show the prunable groups of a model: the names search-space patterns match, the parts
+    left unpruned and why. Same model, data, image size and search space as ``search`` would
+    use with the same flags (``--config`` included)."""
     import torch
 
-    from autoprune.config import load_search_space
-    from autoprune.prune.structure import apply_rules, find_groups
+    from autoprune.config import load_run_config, load_search_space
+    from autoprune.prune.plan import check_prunable
+    from autoprune.prune.structure import analyse, apply_rules, probe_structure, to_prunable
     from autoprune.train.data import load_data
     from autoprune.train.models import build_model
 
-    data = load_data(args.data)
-    model = build_model(args.model, data.num_classes, data.input_shape[0], trust_pickle=args.trust_pickle)
-    space = load_search_space(args.search_space)
-    groups = apply_rules(find_groups(model, torch.zeros(1, *data.input_shape), data.num_classes), space.low, space.high, space.methods, space.layers, args.search_space)
-    t = Table(title=f"prunable groups of {args.model}")
-    for c in ("group", "channels", "range", "methods", "members"):
-        t.add_column(c)
+    cfg = load_run_config(args.config, {}, model=args.model, data=args.data, search_space=args.search_space,
+                          image_size=args.image_size, trust_pickle=True if args.trust_pickle else None)
+    data = load_data(cfg.data, cfg.image_size, cfg.val_fraction, cfg.data_seed)
+    num_classes = cfg.num_classes or data.num_classes
+    model = build_model(cfg.model, num_classes, data.input_shape[0], trust_pickle=cfg.trust_pickle).eval()
+    space = load_search_space(cfg.search_space)
+    example = torch.zeros(1, *data.input_shape)
+    try:
+        with torch.no_grad():
+            model(example)
+    except Exception as exc:  # noqa: BLE001
+        raise ConfigError(f"model {cfg.model} does not accept input of shape {list(example.shape)} (--image-size {cfg.image_size}): "
+                          f"{_one_line(str(exc))}") from None
+    probe_structure(model, example, num_classes)
+    structure = analyse(model, example, num_classes)
+    every = [to_prunable(g) for g in structure.groups]
+    skipped = {g.name: "transformer embedding width: searched only with 'embedding: true' in the search space"
+               for g in every if g.kind == "embedding" and not space.embedding}
+    groups = apply_rules([g for g in every if g.name not in skipped], space.low, space.high, space.methods, space.layers, cfg.search_space)
+    broken = check_prunable(model, example, [g for g in groups if g.high > 0], num_classes, space.round_to)
+    unprunable = {**structure.unprunable, **skipped, **{n: f"pruning it breaks the model: {why}" for n, why in broken.items()}}
+    groups = [g for g in groups if g.name not in broken]
+    if not console.is_terminal:  # piped: one tab-separated line per group, nothing cut
+        print("group\tkind\tchannels\trange\tmethods\tmembers")
+        for g in groups:
+            print(f"{g.name}\t{g.kind}\t{g.channels}\t[{g.low:.2f}, {g.high:.2f}]\t{','.join(g.methods)}\t{', '.join(g.members)}")
+        for name, why in unprunable.items():
+            print(f"{name}\tunprunable\t\t\t\t{why}")
+        print(f"{len(groups)} prunable groups of {cfg.model} at {list(data.input_shape)}; {len(unprunable)} parts not searched")
+        return 0
+    t = Table(title=f"prunable groups of {cfg.model} at {list(data.input_shape)}")
+    for c in ("group", "kind", "channels", "range", "methods", "members"):
+        t.add_column(c, overflow="fold")
     for g in groups:
-        t.add_row(g.name, str(g.channels), f"[{g.low:.2f}, {g.high:.2f}]", ",".join(g.methods), ", ".join(g.members))
+        t.add_row(g.name, g.kind, str(g.channels), f"[{g.low:.2f}, {g.high:.2f}]", ",".join(g.methods), ", ".join(g.members))
     console.print(t)
+    if unprunable:
+        u = Table(title="not searched")
+        u.add_column("part", overflow="fold")
+        u.add_column("why", overflow="fold")
+        for name, why in unprunable.items():
+            u.add_row(name, why)
+        console.print(u)
+    console.print(f"{len(groups)} prunable groups; {len(unprunable)} parts not searched")
     return 0
 
 
@@ -284,10 +321,12 @@ def build_parser() -> argparse.ArgumentParser:
     _trust_flag(ex, "model files of a run folder an older autoprune wrote")
     ex.set_defaults(fn=cmd_export)
 
-    g = sub.add_parser("groups", help="list a model's prunable channel groups")
-    g.add_argument("--model", default="demo")
-    g.add_argument("--data", default="digits")
-    g.add_argument("--search-space", default="default")
+    g = sub.add_parser("groups", help="list a model's prunable groups (channels, attention heads) and what is left unpruned")
+    g.add_argument("--config", help="run config: the model, data, image size and search space a search would use")
+    g.add_argument("--model", help="demo | torchvision name | module:function | checkpoint .pt (default: the config's)")
+    g.add_argument("--data", help="digits | ImageFolder dir | module:function (default: the config's)")
+    g.add_argument("--search-space", help="YAML file or shipped name (default: the config's)")
+    g.add_argument("--image-size", type=int, help="input height and width, as for search (digits: 16, ImageFolder: 224)")
     _trust_flag(g, "a --model saved with torch.save(model)")
     g.set_defaults(fn=cmd_groups)
 

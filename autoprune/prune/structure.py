@@ -2,14 +2,17 @@
 
 A *group* is a set of channels that must be removed together (a conv's filters, the BN after
 it, the next conv's input channels, every layer joined to it by a residual add or a concat).
-Each group is named after its root module, the first conv/linear whose output channels it
-prunes; that name is what search spaces match with glob patterns and what trials record.
+Each channel group is named after its root module, the first conv/linear whose output channels
+it prunes; that name is what search spaces match with glob patterns and what trials record.
+Transformers add ``<attention module> (heads)`` groups (whole heads, ``prune/attention.py``) and
+one ``<first member> (embedding)`` group for the width every block shares (searched only when
+the space asks). :func:`analyse` never raises on a construct torch-pruning cannot trace: that
+part is left unpruned with the reason; :func:`probe_structure` bounds its memory and time.
 """
 
 from __future__ import annotations
 
 import contextlib
-import copy
 import fnmatch
 import math
 import multiprocessing
@@ -157,12 +160,12 @@ def analyse(model: nn.Module, example: torch.Tensor, num_classes: Optional[int] 
     regions, unprunable = _regions(model, example)
     groups: list[LiveGroup] = []
     seen: set[str] = set()
-    for prefix, region, DG, x in regions:
+    for prefix, region, DG, _ in regions:
         names = graph_names(DG)
         for local, group in iter_groups(DG, [m for m in outputs if any(m is r for r in region.modules())]):
             root = group[0].dep.target.module
             name = prefix + local
-            if prefix and not _inner(prefix, region, DG, group, x):
+            if prefix and not _inner(DG, group):
                 continue
             members, consumers, kind = set(), set(), "channels"
             for dep, _ in group:
@@ -197,10 +200,15 @@ def _heads_supported(m: nn.MultiheadAttention) -> bool:
 
 def _regions(model: nn.Module, example: torch.Tensor) -> tuple[list[tuple[str, nn.Module, tp.DependencyGraph, torch.Tensor]], dict[str, str]]:
     """(name prefix, module, dependency graph, its input) of the largest traceable parts."""
-    try:
-        return [("", model, build_graph(model, example), example)], {}
-    except Exception as exc:  # noqa: BLE001 - torch-pruning raises whatever its tracing hits
-        whole = _why(exc)
+    key = (repr(model), tuple(example.shape))
+    whole = _UNTRACEABLE.get(key)
+    if whole is None:
+        try:
+            return [("", model, build_graph(model, example), example)], {}
+        except Exception as exc:  # noqa: BLE001 - torch-pruning raises whatever its tracing hits
+            if _out_of_memory(exc):
+                raise  # the bound of probe_structure, not a construct to work around
+            whole = _UNTRACEABLE[key] = _why(exc)
     inputs = _module_inputs(model, example)
     regions: list[tuple[str, nn.Module, tp.DependencyGraph, torch.Tensor]] = []
     unprunable: dict[str, str] = {}
@@ -218,6 +226,8 @@ def _regions(model: nn.Module, example: torch.Tensor) -> tuple[list[tuple[str, n
             try:
                 regions.append((full + ".", child, build_graph(child, x), x))
             except Exception as exc:  # noqa: BLE001
+                if _out_of_memory(exc):
+                    raise
                 visit(full + ".", child, _why(exc))
         unprunable[prefix.rstrip(".") or "(model)"] = (
             f"widths between its parts left unpruned: torch-pruning cannot trace it ({reason})"
@@ -226,6 +236,15 @@ def _regions(model: nn.Module, example: torch.Tensor) -> tuple[list[tuple[str, n
     visit("", model, whole)
     model.eval()
     return regions, unprunable
+
+
+def _out_of_memory(exc: BaseException) -> bool:
+    return isinstance(exc, MemoryError) or "can't allocate memory" in str(exc)
+
+
+#: (model repr, input shape) → why torch-pruning cannot trace that architecture: every trial
+#: prunes a copy of the same dense model, so the failing whole-model trace is tried once.
+_UNTRACEABLE: dict[tuple[str, tuple[int, ...]], str] = {}
 
 
 def _why(exc: BaseException) -> str:
@@ -252,33 +271,21 @@ def _module_inputs(model: nn.Module, example: torch.Tensor) -> dict[str, torch.T
     return {k: v for k, v in seen.items() if v is not None}
 
 
-#: (region name, region repr, input shape, root) → whether that group stays inside its region.
-_INNER_CACHE: dict[tuple[str, str, tuple[int, ...], str], bool] = {}
-
-
-def _inner(prefix: str, region: nn.Module, DG: tp.DependencyGraph, group: tp.Group, x: torch.Tensor) -> bool:
-    """Whether pruning ``group`` keeps the region's input and output shapes (a group that
-    changes them would need the layers outside the region, which torch-pruning could not trace).
-    Tested on a copy: prune one unit, run the region."""
-    root_name = graph_names(DG)[id(group[0].dep.target.module)]
-    key = (prefix, repr(region), tuple(x.shape), root_name)
-    if key not in _INNER_CACHE:
-        ok = False
-        with contextlib.suppress(Exception):
-            with torch.no_grad():
-                ref = region.eval()(x).shape
-            copy_ = copy.deepcopy(region).eval()
-            DG2 = build_graph(copy_, x)  # tracing needs autograd: not under no_grad
-            root = copy_.get_submodule(root_name)
-            prune = DG2.get_pruner_of_module(root).prune_out_channels
-            g = channel_groups(DG2, DG2.get_pruning_group(root, prune, [0]))
-            n = int(DG2.get_out_channels(root))
-            if n > g:
-                DG2.get_pruning_group(root, prune, [i * (n // g) for i in range(g)]).prune()
-                with torch.no_grad():
-                    ok = copy_(x).shape == ref
-        _INNER_CACHE[key] = ok
-    return _INNER_CACHE[key]
+def _inner(DG: tp.DependencyGraph, group: tp.Group) -> bool:
+    """Whether ``group`` stays inside its region: it must not reach the region's output, nor
+    narrow what the region reads (layers outside the region, which torch-pruning could not
+    trace, produce and read those widths). A layer that reads the region's input has no input
+    node; its input width shrinks when the group prunes its in-channels, or its out-channels
+    where both are one (depthwise convs, norms)."""
+    for dep, _ in group:
+        node = dep.target
+        if node.type == tp.ops.OPTYPE.OUTPUT:
+            return False
+        if not node.inputs and not isinstance(node.module, nn.Parameter):
+            pruner = DG.get_pruner_of_module(node.module)
+            if pruner is not None and (DG.is_in_channel_pruning_fn(dep.handler) or pruner.prune_in_channels == pruner.prune_out_channels):
+                return False
+    return True
 
 
 def find_groups(model: nn.Module, example: torch.Tensor, num_classes: Optional[int] = None, embedding: bool = False) -> list[PrunableGroup]:
@@ -367,6 +374,8 @@ def probe_structure(model: nn.Module, example: torch.Tensor, num_classes: Option
     if verdict is None:
         why = (f"took more than {timeout_s:.0f} s" if proc.exitcode in (None, -9) else
                f"ran out of its {memory_mb:.0f} MB memory bound (exit code {proc.exitcode})")
+    elif verdict[1].startswith("ran out"):
+        why = verdict[1]
     else:
         why = f"failed: {verdict[1]}"
     raise ConfigError(f"model {what}: torch-pruning's structure analysis {why}{construct}; this architecture is not supported "
@@ -382,7 +391,5 @@ def _probe_child(send: Any, model: nn.Module, example: torch.Tensor, num_classes
     try:
         analyse(model, example, num_classes)
         send.send(("ok", ""))
-    except MemoryError:
-        send.send(("memory", f"ran out of its {memory_mb:.0f} MB memory bound"))
     except BaseException as exc:  # noqa: BLE001 - reported to the parent, which decides
-        send.send(("error", _why(exc)))
+        send.send(("error", f"ran out of its {memory_mb:.0f} MB memory bound" if _out_of_memory(exc) else _why(exc)))

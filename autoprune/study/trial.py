@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 import optuna
+import torch
 import torch.nn as nn
 from optuna.trial import TrialState
 
@@ -146,6 +147,12 @@ def build_candidate(ctx: SearchContext, plan: PruningPlan, number: int) -> Candi
         between=lambda m: finetune(m, ctx.data, ft, teacher=ctx.base, steps=ft.steps // sp.schedule_steps, seed=trial_seed(ctx, number),
                                    setup=ctx.train, task=ctx.task),
     )
+    try:  # before FLOPs, BN and latency: a model that no longer runs fails here, with the reason
+        with torch.no_grad():
+            model.eval()(ctx.example1)
+    except Exception as exc:  # noqa: BLE001
+        raise RuntimeError(f"the pruned model does not run ({type(exc).__name__}: {' '.join(str(exc).split())}); "
+                           f"pruned groups: {sorted(k for k, (a, b) in widths.items() if b < a)}") from exc
     if eff.bn_recalibration:
         recalibrate_bn(model, calib[: eff.bn_batches], ctx.train)
     return Candidate(model, widths, architecture_key(widths, plan), count_params(model), count_flops(model, ctx.example1),
