@@ -38,7 +38,12 @@ import torchvision
 from autoprune.config import load_device_profile
 from autoprune.measure import backends
 from autoprune.measure.onnx import ModelArtifact, export_onnx
-from autoprune.measure.predictor import FEATURE_SETS, Fit, LatencyPredictor, model_features
+from autoprune.measure.predictor import (
+    FEATURE_SETS,
+    Fit,
+    LatencyPredictor,
+    model_features,
+)
 from autoprune.prune.plan import PruningPlan, apply_plan
 from autoprune.prune.structure import find_groups
 

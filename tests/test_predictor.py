@@ -166,3 +166,46 @@ def test_measure_model_rejects_without_export_and_records_both_latencies(tmp_pat
     assert far["predicted_latency_ms"] > 0.05 * (1 + far["predictor_margin"])
     assert not rf.trial(11).onnx.exists() and len(calls) == MIN_POINTS + 1  # neither exported nor measured
     assert LatencyPredictor.for_run(rf, prof).error()["n"] == 1  # the prediction made before measuring `near`
+
+
+@pytest.mark.slow
+def test_search_records_predicted_and_measured_latency_and_the_report_plots_them(tmp_path: Path, monkeypatch):
+    """End to end on a tiny search with a deterministic fake target (latency ∝ MACs, the dense
+    model 10 ms, budget 2 ms): once calibrated, trials carry the prediction made before measuring beside the
+    measurement, candidates predicted far over budget are not measured, and the report plots
+    predicted against measured latency."""
+    from conftest import FAST_PROFILE, tiny_run_config, write_yaml
+
+    import autoprune
+    from autoprune.config import load_run_config
+    from autoprune.measure import backends
+    from autoprune.results.report import write_report
+
+    dense_macs: list[float] = []
+    measured: list[int] = []
+
+    def fake_measure(artifact, profile, x, reference=None, calib=None, deadline=None):
+        macs = sum(v for k, v in model_features(artifact.torch_model, torch.from_numpy(x)).items() if k.startswith("macs:"))
+        dense_macs.append(dense_macs[0] if dense_macs else macs)
+        measured.append(1)
+        ms = 10.0 * macs / dense_macs[0]
+        return LatencyStats(ms, ms, ms, ms, 0.0, 5, 0.0, 1)
+
+    monkeypatch.setattr(backends, "measure", fake_measure)
+    prof = write_yaml(tmp_path / "p.yaml", {**FAST_PROFILE, "lut": True, "cache": False, "budget": {"max_latency_ms": 2.0}})
+    cfg = write_yaml(tmp_path / "run.yaml", tiny_run_config(tmp_path / "out", prof, trials=9))
+    res = autoprune.run(load_run_config(str(cfg)))
+    trials = res.study.get_trials(deepcopy=False)
+    predicted = [t for t in trials if t.user_attrs.get("predicted_latency_ms") is not None]
+    assert predicted, "the predictor never became ready"
+    assert all("measured_latency_ms" in t.user_attrs for t in trials if "latency" in t.user_attrs)
+    for t in predicted:
+        if t.user_attrs.get("latency_predicted"):  # rejected: not measured, over budget by the margin
+            assert t.user_attrs["measured_latency_ms"] is None and t.constraints["latency_ms"] > 0
+            assert t.user_attrs["predicted_latency_ms"] > 2.0 * (1 + t.user_attrs["predictor_margin"])
+        else:
+            assert t.user_attrs["measured_latency_ms"] > 0
+    assert any(t.user_attrs.get("latency_predicted") for t in predicted)  # random ratios: most are over 2 ms
+    assert len(measured) == 1 + sum(1 for t in trials if t.user_attrs.get("measured_latency_ms") is not None)
+    html = write_report(res.out).read_text()
+    assert 'id="plot-predictor"' in html and "Predicted vs measured latency" in html
