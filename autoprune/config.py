@@ -204,8 +204,10 @@ class DeviceProfile(_Strict):
     cache: bool = True
     #: int8: number of single-input calibration samples fed to post-training quantization.
     calib_samples: int = Field(64, ge=1)
-    #: Per-layer latency lookup table (lut.py): predict latency before export and skip candidates
-    #: predicted over budget.max_latency_ms × (1 + lut_margin) without exporting or measuring them.
+    #: Latency predictor (measure/predictor.py, calibrated on the run's measured models): once its
+    #: held-out error is known, skip candidates predicted over budget.max_latency_ms × (1 + margin)
+    #: without exporting or measuring them; margin = 1.5 × its worst held-out over-prediction, at
+    #: least lut_margin. (The key keeps its name from the per-layer lookup table it replaced.)
     lut: bool = False
     lut_margin: float = Field(0.25, ge=0)
     #: Export parity (measure/parity.py): each exported candidate and the dense model run on this many

@@ -121,7 +121,7 @@ class RunFolder:
         (folders): a read-only one must stop the search before it trains (see writable_paths).
         ``local_study``: the study is this folder's SQLite ``study.db``."""
         files = [self.lock, self.prepare_lock, self.export_lock, self.latency_cache]
-        folders = [self.trial(0).root.parent, self.dense_onnx.parent, self.lut("x").parent, self.staircases("x").parent,
+        folders = [self.trial(0).root.parent, self.dense_onnx.parent, self.predictor("x").parent, self.staircases("x").parent,
                    self.pareto_dir]
         return [*files, *([self.study_db] if local_study else []), *folders]
 
@@ -151,8 +151,9 @@ class RunFolder:
     def latency_cache(self) -> Path:
         return self.root / "latency_cache.sqlite"
 
-    def lut(self, profile_key: str) -> Path:
-        return self.root / "lut" / f"{profile_key}.json"
+    def predictor(self, profile_key: str) -> Path:
+        """Calibration points of the latency predictor (measure/predictor.py) for one profile."""
+        return self.root / "predictor" / f"{profile_key}.json"
 
     def staircases(self, fingerprint_key: str) -> Path:
         """Latency staircases of one device fingerprint (measure/staircase.py)."""
@@ -224,7 +225,7 @@ class RunFolder:
         trials, final stage, front, report, re-measures). No ``--dest`` may replace them or lie
         inside them; ``picked/`` and ``export/`` are outputs that pick/export may replace."""
         paths = (self.study_db, self.lock, self.prepare_lock, self.export_lock, self.base_model, self.dense_json,
-                 self.dense_onnx, self.sensitivity, self.flops_savings, self.latency_cache, self.lut("x"),
+                 self.dense_onnx, self.sensitivity, self.flops_savings, self.latency_cache, self.predictor("x"),
                  self.staircases("x"),
                  self.trial(0).root, self.final_json, self.pareto_dir, self.pareto_json, self.pareto_csv,
                  self.pareto_png, self.pareto_html, self.report_html, self.remeasure_dir)

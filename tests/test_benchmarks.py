@@ -58,3 +58,19 @@ def test_benchmark_app_agreement_runs_in_its_small_form(tmp_path):
     assert row["model"] == "mobilenet_v2-pruned" and "pruned" in row["description"]
     assert row["autoprune_median_ms"] > 0 and row["benchmark_app_median_ms"] > 0
     assert "worst:" in p.stdout and "-infer_precision f32" in p.stdout
+
+
+def test_predictor_error_small_reports_held_out_error_beside_noise(tmp_path):
+    """benchmarks/predictor_error.py --small: real candidates, real timing; only the report's
+    shape is checked (numbers on a shared CI machine are not asserted)."""
+    out = tmp_path / "pred.json"
+    p = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "predictor_error.py"), "--small", "--out", str(out)],
+                       capture_output=True, text=True, timeout=1200)
+    assert p.returncode == 0, p.stderr[-3000:]
+    last = p.stdout.strip().splitlines()[-1]
+    assert last.startswith("within10: ") and last.endswith("%")
+    (row,) = json.loads(out.read_text())["rows"]
+    assert row["calib_points"] == 1 + 8 and row["test"] == 4  # the dense model + 8 calibrate, 4 others score
+    assert row["loo"]["n"] == row["calib_points"] and row["noise"]["n"] == 2
+    assert set(row["per_feature_set"]) >= {"macs", "kinds"}
+    assert float(last.split()[1].rstrip("%")) == pytest.approx(row["within10_pct"])

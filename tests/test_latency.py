@@ -1,4 +1,4 @@
-"""Timing protocol, dense-reference speed-up, architecture cache and the per-layer LUT."""
+"""Timing protocol, dense-reference speed-up, architecture cache and the predictor's shared file."""
 
 from __future__ import annotations
 
@@ -145,76 +145,40 @@ def test_measurement_caches_live_in_the_run_folder_it_is_given(tmp_path: Path):
     rf = RunFolder(tmp_path / "X" / "trials")
     prof = DeviceProfile(**{**FAST, "lut": True})
     measure_model(_net(16), torch.randn(1, 1, 8, 8), prof, rf.dense_onnx, "torchscript", run=rf)
-    assert rf.latency_cache.is_file() and list((rf.root / "lut").glob("*.json"))
+    assert rf.latency_cache.is_file() and list((rf.root / "predictor").glob("*.json"))
     assert sorted(p.name for p in (tmp_path / "X").iterdir()) == ["trials"]
     # Without a run folder nothing is cached or tabled anywhere.
     measure_model(_net(16), torch.randn(1, 1, 8, 8), prof, tmp_path / "alone" / "m.onnx", "torchscript")
     assert sorted(p.name for p in (tmp_path / "alone").iterdir()) == ["m.onnx"]
 
 
-def test_lut_predicts_and_rejects_before_export(tmp_path: Path):
-    from autoprune.measure.candidate import measure_model
-    from autoprune.measure.lut import LatencyLUT, layer_configs
-
-    run = tmp_path / "run"
-    x = torch.randn(1, 8, 32, 32)
-    big = nn.Sequential(nn.Conv2d(8, 64, 3, padding=1), nn.ReLU(), nn.Conv2d(64, 64, 3, padding=1), nn.ReLU(),
-                        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(64, 10)).eval()
-    small = nn.Sequential(nn.Conv2d(8, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 16, 3, padding=1), nn.ReLU(),
-                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 10)).eval()
-    assert [k.split(":")[0] for k, _, _ in layer_configs(big, x)] == ["conv", "conv", "linear"]
-    prof = DeviceProfile(**{**FAST, "lut": True, "cache": False, "repeats": 20})
-    rf = RunFolder(run)
-    dense = measure_model(big, x, prof, rf.dense_onnx, "torchscript", run=rf)
-    assert dense["lut_predicted_ms"] is None  # nothing to scale by before the first measurement
-    cand = measure_model(small, x, prof, rf.trial(0).onnx, "torchscript", run=rf)
-    assert cand["lut_predicted_ms"] > 0
-    lut = LatencyLUT.for_run(rf, prof)
-    assert len(lut.table) == 6 and lut.error()["n"] == 1
-    assert lut.predict(small, x) < lut.predict(big, x)
-    # A budget far below the prediction: rejected without export or measurement.
-    tight = prof.model_copy(update={"budget": prof.budget.model_copy(update={"max_latency_ms": 1e-6})})
-    out = measure_model(big, x, tight, rf.trial(1).onnx, "torchscript", run=rf)
-    assert out["latency_predicted"] is True and not (run / "trials" / "00001" / "model.onnx").exists()
-
-
-def test_lut_save_merges_what_other_workers_saved(tmp_path: Path):
-    """Defect 9: ``LatencyLUT.save`` wrote its in-memory copy, so a worker saving after another
-    dropped the layers and calibration pairs the other had stored since it loaded. Saves now
-    read-merge-write under a file lock: interleaved and concurrent writers lose nothing."""
+def test_predictor_save_merges_what_other_workers_saved(tmp_path: Path):
+    """Defect 9 (found in the per-layer table the predictor replaced): saving the in-memory copy
+    dropped what another worker had stored since it loaded. Saves read-merge-write under a file
+    lock: interleaved and concurrent writers lose no calibration point or prediction."""
     import threading
 
-    from autoprune.measure.lut import LatencyLUT
+    from autoprune.measure.predictor import LatencyPredictor
 
     prof = DeviceProfile(**FAST)
-    path = tmp_path / "lut" / "t.json"
-    a, b = LatencyLUT(path, prof), LatencyLUT(path, prof)  # two workers, both loaded an empty table
-    a.table["conv:a"] = 1.0
-    a.pairs.append((1.0, 2.0))
-    a.save()
-    b.table["conv:b"] = 3.0
-    b.table["conv:a"] = 9.0  # measured by both: the stored (first) value wins everywhere
-    b.pairs.append((3.0, 4.0))
-    b.predictions.append((5.0, 4.0))
-    b.save()
-    a.table["conv:c"] = 5.0
-    a.save()
-    a.save()  # saving twice appends nothing twice
-    got = LatencyLUT(path, prof)
-    assert got.table == {"conv:a": 1.0, "conv:b": 3.0, "conv:c": 5.0}
-    assert got.pairs == [(1.0, 2.0), (3.0, 4.0)] and got.predictions == [(5.0, 4.0)]
-    assert a.table == got.table and a.pairs == got.pairs  # the saver adopts the merged table
+    path = tmp_path / "predictor" / "t.json"
+    a, b = LatencyPredictor(path, prof), LatencyPredictor(path, prof)  # two workers, both loaded nothing
+    a.add({"macs:conv:8": 1.0}, 2.0)
+    b.add({"macs:conv:8": 3.0}, 4.0, predicted_ms=5.0)
+    a.add({"macs:conv:8": 5.0}, 6.0)
+    a.save()  # saving again appends nothing twice
+    got = LatencyPredictor(path, prof)
+    assert [m for _, m in got.points] == [2.0, 4.0, 6.0] and got.predictions == [(5.0, 4.0)]
+    assert a.points == got.points  # the saver adopts the merged points
 
-    # concurrently: four workers, each adding its own layers and pairs and saving every time
+    # concurrently: four workers, each adding its own points and saving every time
     errors: list[BaseException] = []
 
     def worker(w: int) -> None:
-        lut = LatencyLUT(path, prof)
+        pred = LatencyPredictor(path, prof)
         try:
             for i in range(25):
-                lut.table[f"linear:{w}:{i}"] = float(i)
-                lut.pairs.append((float(w), float(i)))
-                lut.save()
+                pred.add({"worker": float(w), "i": float(i)}, 1.0 + i)
         except BaseException as e:  # noqa: BLE001 - asserted on below
             errors.append(e)
 
@@ -224,6 +188,5 @@ def test_lut_save_merges_what_other_workers_saved(tmp_path: Path):
     for th in threads:
         th.join()
     assert errors == []
-    got = LatencyLUT(path, prof)
-    assert {f"linear:{w}:{i}" for w in range(4) for i in range(25)} <= set(got.table)
-    assert sorted(got.pairs[2:]) == sorted((float(w), float(i)) for w in range(4) for i in range(25))
+    got = LatencyPredictor(path, prof)
+    assert sorted((f["worker"], f["i"]) for f, _ in got.points[3:]) == sorted((float(w), float(i)) for w in range(4) for i in range(25))

@@ -14,9 +14,9 @@ import torch.nn as nn
 from autoprune.config import DeviceProfile
 from autoprune.measure import backends
 from autoprune.measure.cache import LatencyCache, architecture_hash
-from autoprune.measure.lut import LatencyLUT
 from autoprune.measure.onnx import cpu_fp32, export_onnx, file_size, gzip_size
 from autoprune.measure.parity import check_export_parity, parity_batch
+from autoprune.measure.predictor import LatencyPredictor, model_features
 from autoprune.measure.quantize import (
     _input_shape,
     calibration_batches,
@@ -33,11 +33,14 @@ def measure_model(model: nn.Module, example: torch.Tensor, profile: DeviceProfil
     """Export ``model`` and time it on the profile's backend; returns latency stats and sizes.
 
     With a ``run`` folder: an architecture already measured on this profile there is not measured
-    again (``cache: true``); ``lut: true`` predicts latency first and skips export and measurement
-    of clear budget violations; ``measure_reference: true`` times the dense model (the run's
+    again (``cache: true``); ``lut: true`` predicts latency first (measure/predictor.py, once
+    calibrated on the run's measured models) and skips export and measurement of clear budget
+    violations; ``measure_reference: true`` times the dense model (the run's
     ``dense/model.onnx``; ``dense`` is its PyTorch module for the torch backend) interleaved with
     the candidate and records ``latency.speedup``, steadier than absolute times.
     ``precision: int8`` quantizes first, calibrated on ``calib`` batches.
+    With the predictor on, the result carries ``predicted_latency_ms`` (None until calibrated)
+    and ``measured_latency_ms`` (None when rejected on the prediction).
 
     ``model`` may sit on the train device (a GPU): what is exported and timed is its CPU fp32
     copy (:func:`cpu_fp32`), so latency never depends on where or how the model trained.
@@ -45,9 +48,10 @@ def measure_model(model: nn.Module, example: torch.Tensor, profile: DeviceProfil
     model = cpu_fp32(model)
     dense = cpu_fp32(dense) if dense is not None and profile.measure_reference else None  # only timed as the reference
     example = example.cpu()
-    lut = LatencyLUT.for_run(run, profile) if run is not None and profile.lut else None
-    predicted = lut.predict(model, example) if lut is not None else None
-    rejected = _lut_rejection(predicted, model, example, profile)
+    predictor = LatencyPredictor.for_run(run, profile) if run is not None and profile.lut else None
+    features = model_features(model, example) if predictor is not None else {}
+    predicted = predictor.predict(features) if predictor is not None else None
+    rejected = _predicted_rejection(predicted, predictor, example, model, profile)
     if rejected is not None:
         return rejected
     export_onnx(model, example, onnx_path, exporter)
@@ -64,23 +68,29 @@ def measure_model(model: nn.Module, example: torch.Tensor, profile: DeviceProfil
                                  reference=_reference_artifact(run, onnx_path, profile, dense), calib=batches)
         if cache:
             cache.put(profile, arch, stats)
-        if lut is not None:
-            lut.record(model, example, stats.median_ms, predicted)
-    extra = {"lut_predicted_ms": predicted} if lut is not None else {}
+        if predictor is not None:
+            predictor.add(features, stats.median_ms, predicted)
+    extra = {"predicted_latency_ms": predicted, "measured_latency_ms": stats.median_ms} if predictor is not None else {}
     return {"latency": stats.to_dict(), "latency_cached": cached, "arch_hash": arch, **extra, "parity": parity,
             "onnx_bytes": file_size(onnx_path), "onnx_gzip_bytes": gzip_size(onnx_path)}
 
 
-def _lut_rejection(predicted: Optional[float], model: nn.Module, example: torch.Tensor, profile: DeviceProfile) -> Optional[dict[str, Any]]:
-    """A result without export or measurement when the latency table predicts a clear budget
-    violation (over ``max_latency_ms`` by more than ``lut_margin``); None otherwise."""
+def _predicted_rejection(predicted: Optional[float], predictor: Optional[LatencyPredictor], example: torch.Tensor,
+                         model: nn.Module, profile: DeviceProfile) -> Optional[dict[str, Any]]:
+    """A result without export or measurement when the calibrated predictor puts the candidate
+    clearly over ``max_latency_ms``: above budget × (1 + margin), the margin set by the
+    predictor's held-out error (at least ``lut_margin``); None otherwise."""
     b = profile.budget.max_latency_ms
-    if predicted is None or not b or predicted <= b * (1 + profile.lut_margin):
+    if predicted is None or predictor is None or not b:
+        return None
+    margin = predictor.margin()
+    if predicted <= b * (1 + margin):
         return None
     est = sum(p.numel() * p.element_size() for p in model.parameters())
     st = LatencyStats(predicted, predicted, predicted, predicted, 0.0, 0, 0.0, int(example.shape[0]))
-    return {"latency": st.to_dict(), "latency_predicted": True, "lut_predicted_ms": predicted,
-            "onnx_bytes": est, "onnx_gzip_bytes": est, "onnx_bytes_estimated": True}
+    return {"latency": st.to_dict(), "latency_predicted": True, "predicted_latency_ms": predicted,
+            "measured_latency_ms": None, "predictor_margin": margin, "onnx_bytes": est, "onnx_gzip_bytes": est,
+            "onnx_bytes_estimated": True}
 
 
 def _reference_artifact(run: Optional[RunFolder], onnx_path: Path, profile: DeviceProfile,

@@ -5,7 +5,8 @@ Optuna's own Pareto-front plot) to hover over trials and read their parameters.
 
 ``write_report`` (``autoprune report``) writes one self-contained HTML page for a whole run:
 interactive Pareto front, all trials coloured by pruning method, a per-layer ratio heat-map of
-the Pareto models, the hypervolume history and a table of the Pareto models (with latencies
+the Pareto models, the hypervolume history, the latency predictor's predicted vs measured
+latency (when the profile has ``lut: true``) and a table of the Pareto models (with latencies
 re-measured on other profiles when ``autoprune remeasure`` was run). plotly.js is embedded once,
 so the page works offline and can be mailed or archived as a single file.
 """
@@ -160,6 +161,33 @@ def fig_trials_by_method(study: optuna.Study, dense: dict[str, Any]) -> Any:
     return fig
 
 
+def fig_predicted_vs_measured(study: optuna.Study) -> Optional[Any]:
+    """Latency the predictor gave each trial before it was measured against the measurement,
+    with the y = x line: how far the budget rejections (made on predictions alone) can be
+    trusted. None when no trial has both (predictor off, or not yet calibrated)."""
+    import plotly.graph_objects as go
+
+    trials = _complete(study)
+    pts = [t for t in trials if t.user_attrs.get("predicted_latency_ms") is not None
+           and t.user_attrs.get("measured_latency_ms") is not None]
+    if not pts:
+        return None
+    rejected = sum(1 for t in trials if t.user_attrs.get("latency_predicted"))
+    pred = [t.user_attrs["predicted_latency_ms"] for t in pts]
+    meas = [t.user_attrs["measured_latency_ms"] for t in pts]
+    within = sum(abs(p - m) <= 0.1 * m for p, m in zip(pred, meas))
+    lo, hi = min(pred + meas), max(pred + meas)
+    fig = go.Figure([
+        go.Scatter(x=meas, y=pred, mode="markers", name="trial", text=[f"trial {t.number}" for t in pts],
+                   hovertemplate="%{text}<br>measured %{x:.3f} ms<br>predicted %{y:.3f} ms<extra></extra>"),
+        go.Scatter(x=[lo, hi], y=[lo, hi], mode="lines", name="y = x", line={"color": "black", "dash": "dash"}),
+    ])
+    fig.update_layout(title=f"Predicted vs measured latency: {within}/{len(pts)} within ±10 %; "
+                            f"{rejected} trial(s) rejected on the prediction alone (not measured)",
+                      xaxis_title="measured median latency (ms)", yaxis_title="predicted before measuring (ms)")
+    return fig
+
+
 def fig_ratio_heatmap(rows: list[dict[str, Any]], group_order: Optional[list[str]] = None) -> Any:
     """Fraction of channels removed per group (columns) for every Pareto model (rows)."""
     import plotly.graph_objects as go
@@ -276,6 +304,8 @@ def write_report(run_dir: str | Path, out: Optional[str | Path] = None, storage:
         ("ratios", "Per-layer ratios of the Pareto models", fig_ratio_heatmap(rows, study.user_attrs.get("groups"))),
         ("hypervolume", "Hypervolume over the search", fig_hypervolume(study, dense)),
     ]
+    if (fig := fig_predicted_vs_measured(study)) is not None:
+        figs.append(("predictor", "Latency predictor: predicted vs measured", fig))
     cfg = study.user_attrs.get("config", {})
     prof = study.user_attrs.get("device_profile", {})
     states: dict[str, int] = {}
