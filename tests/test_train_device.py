@@ -251,3 +251,14 @@ def test_workers_must_be_positive(tmp_path, capsys):
     assert main(["search", "--out", str(tmp_path / "out"), "--workers", "0"]) == 2
     assert "--workers 0" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()  # refused before anything was written
+
+
+def test_a_crashed_worker_is_described_with_its_slot_and_error():
+    from autoprune.study.pool import WorkerOutcome, WorkerSlot
+
+    slot = WorkerSlot(1, gpu="3", cores=(2, 3), threads=2)
+    killed = WorkerOutcome(slot, -9)
+    assert killed.failed and killed.describe() == "worker 1 (GPU 3, cores 2-3, 2 thread(s)) was killed by signal 9"
+    err = WorkerOutcome(slot, 2, "train.device: cuda but torch sees no CUDA device here")
+    assert err.failed and err.describe().endswith("exited with code 2: train.device: cuda but torch sees no CUDA device here")
+    assert not WorkerOutcome(slot, 0).failed and not WorkerOutcome(slot, 130).failed  # done / stopped by Ctrl-C
