@@ -97,7 +97,7 @@ def test_real_fashion_mnist_files():
     b = load_data("fashion-mnist", val_fraction=0.25, seed=0)
     assert (len(b.train), len(b.val), len(b.test)) == (45000, 15000, 10000)
     assert b.input_shape == (1, 28, 28) and b.num_classes == 10 and b.name == "fashion-mnist"
-    xb, yb = next(iter(b.loader("test", 512)))
+    xb, _ = next(iter(b.loader("test", 512)))
     assert abs(float(xb.mean())) < 0.2 and 0.8 < float(xb.std()) < 1.2  # normalized with the training statistics
 
 

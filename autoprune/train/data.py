@@ -19,7 +19,7 @@ import zlib
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any, Optional
 
 import numpy as np
 import torch
@@ -177,7 +177,7 @@ class ImageTensors(Dataset):
             x = self.augment(x)
         return (x.float() / 255.0 - self.mean) / self.std, self.labels[i]
 
-    def view(self, augment: Optional[Any]) -> "ImageTensors":
+    def view(self, augment: Optional[Any]) -> ImageTensors:
         """The same images (shared memory, no copy) read with another augmentation."""
         out = copy.copy(self)
         out.augment = augment
@@ -213,7 +213,7 @@ DEFAULT_AUGMENT: dict[str, list[dict[str, dict[str, Any]]]] = {
     "imagefolder": [{"RandomResizedCrop": {"size": "<image_size>"}}, {"RandomHorizontalFlip": {}}],
 }
 
-AugmentSpec = Union[str, list[Any]]
+AugmentSpec = str | list[Any]
 
 
 def augment_steps(spec: AugmentSpec, default: list[dict[str, dict[str, Any]]], image_size: Optional[int] = None) -> list[Any]:
