@@ -38,7 +38,9 @@ def measure_model(model: nn.Module, example: torch.Tensor, profile: DeviceProfil
     violations; ``measure_reference: true`` times the dense model (the run's
     ``dense/model.onnx``; ``dense`` is its PyTorch module for the torch backend) interleaved with
     the candidate and records ``latency.speedup``, steadier than absolute times.
-    ``precision: int8`` quantizes first, calibrated on ``calib`` batches.
+    ``precision: int8`` quantizes first, calibrated on ``calib`` batches. Right after export the
+    file is checked against ``model`` on a few ``calib`` samples (:mod:`autoprune.measure.parity`):
+    a mismatch raises ExportError before anything is timed; the results are returned as ``parity``.
     With the predictor on, the result carries ``predicted_latency_ms`` (None until calibrated)
     and ``measured_latency_ms`` (None when rejected on the prediction).
 
