@@ -124,11 +124,12 @@ class _Request:
 
     ``request.infer({0: x})`` sends the array through OpenVINO's Python data dispatcher (type
     checks, a fresh copy into the input tensor) and returns every output copied into a new dict:
-    about 0.2 ms per call on a shared 2-core machine, 15-20% of a 64 px MobileNetV2, none of it
-    inference. Here the input array is wrapped once in an ``ov.Tensor`` that shares its memory
-    (re-wrapped only when a different array arrives; in-place changes to the same array are seen
-    because the memory is shared; an array of another dtype or layout is converted on every call), ``infer()`` runs without inputs and without copying outputs,
-    and the one output we return is copied out of the request's tensor: every timed call is one
+    about 0.2 ms per call on a shared 2-core machine (about 12% of a 64 px MobileNetV2 on one
+    thread there), none of it inference. Here the input array is wrapped once in an ``ov.Tensor``
+    that shares its memory (re-wrapped only when a different array arrives; in-place changes to
+    the same array are seen because the memory is shared; an array of another dtype or layout is
+    converted on every call), ``infer()`` runs without inputs and without copying outputs, and
+    the one output we return is copied out of the request's tensor: every timed call is one
     real inference on the caller's data whose result is read; its duration is OpenVINO's own
     (:meth:`timed`, :data:`CLOCK`).
     """
