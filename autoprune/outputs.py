@@ -16,6 +16,7 @@ that feed them would leave them reading channels that no longer exist.
 
 from __future__ import annotations
 
+import copy
 import importlib
 from typing import Any, Callable, Mapping, Optional
 
@@ -119,8 +120,6 @@ def train_only_modules(model: nn.Module, example: torch.Tensor) -> list[str]:
     such a head reading channels that no longer exist and every fine-tune would fail; the search
     refuses the model before training instead. Runs on a copy (train-mode BatchNorm would move
     the running statistics); a model whose train-mode forward fails here is left to the search."""
-    import copy
-
     probe = copy.deepcopy(model)
     x = example[:1].repeat(2, *([1] * (example.dim() - 1)))  # BatchNorm in train mode needs 2+ values
     reached: dict[bool, set[str]] = {}

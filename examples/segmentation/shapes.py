@@ -27,6 +27,7 @@ import os
 
 import torch
 from torch.utils.data import TensorDataset
+from torchvision.models.segmentation import lraspp_mobilenet_v3_large
 
 from autoprune.train.data import DataBundle
 from autoprune.train.task import SegmentationTask
@@ -85,8 +86,6 @@ def data() -> DataBundle:
 
 def lraspp(num_classes: int = len(CLASSES)) -> torch.nn.Module:
     """The run config's ``model:`` factory: LR-ASPP MobileNetV3-Large, random weights (no download)."""
-    from torchvision.models.segmentation import lraspp_mobilenet_v3_large
-
     return lraspp_mobilenet_v3_large(weights=None, weights_backbone=None, num_classes=num_classes)
 
 
