@@ -70,14 +70,37 @@ NOT_SCORING_PROFILE_KEYS = ("request_timeout_s", "token_env")
 SEARCH_HASH_VERSION = 2
 #: Run-config keys added after studies were first stored, with the default that scores trials as
 #: before they existed: left out of the hash at that default, so older studies still resume.
-ADDED_KEY_DEFAULTS = {"task": "classification", "output": None}
+#: ``augment: default`` leaves digits (the demo) and factories unaugmented, as before; an
+#: ImageFolder study made before it resumes with the training-split augmentation switched on.
+ADDED_KEY_DEFAULTS = {
+    "task": "classification", "output": None, "augment": "default", "val_samples": None,
+    "efficiency.staircases": False, "efficiency.staircase_widths": 8, "efficiency.staircase_tolerance": 0.03,
+}
+#: The same for search-space and device-profile keys (export parity and staircase files do not
+#: change how a trial that runs is scored; ``embedding: false`` is the old behaviour).
+ADDED_SPACE_DEFAULTS = {"embedding": False}
+ADDED_PROFILE_DEFAULTS = {"parity_samples": 8, "parity_atol": 1e-4, "parity_rtol": 1e-3, "staircases": None}
 
 
-def _without_added_defaults(cfg: dict[str, Any]) -> dict[str, Any]:
-    for key, default in ADDED_KEY_DEFAULTS.items():
-        if key in cfg and cfg[key] == default:
-            del cfg[key]
+def _without_added_defaults(cfg: dict[str, Any], defaults: Optional[dict[str, Any]] = None) -> dict[str, Any]:
+    """``cfg`` (a dump, changed in place) without the keys added later that hold their default."""
+    for key, default in (ADDED_KEY_DEFAULTS if defaults is None else defaults).items():
+        *heads, last = key.split(".")
+        d: Any = cfg
+        for part in heads:
+            d = d.get(part, {}) if isinstance(d, dict) else {}
+        if isinstance(d, dict) and last in d and d[last] == default:
+            del d[last]
     return cfg
+
+
+def _space_dump(ctx: SearchContext) -> dict[str, Any]:
+    """The search space as hashed: ``round_to: auto`` without staircases rounds to the same
+    multiples as the old default ``round_to: 8``, so it hashes as that."""
+    space = _without_added_defaults(ctx.space.model_dump(mode="json"), ADDED_SPACE_DEFAULTS)
+    if space.get("round_to") is None and not ctx.cfg.efficiency.staircases:
+        space["round_to"] = ctx.space.round_unit
+    return space
 
 
 def _get(d: dict[str, Any], key: str) -> Any:
@@ -116,10 +139,10 @@ def search_hash(ctx: SearchContext) -> str:
     cfg = _without_added_defaults(_without_runtime_keys(ctx.cfg.model_dump(mode="json")))
     for key in NOT_SCORING_KEYS:
         _put(cfg, key, None)
-    prof = ctx.profile.model_dump(mode="json")
+    prof = _without_added_defaults(ctx.profile.model_dump(mode="json"), ADDED_PROFILE_DEFAULTS)
     for key in NOT_SCORING_PROFILE_KEYS:
         prof[key] = None
-    return config_hash(cfg, ctx.space, prof) + ":" + _groups_hash(ctx)
+    return config_hash(cfg, _space_dump(ctx), prof) + ":" + _groups_hash(ctx)
 
 
 def _legacy_search_hash(ctx: SearchContext, stored_cfg: dict[str, Any], stored_profile: dict[str, Any]) -> str:
@@ -134,10 +157,10 @@ def _legacy_search_hash(ctx: SearchContext, stored_cfg: dict[str, Any], stored_p
     if cfg.get("pretrain_steps") is not None:
         # Those studies stored a pretrain_seconds that the step budget made irrelevant.
         cfg["pretrain_seconds"] = stored_cfg.get("pretrain_seconds")
-    prof = ctx.profile.model_dump(mode="json")
+    prof = _without_added_defaults(ctx.profile.model_dump(mode="json"), ADDED_PROFILE_DEFAULTS)
     for key in NOT_SCORING_PROFILE_KEYS:
         prof[key] = stored_profile.get(key)
-    return config_hash(cfg, ctx.space, prof) + ":" + _groups_hash(ctx)
+    return config_hash(cfg, _space_dump(ctx), prof) + ":" + _groups_hash(ctx)
 
 
 def _flat(d: Any, prefix: str = "") -> dict[str, Any]:
