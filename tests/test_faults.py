@@ -321,18 +321,27 @@ def _legacy_study(cfg: RunConfig, out: Path) -> optuna.Study:
     from autoprune.study.storage import public_config
 
     ctx = prepare(cfg)
+    from autoprune.study.study import ADDED_PROFILE_DEFAULTS, ADDED_SPACE_DEFAULTS
+
     dump = cfg.model_dump(mode="json")
     dump.pop("train", None)  # sections and keys added since then were not in its dump
     dump["search"].pop("mlflow", None)
+    for key in ("task", "output", "augment", "val_samples"):
+        dump.pop(key, None)
+    for key in ("staircases", "staircase_widths", "staircase_tolerance"):
+        dump["efficiency"].pop(key, None)
+    space = {k: v for k, v in ctx.space.model_dump(mode="json").items() if k not in ADDED_SPACE_DEFAULTS}
+    space["round_to"] = ctx.space.round_unit  # its default was 8, not auto
+    profile = {k: v for k, v in ctx.profile.model_dump(mode="json").items() if k not in ADDED_PROFILE_DEFAULTS}
     dump["pretrain_seconds"] = 10.0
     dump["out"] = ""
     dump["search"].update(trials=1, timeout_s=None, storage=None, heartbeat_interval=10, grace_period=30, max_retries=2)
     groups = json.dumps([(g.name, g.low, g.high, g.methods) for g in ctx.groups])
-    old = config_hash(dump, ctx.space, ctx.profile) + ":" + hashlib.sha256(groups.encode()).hexdigest()[:8]
+    old = config_hash(dump, space, profile) + ":" + hashlib.sha256(groups.encode()).hexdigest()[:8]
     study = optuna.create_study(storage=f"sqlite:///{out / 'study.db'}", study_name="autoprune", directions=["maximize", "minimize"])
     stored = {**public_config(cfg), "pretrain_seconds": 10.0}
     for key, value in (("search_hash", old), ("dense", ctx.dense), ("groups", [g.name for g in ctx.groups]), ("config", stored),
-                       ("search_space", ctx.space.model_dump(mode="json")), ("device_profile", ctx.profile.model_dump(mode="json"))):
+                       ("search_space", space), ("device_profile", profile)):
         study.set_user_attr(key, value)
     return study
 

@@ -90,9 +90,9 @@ def test_latency_budget_skips_finetune_and_marks_infeasible(tmp_path, fast_profi
     calls = []
     real = trial_mod.evaluate
 
-    def evaluate(model, data, batch_size=256, max_batches=None):
+    def evaluate(model, data, batch_size=256, max_batches=None, **kw):
         calls.append(max_batches)
-        return real(model, data, batch_size=batch_size, max_batches=max_batches)
+        return real(model, data, batch_size=batch_size, max_batches=max_batches, **kw)
 
     monkeypatch.setattr(trial_mod, "evaluate", evaluate)
     prof = write_yaml(tmp_path / "p.yaml", {**FAST_PROFILE, "budget": {"max_latency_ms": 1e-4}})

@@ -62,11 +62,11 @@ def export_onnx(model: nn.Module, example: torch.Tensor, path: Path, exporter: s
     path.parent.mkdir(parents=True, exist_ok=True)
     model = cpu_fp32(model).eval()
     example = example.detach().to("cpu", torch.float32)
-    with torch.no_grad():
-        if not isinstance(model(example), torch.Tensor):
-            model = MainOutput(model).eval()  # a dict/tuple output: export its main output only
     tmp = temp_sibling(path)  # unique: workers sharing a run folder may export the same file at once
     try:
+        with torch.no_grad():
+            if not isinstance(model(example), torch.Tensor):
+                model = MainOutput(model).eval()  # a dict/tuple output: export its main output only
         kwargs = {"external_data": False} if exporter == "dynamo" else {}
         with _quiet(), torch.no_grad():
             torch.onnx.export(

@@ -37,6 +37,7 @@ from torch import nn
 from autoprune.config import DeviceProfile
 from autoprune.errors import ExportError
 from autoprune.measure import backends
+from autoprune.outputs import main_output
 
 
 @dataclass
@@ -130,8 +131,8 @@ def check_export_parity(model: nn.Module, artifact: backends.ModelArtifact, batc
         device = next((t.device for t in model.parameters()), torch.device("cpu"))
         with torch.no_grad():
             out = model(batch.to(device))
-        out = out[0] if isinstance(out, (tuple, list)) else out  # the exported file's output 0 ("logits")
-        ref = out.detach().float().cpu().numpy()
+        # The exported file's one output ("logits") is the model's main output (export_onnx).
+        ref = main_output(out).detach().float().cpu().numpy()
     finally:
         model.train(was_training)
     xs = batch.detach().cpu().numpy().astype(np.float32)

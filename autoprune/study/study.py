@@ -8,6 +8,7 @@ would score trials differently is refused (``search_hash``).
 from __future__ import annotations
 
 import contextlib
+import copy
 import fcntl
 import hashlib
 import json
@@ -24,7 +25,14 @@ from autoprune.errors import ConfigError
 from autoprune.runfolder import RunFolder
 from autoprune.study.context import SearchContext
 from autoprune.study.space import seed_plans
-from autoprune.study.storage import check_base_model, fail_running_trial, make_storage, public_config, redact_url, storage_error
+from autoprune.study.storage import (
+    check_base_model,
+    fail_running_trial,
+    make_storage,
+    public_config,
+    redact_url,
+    storage_error,
+)
 from autoprune.study.tracking import MlflowLogger
 from autoprune.study.trial import DIRECTIONS, OBJECTIVES, run_trial
 from autoprune.study.workers import requeue, work
@@ -177,11 +185,14 @@ def scoring_changes(study: optuna.Study, ctx: SearchContext, limit: int = 6) -> 
     so a refused resume says what to change back."""
     # With a step budget pretrain_seconds is unused (older studies stored a number there anyway).
     unused = ("pretrain_seconds",) if ctx.cfg.pretrain_steps is not None else ()
+    # Keys added since a study was made count as unchanged at their defaults, as in the hash.
     pairs = [
-        ("", study.user_attrs.get("config") or {}, public_config(ctx.cfg), NOT_SCORING_KEYS + unused + RUNTIME_KEYS),
-        ("search space ", study.user_attrs.get("search_space") or {}, ctx.space.model_dump(mode="json"), ()),
-        ("device profile ", study.user_attrs.get("device_profile") or {}, ctx.profile.model_dump(mode="json"),
-         NOT_SCORING_PROFILE_KEYS),
+        ("", _without_added_defaults(copy.deepcopy(study.user_attrs.get("config") or {})), _without_added_defaults(public_config(ctx.cfg)),
+         NOT_SCORING_KEYS + unused + RUNTIME_KEYS),
+        ("search space ", _without_added_defaults(copy.deepcopy(study.user_attrs.get("search_space") or {}), ADDED_SPACE_DEFAULTS),
+         _space_dump(ctx), ()),
+        ("device profile ", _without_added_defaults(copy.deepcopy(study.user_attrs.get("device_profile") or {}), ADDED_PROFILE_DEFAULTS),
+         _without_added_defaults(ctx.profile.model_dump(mode="json"), ADDED_PROFILE_DEFAULTS), NOT_SCORING_PROFILE_KEYS),
     ]
     changes = []
     for label, old, new, ignore in pairs:
