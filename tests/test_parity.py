@@ -130,7 +130,7 @@ def test_search_fails_the_mismatched_trials_and_goes_on(tmp_path: Path, monkeypa
     """A runtime that computes something else for some candidates (simulated by perturbing the
     outputs of every second parity run after the dense model's): those trials FAIL with the
     difference in fail_reason and the search finishes the others."""
-    real = parity_mod._run_batched
+    real = parity_mod.run_batched
     calls = []
 
     def perturbed(runner, xs, batch):
@@ -138,7 +138,7 @@ def test_search_fails_the_mismatched_trials_and_goes_on(tmp_path: Path, monkeypa
         out = real(runner, xs, batch)
         return out + 1.0 if len(calls) % 2 == 0 else out
 
-    monkeypatch.setattr(parity_mod, "_run_batched", perturbed)
+    monkeypatch.setattr(parity_mod, "run_batched", perturbed)
     prof = write_yaml(tmp_path / "p.yaml", FAST_PROFILE)
     cfg = write_yaml(tmp_path / "run.yaml", tiny_run_config(tmp_path / "out", prof, trials=2, pretrain_steps=5))
     res = autoprune.run(load_run_config(str(cfg)), export=False)

@@ -15,7 +15,7 @@ from autoprune.config import DeviceProfile
 from autoprune.measure import backends
 from autoprune.measure.cache import LatencyCache, architecture_hash
 from autoprune.measure.onnx import cpu_fp32, export_onnx, file_size, gzip_size
-from autoprune.measure.parity import check_export_parity, parity_batch
+from autoprune.measure.parity import check_export_parity, parity_batch, run_batched
 from autoprune.measure.predictor import LatencyPredictor, model_features
 from autoprune.measure.quantize import (
     _input_shape,
@@ -127,35 +127,22 @@ def evaluate_model_file(path: Path, data: Any, profile: DeviceProfile, batch_siz
     prof = _eval_profile(profile)
     runner = backends.load(backends.ModelArtifact(Path(path), quantized=True), prof)
     b = batch_size or _input_shape(Path(path))[0]
+    run = _padded_runner(runner, b)
     if task is not None:
-        return float(task.evaluate(_padded_runner(runner, b), data.loader(split, 256)))
+        return float(task.evaluate(run, data.loader(split, 256)))
     correct = total = 0
     for x, y in data.loader(split, 256):
-        xs = x.numpy().astype(np.float32)
-        for i in range(0, len(xs), b):
-            chunk = xs[i:i + b]
-            n = len(chunk)
-            if n < b:
-                chunk = np.concatenate([chunk, np.repeat(chunk[-1:], b - n, 0)], 0)
-            pred = np.asarray(runner(chunk))[:n].argmax(1)
-            correct += int((pred == y.numpy()[i:i + n]).sum())
-            total += n
+        correct += int((run(x).argmax(1) == y).sum())
+        total += int(y.numel())
     return correct / max(total, 1)
 
 
 def _padded_runner(runner: Any, b: int) -> Any:
-    """``runner`` (static batch ``b``, numpy) as a torch callable on any batch size, for a task's evaluate."""
+    """``runner`` (static batch ``b``, numpy) as a torch callable on any batch size (the last
+    chunk padded, its padding's outputs dropped: :func:`parity.run_batched`)."""
 
     def run(x: torch.Tensor) -> torch.Tensor:
-        xs = x.numpy().astype(np.float32)
-        outs = []
-        for i in range(0, len(xs), b):
-            chunk = xs[i:i + b]
-            n = len(chunk)
-            if n < b:
-                chunk = np.concatenate([chunk, np.repeat(chunk[-1:], b - n, 0)], 0)
-            outs.append(np.asarray(runner(chunk))[:n])
-        return torch.from_numpy(np.concatenate(outs, 0))
+        return torch.from_numpy(run_batched(runner, x.numpy().astype(np.float32), b))
 
     return run
 

@@ -102,7 +102,7 @@ def compare(label: str, got: np.ndarray, ref: np.ndarray, atol: float, rtol: flo
                         int((clear & ~agree).sum()), len(ref))
 
 
-def _run_batched(runner: Any, xs: np.ndarray, batch: int) -> np.ndarray:
+def run_batched(runner: Any, xs: np.ndarray, batch: int) -> np.ndarray:
     """The exported file's batch axis is static: run ``xs`` in chunks of ``batch``, padding the
     last chunk by repeating its last sample and dropping the padding's outputs."""
     outs = []
@@ -138,7 +138,7 @@ def check_export_parity(model: nn.Module, artifact: backends.ModelArtifact, batc
     xs = batch.detach().cpu().numpy().astype(np.float32)
     results = []
     for label, prof in parity_runtimes(profile):
-        got = _run_batched(backends.load(artifact, prof), xs, export_batch)
+        got = run_batched(backends.load(artifact, prof), xs, export_batch)
         r = compare(label, got, ref, profile.parity_atol, profile.parity_rtol)
         if not r.ok:
             raise ExportError(
