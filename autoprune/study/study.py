@@ -18,9 +18,7 @@ from typing import Any, Callable, Iterator, Optional
 import optuna
 from optuna.trial import TrialState
 
-from autoprune.config import (
-    config_hash,
-)
+from autoprune.config import DEFAULT_ROUND_TO, config_hash
 from autoprune.errors import ConfigError
 from autoprune.runfolder import RunFolder
 from autoprune.study.context import SearchContext
@@ -103,11 +101,17 @@ def _without_added_defaults(cfg: dict[str, Any], defaults: Optional[dict[str, An
 
 
 def _space_dump(ctx: SearchContext) -> dict[str, Any]:
-    """The search space as hashed: ``round_to: auto`` without staircases rounds to the same
-    multiples as the old default ``round_to: 8``, so it hashes as that."""
-    space = _without_added_defaults(ctx.space.model_dump(mode="json"), ADDED_SPACE_DEFAULTS)
-    if space.get("round_to") is None and not ctx.cfg.efficiency.staircases:
-        space["round_to"] = ctx.space.round_unit
+    """The search space as hashed and compared (:func:`_comparable_space`)."""
+    return _comparable_space(ctx.space.model_dump(mode="json"), ctx.cfg.efficiency.staircases)
+
+
+def _comparable_space(space: dict[str, Any], staircases: bool) -> dict[str, Any]:
+    """A search-space dump (changed in place) without keys added at their defaults, and with
+    ``round_to: auto`` written as 8 when no staircases are measured: it rounds to the same
+    multiples as the old default ``round_to: 8``."""
+    space = _without_added_defaults(space, ADDED_SPACE_DEFAULTS)
+    if space.get("round_to") is None and not staircases:
+        space["round_to"] = DEFAULT_ROUND_TO
     return space
 
 
@@ -189,7 +193,8 @@ def scoring_changes(study: optuna.Study, ctx: SearchContext, limit: int = 6) -> 
     pairs = [
         ("", _without_added_defaults(copy.deepcopy(study.user_attrs.get("config") or {})), _without_added_defaults(public_config(ctx.cfg)),
          NOT_SCORING_KEYS + unused + RUNTIME_KEYS),
-        ("search space ", _without_added_defaults(copy.deepcopy(study.user_attrs.get("search_space") or {}), ADDED_SPACE_DEFAULTS),
+        ("search space ", _comparable_space(copy.deepcopy(study.user_attrs.get("search_space") or {}),
+                                            bool(_get(study.user_attrs.get("config") or {}, "efficiency.staircases"))),
          _space_dump(ctx), ()),
         ("device profile ", _without_added_defaults(copy.deepcopy(study.user_attrs.get("device_profile") or {}), ADDED_PROFILE_DEFAULTS),
          _without_added_defaults(ctx.profile.model_dump(mode="json"), ADDED_PROFILE_DEFAULTS), NOT_SCORING_PROFILE_KEYS),
