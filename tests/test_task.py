@@ -22,7 +22,7 @@ from autoprune.config import FinetuneConfig, load_run_config
 from autoprune.errors import ConfigError
 from autoprune.outputs import drop_aux_heads, load_adapter, main_output, without_dropped
 from autoprune.train.data import DataBundle, load_digits
-from autoprune.train.finetune import distill_loss, finetune
+from autoprune.train.finetune import finetune
 from autoprune.train.models import DemoResNet, evaluate, pretrain
 from autoprune.train.task import ClassificationTask, SegmentationTask, Task, load_task
 
@@ -85,6 +85,15 @@ def test_drop_aux_heads_gives_one_output_and_old_checkpoints_still_load():
 
 
 # --------------------------------------------------------------------------- classification = today's behaviour
+def distill_loss(student: torch.Tensor, teacher: torch.Tensor, y: torch.Tensor, alpha: float, T: float) -> torch.Tensor:
+    """The fine-tune loss as train/finetune.py computed it before tasks existed (the reference)."""
+    ce = F.cross_entropy(student, y)
+    if alpha <= 0:
+        return ce
+    kd = F.kl_div(F.log_softmax(student / T, 1), F.log_softmax(teacher / T, 1), reduction="batchmean", log_target=True) * (T * T)
+    return (1 - alpha) * ce + alpha * kd
+
+
 def _old_finetune(model, data, cfg, teacher, steps, seed):
     """The fine-tune loop as it was before tasks existed (CE + KL via distill_loss)."""
     torch.manual_seed(seed)

@@ -158,6 +158,17 @@ def grad_scaler(device: torch.device, precision: str) -> Optional[torch.amp.Grad
     return None
 
 
+def optimizer_step(loss: torch.Tensor, opt: torch.optim.Optimizer, scaler: Optional[torch.amp.GradScaler]) -> None:
+    """Backward and step, through ``scaler`` (:func:`grad_scaler`, fp16) when there is one."""
+    if scaler is None:
+        loss.backward()
+        opt.step()
+        return
+    scaler.scale(loss).backward()
+    scaler.step(opt)
+    scaler.update()
+
+
 @contextlib.contextmanager
 def torch_threads(n: Optional[int]) -> Iterator[None]:
     """Intra-op CPU threads = ``n`` inside the block (None: unchanged); the previous value is

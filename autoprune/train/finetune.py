@@ -11,7 +11,6 @@ from typing import Optional
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from autoprune.config import FinetuneConfig
 from autoprune.errors import NonFiniteLoss
@@ -22,19 +21,12 @@ from autoprune.train.device import (
     compiled,
     grad_scaler,
     model_device,
+    optimizer_step,
     precision_of,
     to_device,
     training,
 )
 from autoprune.train.task import ClassificationTask, Task
-
-
-def distill_loss(student: torch.Tensor, teacher: torch.Tensor, y: torch.Tensor, alpha: float, T: float) -> torch.Tensor:
-    ce = F.cross_entropy(student, y)
-    if alpha <= 0:
-        return ce
-    kd = F.kl_div(F.log_softmax(student / T, 1), F.log_softmax(teacher / T, 1), reduction="batchmean", log_target=True) * (T * T)
-    return (1 - alpha) * ce + alpha * kd
 
 
 def finetune(
@@ -83,13 +75,7 @@ def _finetune(model: nn.Module, data: DataBundle, cfg: FinetuneConfig, teacher: 
             if not torch.isfinite(loss):
                 raise NonFiniteLoss(f"non-finite loss {loss.item()} at fine-tune step {done}")
             opt.zero_grad(set_to_none=True)
-            if scaler is not None:
-                scaler.scale(loss).backward()
-                scaler.step(opt)
-                scaler.update()
-            else:
-                loss.backward()
-                opt.step()
+            optimizer_step(loss, opt, scaler)
             sched.step()
             done += 1
             if done >= steps:

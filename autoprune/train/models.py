@@ -27,6 +27,7 @@ from autoprune.train.device import (
     compiled,
     grad_scaler,
     model_device,
+    optimizer_step,
     precision_of,
     to_device,
     training,
@@ -263,13 +264,7 @@ def _pretrain(model: nn.Module, data: DataBundle, seconds: float, lr: float, bat
             opt.zero_grad(set_to_none=True)
             with autocast(dev, precision):
                 loss = task.loss(fwd, (x, y))
-            if scaler is not None:
-                scaler.scale(loss).backward()
-                scaler.step(opt)
-                scaler.update()
-            else:
-                loss.backward()
-                opt.step()
+            optimizer_step(loss, opt, scaler)
             if sched is not None:
                 sched.step()
             done += 1
