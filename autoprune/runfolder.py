@@ -146,6 +146,11 @@ class RunFolder:
     def flops_savings(self) -> Path:
         return self.root / "flops_savings.json"
 
+    @property
+    def unprunable(self) -> Path:
+        """Groups left out of the search because pruning them breaks the model, with the reason."""
+        return self.root / "unprunable.json"
+
     # -- measurement caches (shared by the workers of one folder)
     @property
     def latency_cache(self) -> Path:

@@ -167,7 +167,7 @@ def prepare(cfg: RunConfig, console: Optional[Callable[[str], None]] = None) -> 
     say(f"checking that every prunable group of {cfg.model} can be pruned")
     example, groups, broken = _check_model(cfg, space, profile, base, data, num_classes, task)
     if broken:  # kept for the report: why a group the user may expect is not searched
-        atomic_write_text(run.root / "unprunable.json", json.dumps(broken, indent=2))
+        atomic_write_text(run.unprunable, json.dumps(broken, indent=2))
     # The dense model (every trial's starting point and distillation teacher) stays on the train
     # device for the whole run; groups were found on the CPU above and name modules, not tensors.
     prepare_model(base, setup)
