@@ -141,15 +141,16 @@ def build_candidate(ctx: SearchContext, plan: PruningPlan, number: int) -> Candi
     dev = model_device(model)
     sp, ft, eff = ctx.space, ctx.cfg.finetune, ctx.cfg.efficiency
     calib = batches_to(ctx.calib, dev)  # the criteria's calibration pass runs where the model is
+    example = ctx.example1.to(dev)
     widths = apply_schedule(
-        model, ctx.example1.to(dev), plan, ctx.data.num_classes, calib,
+        model, example, plan, ctx.data.num_classes, calib,
         steps=sp.schedule_steps if sp.schedule != "oneshot" else 1, mode="layerwise" if sp.schedule == "layerwise" else "iterative",
         between=lambda m: finetune(m, ctx.data, ft, teacher=ctx.base, steps=ft.steps // sp.schedule_steps, seed=trial_seed(ctx, number),
                                    setup=ctx.train, task=ctx.task),
     )
     try:  # before FLOPs, BN and latency: a model that no longer runs fails here, with the reason
         with torch.no_grad():
-            model.eval()(ctx.example1)
+            model.eval()(example)
     except Exception as exc:  # noqa: BLE001
         raise RuntimeError(f"the pruned model does not run ({type(exc).__name__}: {' '.join(str(exc).split())}); "
                            f"pruned groups: {sorted(k for k, (a, b) in widths.items() if b < a)}") from exc
