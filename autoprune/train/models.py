@@ -151,7 +151,10 @@ def _from_checkpoint(path: Path, num_classes: int, trust_pickle: bool = False) -
     if isinstance(obj, dict) and isinstance(obj.get("model"), nn.Module):
         return obj["model"]
     if isinstance(obj, dict) and "arch" in obj and "state_dict" in obj:
-        model = build_model(str(obj["arch"]), int(obj.get("num_classes", num_classes)))
+        # ``in_channels``: a torchvision net trained on other than RGB (its first conv swapped,
+        # as ``build_model`` does for the data) must be rebuilt that way before its weights load.
+        cin = obj.get("in_channels")
+        model = build_model(str(obj["arch"]), int(obj.get("num_classes", num_classes)), in_channels=None if cin is None else int(cin))
         try:
             model.load_state_dict(without_dropped(obj["state_dict"], model) if isinstance(obj["state_dict"], dict) else obj["state_dict"])
         except (RuntimeError, TypeError):
