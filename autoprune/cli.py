@@ -31,6 +31,7 @@ def _fmt_row_table(rows: list[dict], dense: Optional[dict], title: str) -> Table
 def cmd_search(args: argparse.Namespace, console: Console) -> int:
     from autoprune.api import run
     from autoprune.config import load_run_config, parse_assignments
+    from autoprune.results.front import best_under
 
     # Every flag lands in the run config (and so in the resume check); none is dropped.
     overrides = {
@@ -46,6 +47,11 @@ def cmd_search(args: argparse.Namespace, console: Console) -> int:
     except KeyboardInterrupt:
         return 130
     console.print(_fmt_row_table(result.pareto, result.dense, f"Pareto front ({len(result.pareto)} models) on {result.ctx.profile.name}"))
+    dense_ms = result.dense["latency"]["median_ms"]
+    for target in result.ctx.targets_ms:  # budget mode: the answer to "the best model under my budget"
+        best = best_under(result.pareto, target)
+        console.print(f"target {target:.3g} ms ({dense_ms / target:.2f}x): " + (
+            f"trial {best['trial']}, accuracy {best['accuracy']:.4f}, {best['latency_ms']:.3g} ms" if best else "no model under it yet"))
     console.print(f"wrote {result.out}/pareto.json, pareto.csv, pareto.png, pareto.html and {result.out}/pareto/ (wall {result.wall_s:.0f}s)")
     return 0
 

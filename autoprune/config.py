@@ -275,6 +275,35 @@ class SearchSettings(_Strict):
     #: logged as a run (parameters, accuracy, latency, artifact paths). null = no MLflow.
     #: Needs ``pip install autoprune[mlflow]``.
     mlflow: Optional[str] = None
+    #: Budget mode: one or more latency targets on the device profile, each a speed-up over the
+    #: dense model (``"3x"``) or milliseconds (``2.5`` or ``"2.5ms"``). Trials are aimed at them
+    #: (study/budget.py): seed trials are allocated per target, every other trial's ratios are
+    #: shifted to the target it is assigned, and trials slower than the loosest target are
+    #: infeasible and skip the fine-tune. All targets share one study and one front.
+    target: Optional[list[Union[str, float]]] = None
+
+    @field_validator("target", mode="before")
+    @classmethod
+    def _targets(cls, v: Any) -> Any:
+        if v is None:
+            return None
+        items = v if isinstance(v, list) else [v]
+        for item in items:
+            parse_target(item)  # raises ValueError with the accepted forms
+        return items
+
+
+def parse_target(v: Union[str, float, int]) -> tuple[str, float]:
+    """``"3x"`` → ("speedup", 3.0); ``2.5`` or ``"2.5ms"`` → ("ms", 2.5)."""
+    text = str(v).strip().lower()
+    kind, num = ("speedup", text[:-1]) if text.endswith("x") else ("ms", text[:-2] if text.endswith("ms") else text)
+    try:
+        value = float(num)
+    except ValueError:
+        value = float("nan")
+    if not value > 0 or (kind == "speedup" and value <= 1):
+        raise ValueError(f"target {v!r}: give a speed-up over the dense model above 1 (\"3x\") or a latency in ms (2.5 or \"2.5ms\")")
+    return kind, value
 
 
 class EfficiencyConfig(_Strict):

@@ -147,6 +147,20 @@ class RunFolder:
         return self.root / "flops_savings.json"
 
     @property
+    def budget_calibration(self) -> Path:
+        """Budget mode: the measured points of the MACs → ms line trials are aimed with."""
+        return self.root / "budget" / "calibration.json"
+
+    def budget_model(self, label: str) -> Path:
+        """Budget mode: where a calibration model is exported to be measured."""
+        return self.root / "budget" / label / "model.onnx"
+
+    @property
+    def proxy_fidelity(self) -> Path:
+        """Kendall τ of trial (short fine-tune) vs final-stage accuracy over the front models."""
+        return self.root / "proxy_fidelity.json"
+
+    @property
     def unprunable(self) -> Path:
         """Groups left out of the search because pruning them breaks the model, with the reason."""
         return self.root / "unprunable.json"
@@ -232,7 +246,8 @@ class RunFolder:
         paths = (self.study_db, self.lock, self.prepare_lock, self.export_lock, self.base_model, self.dense_json,
                  self.dense_onnx, self.sensitivity, self.flops_savings, self.latency_cache, self.predictor("x"),
                  self.staircases("x"),
-                 self.trial(0).root, self.final_json, self.pareto_dir, self.pareto_json, self.pareto_csv,
+                 self.trial(0).root, self.final_json, self.proxy_fidelity, self.budget_calibration, self.unprunable,
+                 self.pareto_dir, self.pareto_json, self.pareto_csv,
                  self.pareto_png, self.pareto_html, self.report_html, self.remeasure_dir)
         return frozenset(p.relative_to(self.root).parts[0] for p in paths)
 

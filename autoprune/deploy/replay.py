@@ -26,7 +26,7 @@ from autoprune.results.front import trial_row
 from autoprune.runfolder import RunFolder, atomic_dir, file_lock, replaceable_dir, writable_dir
 from autoprune.study.context import SearchContext, prepare
 from autoprune.study.final import final_finetune, final_seed
-from autoprune.study.space import suggest_plan
+from autoprune.study.space import aim_at_target, suggest_plan
 from autoprune.study.storage import load_run_study, model_hash
 from autoprune.study.trial import (
     OVER_BUDGET_EVAL_BATCHES,
@@ -86,7 +86,8 @@ def replay_model(ctx: SearchContext, frozen: optuna.trial.FrozenTrial) -> torch.
     fine-tune and seed, taking the multi-fidelity branch the trial recorded. Latency is not
     measured again: the study already holds it."""
     try:
-        plan = suggest_plan(optuna.trial.FixedTrial(frozen.params, number=frozen.number), ctx)
+        fixed = optuna.trial.FixedTrial(frozen.params, number=frozen.number)
+        plan = aim_at_target(fixed, ctx, suggest_plan(fixed, ctx), stored=frozen.user_attrs)
     except ValueError as exc:
         raise ConfigError(f"trial {frozen.number}: its stored parameters do not fit this run's search space ({exc})") from None
     cand = build_candidate(ctx, plan, frozen.number)

@@ -60,6 +60,13 @@ def front(study: optuna.Study, dense: dict[str, Any]) -> list[dict[str, Any]]:
     return sorted(rows, key=lambda r: (r["latency_ms"], -r["accuracy"]))
 
 
+def best_under(rows: list[dict[str, Any]], target_ms: float) -> Optional[dict[str, Any]]:
+    """The most accurate front model at or under ``target_ms`` (budget mode's answer; the most
+    accurate model under any latency limit is always on the front)."""
+    ok = [r for r in rows if r["latency_ms"] <= target_ms]
+    return max(ok, key=lambda r: (r["accuracy"], -r["latency_ms"]), default=None)
+
+
 CSV_FIELDS = [
     "trial", "accuracy", "latency_ms", "latency_p90_ms", "latency_cv", "speedup", "flops", "params",
     "onnx_bytes", "onnx_gzip_bytes", "finetune_steps",

@@ -37,6 +37,7 @@ from autoprune.outputs import train_only_modules
 from autoprune.prune.plan import check_prunable
 from autoprune.prune.structure import PrunableGroup, apply_rules, find_groups, probe_structure
 from autoprune.runfolder import RunFolder, atomic_write_text
+from autoprune.study.budget import LatencyModel, calibrate, reachable, targets_ms
 from autoprune.study.priors import (
     flops_savings,
     load_or_compute,
@@ -92,6 +93,10 @@ class SearchContext:
     widths: dict[str, list[int]] = field(default_factory=dict)
     #: What the model is for (run config ``task:``): its loss, distillation and metric.
     task: Task = field(default_factory=ClassificationTask)
+    #: Budget mode (``search.target``): the targets in ms, tightest first, and the latency model
+    #: trials are aimed with (study/budget.py); empty / None otherwise.
+    targets_ms: list[float] = field(default_factory=list)
+    latency_model: Optional[LatencyModel] = None
 
     @property
     def example1(self) -> torch.Tensor:
@@ -219,7 +224,34 @@ def prepare(cfg: RunConfig, console: Optional[Callable[[str], None]] = None) -> 
             **measure_model(base, example, profile, run.dense_onnx, cfg.exporter, calib=calib, run=run),
         }
         atomic_write_text(dense_path, json.dumps(dense, indent=2))
-    return SearchContext(cfg, space, profile, run, data, base, example, groups, dense, calib, drops, savings, recipe, setup, widths, task)
+    ctx = SearchContext(cfg, space, profile, run, data, base, example, groups, dense, calib, drops, savings, recipe, setup, widths, task)
+    if cfg.search.target:
+        _aim_at_targets(ctx, num_classes, say)
+    return ctx
+
+
+def _aim_at_targets(ctx: SearchContext, num_classes: int, say: Callable[[str], None]) -> None:
+    """Budget mode: resolve the targets against the dense latency and fit the latency model
+    (two calibration models measured on the target, once per run folder)."""
+    dense_ms = float(ctx.dense["latency"]["median_ms"])
+    ctx.targets_ms = targets_ms(ctx.cfg.search.target, dense_ms)
+    model = LatencyModel.of(ctx.base, ctx.example, ctx.groups, ctx.space.round_unit, ctx.widths)
+    if not ctx.run.budget_calibration.is_file():
+        say("budget mode: measuring two uniformly pruned models to aim trials at the targets")
+
+    def measure(m: nn.Module, label: str) -> float:
+        path = ctx.run.budget_model(label)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return float(measure_model(m, ctx.example, ctx.profile, path, ctx.cfg.exporter, calib=ctx.calib)["latency"]["median_ms"])
+
+    ctx.latency_model = calibrate(model, ctx.base, ctx.example, ctx.groups, num_classes, measure, dense_ms, ctx.run)
+    say("budget mode: targets " + ", ".join(f"{t:.3g} ms ({dense_ms / t:.2f}x)" for t in ctx.targets_ms))
+    out_of_reach = sorted(set(ctx.targets_ms) - set(reachable(ctx.targets_ms, ctx.groups, model, model.line())))
+    if out_of_reach:
+        fastest = model.ms({g.name: g.high for g in ctx.groups})
+        log.warning("budget mode: target(s) %s ms look out of reach: pruning every group to its upper bound is predicted at "
+                    "%.3g ms; trials aim at the others (raise the search space's high: to reach them)",
+                    ", ".join(f"{t:.3g}" for t in out_of_reach), fastest)
 
 
 def _learned_widths(cfg: RunConfig, space: SearchSpace, profile: DeviceProfile, run: RunFolder, base: nn.Module,

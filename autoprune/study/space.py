@@ -8,6 +8,7 @@ that drew ``hybrid`` (the fraction of the remaining weights zeroed after channel
 
 from __future__ import annotations
 
+import dataclasses
 import fnmatch
 import math
 from typing import Any, Optional, Sequence
@@ -19,6 +20,7 @@ from autoprune.config import (
 )
 from autoprune.prune.plan import PruningPlan
 from autoprune.prune.structure import PrunableGroup
+from autoprune.study.budget import allocate_for_target, measured_points, reachable, shift_to_target, shifted
 from autoprune.study.context import SearchContext
 from autoprune.study.priors import (
     allocate_ratios,
@@ -65,6 +67,66 @@ def suggest_plan(trial: optuna.trial.BaseTrial, ctx: SearchContext) -> PruningPl
     grans, wratios = suggest_granularities(trial, sp, ctx.groups)
     return PruningPlan(ratios, meths, sp.round_unit, granularity=grans, weight_ratios=wratios, bn_l1=sp.bn_l1,
                        bn_l1_steps=sp.bn_l1_steps, widths=ctx.widths)
+
+
+def aim_at_target(trial: optuna.trial.BaseTrial, ctx: SearchContext, plan: PruningPlan,
+                  stored: Optional[dict[str, Any]] = None) -> PruningPlan:
+    """Budget mode (``search.target``): the plan with every ratio shifted by one amount so the
+    latency model predicts it meets the trial's target (study/budget.py); unchanged otherwise.
+
+    The target is the seed trial's own, else the targets in turn by trial number. The shift is
+    recorded (``budget_shift``) with the prediction; a trial that already has one (seed trials,
+    and a replay passing the trial's ``stored`` attributes) uses it as it is, so ``export
+    --trial N`` rebuilds the same plan without the study's other trials."""
+    if not ctx.targets_ms or ctx.latency_model is None:
+        return plan
+    attrs = {**trial.user_attrs, **(stored or {})}
+    model = ctx.latency_model
+    line = model.line(measured_points(_finished(trial)))
+    # Targets the space cannot reach by the prediction would all give the same fastest plan.
+    aims = reachable(ctx.targets_ms, ctx.groups, model, line) or [max(ctx.targets_ms)]
+    target = float(attrs.get("target_ms") or aims[trial.number % len(aims)])
+
+    def snap(v: float, g: PrunableGroup) -> float:
+        return _snap(v, g.low, g.high, _group_step(ctx.space, g))
+    shift = float(attrs["budget_shift"]) if "budget_shift" in attrs else shift_to_target(plan.ratios, ctx.groups, model, target, snap, line)
+    ratios = shifted(plan.ratios, ctx.groups, shift, snap)
+    for k, v in {"target_ms": target, "budget_shift": shift, "macs_est": model.macs(ratios), "predicted_ms": model.ms(ratios, line)}.items():
+        trial.set_user_attr(k, v)
+    return dataclasses.replace(plan, ratios=ratios)
+
+
+def _finished(trial: optuna.trial.BaseTrial) -> list[Any]:
+    study = getattr(trial, "study", None)  # a FixedTrial (replay) has none
+    return study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)) if study is not None else []
+
+
+def seed_trials(ctx: SearchContext) -> list[tuple[dict[str, float], dict[str, Any]]]:
+    """The first trials as (parameters, user attributes). Budget mode: per target, the uniform
+    ratio and the HALP-like allocation predicted to meet it, each pinned to its target (no
+    shift); otherwise :func:`seed_plans`."""
+    if not ctx.targets_ms or ctx.latency_model is None:
+        return [(p, {}) for p in seed_plans(ctx)]
+    free = [g for g in ctx.groups if g.low != g.high]
+    model = ctx.latency_model
+    line = model.line()
+
+    def snap(v: float, g: PrunableGroup) -> float:
+        return _snap(v, g.low, g.high, _group_step(ctx.space, g))
+
+    out: list[tuple[dict[str, float], dict[str, Any]]] = []
+    for target in sorted(ctx.targets_ms, reverse=True):  # the loosest (cheapest to fine-tune) first
+        zero = {g.name: g.low for g in free}
+        uniform = shifted(zero, free, shift_to_target(zero, free, model, target, snap, line), snap)
+        plans = [("uniform", uniform)]
+        if ctx.space.seed_spread > 0:
+            plans.append(("allocated", allocate_for_target(free, ctx.sensitivity, model, target, ctx.cfg.efficiency.sensitivity_ratio,
+                                                           snap, line)))
+        for kind, ratios in plans:
+            params = {RATIO_PREFIX + g.name: ratios[g.name] for g in free}
+            if all(params != p for p, _ in out):
+                out.append((params, {"target_ms": target, "budget_shift": 0.0, "seed": kind}))
+    return out
 
 
 def seed_plans(ctx: SearchContext) -> list[dict[str, float]]:

@@ -22,7 +22,7 @@ from autoprune.config import DEFAULT_ROUND_TO, config_hash
 from autoprune.errors import ConfigError
 from autoprune.runfolder import RunFolder
 from autoprune.study.context import SearchContext
-from autoprune.study.space import seed_plans
+from autoprune.study.space import seed_trials
 from autoprune.study.storage import (
     check_base_model,
     fail_running_trial,
@@ -81,6 +81,7 @@ SEARCH_HASH_VERSION = 2
 ADDED_KEY_DEFAULTS = {
     "task": "classification", "output": None, "augment": "default", "val_samples": None,
     "efficiency.staircases": False, "efficiency.staircase_widths": 8, "efficiency.staircase_tolerance": 0.03,
+    "search.target": None,
 }
 #: The same for search-space and device-profile keys (export parity and staircase files do not
 #: change how a trial that runs is scored; ``embedding: false`` is the old behaviour).
@@ -273,8 +274,8 @@ def enqueue_seeds(study: optuna.Study, ctx: SearchContext) -> None:
     """On a fresh study, enqueue the seed plans: strong, cheap starting points."""
     if study.trials:
         return
-    for params in seed_plans(ctx):
-        study.enqueue_trial(params, skip_if_exists=True)
+    for params, attrs in seed_trials(ctx):
+        study.enqueue_trial(params, user_attrs=attrs or None, skip_if_exists=True)
 
 
 def requeue_trial(study: optuna.Study, trial: optuna.trial.FrozenTrial, max_retries: int = 2) -> None:

@@ -31,7 +31,7 @@ from autoprune.prune.methods import hold_zeros, weight_sparsity
 from autoprune.prune.plan import PruningPlan, apply_schedule
 from autoprune.study.context import SearchContext
 from autoprune.study.fidelity import finetune_in_rungs, hopeless_at_rung0, rung0_history
-from autoprune.study.space import suggest_plan
+from autoprune.study.space import aim_at_target, suggest_plan
 from autoprune.train.bn import recalibrate_bn
 from autoprune.train.checkpoint import pruned_recipe, save_model
 from autoprune.train.device import batches_to, model_device
@@ -54,8 +54,8 @@ def run_trial(trial: optuna.trial.Trial, ctx: SearchContext) -> tuple[float, ...
     """Run one trial of the search and return its objective values."""
     t0 = time.perf_counter()
 
-    # 1. Suggest: trial parameters → pruning plan.
-    plan = suggest_plan(trial, ctx)
+    # 1. Suggest: trial parameters → pruning plan (budget mode: aimed at the trial's target).
+    plan = aim_at_target(trial, ctx, suggest_plan(trial, ctx))
 
     # 2. Build the candidate: prune the dense model (channels physically removed), recalibrate BN.
     cand = build_candidate(ctx, plan, trial.number)
@@ -73,7 +73,7 @@ def run_trial(trial: optuna.trial.Trial, ctx: SearchContext) -> tuple[float, ...
     lat = measured["latency"]["median_ms"]
 
     # 4. Constraints: the device profile's budgets (≤ 0 is feasible).
-    cons = budget_constraints(ctx.profile.budget, lat, cand.params, cand.flops, measured["onnx_bytes"])
+    cons = budget_constraints(latency_budget(ctx), lat, cand.params, cand.flops, measured["onnx_bytes"])
     for k, v in cons.items():
         trial.set_constraint(k, v)
     attrs: dict[str, Any] = {**cand.attrs(plan), "prune_s": cand.seconds, **measured}
@@ -182,6 +182,16 @@ def score_candidate(ctx: SearchContext, model: nn.Module, onnx_path: Path) -> tu
 def dense_accuracy(ctx: SearchContext) -> float:
     """The dense model's accuracy on the images trials are scored on (like with like)."""
     return float(ctx.dense.get("search_accuracy", ctx.dense["accuracy"]))
+
+
+def latency_budget(ctx: SearchContext) -> Budget:
+    """The profile's budget; in budget mode no looser than the loosest target: a slower trial
+    serves no target, so it is infeasible and skips the fine-tune."""
+    b = ctx.profile.budget
+    if not ctx.targets_ms:
+        return b
+    loosest = max(ctx.targets_ms)
+    return b.model_copy(update={"max_latency_ms": min(loosest, b.max_latency_ms) if b.max_latency_ms else loosest})
 
 
 def budget_constraints(b: Budget, lat_ms: float, params: int, flops: float, size_bytes: int) -> dict[str, float]:
