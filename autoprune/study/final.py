@@ -15,6 +15,7 @@ import json
 from typing import Any, Optional
 
 import torch.nn as nn
+from scipy.stats import kendalltau  # scipy comes with scikit-learn, a dependency
 
 from autoprune.measure.candidate import measure_model
 from autoprune.prune.methods import hold_zeros
@@ -79,4 +80,20 @@ def final_stage(ctx: Any, rows: list[dict[str, Any]], say: Any = print) -> dict[
         say(f"final stage of trial {r['trial']}: accuracy {r['accuracy']:.4f} -> {acc:.4f} on the whole held-out split"
             f"{test} ({steps} fine-tune steps)")
         atomic_write_text(path, json.dumps(done, indent=2))
+    tau = proxy_fidelity([d for d in done.values() if d.get("steps")])
+    if tau is not None:
+        say(f"proxy fidelity: Kendall tau {tau['kendall_tau']:.2f} between the trials' short-fine-tune accuracy and the final "
+            f"accuracy over {tau['models']} front models (1 = the search ranked them as the final stage does)")
+        atomic_write_text(ctx.run.proxy_fidelity, json.dumps(tau, indent=2))
     return done
+
+
+def proxy_fidelity(entries: list[dict[str, Any]]) -> Optional[dict[str, Any]]:
+    """Kendall τ between short (trial) and final accuracy over the fine-tuned front models: how
+    far a trial's cheap score can be trusted to rank what will be deployed. None under 3 models."""
+    if len(entries) < 3:
+        return None
+    short = [e["short_accuracy"] for e in entries]
+    final = [e["final_accuracy"] for e in entries]
+    tau = float(kendalltau(short, final).statistic)
+    return {"kendall_tau": tau, "models": len(entries), "short": short, "final": final}
