@@ -250,3 +250,13 @@ def test_data_split_follows_data_seed_not_the_sampler_seed(tmp_path, fast_profil
         with pytest.raises(Stop):
             search.prepare(load_run_config(str(cfg)))
     assert seen == [0, 3]
+
+
+def test_proxy_fidelity_is_kendall_tau_of_short_vs_final_accuracy():
+    from autoprune.study.final import proxy_fidelity
+
+    rows = [{"short_accuracy": s, "final_accuracy": f} for s, f in [(0.80, 0.85), (0.70, 0.80), (0.90, 0.88), (0.60, 0.82)]]
+    out = proxy_fidelity(rows)
+    # pairs: 6; discordant: (0.70,0.80) vs (0.60,0.82) only -> tau = (5 - 1) / 6
+    assert out["kendall_tau"] == pytest.approx(4 / 6) and out["models"] == 4
+    assert proxy_fidelity(rows[:2]) is None  # too few to rank
