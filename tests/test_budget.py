@@ -80,7 +80,9 @@ def _toy(n: int = 3) -> tuple[LatencyModel, list[PrunableGroup]]:
 
 
 def _snap(v: float, g: PrunableGroup) -> float:
-    return round(round(v / 0.05) * 0.05, 10)
+    from autoprune.study.space import _snap as snap_to_grid  # what the search uses: clipped, on the 0.05 grid
+
+    return snap_to_grid(v, g.low, g.high, 0.05)
 
 
 def test_shift_meets_the_target_with_the_least_pruning():
@@ -141,3 +143,14 @@ def test_budget_search_aims_trials_and_replays_them(tmp_path, fast_profile):
     for group, (_dense, kept) in widths.items():
         if group in convs:
             assert convs[group].out_channels == kept, group
+
+
+def test_allocation_stops_at_an_upper_bound_off_the_ratio_grid():
+    """A sensitivity-shaped upper bound (0.7875) is not on the 0.05 grid: the snapped bound lies
+    below it, and the allocation must stop there instead of stepping forever."""
+    lm, groups = _toy(2)
+    for g in groups:
+        g.high = 0.7875
+    line = lm.line()
+    r = allocate_for_target(groups, {}, lm, 0.01, 0.5, _snap, line)  # out of reach: every group at its bound
+    assert r == {"g0": 0.75, "g1": 0.75}

@@ -216,16 +216,15 @@ def next_width(model: LatencyModel, g: PrunableGroup, r: float, snap: Callable[[
     """The smallest ratio above ``r`` (in :data:`ALLOCATION_STEP` steps, within the group's
     range) that keeps fewer channels: with ``round_to`` several steps often keep the same width."""
     now = model.kept({g.name: r}).get(g.name, 1.0)
-    k = 1
-    while True:
+    prev = r
+    for k in range(1, int(1.0 / ALLOCATION_STEP) + 2):
         nxt = snap(min(r + k * ALLOCATION_STEP, g.high), g)
-        if nxt <= r:
+        if nxt <= prev:  # at the group's upper bound (snapped: it may lie below ``high``)
             return None
         if model.kept({g.name: nxt}).get(g.name, 1.0) < now:
             return nxt
-        if nxt >= g.high:
-            return None
-        k += 1
+        prev = nxt
+    return None
 
 
 def reachable(targets: Sequence[float], groups: Sequence[PrunableGroup], model: LatencyModel, line: tuple[float, float]) -> list[float]:
