@@ -1,53 +1,75 @@
-"""Does the search beat what an engineer does by hand? autoprune vs uniform sweep vs random search.
+"""The most accurate model under a device budget: autoprune against what a user would do instead.
 
-Same model, data, device profile and fine-tune for all; one dense model, trained before any timed
-run and copied into each run folder:
+Fashion-MNIST (Debian's ``dataset-fashion-mnist``, official split). The search trains on 54k
+training images and scores on a fixed 1000 of the 6k held out from the training file; every
+accuracy in the table is on the official 10k test split, which no method sees before its models
+are chosen. Models: torchvision ResNet-18 and MobileNetV2, random init, first conv swapped for a
+1-channel one, stems kept (28 px → 7 px after ResNet's stem, 14 px after MobileNetV2's); the dense
+models are trained once (``--dense-steps``) before anything is timed and shared by every method.
 
-* ``autoprune``:   the defaults (NSGA-II, uniform + sensitivity-allocated seeds, sensitivity-shaped
-  ranges, BN recalibration, multi-fidelity, duplicate skipping), ``--trials`` trials, and the
-  hypervolume window as ``search.max_accuracy_drop``;
-* ``random``:      random sampler over the same [0, 0.9] box, same trial count, no efficiency features;
-* ``random-wall``: (``--equal-wall``) the same, for as long as autoprune took (as many trials as fit);
-* ``uniform``:     one L1 ratio for every group, 0.1 … 0.9 (9 trials).
+Targets: measured onnxruntime-cpu speed-up over dense of 2×, 3×, 4× (1 thread; every chosen
+model is re-measured interleaved with the dense model in one session, medians).
 
-Latency noise across runs made minutes apart would dominate sub-millisecond models, so at the end
-every front model and the dense model are **re-measured interleaved in one loop** (round-robin,
-medians), and hypervolume and speed-ups use those numbers.
+Methods (per target, the model each one would deploy):
 
-Hypervolume is computed by Optuna (``optuna._hypervolume.compute_hypervolume``) on
-(1 − accuracy, latency / dense latency) with reference point (1 − (dense accuracy − 0.10), 1.0):
-it rewards models within 10 accuracy points of the dense model that are faster than it.
-``hypervolume_2x`` uses latency reference 0.5 (only models ≥ 2× faster): a view of where methods
-differ, not the goal metric. Speed-up at equal accuracy: the best dense/latency ratio among front
-models whose accuracy is within 1 point of the dense model.
+* ``uniform``: one L1 ratio for every group (round_to 8), the least pruning whose measured
+  speed-up reaches the target (ratios 0.05 … 0.9 measured interleaved with dense);
+* ``tp-l1`` / ``tp-taylor``: Torch-Pruning's own recipe, its benchmark's ``progressive_pruning``
+  (MetaPruner, global pruning, ``pruning_ratio=1.0`` over 400 iterative steps,
+  ``max_pruning_ratio=0.9``, ``round_to=8``) with Group-L1 / Group-Taylor importance, stopped at a
+  grid of MACs speed-ups; the MACs target is the grid point whose measured speed-up lands on the
+  target (least pruning that reaches it);
+* ``random``: autoprune's trial pipeline with Optuna's random sampler over the same [0, 0.9]
+  box, no seeds and no aiming, the loosest target as its latency budget (slower trials skip the
+  fine-tune), for as long as autoprune ran (equal wall-clock);
+* ``autoprune``: budget mode, ``search.target: [2x, 3x, 4x]`` (seed trials allocated per target,
+  trials aimed at the targets), ``--wall`` seconds of search.
 
-    python benchmarks/search_vs_baselines.py --small --equal-wall   # what CI runs (tests/test_benchmarks.py)
-    python benchmarks/search_vs_baselines.py --trials 30 --equal-wall --out runs/bench-digits-final
-    python benchmarks/search_vs_baselines.py --model resnet18 --data digits-cluttered --pretrain-steps 1500 \
-        --trials 40 --equal-wall --out runs/bench-r18c-final
+The searches pick, per target, their best trial by held-out (search-split) accuracy among those
+whose re-measured speed-up reaches it. Every chosen model, of every method, then gets the same
+final fine-tune (``--final-steps``, distilled from dense, same seed); uniform and Torch-Pruning
+models first get the trials' short fine-tune, so all of them are scored the same way before the
+final one (that short-fine-tune accuracy is the proxy; Kendall τ of proxy vs final test accuracy
+over all chosen models says how well a trial's score predicts the deployed accuracy).
+
+Hypervolume (Optuna's ``compute_hypervolume``) of (search accuracy, latency / dense) over each
+search's fine-tuned trials, reference (dense − 0.10, 1.0), for autoprune and random at equal
+wall-clock.
+
+    python benchmarks/search_vs_baselines.py --small                      # CI: digits demo, minutes
+    python benchmarks/search_vs_baselines.py --models resnet18 mobilenet_v2 --seeds 0 1 2 \\
+        --wall 240 --final-steps 300 --out runs/bench-fmnist                # the full run (README)
+    python benchmarks/search_vs_baselines.py --report                     # table of the committed JSON
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
-import shutil
+import os
+import statistics
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import numpy as np
 import torch
+import torch.nn as nn
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from autoprune.api import run  # noqa: E402
-from autoprune.config import load_device_profile, load_run_config  # noqa: E402
-from autoprune.measure.backends import ModelArtifact, get  # noqa: E402
+#: One results file per model (and per ablation run), so models run as parallel processes.
+RESULTS = ROOT / "benchmarks" / "results"
+PREFIX = "search_vs_baselines_fmnist_"
+TARGETS = (2.0, 3.0, 4.0)
+METHODS = ("uniform", "tp-l1", "tp-taylor", "random", "autoprune")
+SEARCHES = ("random", "autoprune")
 
 
+# --------------------------------------------------------------------------- metrics
 def hypervolume(points: list[tuple[float, float]], dense_acc: float, acc_window: float = 0.10, lat_ref: float = 1.0) -> float:
     """HV of (accuracy ↑, latency ratio ↓) points against (dense acc − window, ratio ``lat_ref``)."""
     from optuna._hypervolume import compute_hypervolume
@@ -64,170 +86,485 @@ def speedup_at_equal_accuracy(points: list[tuple[float, float]], dense_acc: floa
     return max(ok) if ok else 0.0
 
 
-def remeasure_interleaved(onnx_files: dict[str, Path], profile_ref: str, rounds: int = 15, per_round: int = 20) -> dict[str, float]:
-    """Median latency of each file, sampled round-robin so machine noise hits all alike."""
-    import time as _t
+def kendall_tau(x: list[float], y: list[float]) -> float:
+    from scipy.stats import kendalltau
 
-    profile = load_device_profile(profile_ref)
-    backend = get(profile.backend)
-    runners, inputs = {}, {}
-    for key, path in onnx_files.items():
-        import onnx
-
-        dims = [d.dim_value or 1 for d in onnx.load(str(path), load_external_data=False).graph.input[0].type.tensor_type.shape.dim]
-        inputs[key] = np.random.default_rng(0).standard_normal(dims).astype(np.float32)
-        runners[key] = backend.load(ModelArtifact(path), profile)
-        for _ in range(profile.warmup):
-            runners[key](inputs[key])
-    samples: dict[str, list[float]] = {k: [] for k in onnx_files}
-    for _ in range(rounds):
-        for key in onnx_files:
-            r, x = runners[key], inputs[key]
-            for _ in range(per_round):
-                t0 = _t.perf_counter()
-                r(x)
-                samples[key].append(_t.perf_counter() - t0)
-    return {k: float(np.median(v)) * 1000 for k, v in samples.items()}
+    if len(x) < 3:
+        return float("nan")
+    return float(kendalltau(x, y).statistic)
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default="demo")
-    ap.add_argument("--data", default="digits")
-    ap.add_argument("--image-size", type=int, default=None)
-    ap.add_argument("--device-profile", default="onnxruntime-cpu")
-    ap.add_argument("--trials", type=int, default=30)
-    ap.add_argument("--finetune-steps", type=int, default=40)
-    ap.add_argument("--pretrain-steps", type=int, default=300)
-    ap.add_argument("--sampler", default="nsga2", choices=["nsga2", "tpe", "gp", "random"], help="autoprune's sampler")
-    ap.add_argument("--seed-spread", type=float, default=0.3, help="autoprune's search_space.seed_spread")
-    ap.add_argument("--equal-wall", action="store_true",
-                    help="also run random search for as long as autoprune took (as many trials as fit)")
-    ap.add_argument("--accuracy-window", type=float, default=0.10,
-                    help="hypervolume counts models within this accuracy of dense; autoprune gets it as search.max_accuracy_drop")
-    ap.add_argument("--search-seed", type=int, default=0,
-                    help="sampler / fine-tune seed of every method (repeat runs with others for a spread); the data split stays data_seed 0")
-    ap.add_argument("--methods", default="autoprune,random,uniform", help="comma-separated subset to run (pilots)")
-    ap.add_argument("--out", default="runs/bench-search")
-    ap.add_argument("--small", action="store_true", help="tiny CI version: 6 trials, 3 uniform ratios, 4 fine-tune steps")
-    ap.add_argument("--json", default=None, help="write results here (default: <out>/results.json)")
-    args = ap.parse_args()
+# --------------------------------------------------------------------------- setting
+class Bench:
+    """One model's benchmark setting: data, dense model, latency profile, step counts."""
 
-    trials, ft, pre = args.trials, args.finetune_steps, args.pretrain_steps
-    uniform = [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9]
-    exporter = "dynamo"
-    seed_levels = [0.2, 0.4, 0.6, 0.8]  # autoprune's seeds: each level uniform + sensitivity-allocated
-    if args.small:
-        trials, ft, pre, uniform, exporter = 6, 4, 60, [0.25, 0.5, 0.75], "torchscript"
-        seed_levels = [0.3, 0.7]
-    out = Path(args.out)
-    shutil.rmtree(out, ignore_errors=True)
-    common = dict(model=args.model, data=args.data, image_size=args.image_size, device_profile=args.device_profile,
-                  pretrain_steps=pre, exporter=exporter, **{"finetune.steps": ft, "search.seed": args.search_seed})
+    def __init__(self, args: argparse.Namespace, model: str) -> None:
+        from autoprune.config import load_device_profile
+        from autoprune.train.data import load_data
 
-    # One dense model for everyone: train it once in the first run folder, copy to the others.
-    variants: dict[str, dict[str, Any]] = {
-        "autoprune": {"search.trials": trials, "search.sampler": args.sampler, "search.max_accuracy_drop": args.accuracy_window},
-        "random": {"search.trials": trials, "search.sampler": "random",
-                   "efficiency.bn_recalibration": False, "efficiency.sensitivity_scan": False, "efficiency.multi_fidelity": False},
-        "uniform": {"search.trials": len(uniform), "search.sampler": "random",
-                    "efficiency.bn_recalibration": False, "efficiency.sensitivity_scan": False, "efficiency.multi_fidelity": False},
-    }
-    # All three search the same box: every group's ratio in [0, 0.9] (the uniform sweep's range).
+        self.args, self.model_name = args, model
+        self.out = Path(args.out) / model
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.data = load_data(args.data, None, args.val_fraction, 0, "default", args.val_samples)
+        self.profile = load_device_profile("onnxruntime-cpu")
+        self.example = torch.randn(1, *self.data.input_shape, generator=torch.Generator().manual_seed(0))
+        self.ckpt = self.out / "dense.pt"
+        self.test_split = "test" if self.data.test is not None else "val"  # digits (--small) has no official test split
+        self.dense, self.dense_info = self._dense()
+
+    def _dense(self) -> tuple[nn.Module, dict[str, Any]]:
+        """Train the dense model once (kept in ``<out>/<model>/dense.pt``), before anything is timed."""
+        from autoprune.train.models import build_model, evaluate, pretrain
+
+        info_path = self.out / "dense.json"
+        if not self.ckpt.is_file():
+            torch.manual_seed(0)
+            m = build_model(self.model_name, self.data.num_classes, in_channels=self.data.input_shape[0])
+            t0 = time.perf_counter()
+            pretrain(m, self.data, 0, steps=self.args.dense_steps, seed=0)
+            info = {"steps": self.args.dense_steps, "train_s": time.perf_counter() - t0}
+            torch.save({"arch": self.model_name, "state_dict": m.state_dict(), "num_classes": self.data.num_classes,
+                        "in_channels": self.data.input_shape[0]}, self.ckpt)
+            info_path.write_text(json.dumps(info))
+        info = json.loads(info_path.read_text()) if info_path.is_file() else {}
+        m = build_model(str(self.ckpt), self.data.num_classes).eval()
+        info.update(search_accuracy=evaluate(m, self.data, split="search"), test_accuracy=evaluate(m, self.data, split=self.test_split))
+        return m, info
+
+    def ft_config(self, steps: int) -> Any:
+        from autoprune.config import FinetuneConfig
+
+        return FinetuneConfig(steps=steps, batch_size=64, lr=1e-3, distill_alpha=0.5)
+
+    def short_then_final(self, model: nn.Module, seed: int, short: bool) -> dict[str, float]:
+        """(short fine-tune → proxy on the search split, for baselines) → final fine-tune → test."""
+        from autoprune.train.finetune import finetune
+        from autoprune.train.models import evaluate
+
+        out: dict[str, float] = {}
+        if short:
+            finetune(model, self.data, self.ft_config(self.args.finetune_steps), teacher=self.dense, seed=seed)
+            out["proxy_accuracy"] = evaluate(model, self.data, split="search")
+        t0 = time.perf_counter()
+        finetune(model, self.data, self.ft_config(self.args.final_steps), teacher=self.dense, seed=seed + 104729)
+        out.update(final_s=time.perf_counter() - t0, search_accuracy=evaluate(model, self.data, split="search"),
+                   test_accuracy=evaluate(model, self.data, split=self.test_split))
+        return out
+
+    # ----------------------------------------------------------------------- latency
+    def speedups(self, models: dict[str, nn.Module], tag: str) -> dict[str, float]:
+        """Dense latency / model latency, every model timed round-robin with the dense one in
+        one session (medians of ``rounds`` × ``per_round`` inferences each)."""
+        from autoprune.measure.backends import ModelArtifact, get, one_inference_timer
+        from autoprune.measure.onnx import export_onnx
+
+        folder = self.out / "latency" / tag
+        folder.mkdir(parents=True, exist_ok=True)
+        backend = get(self.profile.backend)
+        x = self.example.numpy()
+        timers = {}
+        with backend.session(self.profile):
+            for key, m in {"dense": self.dense, **models}.items():
+                path = export_onnx(copy.deepcopy(m).cpu().eval(), self.example, folder / f"{key.replace('/', '_')}.onnx", "torchscript")
+                timers[key] = one_inference_timer(backend.load(ModelArtifact(path), self.profile), x)
+                for _ in range(self.profile.warmup):
+                    timers[key]()
+            samples: dict[str, list[float]] = {k: [] for k in timers}
+            for _ in range(self.args.rounds):
+                for key, one in timers.items():
+                    samples[key].extend(one() for _ in range(self.args.per_round))
+        med = {k: statistics.median(v) for k, v in samples.items()}
+        return {k: med["dense"] / v for k, v in med.items() if k != "dense"}
+
+
+# --------------------------------------------------------------------------- baselines
+def uniform_snapshots(b: Bench) -> dict[str, nn.Module]:
+    """Uniform L1 ratio for every group (autoprune's own pruning function, round_to 8)."""
+    from autoprune.prune.plan import PruningPlan, apply_plan
+    from autoprune.prune.structure import find_groups
+
+    groups = find_groups(b.dense, b.example, b.data.num_classes)
+    out = {}
+    for r in np.arange(0.05, 0.901, 0.05):
+        m = copy.deepcopy(b.dense)
+        apply_plan(m, b.example, PruningPlan({g.name: float(r) for g in groups}, round_to=8), b.data.num_classes)
+        out[f"uniform/{r:.2f}"] = m.eval()
+    return out
+
+
+def tp_snapshots(b: Bench, importance: str, grid: list[float]) -> dict[str, nn.Module]:
+    """Torch-Pruning's benchmark recipe (``progressive_pruning``): global MetaPruner stepping
+    ``pruning_ratio=1.0`` in 400 steps until the MACs speed-up reaches each grid point."""
+    import torch_pruning as tp
+
+    model = copy.deepcopy(b.dense).eval()
+    imp = tp.importance.GroupMagnitudeImportance(p=1) if importance == "l1" else tp.importance.GroupTaylorImportance()
+    last = [m for m in model.modules() if isinstance(m, nn.Linear) and m.out_features == b.data.num_classes]
+    pruner = tp.pruner.MetaPruner(model, b.example, importance=imp, global_pruning=True, pruning_ratio=1.0, iterative_steps=400,
+                                  max_pruning_ratio=0.9, ignored_layers=last, round_to=8)
+    base_ops, _ = tp.utils.count_ops_and_params(model, example_inputs=b.example)
+    it = (batch for epoch in range(10**6) for batch in b.data.loader("train", 64, shuffle=True, seed=1 + epoch))
+    out, todo = {}, sorted(grid)
+    while todo and pruner.current_step < pruner.iterative_steps:
+        if importance == "taylor":  # TP's recipe: gradients of the loss on a training batch
+            x, y = next(it)
+            model.zero_grad()
+            nn.functional.cross_entropy(model(x), y).backward()
+        pruner.step()
+        ops, _ = tp.utils.count_ops_and_params(model, example_inputs=b.example)
+        speedup = base_ops / ops
+        while todo and speedup >= todo[0]:
+            out[f"tp-{importance}/{todo.pop(0):.2f}"] = copy.deepcopy(model).eval()
+    model.zero_grad()
+    for m in out.values():
+        m.zero_grad(set_to_none=True)
+    return out
+
+
+def least_pruned(measured: dict[str, float], prefix: str, target: float) -> Optional[str]:
+    """The snapshot with the smallest grid value (least pruning) whose measured speed-up reaches the target."""
+    ok = sorted((float(k.split("/")[1]), k) for k, s in measured.items() if k.startswith(prefix + "/") and s >= target)
+    return ok[0][1] if ok else None
+
+
+# --------------------------------------------------------------------------- searches
+def run_search(b: Bench, method: str, seed: int, timeout: float, dense_ms: Optional[float] = None, variant: str = "") -> dict[str, Any]:
+    """One autoprune or random search on the shared dense model; returns its trials.
+    ``variant``: an ablation of autoprune (:data:`ABLATIONS`), run in ``<seed>/ablation-<variant>``."""
     import yaml
 
-    from autoprune.config import SearchSpace
-
-    out.mkdir(parents=True, exist_ok=True)
-    spaces = {
-        "autoprune": SearchSpace(name="bench", high=0.9, step=0.05, seed_uniform=seed_levels, seed_spread=args.seed_spread),
-        "random": SearchSpace(name="bench-random", high=0.9, step=0.05, seed_uniform=[], seed_spread=0),
-        "uniform": SearchSpace(name="bench-uniform", high=0.9, step=0.05, seed_uniform=uniform, seed_spread=0),
-    }
-    # One dense model for everyone, trained (and measured) before any timed run, so no method's
-    # wall time includes training it.
+    from autoprune.api import run
+    from autoprune.config import SearchSpace, load_run_config
     from autoprune.study.context import prepare
 
-    dense_dir = out / "dense-model"
+    a = b.args
+    folder = b.out / f"seed{seed}" / (f"ablation-{variant}" if variant else method)
+    folder.mkdir(parents=True, exist_ok=True)
+    targets = [f"{t:g}x" for t in TARGETS]
+    if method == "autoprune":
+        space = SearchSpace(name="bench", high=0.9, step=0.05)
+        extra: dict[str, Any] = {"search.target": targets, "search.sampler": "nsga2", "search.population_size": a.population}
+        profile = "onnxruntime-cpu"
+        if variant:
+            space_over, extra_over, _ = ABLATIONS[variant]
+            space = space.model_copy(update=space_over)
+            extra = {k: v for k, v in {**extra, **extra_over}.items() if v != "unset"}
+    else:
+        space = SearchSpace(name="bench-random", high=0.9, step=0.05, seed_uniform=[], seed_spread=0)
+        extra = {"search.sampler": "random", "efficiency.sensitivity_scan": False}
+        prof = yaml.safe_load((ROOT / "autoprune" / "shipped" / "device_profiles" / "onnxruntime-cpu.yaml").read_text())
+        prof["budget"] = {"max_latency_ms": float(dense_ms) / min(TARGETS)}  # the loosest target, as autoprune's
+        profile = str(folder.parent / "random-profile.yaml")
+        Path(profile).write_text(yaml.safe_dump(prof))
+    space_path = folder.parent / f"space-{method}{'-' + variant if variant else ''}.yaml"
+    space_path.write_text(yaml.safe_dump(space.model_dump(mode="json")))
+    common = dict(model=str(b.ckpt), data=a.data, val_fraction=a.val_fraction, val_samples=a.val_samples, pretrain_steps=0,
+                  search_space=str(space_path), device_profile=profile, exporter="torchscript", out=str(folder),
+                  **{"finetune.steps": a.finetune_steps, "search.seed": seed, "search.trials": 100_000, "train.threads": 1,
+                     "efficiency.final_finetune_steps": 0})
     t0 = time.perf_counter()
-    prepare(load_run_config(None, out=str(dense_dir), **common, **{"efficiency.sensitivity_scan": False}), console=print)
-    print(f"[dense] trained and measured in {time.perf_counter() - t0:.0f}s", flush=True)
-    if args.equal_wall:
-        variants["random-wall"] = {**variants["random"]}  # same wall time as autoprune (set below)
-        spaces["random-wall"] = spaces["random"]
-    wanted = set(args.methods.split(",")) | ({"random-wall"} if args.equal_wall else set())
-    variants = {k: v for k, v in variants.items() if k in wanted}
-    results: dict[str, Any] = {}
-    for name, extra in variants.items():
-        run_dir = out / name
-        run_dir.mkdir(parents=True, exist_ok=True)
-        shutil.copy(dense_dir / "base_model.pt", run_dir / "base_model.pt")
-        if name == "random-wall":
-            # As many random trials as fit in autoprune's wall time (the last may overrun a little).
-            extra = {**extra, "search.trials": 100_000, "search.timeout_s": max(1.0, results["autoprune"]["wall_s"] - results["random"]["prep_s"])}
-        # uniform: every trial is an enqueued uniform ratio, exactly the hand-made sweep.
-        space_path = out / f"space_{name}.yaml"
-        space_path.write_text(yaml.safe_dump(spaces[name].model_dump(mode="json")))
-        extra = {**extra, "search_space": str(space_path)}
-        cfg = load_run_config(None, out=str(run_dir), **common, **{k: v for k, v in extra.items() if v is not None})
-        t0 = time.perf_counter()
-        res = run(cfg)
-        wall = time.perf_counter() - t0
-        trial_s = [t.user_attrs.get("trial_s", 0.0) for t in res.study.trials if t.state.name == "COMPLETE"]
-        results[name] = {"wall_s": wall, "trials": len(trial_s), "trial_s_sum": sum(trial_s), "prep_s": wall - sum(trial_s),
-                         "dense": res.dense, "pareto": res.pareto, "dir": str(run_dir)}
-        print(f"[{name}] {len(res.pareto)} Pareto models, {len(trial_s)} trials, wall {wall:.0f}s", flush=True)
+    if method == "random":  # equal wall-clock: its own preparation counts against the same budget
+        prepare(load_run_config(None, **common, **extra, **{"search.timeout_s": 1.0}), console=lambda s: None)
+    prep = time.perf_counter() - t0
+    cfg = load_run_config(None, **common, **extra, **{"search.timeout_s": max(1.0, timeout - prep)})
+    with ablated(variant):
+        res = run(cfg, export=False)  # the front's files are not needed here; both searches skip them alike
+    wall = time.perf_counter() - t0
+    dense_ms_run = float(res.dense["latency"]["median_ms"])
+    trials = []
+    for t in res.study.trials:
+        if t.state.name != "COMPLETE" or t.user_attrs.get("accuracy_estimated") or not t.values:
+            continue
+        trials.append({"number": t.number, "accuracy": t.values[0], "latency_ms": t.values[1], "speedup_run": dense_ms_run / t.values[1],
+                       "target_ms": t.user_attrs.get("target_ms"), "seed": t.user_attrs.get("seed"),
+                       "model": str(res.ctx.run.trial(t.number).model)})
+    n_all = sum(1 for t in res.study.trials if t.state.name in ("COMPLETE", "PRUNED"))
+    return {"wall_s": wall, "trials_run": n_all, "finetuned": len(trials), "dense_ms": dense_ms_run,
+            "dense_search_accuracy": float(res.dense.get("search_accuracy", res.dense["accuracy"])), "trials": trials}
 
-    # Re-measure every front model + dense side by side.
-    first = next(iter(results.values()))
-    files = {"dense": Path(first["dir"]) / "dense" / "model.onnx"}
-    for name, r in results.items():
-        for row in r["pareto"]:
-            if row.get("artifacts"):
-                files[f"{name}:{row['trial']}"] = Path(r["dir"]) / row["artifacts"] / "model.onnx"
-    lat = remeasure_interleaved(files, args.device_profile)
-    dense_lat = lat["dense"]
-    dense_acc = first["dense"]["accuracy"]
-    summary = {}
-    for name, r in results.items():
-        pts = [(row["accuracy"], lat[f"{name}:{row['trial']}"] / dense_lat) for row in r["pareto"] if f"{name}:{row['trial']}" in lat]
-        summary[name] = {
-            "hypervolume": hypervolume(pts, dense_acc, args.accuracy_window),
-            # Secondary view, not the goal metric: only models at least 2x faster than dense.
-            # Most of the main HV is a region every method covers (slow, accurate models).
-            "hypervolume_2x": hypervolume(pts, dense_acc, args.accuracy_window, lat_ref=0.5),
-            "speedup_at_equal_accuracy": speedup_at_equal_accuracy(pts, dense_acc),
-            "front": [{"accuracy": a, "latency_ratio": x} for a, x in sorted(pts, key=lambda p: p[1])],
-            "wall_s": r["wall_s"],
-            "trials": r["trials"],
-            "trial_s_sum": r["trial_s_sum"],
+
+#: autoprune without one of its parts: (search-space changes, run-config changes, code switch).
+#: ``"unset"`` removes a key. "no budget mode" is autoprune as it was before ``search.target``:
+#: NSGA-II over the front with uniform + sensitivity-allocated seeds at 0.25 and 0.5.
+ABLATIONS: dict[str, tuple[dict[str, Any], dict[str, Any], str]] = {
+    "full": ({}, {}, ""),
+    "no aiming": ({}, {}, "aim"),
+    "no allocated seeds": ({"seed_spread": 0.0}, {}, ""),
+    "no seeds": ({}, {}, "seeds"),
+    "no multi-fidelity": ({}, {"efficiency.multi_fidelity": False}, ""),
+    "no duplicate skipping": ({}, {}, "dedupe"),
+    "no sensitivity scan": ({}, {"efficiency.sensitivity_scan": False}, ""),
+    "no budget mode": ({}, {"search.target": "unset"}, ""),
+}
+
+
+class ablated:
+    """Switch one of autoprune's code paths off for an ablation run (and back on after it)."""
+
+    def __init__(self, variant: str) -> None:
+        self.switch = ABLATIONS[variant][2] if variant else ""
+        self.saved: list[tuple[Any, str, Any]] = []
+
+    def __enter__(self) -> None:
+        import autoprune.study.study as study_mod
+        import autoprune.study.trial as trial_mod
+
+        if self.switch == "aim":  # only seed trials (which carry their own shift) keep their target
+            orig = trial_mod.aim_at_target
+            self._patch(trial_mod, "aim_at_target",
+                        lambda trial, ctx, plan, stored=None: orig(trial, ctx, plan, stored) if "budget_shift" in trial.user_attrs else plan)
+        elif self.switch == "seeds":
+            self._patch(study_mod, "seed_trials", lambda ctx: [])
+        elif self.switch == "dedupe":
+            self._patch(trial_mod, "duplicate_of", lambda trial, key: None)
+
+    def _patch(self, mod: Any, name: str, value: Any) -> None:
+        self.saved.append((mod, name, getattr(mod, name)))
+        setattr(mod, name, value)
+
+    def __exit__(self, *exc: Any) -> None:
+        for mod, name, value in reversed(self.saved):
+            setattr(mod, name, value)
+
+
+# --------------------------------------------------------------------------- one model
+def bench_model(args: argparse.Namespace, model: str, results: dict[str, Any], save: Any) -> None:
+
+    torch.set_num_threads(1)
+    b = Bench(args, model)
+    entry = results.setdefault(model, {"dense": b.dense_info, "seeds": {}})
+    entry["dense"] = b.dense_info
+    print(f"[{model}] dense search acc {b.dense_info['search_accuracy']:.4f}, test {b.dense_info['test_accuracy']:.4f}", flush=True)
+
+    # Baselines: pruned once (deterministic given the dense model), measured interleaved with dense.
+    t0 = time.perf_counter()
+    snaps = {**uniform_snapshots(b), **tp_snapshots(b, "l1", args.grid), **tp_snapshots(b, "taylor", args.grid)}
+    measured = b.speedups(snaps, "baselines")
+    chosen_base = {m: {f"{t:g}x": least_pruned(measured, m, t) for t in TARGETS} for m in ("uniform", "tp-l1", "tp-taylor")}
+    entry["baselines"] = {"speedups": measured, "chosen": chosen_base, "wall_s": time.perf_counter() - t0}
+    print(f"[{model}] baselines chosen {chosen_base} in {time.perf_counter() - t0:.0f}s", flush=True)
+    save()
+
+    for seed in args.seeds:
+        if str(seed) in entry["seeds"] and entry["seeds"][str(seed)].get("done"):
+            continue
+        row: dict[str, Any] = {"searches": {}, "chosen": {}}
+        row["searches"]["autoprune"] = ap = run_search(b, "autoprune", seed, args.wall)
+        row["searches"]["random"] = run_search(b, "random", seed, ap["wall_s"], dense_ms=ap["dense_ms"])
+        row["chosen"] = choose_and_finish(b, row["searches"], seed, f"seed{seed}")
+        for meth, per_t in chosen_base.items():
+            for tkey, key in per_t.items():
+                if key is None:
+                    row["chosen"][f"{meth}/{tkey}"] = None
+                    continue
+                m = copy.deepcopy(snaps[key])
+                row["chosen"][f"{meth}/{tkey}"] = {"snapshot": key, "speedup": measured[key], **b.short_then_final(m, seed, short=True)}
+        row["done"] = True
+        entry["seeds"][str(seed)] = row
+        save()
+        print(f"[{model}] seed {seed}: " + ", ".join(f"{k} {v['test_accuracy']:.4f}" for k, v in row["chosen"].items() if v), flush=True)
+
+
+def choose_and_finish(b: Bench, searches: dict[str, dict[str, Any]], seed: int, tag: str) -> dict[str, Any]:
+    """Per search and target: its 3 most accurate trials near or past the target, re-measured
+    interleaved with dense; the most accurate one whose speed-up reaches the target gets the
+    final fine-tune. Adds the hypervolume and the re-measured speed-ups to ``searches``."""
+    from autoprune.train.checkpoint import load_model
+
+    cands: dict[str, nn.Module] = {}
+    for name, srch in searches.items():
+        for t in TARGETS:
+            near = [tr for tr in srch["trials"] if tr["speedup_run"] >= 0.93 * t]
+            for tr in sorted(near, key=lambda tr: -tr["accuracy"])[:3]:
+                cands.setdefault(f"{name}/{tr['number']}", load_model(tr["model"]))
+    sp = b.speedups(cands, tag) if cands else {}
+    chosen: dict[str, Any] = {}
+    for name, srch in searches.items():
+        for tr in srch["trials"]:
+            tr["speedup"] = sp.get(f"{name}/{tr['number']}")
+        pts = [(tr["accuracy"], 1.0 / tr["speedup_run"]) for tr in srch["trials"]]
+        srch["hypervolume"] = hypervolume(pts, srch["dense_search_accuracy"])
+        for t in TARGETS:
+            ok = [tr for tr in srch["trials"] if tr.get("speedup") and tr["speedup"] >= t]
+            best = max(ok, key=lambda tr: tr["accuracy"], default=None)
+            if best is None:
+                chosen[f"{name}/{t:g}x"] = None
+                continue
+            chosen[f"{name}/{t:g}x"] = {"trial": best["number"], "speedup": best["speedup"], "proxy_accuracy": best["accuracy"],
+                                        **b.short_then_final(load_model(best["model"]), seed, short=False)}
+    return chosen
+
+
+def ablation(args: argparse.Namespace, model: str, results: dict[str, Any], save: Any) -> None:
+    """autoprune with one part switched off at a time (:data:`ABLATIONS`), one model and seed."""
+    torch.set_num_threads(1)
+    b = Bench(args, model)
+    seed = args.seeds[0]
+    entry = results.setdefault("ablation", {"model": model, "seed": seed, "variants": {}})
+    for variant in args.ablation:
+        if variant in entry["variants"]:
+            continue
+        srch = run_search(b, "autoprune", seed, args.wall, variant=variant)
+        chosen = choose_and_finish(b, {variant: srch}, seed, f"ablation-{variant.replace(' ', '_')}")
+        entry["variants"][variant] = {"wall_s": srch["wall_s"], "trials_run": srch["trials_run"], "finetuned": srch["finetuned"],
+                                      "hypervolume": srch["hypervolume"], "chosen": chosen}
+        save()
+        print(f"[ablation {model}] {variant}: " + ", ".join(f"{k} {v['test_accuracy']:.4f}" for k, v in chosen.items() if v), flush=True)
+
+
+# --------------------------------------------------------------------------- report
+def summarize(results: dict[str, Any]) -> dict[str, Any]:
+    """Per model and target: mean ± sd test accuracy of each method's chosen model over seeds;
+    hypervolumes, wall-clock, Kendall τ; the worst margin of autoprune at 3× and 4×."""
+    out: dict[str, Any] = {"models": {}, "margins": []}
+    for model, entry in results.items():
+        if not isinstance(entry, dict) or "seeds" not in entry:
+            continue
+        seeds = [r for r in entry["seeds"].values() if r.get("done")]
+        table = {}
+        for t in TARGETS:
+            tkey = f"{t:g}x"
+            table[tkey] = {}
+            for meth in METHODS:
+                accs = [r["chosen"].get(f"{meth}/{tkey}") for r in seeds]
+                vals = [a["test_accuracy"] for a in accs if a]
+                table[tkey][meth] = {"mean": statistics.mean(vals) if vals else None, "sd": statistics.stdev(vals) if len(vals) > 1 else 0.0,
+                                     "n": len(vals), "missing": len(accs) - len(vals)}
+            if t >= 3:
+                ap = table[tkey]["autoprune"]["mean"]
+                others = [v["mean"] for k, v in table[tkey].items() if k != "autoprune" and v["mean"] is not None]
+                if ap is not None and others:
+                    out["margins"].append({"model": model, "target": tkey, "margin_pt": 100 * (ap - max(others))})
+        hv = {m: [r["searches"][m]["hypervolume"] for r in seeds] for m in SEARCHES}
+        proxies, finals = [], []
+        for r in seeds:
+            for v in r["chosen"].values():
+                if v and "proxy_accuracy" in v:
+                    proxies.append(v["proxy_accuracy"])
+                    finals.append(v["test_accuracy"])
+        out["models"][model] = {
+            "dense": entry["dense"], "seeds": len(seeds), "table": table,
+            "hypervolume": {m: statistics.mean(v) if v else None for m, v in hv.items()},
+            "hv_ratio": [a / r if r else float("inf") for a, r in zip(hv["autoprune"], hv["random"])],
+            "wall_s": {m: statistics.mean(r["searches"][m]["wall_s"] for r in seeds) if seeds else None for m in SEARCHES},
+            "trials": {m: [r["searches"][m]["trials_run"] for r in seeds] for m in SEARCHES},
+            "baselines_wall_s": entry.get("baselines", {}).get("wall_s"),
+            "kendall_tau": kendall_tau(proxies, finals), "tau_points": len(proxies),
         }
-    hv = {k: v["hypervolume"] for k, v in summary.items()}
-    def over(a: str, b: str) -> float:
-        if a not in hv or b not in hv:
-            return float("nan")  # a pilot that ran a subset of the methods
-        return hv[a] / hv[b] if hv[b] else float("inf")
+    return out
 
-    ratios = {
-        "hv_autoprune_over_random": over("autoprune", "random"),
-        **({"hv_autoprune_over_random_equal_wall": over("autoprune", "random-wall")} if "random-wall" in hv else {}),
-        "hv_autoprune_over_uniform": over("autoprune", "uniform"),
-        "speedup_autoprune_minus_uniform": (summary["autoprune"]["speedup_at_equal_accuracy"] - summary["uniform"]["speedup_at_equal_accuracy"])
-        if {"autoprune", "uniform"} <= set(summary) else float("nan"),
-    }
-    report = {"dense_accuracy": dense_acc, "dense_latency_ms": dense_lat, "profile": args.device_profile, "model": args.model,
-              "small": args.small, "summary": summary, "ratios": ratios}
-    path = Path(args.json) if args.json else out / "results.json"
-    path.write_text(json.dumps(report, indent=2))
-    print(f"dense: acc {dense_acc:.4f}, latency {dense_lat:.3f} ms (re-measured)")
-    print(f"{'method':<12} {'trials':>6} {'wall s':>7} {'HV':>8} {'HV(>=2x)':>9} {'speed-up@acc-1pt':>17}")
-    for name, s in summary.items():
-        print(f"{name:<12} {s['trials']:>6} {s['wall_s']:>7.0f} {s['hypervolume']:>8.4f} {s['hypervolume_2x']:>9.4f} {s['speedup_at_equal_accuracy']:>16.2f}x")
-    print("ratios: " + ", ".join(f"{k}={v:.3f}" for k, v in ratios.items()))
-    print(f"wrote {path}")
+
+def print_report(results: dict[str, Any]) -> None:
+    s = summarize(results)
+    meta = results.get("meta", {})
+    if meta:
+        print("run: " + ", ".join(f"{k}={v}" for k, v in meta.items()))
+    for model, m in s["models"].items():
+        d = m["dense"]
+        print(f"\n{model}: dense test {d['test_accuracy']:.4f} (search split {d['search_accuracy']:.4f}), {m['seeds']} seed(s)")
+        print(f"  {'target':<7}" + "".join(f"{meth:>17}" for meth in METHODS))
+        for tkey, row in m["table"].items():
+            cells = []
+            for meth in METHODS:
+                v = row[meth]
+                cells.append("—" if v["mean"] is None else f"{100 * v['mean']:.2f}±{100 * v['sd']:.2f}" + ("*" if v["missing"] else ""))
+            print(f"  {tkey:<7}" + "".join(f"{c:>17}" for c in cells))
+        hv = m["hypervolume"]
+        ratios = ", ".join(f"{r:.2f}" for r in m["hv_ratio"])
+        print(f"  hypervolume autoprune {hv['autoprune']:.4f} vs random {hv['random']:.4f} (per seed autoprune/random: {ratios}); "
+              f"search wall {m['wall_s']['autoprune']:.0f}s vs {m['wall_s']['random']:.0f}s, trials {m['trials']['autoprune']} vs "
+              f"{m['trials']['random']}; Kendall tau proxy vs final test {m['kendall_tau']:.2f} over {m['tau_points']} models")
+    print("\n(* some seeds found no model under that target; mean over the others)")
+    abl = results.get("ablation")
+    if abl and "full" not in abl["variants"] and str(abl["seed"]) in results.get(abl["model"], {}).get("seeds", {}):
+        # The full method's row is the main run's autoprune search of the same model and seed.
+        row = results[abl["model"]]["seeds"][str(abl["seed"])]
+        srch = row["searches"]["autoprune"]
+        abl["variants"] = {"full": {"wall_s": srch["wall_s"], "trials_run": srch["trials_run"], "hypervolume": srch["hypervolume"],
+                                    "chosen": {f"full/{t:g}x": row["chosen"].get(f"autoprune/{t:g}x") for t in TARGETS}},
+                           **abl["variants"]}
+    if abl:
+        print(f"\nablation ({abl['model']}, seed {abl['seed']}): test accuracy of the chosen model per target, one run each")
+        print(f"  {'variant':<24}" + "".join(f"{f'{t:g}x':>9}" for t in TARGETS) + f"{'HV':>9}{'trials':>8}{'wall s':>8}")
+        for name, v in abl["variants"].items():
+            accs = [v["chosen"].get(f"{name}/{t:g}x") for t in TARGETS]
+            cells = "".join(f"{100 * a['test_accuracy']:>9.2f}" if a else f"{'—':>9}" for a in accs)
+            print(f"  {name:<24}{cells}{v['hypervolume']:>9.4f}{v['trials_run']:>8}{v['wall_s']:>8.0f}")
+    margins = s["margins"]
+    if margins:
+        worst = min(margins, key=lambda x: x["margin_pt"])
+        print(f"worst margin: {worst['margin_pt']:+.1f} pt")
+    else:
+        print("worst margin: n/a")
+
+
+# --------------------------------------------------------------------------- main
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--report", action="store_true", help="print the table of the results in --results and exit")
+    ap.add_argument("--small", action="store_true", help="CI form: digits demo model, 1 seed, seconds of search, few steps")
+    ap.add_argument("--models", nargs="+", default=["resnet18", "mobilenet_v2"])
+    ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    ap.add_argument("--ablation", nargs="*", default=None, choices=list(ABLATIONS),
+                    help="run these autoprune variants (all when none named) on the first model and seed instead")
+    ap.add_argument("--data", default="fashion-mnist")
+    ap.add_argument("--val-fraction", type=float, default=0.1)
+    ap.add_argument("--val-samples", type=int, default=1000)
+    ap.add_argument("--dense-steps", type=int, default=3000)
+    ap.add_argument("--wall", type=float, default=240.0, help="autoprune's search seconds; random gets the same wall-clock")
+    ap.add_argument("--finetune-steps", type=int, default=40, help="each trial's short fine-tune")
+    ap.add_argument("--final-steps", type=int, default=300, help="final fine-tune of every chosen model")
+    ap.add_argument("--population", type=int, default=8, help="autoprune's NSGA-II population")
+    ap.add_argument("--grid", type=float, nargs="+", default=[round(1.5 + 0.25 * i, 2) for i in range(19)] + [6.5, 7.0, 7.5, 8.0, 9.0, 10.0],
+                    help="MACs speed-ups at which Torch-Pruning's progressive pruning is snapshotted")
+    ap.add_argument("--rounds", type=int, default=10)
+    ap.add_argument("--per-round", type=int, default=20)
+    ap.add_argument("--out", default="runs/bench-fmnist")
+    ap.add_argument("--results", default=None, help=f"folder of the results JSON (default: {RESULTS.relative_to(ROOT)}; --small: --out)")
+    args = ap.parse_args()
+    if args.small:
+        args.models, args.seeds, args.data, args.val_samples = ["demo"], [0], "digits", None
+        args.dense_steps, args.wall, args.finetune_steps, args.final_steps = 60, 25.0, 4, 6
+        args.grid, args.rounds, args.per_round, args.population = [1.5, 2.0, 3.0, 4.0, 5.0], 2, 5, 4
+    folder = Path(args.results) if args.results else (Path(args.out) if args.small else RESULTS)
+    if args.report:
+        print_report(load_results(folder))
+        return 0
+    meta = {"wall_s": args.wall, "finetune_steps": args.finetune_steps, "final_steps": args.final_steps, "dense_steps": args.dense_steps,
+            "threads": 1, "profile": "onnxruntime-cpu", "cpus": os.cpu_count(), "small": args.small}
+    for model in args.models[:1] if args.ablation is not None else args.models:
+        name = f"ablation_{model}_{'-'.join(v.replace(' ', '') for v in args.ablation) or 'all'}" if args.ablation is not None else model
+        path = folder / f"{PREFIX}{name}.json"
+        results: dict[str, Any] = json.loads(path.read_text()) if path.is_file() else {}
+        results["meta"] = meta
+
+        def save(results: dict[str, Any] = results, path: Path = path) -> None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps(results, indent=1))
+
+        if args.ablation is not None:
+            args.ablation = args.ablation or list(ABLATIONS)
+            ablation(args, model, results, save)
+        else:
+            bench_model(args, model, results, save)
+    print_report(load_results(folder))
     return 0
 
 
+def load_results(folder: Path) -> dict[str, Any]:
+    """Every results file in ``folder`` merged: models side by side, ablation variants together."""
+    merged: dict[str, Any] = {}
+    for path in sorted(folder.glob(f"{PREFIX}*.json")):
+        part = json.loads(path.read_text())
+        merged.setdefault("meta", part.get("meta", {}))
+        for key, value in part.items():
+            if key == "ablation":
+                abl = merged.setdefault("ablation", {**value, "variants": {}})
+                abl["variants"].update(value["variants"])
+            elif key != "meta":
+                merged[key] = value
+    return merged
+
+
 if __name__ == "__main__":
-    torch.set_num_threads(2)
     sys.exit(main())

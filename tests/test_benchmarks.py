@@ -1,6 +1,7 @@
 """The search-vs-baselines benchmark in its small form (CI); the full run is documented in README."""
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -10,7 +11,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from search_vs_baselines import hypervolume, speedup_at_equal_accuracy  # noqa: E402
+from search_vs_baselines import hypervolume, kendall_tau, speedup_at_equal_accuracy  # noqa: E402
 
 
 def test_hypervolume_against_reference():
@@ -28,20 +29,50 @@ def test_speedup_at_equal_accuracy():
 
 
 def test_small_benchmark_runs_end_to_end(tmp_path):
+    """The budget benchmark's CI form: every method picks a model per target, the searches get
+    equal wall-clock, and --report prints the table with the worst margin as its last line."""
     out = tmp_path / "bench"
-    p = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "search_vs_baselines.py"), "--small", "--equal-wall", "--out", str(out)],
-                       capture_output=True, text=True, timeout=1200)
+    script = str(ROOT / "benchmarks" / "search_vs_baselines.py")
+    p = subprocess.run([sys.executable, script, "--small", "--out", str(out)], capture_output=True, text=True, timeout=1200)
     assert p.returncode == 0, p.stderr[-3000:]
-    res = json.loads((out / "results.json").read_text())
-    assert set(res["summary"]) == {"autoprune", "random", "uniform", "random-wall"}
-    for s in res["summary"].values():
-        assert s["hypervolume"] >= 0 and s["front"]
-    assert res["summary"]["uniform"]["trials"] == 3
-    assert "hv_autoprune_over_random" in res["ratios"] and "hv_autoprune_over_random_equal_wall" in res["ratios"]
-    # equal wall-clock: random search ran until autoprune's wall time was used up (the last trial may overrun)
-    s = res["summary"]
-    assert s["random-wall"]["wall_s"] >= 0.8 * s["autoprune"]["wall_s"] and s["random-wall"]["trials"] >= 1
-    assert "autoprune" in p.stdout and "ratios:" in p.stdout
+    (path,) = out.glob("search_vs_baselines_fmnist_demo.json")
+    res = json.loads(path.read_text())["demo"]
+    assert res["dense"]["test_accuracy"] > 0.5
+    # Baselines: the least-pruned snapshot whose measured speed-up reaches each target.
+    speedups = res["baselines"]["speedups"]
+    for meth, per_target in res["baselines"]["chosen"].items():
+        for tkey, key in per_target.items():
+            if key is not None:
+                assert key.startswith(meth + "/") and speedups[key] >= float(tkey[:-1])
+    row = res["seeds"]["0"]
+    ap, rnd = row["searches"]["autoprune"], row["searches"]["random"]
+    assert ap["finetuned"] >= 1 and rnd["finetuned"] >= 1
+    assert 0.8 * ap["wall_s"] <= rnd["wall_s"] <= 1.5 * ap["wall_s"] + 10  # equal wall-clock (a trial may overrun)
+    targets = [t for t in ap["trials"] if t.get("target_ms")]
+    assert targets, "autoprune's trials carry the target they were aimed at"
+    chosen = {k: v for k, v in row["chosen"].items() if v}
+    assert any(k.startswith("autoprune/") for k in chosen) and any(k.startswith("uniform/") for k in chosen)
+    for key, v in chosen.items():
+        assert v["speedup"] >= float(key.split("/")[1][:-1]) and 0 <= v["test_accuracy"] <= 1
+    rep = subprocess.run([sys.executable, script, "--report", "--results", str(out)], capture_output=True, text=True, timeout=120)
+    assert rep.returncode == 0, rep.stderr[-2000:]
+    lines = rep.stdout.strip().splitlines()
+    assert lines[-1].startswith("worst margin: ") and "Kendall tau" in rep.stdout
+    assert any("uniform" in line and "tp-taylor" in line and "autoprune" in line for line in lines)  # the table header
+
+
+def test_committed_results_report():
+    """The committed full run: --report reads it and ends with the worst margin."""
+    p = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "search_vs_baselines.py"), "--report"], capture_output=True, text=True,
+                       timeout=120)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert re.fullmatch(r"worst margin: [+-]\d+\.\d pt", p.stdout.strip().splitlines()[-1])
+    assert "resnet18" in p.stdout and "mobilenet_v2" in p.stdout
+
+
+def test_kendall_tau():
+    assert kendall_tau([1, 2, 3, 4], [10, 20, 30, 40]) == pytest.approx(1.0)
+    assert kendall_tau([1, 2, 3, 4], [40, 30, 20, 10]) == pytest.approx(-1.0)
 
 
 @pytest.mark.slow
