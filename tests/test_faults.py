@@ -326,6 +326,7 @@ def _legacy_study(cfg: RunConfig, out: Path) -> optuna.Study:
     dump = cfg.model_dump(mode="json")
     dump.pop("train", None)  # sections and keys added since then were not in its dump
     dump["search"].pop("mlflow", None)
+    dump["search"].pop("target", None)
     for key in ("task", "output", "augment", "val_samples"):
         dump.pop(key, None)
     for key in ("staircases", "staircase_widths", "staircase_tolerance"):
