@@ -259,6 +259,9 @@ def calibrate(model: LatencyModel, base: nn.Module, example: torch.Tensor, group
 
 
 def measured_points(trials: Sequence[Any]) -> list[tuple[float, float]]:
-    """(predicted MACs, measured ms) of finished trials that recorded them: the line's data."""
+    """(predicted MACs, measured ms) of finished trials that recorded them: the line's data. A
+    trial the latency predictor rejected (``measured_latency_ms`` None) holds a prediction, not
+    a measurement, and is left out."""
     return [(float(t.user_attrs["macs_est"]), float(t.values[1])) for t in trials
-            if t.values and "macs_est" in t.user_attrs and not t.user_attrs.get("latency_predicted_only")]
+            if t.values and "macs_est" in t.user_attrs
+            and not ("measured_latency_ms" in t.user_attrs and t.user_attrs["measured_latency_ms"] is None)]
