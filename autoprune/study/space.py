@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import fnmatch
 import math
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import optuna
 
@@ -86,14 +86,17 @@ def aim_at_target(trial: optuna.trial.BaseTrial, ctx: SearchContext, plan: Pruni
     # Targets the space cannot reach by the prediction would all give the same fastest plan.
     aims = reachable(ctx.targets_ms, ctx.groups, model, line) or [max(ctx.targets_ms)]
     target = float(attrs.get("target_ms") or aims[trial.number % len(aims)])
-
-    def snap(v: float, g: PrunableGroup) -> float:
-        return _snap(v, g.low, g.high, _group_step(ctx.space, g))
+    snap = _grid_snap(ctx.space)
     shift = float(attrs["budget_shift"]) if "budget_shift" in attrs else shift_to_target(plan.ratios, ctx.groups, model, target, snap, line)
     ratios = shifted(plan.ratios, ctx.groups, shift, snap)
     for k, v in {"target_ms": target, "budget_shift": shift, "macs_est": model.macs(ratios), "predicted_ms": model.ms(ratios, line)}.items():
         trial.set_user_attr(k, v)
     return dataclasses.replace(plan, ratios=ratios)
+
+
+def _grid_snap(sp: SearchSpace) -> Callable[[float, PrunableGroup], float]:
+    """A ratio clipped to a group's range and put on its grid, as the sampler's own values are."""
+    return lambda v, g: _snap(v, g.low, g.high, _group_step(sp, g))
 
 
 def _finished(trial: optuna.trial.BaseTrial) -> list[Any]:
@@ -110,10 +113,7 @@ def seed_trials(ctx: SearchContext) -> list[tuple[dict[str, float], dict[str, An
     free = [g for g in ctx.groups if g.low != g.high]
     model = ctx.latency_model
     line = model.line()
-
-    def snap(v: float, g: PrunableGroup) -> float:
-        return _snap(v, g.low, g.high, _group_step(ctx.space, g))
-
+    snap = _grid_snap(ctx.space)
     out: list[tuple[dict[str, float], dict[str, Any]]] = []
     for target in sorted(ctx.targets_ms, reverse=True):  # the loosest (cheapest to fine-tune) first
         zero = {g.name: g.low for g in free}
