@@ -72,10 +72,10 @@ def _ort_session(path: Path):
 
 
 def _ov_request(xml: Path):
-    import openvino as ov
+    from autoprune.measure.ov_core import shared_core
 
     cfg = {"INFERENCE_NUM_THREADS": 1, "NUM_STREAMS": 1, "INFERENCE_PRECISION_HINT": "f32", "PERFORMANCE_HINT": "LATENCY"}
-    req = ov.Core().compile_model(str(xml), "CPU", cfg).create_infer_request()
+    req = shared_core().compile_model(str(xml), "CPU", cfg).create_infer_request()
     return lambda a: req.infer([a])
 
 

@@ -24,9 +24,9 @@ import numpy as np
 
 def old_openvino(path: Path, threads: int) -> Callable[[np.ndarray], np.ndarray]:
     """The runner as it was before: ``request.infer({0: x})`` then a copy of output 0."""
-    import openvino as ov
+    from autoprune.measure.ov_core import shared_core
 
-    core = ov.Core()
+    core = shared_core()
     cfg = {"PERFORMANCE_HINT": "LATENCY", "NUM_STREAMS": "1", "INFERENCE_NUM_THREADS": str(threads),
            "INFERENCE_PRECISION_HINT": "f32"}
     request = core.compile_model(str(path), "CPU", cfg).create_infer_request()

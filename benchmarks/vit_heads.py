@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
-import openvino as ov
+from autoprune.measure.ov_core import shared_core
 import torch
 import torchvision
 
@@ -54,7 +54,7 @@ def main() -> None:
           f"MLP {mlp[0][0]}->{mlp[0][1]} in {len(mlp)} blocks; params {params[0] / 1e6:.1f}M -> {params[1] / 1e6:.1f}M")
     tmp = Path(tempfile.mkdtemp())
     runners = {}
-    core = ov.Core()
+    core = shared_core()
     for name, m in (("dense", dense), ("pruned", pruned)):
         onnx = export_onnx(m, x, tmp / f"{name}.onnx", "dynamo")
         so = ort.SessionOptions()

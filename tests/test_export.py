@@ -19,7 +19,7 @@ from autoprune.train.models import build_model
      ("mobilenet_v2", (1, 3, 64, 64), "torchscript")],
 )
 def test_pruned_model_onnx_and_openvino_match_torch(tmp_path, name, shape, exporter):
-    import openvino as ov
+    from autoprune.measure.ov_core import shared_core
 
     torch.manual_seed(0)
     x = torch.randn(*shape)
@@ -34,7 +34,7 @@ def test_pruned_model_onnx_and_openvino_match_torch(tmp_path, name, shape, expor
     np.testing.assert_allclose(got, ref, rtol=1e-3, atol=1e-4)
     xml = export_openvino(onnx_path, tmp_path / "m.xml")
     assert (tmp_path / "m.bin").stat().st_size > 0
-    compiled = ov.Core().compile_model(str(xml), "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+    compiled = shared_core().compile_model(str(xml), "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
     got_ov = compiled({0: x.numpy()})[0]
     np.testing.assert_allclose(got_ov, ref, rtol=1e-3, atol=1e-3)
     # the exported graph really is narrower: its weights are fewer than the dense model's

@@ -352,7 +352,7 @@ def _cycle_plan(names: list[str], ratio: float = 0.4, grans: list[str] | None = 
 
 def _export_and_check(model: nn.Module, x: torch.Tensor, dest: Path) -> None:
     import onnxruntime as ort
-    import openvino as ov
+    from autoprune.measure.ov_core import shared_core
 
     from autoprune.measure.onnx import export_onnx, export_openvino
 
@@ -365,7 +365,7 @@ def _export_and_check(model: nn.Module, x: torch.Tensor, dest: Path) -> None:
     got = sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0]
     np.testing.assert_allclose(got, ref, rtol=1e-3, atol=1e-4)
     # f32 pinned: on AMX/AVX512-BF16 CPUs OpenVINO would otherwise run bf16.
-    compiled = ov.Core().compile_model(str(xml), "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+    compiled = shared_core().compile_model(str(xml), "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
     np.testing.assert_allclose(compiled(x.numpy())[0], ref, rtol=1e-3, atol=1e-4)
 
 

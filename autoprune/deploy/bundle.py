@@ -18,6 +18,7 @@ from typing import Any, Optional
 
 from autoprune.errors import ConfigError
 from autoprune.measure.onnx import file_size
+from autoprune.measure.ov_core import shared_core
 from autoprune.outputs import main_output
 from autoprune.prune.plan import PruningPlan, apply_plan
 from autoprune.results.artifacts import versions
@@ -108,7 +109,6 @@ def _format_agreement(model: Any, example: Any, dest: Path, files: dict[str, str
     OpenVINO's CPU plugin uses by default on this machine (what ``openvino_default`` ran in)."""
     import numpy as np
     import onnxruntime as ort
-    import openvino as ov
     import torch
 
     x = example.numpy()
@@ -117,7 +117,7 @@ def _format_agreement(model: Any, example: Any, dest: Path, files: dict[str, str
     out: dict[str, float] = {}
     sess = ort.InferenceSession(str(dest / "model.onnx"), providers=["CPUExecutionProvider"])
     out["onnxruntime"] = float(np.abs(sess.run(None, {sess.get_inputs()[0].name: x})[0] - ref).max())
-    core = ov.Core()
+    core = shared_core()
     # OpenVINO's CPU plugin computes in bf16 by default where the CPU supports it; record both the
     # fp32 result (what the card's accuracy means) and the default-precision one users get.
     compiled = core.compile_model(str(dest / "model.xml"), "CPU", {"INFERENCE_PRECISION_HINT": "f32"})

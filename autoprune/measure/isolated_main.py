@@ -31,6 +31,7 @@ from autoprune.measure.backends.remote import remote_input
 from autoprune.measure.isolated import FRAME, finite_json
 from autoprune.measure.model_check import redact_paths
 from autoprune.measure.onnx import ModelArtifact
+from autoprune.measure.ov_core import shared_core
 
 try:
     import resource
@@ -84,7 +85,7 @@ def runtime_info() -> dict[str, Any]:
     try:
         import openvino as ov
 
-        info["openvino"] = {"version": ov.__version__, "devices": ov.Core().available_devices}
+        info["openvino"] = {"version": ov.__version__, "devices": shared_core().available_devices}
     except ImportError:
         pass
     return info

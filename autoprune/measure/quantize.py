@@ -24,6 +24,7 @@ import numpy as np
 from autoprune.config import DeviceProfile
 from autoprune.errors import QuantizationError
 from autoprune.measure.onnx import ModelArtifact
+from autoprune.measure.ov_core import shared_core
 
 log = logging.getLogger("autoprune")
 
@@ -49,9 +50,7 @@ def calibration_batches(samples: Sequence[Any], batch_size: int, limit: int) -> 
 def _input_shape(onnx_path: Path) -> list[int]:
     """Static input shape of an ONNX or OpenVINO IR file (dynamic dimensions read as 1)."""
     if str(onnx_path).endswith(".xml"):
-        import openvino as ov
-
-        ps = ov.Core().read_model(str(onnx_path)).inputs[0].get_partial_shape()
+        ps = shared_core().read_model(str(onnx_path)).inputs[0].get_partial_shape()
         return [d.get_length() if d.is_static else 1 for d in ps]
     import onnx
 
@@ -115,7 +114,7 @@ def quantize_openvino(onnx_path: Path, out_xml: Path, calib: Iterable[np.ndarray
 
     batches = list(calib)
     try:
-        model = ov.Core().read_model(str(onnx_path))
+        model = shared_core().read_model(str(onnx_path))
         with contextlib.redirect_stdout(io.StringIO()):  # NNCF draws progress bars on stdout
             qmodel = nncf.quantize(model, nncf.Dataset(batches), subset_size=max(1, sum(len(b) for b in batches)),
                                    preset=nncf.QuantizationPreset.PERFORMANCE)

@@ -19,6 +19,7 @@ from autoprune.config import DeviceProfile
 from autoprune.errors import BackendUnavailable
 from autoprune.measure.backends.base import Backend, FnRunner, Runner
 from autoprune.measure.onnx import ModelArtifact
+from autoprune.measure.ov_core import shared_core
 from autoprune.registry import BACKENDS
 
 _VIRTUAL = ("AUTO", "HETERO", "MULTI", "BATCH")
@@ -77,16 +78,12 @@ class OpenVINOBackend(Backend):
 
     def check(self, profile: DeviceProfile) -> None:
         """The profile's OpenVINO device(s) exist here (a driver missing is the usual cause)."""
-        import openvino as ov
-
-        check_device(ov.Core(), profile.device.upper(), profile.name)
+        check_device(shared_core(), profile.device.upper(), profile.name)
 
     def load(self, artifact: ModelArtifact, profile: DeviceProfile) -> Runner:
-        import openvino as ov
-
         if artifact.onnx_path is None:
             raise ValueError("openvino backend needs an ONNX (or IR .xml) file")
-        core = ov.Core()
+        core = shared_core()
         device = profile.device.upper()
         check_device(core, device, profile.name)
         config = compile_config(core, device, profile)
