@@ -8,7 +8,9 @@ Three kinds of file exist, each in its own folder so users can mix and match:
   and one device profile.
 
 Each is a YAML path or a name: ``./<folder>/<name>.yaml`` in the working directory wins (a user's
-own ``device_profiles/openvino-cpu.yaml``), else the one shipped in ``autoprune/shipped/<folder>/``.
+own ``device_profiles/openvino-cpu.yaml``), else the one shipped with autoprune (:func:`shipped_dir`).
+The folders are ``device_profiles/``, ``search_spaces/`` and ``run_configs/``: the same names as
+the repository's top-level folders the shipped files live in.
 
 Every loader raises :class:`ConfigError` naming the file, the key and what is allowed, because
 a search that dies on a typo twenty minutes in is the worst user experience we can offer.
@@ -29,14 +31,24 @@ from autoprune.errors import ConfigError
 from autoprune.prune import methods as registry
 from autoprune.prune.methods.granularity import GRANULARITY_HELP, parse
 
-#: Device profiles, search spaces and example run configs ship inside the package (package
-#: data, so a wheel installed from an index has them too): ``autoprune/shipped/<folder>/``.
-SHIPPED_FOLDERS = ("device_profiles", "search_spaces", "examples")
+#: Device profiles, search spaces and example run configs: top-level folders of the repository
+#: (the files users read and copy), shipped inside the wheel as ``autoprune/shipped/<folder>/``
+#: (setup.py maps them). Run configs are not in ``examples/``: that folder holds example code
+#: (``examples/python_api.py``, ``examples/segmentation/``), and ``--config NAME`` looking in
+#: ``./examples/`` would have matched the repository's own files from its root.
+SHIPPED_FOLDERS = ("device_profiles", "search_spaces", "run_configs")
 
 
 def shipped_dir(folder: str) -> Path:
-    """The installed folder of shipped YAML files of one kind (``device_profiles`` ...)."""
-    return Path(str(importlib.resources.files("autoprune") / "shipped" / folder))
+    """The folder of shipped YAML files of one kind (``device_profiles`` ...): inside the installed
+    wheel, or the repository's top-level folder when autoprune runs from a source checkout (an
+    editable install, ``PYTHONPATH``), where the package holds no copy."""
+    if folder not in SHIPPED_FOLDERS:
+        raise ValueError(f"unknown shipped folder {folder!r}; one of {SHIPPED_FOLDERS}")
+    packaged = Path(str(importlib.resources.files("autoprune") / "shipped" / folder))
+    if packaged.is_dir():
+        return packaged
+    return Path(__file__).resolve().parent.parent / folder
 
 
 class _Strict(BaseModel):
@@ -590,7 +602,7 @@ def load_run_config(path: Optional[str], assignments: Optional[Mapping[str, Any]
     data: dict[str, Any] = {}
     source = "<defaults>"
     if path is not None:
-        p = resolve_named(path, "examples")
+        p = resolve_named(path, "run_configs")
         source = str(p)
         data = load_yaml(p) or {}
         if not isinstance(data, dict):

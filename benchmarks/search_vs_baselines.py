@@ -252,7 +252,7 @@ def run_search(b: Bench, method: str, seed: int, timeout: float, dense_ms: Optio
     else:
         space = SearchSpace(name="bench-random", high=0.9, step=0.05, seed_uniform=[], seed_spread=0)
         extra = {"search.sampler": "random", "efficiency.sensitivity_scan": False}
-        prof = yaml.safe_load((ROOT / "autoprune" / "shipped" / "device_profiles" / "onnxruntime-cpu.yaml").read_text())
+        prof = yaml.safe_load((ROOT / "device_profiles" / "onnxruntime-cpu.yaml").read_text())
         prof["budget"] = {"max_latency_ms": float(dense_ms) / min(TARGETS)}  # the loosest target, as autoprune's
         profile = str(folder.parent / "random-profile.yaml")
         Path(profile).write_text(yaml.safe_dump(prof))
