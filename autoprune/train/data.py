@@ -573,6 +573,10 @@ def search_subset(val: Dataset, n: Optional[int], seed: int) -> Optional[Dataset
 
 def _load(ref: str, image_size: Optional[int], val_fraction: float, seed: int, augment: AugmentSpec) -> DataBundle:
     kind, _, arg = ref.partition(":")
+    if kind == "object":  # Datasets given to the Python API (autoprune/objects.py)
+        from autoprune import objects
+
+        return _augment_train(objects.bundle(ref), augment)
     if ref in ("digits", "digits-cluttered"):
         b = load_digits(image_size or 16, val_fraction, seed) if ref == "digits" else \
             load_cluttered_digits(image_size or 32, val_fraction, seed)
