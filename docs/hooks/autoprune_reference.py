@@ -1,0 +1,238 @@
+"""mkdocs hook: the reference pages' tables are generated from the code at build time.
+
+A page holds a marker such as ``<!-- autoprune:config RunConfig -->`` and the hook replaces it
+with a table made from the pydantic model (keys, types, defaults, and the ``#:`` comment above
+each field in ``autoprune/config.py``), the argparse parser (``autoprune.cli.build_parser``),
+``RunFolder``'s paths or the shipped YAML folders. Nothing is copied by hand, so the docs cannot
+drift from the code; ``tests/test_docs.py`` renders the pages through this hook and fails when
+a key or flag has no entry with a description.
+"""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import re
+import typing
+from pathlib import Path
+from typing import Any, Iterator, Optional
+
+from pydantic import BaseModel
+
+MARKER = re.compile(r"<!--\s*autoprune:(\w[\w-]*)(?:\s+([^>]*?))?\s*-->")
+
+
+# --------------------------------------------------------------------------- config models
+def field_comments(cls: type) -> dict[str, str]:
+    """``#:`` comment lines directly above each field of ``cls`` (Sphinx's attribute-comment form)."""
+    try:
+        lines = inspect.getsource(cls).splitlines()
+    except (OSError, TypeError):
+        return {}
+    out: dict[str, str] = {}
+    pending: list[str] = []
+    for line in lines[1:]:
+        s = line.strip()
+        if s.startswith("#:"):
+            pending.append(s[2:].strip())
+            continue
+        m = re.match(r"^    (\w+)\s*:", line)  # a field at class-body level
+        if m and pending:
+            out[m.group(1)] = " ".join(pending)
+        if s and not s.startswith("#"):
+            pending = []
+    return out
+
+
+def _nested_model(annotation: Any) -> tuple[Optional[type[BaseModel]], bool]:
+    """The BaseModel inside ``annotation`` (``X``, ``Optional[X]``, ``list[X]``) and whether it is a list."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation, False
+    origin = typing.get_origin(annotation)
+    for arg in typing.get_args(annotation):
+        model, _ = _nested_model(arg)
+        if model is not None:
+            return model, origin is list
+    return None, False
+
+
+def _type_text(annotation: Any) -> str:
+    text = repr(annotation) if not isinstance(annotation, type) else annotation.__name__
+    text = re.sub(r"typing\.|autoprune\.config\.", "", text)
+    text = text.replace("NoneType", "null")
+    return text
+
+
+def _yaml(value: Any) -> str:
+    """A default as it is written in YAML (``true``, ``null``, ``[0.25, 0.5]``)."""
+    import yaml
+
+    return yaml.safe_dump(value, default_flow_style=True, width=10**6).strip().removesuffix("...").strip()
+
+
+def _default_text(field: Any) -> str:
+    if field.default_factory is not None:
+        value = field.default_factory()
+        return "(section)" if isinstance(value, BaseModel) else f"`{_yaml(value)}`"
+    if field.is_required():
+        return "required"
+    return f"`{_yaml(field.default)}`"
+
+
+def _limits(field: Any) -> str:
+    """Bounds from ``Field(ge=..., gt=...)`` and a pattern, as text."""
+    parts = []
+    for meta in field.metadata:
+        for attr, sym in (("ge", "≥"), ("gt", ">"), ("le", "≤"), ("lt", "<")):
+            v = getattr(meta, attr, None)
+            if v is not None:
+                parts.append(f"{sym} {v}")
+        pattern = getattr(meta, "pattern", None)
+        if pattern:
+            parts.append(f"matches `{pattern}`")
+    return ", ".join(parts)
+
+
+def config_rows(cls: type[BaseModel], prefix: str = "") -> Iterator[dict[str, str]]:
+    """One row per key of ``cls``, dotted for sections (``search.trials``), ``[]`` for lists of sections."""
+    comments = field_comments(cls)
+    for name, field in cls.model_fields.items():
+        if field.exclude and name != "trust_pickle":
+            continue
+        key = f"{prefix}{name}"
+        nested, is_list = _nested_model(field.annotation)
+        desc = field.description or comments.get(name, "")
+        if nested is not None:
+            doc = inspect.getdoc(nested) or ""
+            yield {"key": key + ("[]" if is_list else ""), "type": "list of sections" if is_list else "section",
+                   "default": _default_text(field) if is_list else "", "description": desc or doc.split("\n\n")[0].replace("\n", " ")}
+            yield from config_rows(nested, key + ("[]." if is_list else "."))
+            continue
+        limits = _limits(field)
+        yield {"key": key, "type": _type_text(field.annotation) + (f" ({limits})" if limits else ""),
+               "default": _default_text(field), "description": desc}
+
+
+def _cell(text: str) -> str:
+    return text.replace("|", "\\|").replace("\n", " ")
+
+
+def config_table(class_name: str) -> str:
+    from autoprune import config
+
+    cls = getattr(config, class_name)
+    rows = ["| key | type | default | description |", "|---|---|---|---|"]
+    for r in config_rows(cls):
+        rows.append(f"| `{r['key']}` | {_cell(r['type'])} | {_cell(r['default'])} | {_cell(r['description'])} |")
+    return "\n".join(rows)
+
+
+# --------------------------------------------------------------------------- CLI
+def _subparsers(parser: argparse.ArgumentParser) -> dict[str, tuple[argparse.ArgumentParser, str]]:
+    for action in parser._actions:  # argparse has no public accessor for its subcommands
+        if isinstance(action, argparse._SubParsersAction):
+            helps = {a.dest: a.help or "" for a in action._choices_actions}
+            return {name: (p, helps.get(name, "")) for name, p in action.choices.items()}
+    return {}
+
+
+def cli_rows(sub: argparse.ArgumentParser) -> Iterator[dict[str, str]]:
+    for a in sub._actions:
+        if isinstance(a, argparse._HelpAction):
+            continue
+        names = ", ".join(a.option_strings) if a.option_strings else a.dest.upper()
+        if a.nargs == 0:
+            value = ""
+        else:
+            value = a.metavar or (a.type.__name__.upper() if isinstance(a.type, type) else a.dest.upper())
+            if a.choices:
+                value = "{" + ",".join(map(str, a.choices)) + "}"
+        default = "" if a.default in (None, False, [], argparse.SUPPRESS) else f"`{a.default}`"
+        if a.required:
+            default = "required"
+        yield {"flag": names, "value": str(value), "default": default, "help": a.help or "", "dest": a.dest,
+               "options": a.option_strings}
+
+
+def cli_reference() -> str:
+    from autoprune.cli import build_parser
+
+    out = []
+    for name, (sub, help_text) in _subparsers(build_parser()).items():
+        out += [f"## `autoprune {name}`", "", help_text[:1].upper() + help_text[1:] + ".", "",
+                "```text", sub.format_usage().replace("usage: ", "").strip(), "```", "",
+                "| argument | value | default | what it does |", "|---|---|---|---|"]
+        for r in cli_rows(sub):
+            out.append(f"| `{r['flag']}` | {_cell(r['value'])} | {_cell(r['default'])} | {_cell(r['help'])} |")
+        out.append("")
+    return "\n".join(out)
+
+
+# --------------------------------------------------------------------------- run folder, shipped files
+def run_folder_table() -> str:
+    from autoprune.runfolder import RunFolder
+
+    root = Path("RUN")
+    run = RunFolder(root)
+    rows = ["| path | what it holds |", "|---|---|"]
+    examples = {"trial": (0,), "predictor": ("<profile>-<hash>",), "staircases": ("<fingerprint>",),
+                "remeasure": ("<profile>",), "export": (17,), "budget_model": ("<label>",)}
+    for name, member in inspect.getmembers(RunFolder):
+        if name.startswith("_") or name in ("own_entries", "written_in_place", "root"):
+            continue
+        doc = inspect.getdoc(member) or ""
+        if isinstance(member, property):
+            path = getattr(run, name)
+        elif callable(member) and name in examples:
+            path = getattr(run, name)(*examples[name])
+            if name == "trial":
+                path = path.root
+        else:
+            continue
+        rel = Path(path).relative_to(root).as_posix() if isinstance(path, Path) else str(path)
+        rows.append(f"| `{rel}{'/' if name in ('pareto_dir', 'remeasure_dir', 'picked', 'trial', 'export') else ''}` | "
+                    f"{_cell(doc.split(chr(10) + chr(10))[0]) or name.replace('_', ' ')} |")
+    return "\n".join(sorted(rows[2:], key=lambda r: r.lower()) and rows[:2] + sorted(rows[2:], key=lambda r: r.lower()))
+
+
+def shipped_table(folder: str) -> str:
+    """The shipped YAML files of one folder: name and the comment at the top of the file."""
+    import yaml
+
+    from autoprune.config import shipped_dir
+
+    rows = ["| name | key settings | notes |", "|---|---|---|"]
+    keys = {"device_profiles": ("backend", "device", "threads", "precision", "mode", "batch_size"),
+            "search_spaces": ("low", "high", "step", "round_to", "methods"),
+            "run_configs": ("model", "data", "pretrain_steps", "device_profile", "search_space")}[folder]
+    for p in sorted(shipped_dir(folder).glob("*.yaml")):
+        text = p.read_text()
+        data = yaml.safe_load(text) or {}
+        note = " ".join(l.lstrip("# ").strip() for l in text.splitlines() if l.startswith("#"))
+        settings = ", ".join(f"{k}: {data[k]}" for k in keys if k in data)
+        rows.append(f"| `{p.stem}` | {_cell(settings)} | {_cell(note)} |")
+    return "\n".join(rows)
+
+
+GENERATORS = {
+    "config": config_table,
+    "cli": lambda _arg=None: cli_reference(),
+    "run-folder": lambda _arg=None: run_folder_table(),
+    "shipped": shipped_table,
+}
+
+
+def render(markdown: str) -> str:
+    """``markdown`` with every ``<!-- autoprune:... -->`` marker replaced by its generated text."""
+    def one(m: re.Match[str]) -> str:
+        kind, arg = m.group(1), (m.group(2) or "").strip() or None
+        if kind not in GENERATORS:
+            raise ValueError(f"unknown docs marker autoprune:{kind}; known: {', '.join(GENERATORS)}")
+        return GENERATORS[kind](arg) if arg is not None else GENERATORS[kind]()
+
+    return MARKER.sub(one, markdown)
+
+
+def on_page_markdown(markdown: str, page: Any = None, config: Any = None, files: Any = None, **_: Any) -> str:
+    """mkdocs event: runs on every page's Markdown before it is converted."""
+    return render(markdown)
