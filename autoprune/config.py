@@ -291,6 +291,8 @@ class DeviceProfile(_Strict):
 
 # --------------------------------------------------------------------------- run config
 class FinetuneConfig(_Strict):
+    """The short distilled fine-tune every trial gets before it is scored."""
+
     #: Distilled fine-tune steps of every trial (0 = score right after pruning and BN recalibration).
     steps: int = Field(40, ge=0)
     #: Batch size of the fine-tune, pre-training and calibration batches.
@@ -304,6 +306,8 @@ class FinetuneConfig(_Strict):
 
 
 class SearchSettings(_Strict):
+    """How many trials, with which sampler and seed, in which storage; accuracy floor and budget-mode targets."""
+
     #: Complete trials the study ends with (over all workers); a resumed run counts finished ones.
     trials: int = Field(20, ge=1)
     #: The accuracy you are prepared to lose (fraction, e.g. 0.05 = 5 points below the dense

@@ -103,7 +103,7 @@ def config_rows(cls: type[BaseModel], prefix: str = "") -> Iterator[dict[str, st
         nested, is_list = _nested_model(field.annotation)
         desc = field.description or comments.get(name, "")
         if nested is not None:
-            doc = inspect.getdoc(nested) or ""
+            doc = inspect.cleandoc(nested.__dict__.get("__doc__") or "")  # its own, not BaseModel's
             yield {"key": key + ("[]" if is_list else ""), "type": "list of sections" if is_list else "section",
                    "default": _default_text(field) if is_list else "", "description": desc or doc.split("\n\n")[0].replace("\n", " ")}
             yield from config_rows(nested, key + ("[]." if is_list else "."))
@@ -236,3 +236,68 @@ def render(markdown: str) -> str:
 def on_page_markdown(markdown: str, page: Any = None, config: Any = None, files: Any = None, **_: Any) -> str:
     """mkdocs event: runs on every page's Markdown before it is converted."""
     return render(markdown)
+
+
+# --------------------------------------------------------------------------- benchmark plots
+REPO = Path(__file__).resolve().parents[2]
+#: Plots drawn from the committed benchmark results at build time: image path -> drawing function.
+BUDGET_RESULTS = ("search_vs_baselines_fmnist_resnet18.json", "search_vs_baselines_fmnist_mobilenet_v2.json")
+
+
+def budget_benchmark_png() -> bytes:
+    """Test accuracy of each method's chosen model per speed-up target (mean ± sd over seeds),
+    one panel per model, from ``benchmarks/results/search_vs_baselines_fmnist_*.json``."""
+    import io
+    import json
+    import statistics
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = []
+    for name in BUDGET_RESULTS:
+        data = json.loads((REPO / "benchmarks" / "results" / name).read_text())
+        for model, entry in data.items():
+            if isinstance(entry, dict) and "seeds" in entry:
+                panels.append((model, entry))
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 3.8), squeeze=False)
+    for ax, (model, entry) in zip(axes[0], panels):
+        seeds = [r for r in entry["seeds"].values() if r.get("done")]
+        keys = sorted({k for r in seeds for k in r["chosen"]})
+        methods = list(dict.fromkeys(k.split("/")[0] for k in keys))
+        targets = sorted({k.split("/")[1] for k in keys}, key=lambda t: float(t.rstrip("x")))
+        for i, meth in enumerate(methods):
+            xs, ys, es = [], [], []
+            for t in targets:
+                vals = [100 * r["chosen"][f"{meth}/{t}"]["test_accuracy"] for r in seeds if r["chosen"].get(f"{meth}/{t}")]
+                if vals:
+                    xs.append(float(t.rstrip("x")) + (i - len(methods) / 2) * 0.04)
+                    ys.append(statistics.mean(vals))
+                    es.append(statistics.stdev(vals) if len(vals) > 1 else 0.0)
+            ax.errorbar(xs, ys, yerr=es, marker="o", capsize=3, label=meth, lw=2.2 if meth == "autoprune" else 1.2)
+        ax.axhline(100 * entry["dense"]["test_accuracy"], color="grey", ls="--", lw=1, label="dense")
+        ax.set_title(f"{model}, Fashion-MNIST ({len(seeds)} seeds)")
+        ax.set_xlabel("speed-up target (onnxruntime-cpu, measured)")
+        ax.set_ylabel("test accuracy of the chosen model (%)")
+        ax.set_xticks([float(t.rstrip("x")) for t in targets], targets)
+        ax.grid(alpha=0.3)
+    axes[0][-1].legend(fontsize=8, loc="lower left")
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110, metadata={"Software": None})
+    plt.close(fig)
+    return buf.getvalue()
+
+
+PLOTS = {"img/budget_benchmark.png": budget_benchmark_png}
+
+
+def on_files(files: Any, config: Any, **_: Any) -> Any:
+    """mkdocs event: add the benchmark plots, drawn now from the committed results."""
+    from mkdocs.structure.files import File
+
+    for path, draw in PLOTS.items():
+        files.append(File.generated(config, path, content=draw()))
+    return files
