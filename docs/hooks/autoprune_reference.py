@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import inspect
 import re
+import textwrap
 import typing
 from pathlib import Path
 from typing import Any, Iterator, Optional
@@ -26,7 +27,7 @@ MARKER = re.compile(r"<!--\s*autoprune:(\w[\w-]*)(?:\s+([^>]*?))?\s*-->")
 def field_comments(cls: type) -> dict[str, str]:
     """``#:`` comment lines directly above each field of ``cls`` (Sphinx's attribute-comment form)."""
     try:
-        lines = inspect.getsource(cls).splitlines()
+        lines = textwrap.dedent(inspect.getsource(cls)).splitlines()
     except (OSError, TypeError):
         return {}
     out: dict[str, str] = {}
