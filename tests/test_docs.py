@@ -103,6 +103,7 @@ def test_generated_tables_follow_the_code(monkeypatch: pytest.MonkeyPatch) -> No
 def test_run_folder_and_shipped_files_are_listed() -> None:
     rows = _table_rows(_rendered("reference/run-folder.md"))
     assert {"study.db", "base_model.pt", "pareto.json", "pareto/", "dense.json"} <= set(rows)
+    assert not [k for k, v in rows.items() if not v], "run-folder paths without a description"
     for page, folder in (("reference/device-profile.md", "device_profiles"), ("reference/search-space.md", "search_spaces"),
                          ("reference/run-config.md", "run_configs")):
         rows = _table_rows(_rendered(page))

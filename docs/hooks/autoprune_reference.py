@@ -170,6 +170,30 @@ def cli_reference() -> str:
 
 
 # --------------------------------------------------------------------------- run folder, shipped files
+#: What a run-folder path holds, for ``RunFolder`` members whose docstring does not say it.
+RUN_FOLDER_NOTES = {
+    "study_db": "The Optuna study (SQLite) when no --storage is given; running the same command again resumes it.",
+    "base_model": "The dense model (weights-only): every trial's starting point and distillation teacher; reused only for the model it was built from.",
+    "dense_json": "The dense model's accuracy (held-out, trials' subset, test), FLOPs, params and latency on the profile.",
+    "dense_onnx": "The dense model exported to ONNX, as its latency was measured.",
+    "sensitivity": "Per-group accuracy drop of the sensitivity scan (efficiency.sensitivity_scan).",
+    "flops_savings": "FLOPs fraction each group saves, for the sensitivity-allocated seeds.",
+    "latency_cache": "Latencies of architectures already measured on a profile (device profile cache: true).",
+    "trial": "One trial's files: model.pt (weights-only) and model.onnx; model_final.pt after a final fine-tune.",
+    "final_json": "Final-stage results of the Pareto models (longer fine-tune, whole held-out and test splits).",
+    "pareto_dir": "One folder per Pareto model: model.onnx, model.xml/.bin, model.pt, state_dict.pt, metadata.json.",
+    "pareto_json": "The front: every Pareto row with its metrics and files (what pick reads).",
+    "pareto_csv": "The front's numbers, one row per model.",
+    "pareto_png": "Plot of the front.",
+    "pareto_html": "Interactive plot of the front.",
+    "report_html": "autoprune report: one self-contained HTML page (plots, Pareto table, failed trials).",
+    "remeasure_dir": "autoprune remeasure: the front's latencies on other device profiles.",
+    "remeasure": "The front's latencies on one other profile (pick --profile reads it).",
+    "picked": "autoprune pick: the deploy bundle (default --dest).",
+    "export": "autoprune export --trial N: deploy files of any complete trial (default --dest).",
+}
+
+
 def run_folder_table() -> str:
     from autoprune.runfolder import RunFolder
 
@@ -192,8 +216,8 @@ def run_folder_table() -> str:
             continue
         rel = Path(path).relative_to(root).as_posix() if isinstance(path, Path) else str(path)
         rows.append(f"| `{rel}{'/' if name in ('pareto_dir', 'remeasure_dir', 'picked', 'trial', 'export') else ''}` | "
-                    f"{_cell(doc.split(chr(10) + chr(10))[0]) or name.replace('_', ' ')} |")
-    return "\n".join(sorted(rows[2:], key=lambda r: r.lower()) and rows[:2] + sorted(rows[2:], key=lambda r: r.lower()))
+                    f"{_cell(doc.split(chr(10) + chr(10))[0].replace(chr(10), ' ')) or RUN_FOLDER_NOTES.get(name, '')} |")
+    return "\n".join(rows[:2] + sorted(rows[2:], key=lambda r: r.lower()))
 
 
 def shipped_table(folder: str) -> str:
