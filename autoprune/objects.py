@@ -4,7 +4,7 @@ A run config names its model and data by strings (``resnet18``, ``pkg.nets:build
 because every part of a run rebuilds them from the config: the dense model from its recipe, a
 trial's model file, ``export --rebuild``, a worker on another machine. An ``nn.Module`` or a
 ``Dataset`` a notebook holds has no such name, so it gets one here: a reference
-``object:<Class>@<architecture>-<weights>`` (or ``object:data@<digest>``) registered in this
+``object:<Class>@<architecture>-<weights>`` (or ``object:data@<digest>-<classes>``) registered in this
 process. ``build_model`` and ``load_data`` resolve these references from the registry (a copy of
 the object each time, so the caller's object is never trained or pruned in place).
 
@@ -157,7 +157,8 @@ def data_fingerprint(train: Dataset, val: Dataset, test: Optional[Dataset] = Non
 def register_data(train: Dataset, val: Dataset, num_classes: int, test: Optional[Dataset] = None) -> str:
     """Register the splits under their reference (``data:`` of the run config)."""
     x, _ = _sample(val, 0, "val data")
-    ref = f"{PREFIX}data@{data_fingerprint(train, val, test)}"
+    # The class count is part of the name: the same tensors read with another num_classes are other data.
+    ref = f"{PREFIX}data@{data_fingerprint(train, val, test)}-{int(num_classes)}"
     _data.setdefault(ref, _Data(train, val, int(num_classes), tuple(x.shape), test))
     return ref
 

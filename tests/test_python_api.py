@@ -117,6 +117,9 @@ def test_resume_with_the_same_object_and_refusal_of_another(searched: dict) -> N
     retrained = tiny_cnn(seed=1)  # same architecture, other weights
     with pytest.raises(ConfigError, match="another model object.*same architecture with other weights"):
         autoprune.search(retrained, **kw)
+    other_val = TensorDataset(searched["val"].tensors[0] + 0.5, searched["val"].tensors[1])
+    with pytest.raises(ConfigError, match="made with a different model, data.*changed: data"):
+        autoprune.search(searched["model"], **{**kw, "val": other_val})
     wider = nn.Sequential(nn.Conv2d(1, 24, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(24, 4))
     with pytest.raises(ConfigError, match="another model object.*another architecture"):
         autoprune.search(wider, **kw)
