@@ -38,7 +38,7 @@ wall-clock.
 
     python benchmarks/search_vs_baselines.py --small                      # CI: digits demo, minutes
     python benchmarks/search_vs_baselines.py --models resnet18 mobilenet_v2 --seeds 0 1 2 \\
-        --wall 240 --final-steps 300 --out runs/bench-fmnist                # the full run (README)
+        --wall 240 --final-steps 300 --out runs/bench-fmnist                # the full run (docs/benchmarks.md)
     python benchmarks/search_vs_baselines.py --report                     # table of the committed JSON
 """
 

@@ -129,6 +129,9 @@ def config_table(class_name: str) -> str:
 
 
 # --------------------------------------------------------------------------- CLI
+# argparse has no public way to list a parser's subcommands and arguments; ``_actions``,
+# ``_SubParsersAction``, ``_choices_actions`` and ``_HelpAction`` have been stable since Python 3.2,
+# and tests/test_docs.py fails (rather than rendering an empty page) if they change.
 def _subparsers(parser: argparse.ArgumentParser) -> dict[str, tuple[argparse.ArgumentParser, str]]:
     for action in parser._actions:  # argparse has no public accessor for its subcommands
         if isinstance(action, argparse._SubParsersAction):
