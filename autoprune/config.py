@@ -8,7 +8,9 @@ Three kinds of file exist, each in its own folder so users can mix and match:
   and one device profile.
 
 Each is a YAML path or a name: ``./<folder>/<name>.yaml`` in the working directory wins (a user's
-own ``device_profiles/openvino-cpu.yaml``), else the one shipped in ``autoprune/shipped/<folder>/``.
+own ``device_profiles/openvino-cpu.yaml``), else the one shipped with autoprune (:func:`shipped_dir`).
+The folders are ``device_profiles/``, ``search_spaces/`` and ``run_configs/``: the same names as
+the repository's top-level folders the shipped files live in.
 
 Every loader raises :class:`ConfigError` naming the file, the key and what is allowed, because
 a search that dies on a typo twenty minutes in is the worst user experience we can offer.
@@ -29,14 +31,24 @@ from autoprune.errors import ConfigError
 from autoprune.prune import methods as registry
 from autoprune.prune.methods.granularity import GRANULARITY_HELP, parse
 
-#: Device profiles, search spaces and example run configs ship inside the package (package
-#: data, so a wheel installed from an index has them too): ``autoprune/shipped/<folder>/``.
-SHIPPED_FOLDERS = ("device_profiles", "search_spaces", "examples")
+#: Device profiles, search spaces and example run configs: top-level folders of the repository
+#: (the files users read and copy), shipped inside the wheel as ``autoprune/shipped/<folder>/``
+#: (setup.py maps them). Run configs are not in ``examples/``: that folder holds example code
+#: (``examples/python_api.py``, ``examples/segmentation/``), and ``--config NAME`` looking in
+#: ``./examples/`` would have matched the repository's own files from its root.
+SHIPPED_FOLDERS = ("device_profiles", "search_spaces", "run_configs")
 
 
 def shipped_dir(folder: str) -> Path:
-    """The installed folder of shipped YAML files of one kind (``device_profiles`` ...)."""
-    return Path(str(importlib.resources.files("autoprune") / "shipped" / folder))
+    """The folder of shipped YAML files of one kind (``device_profiles`` ...): inside the installed
+    wheel, or the repository's top-level folder when autoprune runs from a source checkout (an
+    editable install, ``PYTHONPATH``), where the package holds no copy."""
+    if folder not in SHIPPED_FOLDERS:
+        raise ValueError(f"unknown shipped folder {folder!r}; one of {SHIPPED_FOLDERS}")
+    packaged = Path(str(importlib.resources.files("autoprune") / "shipped" / folder))
+    if packaged.is_dir():
+        return packaged
+    return Path(__file__).resolve().parent.parent / folder
 
 
 class _Strict(BaseModel):
@@ -47,10 +59,16 @@ class _Strict(BaseModel):
 class LayerRule(_Strict):
     """Override for groups whose root module name matches ``pattern`` (fnmatch glob)."""
 
+    #: fnmatch glob on a group's root module name or any of its member names (first matching rule wins;
+    #: a pattern matching no group is an error).
     pattern: str
+    #: Leave matching groups unpruned.
     skip: bool = False
+    #: Lower bound of matching groups' ratio (null = the search space's ``low``).
     low: Optional[float] = None
+    #: Upper bound of matching groups' ratio (null = the search space's ``high``).
     high: Optional[float] = None
+    #: Pruning criteria allowed for matching groups (null = the search space's ``methods``).
     methods: Optional[list[str]] = None
     #: Granularities allowed for matching groups (see SearchSpace.granularities).
     granularities: Optional[list[str]] = None
@@ -96,15 +114,22 @@ class SearchSpace(_Strict):
     ``layers`` refines that per group with glob patterns on module names (first match wins).
     """
 
+    #: Name shown in logs and stored with the study.
     name: str = "default"
+    #: Smallest fraction of a group's channels removed (``ratio/<group>`` lower bound), in [0, 1).
     low: float = 0.0
+    #: Largest fraction of a group's channels removed, in [0, 1).
     high: float = 0.7
+    #: Ratio grid step (null = continuous ratios).
     step: Optional[float] = 0.05
     #: Kept widths are a multiple of this many channels (an integer: exactly that, as always), or
     #: ``auto``/null: the widths learned from latency staircases (``efficiency.staircases: true``,
     #: measure/staircase.py), falling back to DEFAULT_ROUND_TO when staircases are off.
     round_to: Optional[int] = Field(None, ge=1, description="keep a multiple of this many channels; auto/null = learned")
+    #: Pruning criteria (importance) to search: l1, l2, random, taylor, grad_norm, hessian, act_mean,
+    #: apoz, bn_scale.
     methods: list[str] = Field(default_factory=lambda: ["l1"])
+    #: One criterion for the whole model per trial (true) or one per group, ``method/<group>`` (false).
     global_method: bool = True
     #: What a group's ratio removes: structured (channels, physically) | unstructured (weights
     #: zeroed) | nm:N:M | hybrid (channels, then weights). Sampled like methods.
@@ -113,13 +138,16 @@ class SearchSpace(_Strict):
     global_granularity: bool = True
     #: hybrid: range of ``wratio/<group>``, the fraction of the remaining weights zeroed.
     weight_low: float = 0.0
+    #: Upper end of the ``wratio/<group>`` range (hybrid granularity).
     weight_high: float = 0.8
     #: bn_scale: L1 penalty on BN scales for bn_l1_steps steps before ranking (network slimming).
     bn_l1: float = Field(0.0, ge=0)
+    #: Steps of the BN-scale L1 fine-tune (bn_scale criterion with bn_l1 > 0).
     bn_l1_steps: int = Field(20, ge=0)
     #: oneshot | iterative (all groups, ratio·k/steps per round) | layerwise (groups in chunks);
     #: rounds are separated by fine-tunes of finetune.steps // schedule_steps steps.
     schedule: Literal["oneshot", "iterative", "layerwise"] = "oneshot"
+    #: Rounds of an iterative or layerwise schedule.
     schedule_steps: int = Field(1, ge=1)
     layers: list[LayerRule] = Field(default_factory=list)
     #: Also search a transformer's embedding width (the model width every block, attention and
@@ -164,9 +192,13 @@ BACKENDS = ("onnxruntime", "openvino", "torch", "remote")
 class Budget(_Strict):
     """Hard limits; a trial over any of them is infeasible (an Optuna constraint > 0)."""
 
+    #: Median latency on this profile, in milliseconds.
     max_latency_ms: Optional[float] = Field(None, gt=0)
+    #: Parameters of the pruned model.
     max_params: Optional[int] = Field(None, gt=0)
+    #: FLOPs of one inference (fvcore count).
     max_flops: Optional[float] = Field(None, gt=0)
+    #: Size of the exported ONNX file in MB (10^6 bytes).
     max_size_mb: Optional[float] = Field(None, gt=0)
 
 
@@ -174,18 +206,29 @@ class DeviceProfile(_Strict):
     """Where and how latency is measured. Numbers agree with ``benchmark_app -hint none
     -nstreams 1 -nthreads N -nireq 1 -api sync -infer_precision f32`` when backend is openvino."""
 
+    #: Profile name: recorded with every measurement; ``pick --profile`` and ``remeasure`` use it.
     name: str
+    #: Runtime that times the model: onnxruntime, openvino, torch or remote (a ``serve-latency``
+    #: server).
     backend: Literal["onnxruntime", "openvino", "torch", "remote"]
+    #: Device of that runtime: cpu, cuda or tensorrt (onnxruntime); CPU, GPU, NPU or AUTO:… (OpenVINO);
+    #: cpu or cuda (torch).
     device: str = "cpu"
+    #: Intra-op threads of the runtime (inter-op 1; OpenVINO INFERENCE_NUM_THREADS, one stream).
     threads: int = Field(1, ge=1)
+    #: Untimed inferences before timing.
     warmup: int = Field(10, ge=0)
+    #: Most timed inferences per measurement (fewer when target_rel_ci is reached first).
     repeats: int = Field(50, ge=1)
     #: Stop repeating early once the median's 95% CI half-width is below this fraction.
     target_rel_ci: Optional[float] = Field(0.02, gt=0)
+    #: Time cap of one measurement in seconds.
     max_time_s: float = Field(5.0, gt=0)
+    #: Batch size of the timed input.
     batch_size: int = Field(1, ge=1)
     #: Input shape without the batch dimension; null = take it from the data.
     input_shape: Optional[list[int]] = None
+    #: onnxruntime execution providers, overriding the ones ``device`` implies.
     providers: Optional[list[str]] = None
     budget: Budget = Field(default_factory=Budget)
     #: fp32 | fp16 (torch CUDA, OpenVINO inference-precision hint, onnxruntime TensorRT) | int8
@@ -209,12 +252,15 @@ class DeviceProfile(_Strict):
     #: without exporting or measuring them; margin = 1.5 × its worst held-out over-prediction, at
     #: least lut_margin. (The key keeps its name from the per-layer lookup table it replaced.)
     lut: bool = False
+    #: Smallest safety margin of the latency predictor's rejections (fraction of max_latency_ms).
     lut_margin: float = Field(0.25, ge=0)
     #: Export parity (measure/parity.py): each exported candidate and the dense model run on this many
     #: calibration samples must match PyTorch within parity_atol + parity_rtol x max |logit| (and agree
     #: on top-1), else the trial fails with the difference; 0 samples turns the check off.
     parity_samples: int = Field(8, ge=0)
+    #: Absolute tolerance of the export parity check.
     parity_atol: float = Field(1e-4, ge=0)
+    #: Relative tolerance of the export parity check (times the largest |logit|).
     parity_rtol: float = Field(1e-3, ge=0)
     #: backend: remote — URL of `autoprune serve-latency` on the target, the environment variable
     #: holding its token, the runtime the server should use, and the HTTP timeout.
@@ -223,8 +269,11 @@ class DeviceProfile(_Strict):
     #: another run folder, e.g. one measured on the remote target): used instead of measuring when
     #: its fingerprint matches this run's model and settings (measure/staircase.py).
     staircases: Optional[str] = None
+    #: backend: remote: environment variable holding the server's token.
     token_env: str = "AUTOPRUNE_LATENCY_TOKEN"
+    #: backend: remote: the runtime the server times with (onnxruntime or openvino).
     remote_backend: Literal["onnxruntime", "openvino"] = "onnxruntime"
+    #: backend: remote: HTTP timeout of one measurement request in seconds.
     request_timeout_s: float = Field(300.0, gt=0)
 
     @model_validator(mode="after")
@@ -242,31 +291,48 @@ class DeviceProfile(_Strict):
 
 # --------------------------------------------------------------------------- run config
 class FinetuneConfig(_Strict):
+    """The short distilled fine-tune every trial gets before it is scored."""
+
+    #: Distilled fine-tune steps of every trial (0 = score right after pruning and BN recalibration).
     steps: int = Field(40, ge=0)
+    #: Batch size of the fine-tune, pre-training and calibration batches.
     batch_size: int = Field(64, ge=1)
+    #: Learning rate of the fine-tune (Adam).
     lr: float = Field(1e-3, gt=0)
     #: Weight of the distillation term (0 = plain cross-entropy, 1 = pure distillation).
     distill_alpha: float = Field(0.5, ge=0, le=1)
+    #: Distillation temperature (softened logits of the dense teacher).
     temperature: float = Field(4.0, gt=0)
 
 
 class SearchSettings(_Strict):
+    """How many trials, with which sampler and seed, in which storage; accuracy floor and budget-mode targets."""
+
+    #: Complete trials the study ends with (over all workers); a resumed run counts finished ones.
     trials: int = Field(20, ge=1)
     #: The accuracy you are prepared to lose (fraction, e.g. 0.05 = 5 points below the dense
     #: model). Trials below it are infeasible (an Optuna constraint), so NSGA-II spends its
     #: population on the region you would deploy from. null = no floor.
     max_accuracy_drop: Optional[float] = Field(None, gt=0, le=1)
+    #: Optuna sampler: nsga2 (multi-objective genetic), tpe, random or gp.
     sampler: Literal["nsga2", "tpe", "random", "gp"] = "nsga2"
+    #: NSGA-II population size (null = Optuna's default, capped by the trial count).
     population_size: Optional[int] = Field(None, ge=2)
+    #: Sampler and fine-tune seed; the k-th worker session seeds its sampler with seed + k.
     seed: int = 0
+    #: Optuna storage URL shared by several workers (e.g. postgresql://...); null = SQLite ``study.db``
+    #: in the run folder.
     storage: Optional[str] = None
+    #: Study name in the storage (null = derived from the run folder).
     study_name: Optional[str] = None
+    #: Stop starting new trials after this many seconds (finished trials stay).
     timeout_s: Optional[float] = Field(None, gt=0)
     #: Seconds between a running trial's heartbeats in the storage (Optuna RDB heartbeat).
     heartbeat_interval: int = Field(10, ge=1)
     #: A RUNNING trial whose heartbeat is older than this is taken as a dead worker's: it is
     #: marked FAIL and its parameters are re-queued (at most ``max_retries`` times).
     grace_period: int = Field(30, ge=2)
+    #: How many times a dead worker's trial is re-queued.
     max_retries: int = Field(2, ge=0)
     #: Add a third objective: gzip-compressed ONNX size (bytes, minimized) — what unstructured and
     #: N:M zeros actually save. Default off: (accuracy, latency) only.
@@ -311,13 +377,17 @@ class EfficiencyConfig(_Strict):
 
     #: Re-estimate BatchNorm statistics after pruning, before fine-tune/evaluation (EagleEye).
     bn_recalibration: bool = True
+    #: Training batches used for BN recalibration.
     bn_batches: int = Field(8, ge=1)
     #: Prune each group alone once per run; narrow sensitive groups' ratio ranges.
     sensitivity_scan: bool = True
+    #: Ratio each group is pruned by, alone, in the sensitivity scan.
     sensitivity_ratio: float = Field(0.5, gt=0, lt=1)
+    #: How far the scan narrows the most sensitive group's upper ratio bound (fraction of its range).
     sensitivity_strength: float = Field(0.5, ge=0, le=1)
     #: Fine-tune a fraction of the steps first; stop trials already dominated at that fidelity.
     multi_fidelity: bool = True
+    #: Share of the fine-tune steps run before the multi-fidelity stop decision.
     rung0_fraction: float = Field(0.34, gt=0, lt=1)
     #: Latency staircases (measure/staircase.py): time each group at a few kept widths on the target
     #: once per run and device; with the search space's ``round_to: auto`` kept widths snap to the
@@ -327,6 +397,7 @@ class EfficiencyConfig(_Strict):
     #: Widths probed per group (the full width included), and how much faster (a fraction of the
     #: next wider allowed width's latency) a narrower width must be to count as a new step.
     staircase_widths: int = Field(8, ge=2, le=32)
+    #: A narrower width must be this much faster (fraction) to count as a new step of the staircase.
     staircase_tolerance: float = Field(0.03, ge=0, lt=1)
     #: Longer fine-tune for the Pareto models at the end (0 = off); report short vs final accuracy.
     final_finetune_steps: int = Field(0, ge=0)
@@ -362,6 +433,7 @@ class TrainConfig(_Strict):
     num_workers: int = Field(0, ge=0)
     #: null = pin host memory when training on CUDA (faster, asynchronous copies).
     pin_memory: Optional[bool] = None
+    #: Keep DataLoader worker processes alive between epochs.
     persistent_workers: bool = False
 
     @model_validator(mode="after")
@@ -379,10 +451,18 @@ DEFAULT_PRETRAIN_SECONDS = 10.0
 class RunConfig(_Strict):
     """One search: what to prune, on what data, for which device, and how hard to look."""
 
+    #: demo | a torchvision name | ``package.module:function`` | a checkpoint file (``.pt``);
+    #: ``object:...`` for an nn.Module given to the Python API.
     model: str = "demo"
+    #: Classes of the model's output (null = the data's).
     num_classes: Optional[int] = None
+    #: digits | digits-cluttered | fashion-mnist[:DIR] | cifar10:DIR | cifar100:DIR | an ImageFolder
+    #: directory | ``package.module:function``.
     data: str = "digits"
+    #: Input height and width the images are resized to (null = the data's default: digits 16,
+    #: ImageFolder 224).
     image_size: Optional[int] = None
+    #: Share of the training data held out to score trials (when the data has no held-out split).
     val_fraction: float = Field(0.25, gt=0, lt=1)
     #: Seed of the train/validation split (and of generated data such as digits-cluttered). Kept
     #: apart from ``search.seed`` so that repeating a search with another sampler seed scores
@@ -403,6 +483,7 @@ class RunConfig(_Strict):
     #: non-null ``pretrain_steps`` is refused, because one of them would be silently ignored.
     #: ``pretrain_steps: null`` alone trains for DEFAULT_PRETRAIN_SECONDS. Checkpoints never train.
     pretrain_steps: Optional[int] = Field(150, ge=0)
+    #: Wall-time pre-training budget, instead of pretrain_steps (not reproducible on a busy machine).
     pretrain_seconds: Optional[float] = Field(None, ge=0)
     #: What the model is for: its loss, distillation and metric (``autoprune.train.task``): a
     #: registered name (classification, segmentation) or ``package.module:object``.
@@ -410,9 +491,14 @@ class RunConfig(_Strict):
     #: How to find the main output when the model returns a namedtuple, dict or tuple:
     #: ``package.module:function``; null = ``autoprune.outputs.main_output`` (logits, out, first item).
     output: Optional[str] = None
+    #: Search space: a YAML path or a name in ./search_spaces/ or the shipped ones.
     search_space: str = "default"
+    #: Device profile latency is measured on: a YAML path or a name in ./device_profiles/ or the shipped
+    #: ones.
     device_profile: str = "onnxruntime-cpu"
+    #: Run folder: the study, the dense model, trial files and the front; the same folder again resumes.
     out: str = "runs/digits-demo"
+    #: ONNX exporter: dynamo (torch.onnx.export(dynamo=True)) or torchscript (faster, older).
     exporter: Literal["dynamo", "torchscript"] = "dynamo"
     finetune: FinetuneConfig = Field(default_factory=FinetuneConfig)
     search: SearchSettings = Field(default_factory=SearchSettings)
@@ -590,7 +676,7 @@ def load_run_config(path: Optional[str], assignments: Optional[Mapping[str, Any]
     data: dict[str, Any] = {}
     source = "<defaults>"
     if path is not None:
-        p = resolve_named(path, "examples")
+        p = resolve_named(path, "run_configs")
         source = str(p)
         data = load_yaml(p) or {}
         if not isinstance(data, dict):

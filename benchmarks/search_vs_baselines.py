@@ -38,7 +38,7 @@ wall-clock.
 
     python benchmarks/search_vs_baselines.py --small                      # CI: digits demo, minutes
     python benchmarks/search_vs_baselines.py --models resnet18 mobilenet_v2 --seeds 0 1 2 \\
-        --wall 240 --final-steps 300 --out runs/bench-fmnist                # the full run (README)
+        --wall 240 --final-steps 300 --out runs/bench-fmnist                # the full run (docs/benchmarks.md)
     python benchmarks/search_vs_baselines.py --report                     # table of the committed JSON
 """
 
@@ -252,7 +252,7 @@ def run_search(b: Bench, method: str, seed: int, timeout: float, dense_ms: Optio
     else:
         space = SearchSpace(name="bench-random", high=0.9, step=0.05, seed_uniform=[], seed_spread=0)
         extra = {"search.sampler": "random", "efficiency.sensitivity_scan": False}
-        prof = yaml.safe_load((ROOT / "autoprune" / "shipped" / "device_profiles" / "onnxruntime-cpu.yaml").read_text())
+        prof = yaml.safe_load((ROOT / "device_profiles" / "onnxruntime-cpu.yaml").read_text())
         prof["budget"] = {"max_latency_ms": float(dense_ms) / min(TARGETS)}  # the loosest target, as autoprune's
         profile = str(folder.parent / "random-profile.yaml")
         Path(profile).write_text(yaml.safe_dump(prof))

@@ -1,4 +1,4 @@
-"""The search-vs-baselines benchmark in its small form (CI); the full run is documented in README."""
+"""The search-vs-baselines benchmark in its small form (CI); the full run is documented in docs/benchmarks.md."""
 
 import json
 import re
@@ -79,7 +79,7 @@ def test_kendall_tau():
 def test_benchmark_app_agreement_runs_in_its_small_form(tmp_path):
     """The agreement script end to end on one small model, one short round: both tools run on the
     same file and the summary line is printed (the numbers themselves are not asserted: timings
-    on a shared CI machine are not a unit-test matter; the README quotes a full run)."""
+    on a shared CI machine are not a unit-test matter; docs/benchmarks.md quotes a full run)."""
     out = tmp_path / "agree.json"
     p = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "benchmark_app_agreement.py"), "--models", "mobilenet_v2-pruned",
                         "--rounds", "1", "--seconds", "1", "--px", "32", "--out", str(out)], capture_output=True, text=True, timeout=600, check=False)

@@ -18,7 +18,7 @@ def test_shipped_yaml_all_validate():
         assert load_search_space(str(p)).round_unit >= 1
     names = {load_device_profile(str(p)).name for p in shipped_dir("device_profiles").glob("*.yaml")}
     assert {"onnxruntime-cpu", "openvino-cpu", "onnxruntime-cuda", "torch-cuda"} <= names
-    assert load_run_config(str(shipped_dir("examples") / "digits.yaml")).search.trials == 20
+    assert load_run_config(str(shipped_dir("run_configs") / "digits.yaml")).search.trials == 20
 
 
 def test_shipped_names_resolve():
@@ -82,7 +82,7 @@ def test_pretrain_seconds_alone_trains_by_wall_time():
     cfg = load_run_config(None, pretrain_seconds=3)
     assert (cfg.pretrain_steps, cfg.pretrain_seconds) == (None, 3.0)
     # over a file that sets pretrain_steps, the command line's budget replaces the file's
-    cfg = load_run_config(str(shipped_dir("examples") / "digits.yaml"), pretrain_seconds=3)
+    cfg = load_run_config(str(shipped_dir("run_configs") / "digits.yaml"), pretrain_seconds=3)
     assert (cfg.pretrain_steps, cfg.pretrain_seconds) == (None, 3.0)
     assert (load_run_config(None).pretrain_steps, load_run_config(None).pretrain_seconds) == (150, None)
     nulled = load_run_config(None, {"pretrain_steps": None})
@@ -176,14 +176,36 @@ def test_set_and_option_for_the_same_key_must_agree():
 
 
 def test_users_own_folder_wins_over_the_shipped_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
-    """./device_profiles/NAME.yaml (and ./search_spaces/, ./examples/) in the working directory is
+    """./device_profiles/NAME.yaml (and ./search_spaces/, ./run_configs/) in the working directory is
     the user's: it is taken over the shipped file of that name; other names still resolve."""
     (tmp_path / "device_profiles").mkdir()
     (tmp_path / "device_profiles" / "onnxruntime-cpu.yaml").write_text("name: mine\nbackend: onnxruntime\nthreads: 2\n")
-    (tmp_path / "examples").mkdir()
-    (tmp_path / "examples" / "digits.yaml").write_text("model: demo\nsearch: {trials: 3}\n")
+    (tmp_path / "run_configs").mkdir()
+    (tmp_path / "run_configs" / "digits.yaml").write_text("model: demo\nsearch: {trials: 3}\n")
     monkeypatch.chdir(tmp_path)
     assert load_device_profile("onnxruntime-cpu").name == "mine"
     assert load_run_config("digits").search.trials == 3
     assert load_device_profile("openvino-cpu").backend == "openvino"  # not overridden: shipped
     assert resolve_named("openvino-cpu", "device_profiles").is_relative_to(shipped_dir("device_profiles"))
+
+
+def test_run_config_names_are_not_looked_up_in_examples(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """``examples/`` holds example code (the repository's own ``examples/`` at its root): a YAML
+    there is not a run config name, so ``--config digits`` from the repository root (or any folder
+    with an ``examples/``) is the shipped run config, never an unrelated file of that name."""
+    (tmp_path / "examples").mkdir()
+    (tmp_path / "examples" / "digits.yaml").write_text("model: resnet18\nsearch: {trials: 3}\n")
+    monkeypatch.chdir(tmp_path)
+    cfg = load_run_config("digits")
+    assert (cfg.model, cfg.search.trials) == ("demo", 20)
+
+
+def test_shipped_yaml_lives_in_the_repository_root_folders():
+    """The design's layout: ``device_profiles/``, ``search_spaces/`` and ``run_configs/`` beside
+    ``autoprune/`` (what a source checkout reads; the wheel carries copies, tests/test_wheel.py)."""
+    repo = Path(__file__).resolve().parents[1]
+    for folder in ("device_profiles", "search_spaces", "run_configs"):
+        assert shipped_dir(folder).resolve() == (repo / folder).resolve()
+        assert list((repo / folder).glob("*.yaml")), folder
+    assert not (repo / "autoprune" / "shipped").exists()
+    assert {p.stem for p in shipped_dir("device_profiles").glob("*.yaml")} >= {"onnxruntime-cpu", "openvino-cpu", "torch-cpu"}

@@ -100,12 +100,13 @@ def venv(wheel: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
 def test_wheel_contents(wheel: Path) -> None:
     names = zipfile.ZipFile(wheel).namelist()
     shipped = {n for n in names if n.startswith("autoprune/shipped/") and n.endswith(".yaml")}
-    for kind in ("device_profiles", "search_spaces", "examples"):
-        expected = {f"autoprune/shipped/{kind}/{p.name}" for p in (REPO / "autoprune" / "shipped" / kind).glob("*.yaml")}
+    # The repository's top-level YAML folders ship inside the package (setup.py's package-dir mapping).
+    for kind in ("device_profiles", "search_spaces", "run_configs"):
+        expected = {f"autoprune/shipped/{kind}/{p.name}" for p in (REPO / kind).glob("*.yaml")}
         assert expected, kind
         assert expected <= shipped, f"missing from the wheel: {sorted(expected - shipped)}"
     for name in ("autoprune/shipped/device_profiles/onnxruntime-cpu.yaml", "autoprune/shipped/search_spaces/resnet.yaml",
-                 "autoprune/shipped/examples/digits.yaml", "autoprune/deploy/templates/infer_example.py"):
+                 "autoprune/shipped/run_configs/digits.yaml", "autoprune/deploy/templates/infer_example.py"):
         assert name in names
     # Every module of the source tree is packaged (a missing __init__ or find rule would drop one) ...
     sources = {p.relative_to(REPO).as_posix() for p in (REPO / "autoprune").rglob("*.py") if "__pycache__" not in p.parts}
@@ -130,7 +131,7 @@ def test_sdist_runs_tests_and_builds_the_same_wheel(wheel: Path, tmp_path: Path)
         safe = {"filter": "data"} if hasattr(tarfile, "data_filter") else {}  # 3.10.12+/3.11.4+
         tar.extractall(tmp_path / "unpacked", **safe)
     for need in ("pyproject.toml", "README.md", "constraints.txt", "scripts/test.sh", "tests/conftest.py",
-                 "tests/test_wheel.py", "autoprune/shipped/device_profiles/onnxruntime-cpu.yaml",
+                 "tests/test_wheel.py", "setup.py", "device_profiles/onnxruntime-cpu.yaml", "run_configs/digits.yaml",
                  "autoprune/deploy/templates/infer_example.py"):
         assert need in names, f"{need} missing from the sdist"
     again = _build_wheel(tmp_path / "unpacked" / sdist.name.removesuffix(".tar.gz"), tmp_path / "dist")

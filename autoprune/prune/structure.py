@@ -71,7 +71,10 @@ def output_layers(model: nn.Module, num_classes: Optional[int] = None) -> list[n
 
 def build_graph(model: nn.Module, example: torch.Tensor) -> tp.DependencyGraph:
     model.eval()
-    return tp.DependencyGraph().build_dependency(model, example_inputs=example, customized_pruners=dict(CUSTOM_PRUNERS))
+    # torch-pruning traces the autograd graph: under a caller's torch.no_grad() (loading a model
+    # file in an inference block) it would find no groups at all.
+    with torch.enable_grad():
+        return tp.DependencyGraph().build_dependency(model, example_inputs=example, customized_pruners=dict(CUSTOM_PRUNERS))
 
 
 def channel_groups(DG: tp.DependencyGraph, group: tp.Group) -> int:

@@ -200,7 +200,7 @@ class Augmented(Dataset):
 
 
 # --------------------------------------------------------------------------- augmentation
-#: ``augment: default`` per kind of data, in the run config's own list form (README shows them).
+#: ``augment: default`` per kind of data, in the run config's own list form (docs/guides/data.md shows them).
 #: digits / digits-cluttered / factories: none, so the quick-start demo is unchanged (and
 #: digits-cluttered already has random geometry baked into every sample). CIFAR: the standard
 #: 4-pixel pad-and-crop plus horizontal flip. Fashion-MNIST: a 2-pixel pad-and-crop, no flip:
@@ -546,7 +546,7 @@ def _from_factory(ref: str) -> DataBundle:
     raise ConfigError(f"data: {ref} returned {type(out).__name__}; return a DataBundle or (train, val[, num_classes])")
 
 
-#: ``data:`` values other than a folder or ``module:function`` (README "Data").
+#: ``data:`` values other than a folder or ``module:function`` (docs/guides/data.md).
 DATA_HELP = ("'digits', 'digits-cluttered', 'fashion-mnist', 'fashion-mnist:DIR', 'cifar10:DIR', 'cifar100:DIR', "
              "an existing ImageFolder directory, or 'module:function'")
 
@@ -573,6 +573,10 @@ def search_subset(val: Dataset, n: Optional[int], seed: int) -> Optional[Dataset
 
 def _load(ref: str, image_size: Optional[int], val_fraction: float, seed: int, augment: AugmentSpec) -> DataBundle:
     kind, _, arg = ref.partition(":")
+    if kind == "object":  # Datasets given to the Python API (autoprune/objects.py)
+        from autoprune import objects
+
+        return _augment_train(objects.bundle(ref), augment)
     if ref in ("digits", "digits-cluttered"):
         b = load_digits(image_size or 16, val_fraction, seed) if ref == "digits" else \
             load_cluttered_digits(image_size or 32, val_fraction, seed)

@@ -171,6 +171,10 @@ def build_model(ref: str, num_classes: int, in_channels: Optional[int] = None, t
 
     A checkpoint loads weights-only (``{'arch', 'state_dict'}``); a full-model pickle only with
     ``trust_pickle``, because unpickling can run any code the file names."""
+    if ref.startswith("object:"):  # an nn.Module given to the Python API (autoprune/objects.py)
+        from autoprune import objects
+
+        return objects.build(ref)
     p = Path(ref)
     if ref == "demo":
         return DemoResNet(num_classes, in_channels or 1)
