@@ -454,6 +454,7 @@ def test_failed_export_of_a_trial_leaves_the_previous_export_whole(full_run: Pat
         rebuild_trial(full_run, first, dest=full_run)
     assert os.listdir(mine) == ["notes.txt"]
     # a previous export the user added a file to is not replaced either (issue 23)
+    monkeypatch.undo()
     (dest / "notes.txt").write_text("keep")
     before = snapshot(tmp_path)
     with pytest.raises(ConfigError, match=r"did not write \(notes.txt\)"):
