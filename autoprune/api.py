@@ -69,7 +69,8 @@ class SearchResult:
             "dense": self.ctx.dense,
         }
         self.pareto = export_front(self.study, self.ctx.run, self.ctx.example, meta, self.ctx.cfg.exporter, self.ctx.dense,
-                                   recipe=self.ctx.recipe, trust_pickle=self.ctx.cfg.trust_pickle)
+                                   recipe=self.ctx.recipe, trust_pickle=self.ctx.cfg.trust_pickle,
+                                   code=self.ctx.code)
         return self.pareto
 
     @property

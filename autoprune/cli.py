@@ -62,7 +62,7 @@ def cmd_pick(args: argparse.Namespace, console: Console) -> int:
 
     row, dest = pick(args.run, args.dest, profile=args.profile, max_latency_ms=args.max_latency_ms, max_params=args.max_params,
                      min_accuracy=args.min_accuracy, max_flops=args.max_flops, max_size_mb=args.max_size_mb, trial=args.trial,
-                     trust_pickle=args.trust_pickle)
+                     trust_pickle=args.trust_pickle, model=args.model, trust_code=args.trust_code)
     dense = load_front(args.run).get("dense")
     console.print(_fmt_row_table([row], dense if not args.profile else None, f"picked (latency on {args.profile or dense.get('profile')})"))
     console.print(f"deploy files in {dest}: " + ", ".join(sorted(p.name for p in dest.iterdir())))
@@ -211,7 +211,8 @@ def cmd_remeasure(args: argparse.Namespace, console: Console) -> int:
     from autoprune.results.remeasure import remeasure
 
     progress = Console(stderr=True)  # progress on stderr, the table (result) on the given console
-    res = remeasure(args.run, args.device_profile, say=lambda s: progress.log(s), trust_pickle=args.trust_pickle)
+    res = remeasure(args.run, args.device_profile, say=lambda s: progress.log(s), trust_pickle=args.trust_pickle,
+                    model=args.model, trust_code=args.trust_code)
     t = Table(title=f"Pareto models on {res['profile_name']} (searched on {res['search_profile']})")
     for c in ("trial", "accuracy", f"ms on {res['search_profile']}", f"ms on {res['profile_name']}", "p90 ms", "speed-up", "non-dominated"):
         t.add_column(c, justify="right")
@@ -233,7 +234,7 @@ def cmd_export(args: argparse.Namespace, console: Console) -> int:
 
     meta = rebuild_trial(args.run, args.trial, storage=args.storage, study_name=args.study_name, dest=args.dest,
                          rebuild=args.rebuild, tolerance=args.tolerance, console=lambda s: console.log(s),
-                         trust_pickle=args.trust_pickle)
+                         trust_pickle=args.trust_pickle, model=args.model, trust_code=args.trust_code)
     chk = meta["check"]
     console.print(f"trial {args.trial} ({meta['source']}): accuracy {chk['accuracy']:.4f} (study: {chk['stored_accuracy']:.4f}); "
                   f"wrote {meta['dest']}: " + ", ".join(sorted(meta["files"].values())) + ", metadata.json")
@@ -244,6 +245,17 @@ def _trust_flag(parser: argparse.ArgumentParser, what: str) -> None:
     """``--trust-pickle``: the one way to load a full pickle, given by whoever runs the command."""
     parser.add_argument("--trust-pickle", action="store_true",
                         help=f"also load full pickles ({what}); unpickling runs any code in the file, so only for files you trust")
+
+
+def _code_flags(parser: argparse.ArgumentParser) -> None:
+    """``--model`` / ``--trust-code``: a run folder never chooses which code runs (autoprune.trust);
+    whoever runs the command names their model's code, or trusts the folder."""
+    parser.add_argument("--model", metavar="MODULE:FUNCTION",
+                        help="your model's code when the run used a package.module:function model; must equal the "
+                             "one the run folder records (demo and torchvision models need nothing)")
+    parser.add_argument("--trust-code", action="store_true",
+                        help="import and run whatever package.module:function the run folder's files and stored "
+                             "config name; only for run folders you trust")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -287,6 +299,7 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("--profile", help="device profile --max-latency-ms refers to (default: the search's; others need 'autoprune remeasure')")
     k.add_argument("--dest", help="where to write the bundle (default: <run>/picked)")
     _trust_flag(k, "model files of a run folder an older autoprune wrote")
+    _code_flags(k)
     k.set_defaults(fn=cmd_pick)
 
     rp = sub.add_parser("report", help="write a self-contained HTML report of a run")
@@ -307,6 +320,7 @@ def build_parser() -> argparse.ArgumentParser:
     rm.add_argument("run", help="run folder")
     rm.add_argument("--device-profile", required=True, help="YAML file or shipped name (device_profiles/)")
     _trust_flag(rm, "model files of a run folder an older autoprune wrote")
+    _code_flags(rm)
     rm.set_defaults(fn=cmd_remeasure)
 
     b = sub.add_parser("bench", help="measure an ONNX file's latency on a device profile")
@@ -325,6 +339,7 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--rebuild", action="store_true", help="re-create the model from the stored parameters even if trials/N/model.pt exists")
     ex.add_argument("--tolerance", type=float, default=0.02, help="allowed |accuracy - stored accuracy| of the model (default 0.02)")
     _trust_flag(ex, "model files of a run folder an older autoprune wrote")
+    _code_flags(ex)
     ex.set_defaults(fn=cmd_export)
 
     g = sub.add_parser("groups", help="list a model's prunable groups (channels, attention heads) and what is left unpruned")

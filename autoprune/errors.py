@@ -50,3 +50,8 @@ class NonFiniteLoss(AutopruneError, RuntimeError):
 class UntrustedPickle(ConfigError):
     """A file could only be read by full unpickling, which runs any code the file names, and
     ``--trust-pickle`` (``trust_pickle: true``) was not given; the message says how to proceed."""
+
+
+class UntrustedCode(ConfigError):
+    """A file (a model file's recipe, a run folder's stored config) names code to import and run
+    that the user did not give in this run, and ``--trust-code`` was not given (autoprune.trust)."""

@@ -480,11 +480,13 @@ def _swap_in(new: Path, dest: Path) -> None:
 
 
 @contextlib.contextmanager
-def atomic_dir(dest: Path) -> Iterator[Path]:
+def atomic_dir(dest: Path, guard: Optional[Callable[[], Any]] = None) -> Iterator[Path]:
     """Write a whole folder at once: yields an empty hidden sibling of ``dest`` to fill; when the
     block ends without an error it replaces ``dest`` (see :func:`_swap_in`), otherwise it is
     removed and ``dest`` is untouched. Readers of ``dest`` see the previous folder or the new
-    one, never a mix (a killed writer's leftovers are cleaned by the next one: :func:`recover_dir`)."""
+    one, never a mix (a killed writer's leftovers are cleaned by the next one: :func:`recover_dir`).
+    ``guard`` runs right before the swap and may refuse it by raising (``dest`` may have changed
+    since it was first checked, e.g. a user added a file while a bundle was being written)."""
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
     recover_dir(dest)
@@ -492,6 +494,8 @@ def atomic_dir(dest: Path) -> Iterator[Path]:
     tmp.mkdir()
     try:
         yield tmp
+        if guard is not None:
+            guard()
         _fsync_tree(tmp)
         _swap_in(tmp, dest)
     except BaseException:
@@ -506,14 +510,51 @@ def swap_interrupted(dest: Path) -> bool:
     return not os.path.lexists(dest) and any(kind == "old" for _, kind, _ in _leftovers(dest))
 
 
-def replaceable_dir(dest: Path, run: RunFolder, marker: str, what: str, option: str) -> Path:
+#: Name of the list of files autoprune wrote into a folder, inside that folder's own record
+#: (a bundle's model_card.json, an export's metadata.json): what a later pick/export may replace.
+WRITTEN_KEY = "written_files"
+
+
+def folder_entries(folder: Path) -> list[str]:
+    """Every file, link and empty folder under ``folder``, as sorted paths relative to it
+    (links are entries, never followed)."""
+    out: list[str] = []
+    for dirpath, dirs, files in os.walk(folder):
+        rel = Path(dirpath).relative_to(folder)
+        for d in list(dirs):
+            full = Path(dirpath) / d
+            if full.is_symlink() or not any(full.iterdir()):
+                out.append(str(rel / d))
+        out.extend(str(rel / f) for f in files)
+    return sorted(out)
+
+
+def read_record(folder: Path, marker: str, schema_check: Callable[[Any], bool]) -> Optional[dict[str, Any]]:
+    """``folder/marker`` as a dict if it is autoprune's own record (``schema_check`` says so), else None."""
+    import json
+
+    path = folder / marker
+    if path.is_symlink() or not path.is_file():
+        return None
+    try:
+        obj = json.loads(path.read_text())
+    except (OSError, ValueError, UnicodeDecodeError):
+        return None
+    return obj if isinstance(obj, dict) and schema_check(obj) else None
+
+
+def replaceable_dir(dest: Path, run: RunFolder, marker: str, what: str, option: str,
+                    recorded: Callable[[Path], Optional[set[str]]]) -> Path:
     """``dest`` (absolute, links resolved) if a new ``what`` may replace it as a whole, else a
     ConfigError naming the way out.
 
     Replacing removes what was there, so ``dest`` must not be the run folder or hold it, must not
     lie inside the run's own files (``pareto/``, ``trials/``, ...; see
     :meth:`RunFolder.own_entries`), and, if it is a non-empty folder, must be a previous
-    ``what`` (it holds ``marker``): a user's folder is never emptied.
+    ``what`` holding nothing but what autoprune wrote there: ``recorded(folder)`` gives the files
+    its record (``marker``) lists, or None when ``marker`` is not autoprune's. A file with the
+    marker's name is not enough (a user's project may have a ``model_card.json``), and a file the
+    user added to a bundle is never removed: such a folder is refused, naming the files.
     """
     given = Path(dest)
     real = given.expanduser().resolve()
@@ -528,7 +569,16 @@ def replaceable_dir(dest: Path, run: RunFolder, marker: str, what: str, option: 
                               f"pass a folder outside it")
     if given.exists() and not given.is_dir():
         raise ConfigError(f"{given}: {option} names a file, not a folder; pass a folder for the {what}")
-    if given.is_dir() and any(given.iterdir()) and not (given / marker).is_file():
-        raise ConfigError(f"{given}: {option} is a non-empty folder that is not a previous {what} (no {marker}); "
-                          f"it would be replaced as a whole, so pass a new or empty folder")
+    if given.is_dir():
+        entries = folder_entries(given)
+        if entries:
+            ours = recorded(given)
+            if ours is None:
+                raise ConfigError(f"{given}: {option} is a non-empty folder that is not a previous {what} (no {marker} "
+                                  f"written by autoprune); it would be replaced as a whole, so pass a new or empty folder")
+            extra = [e for e in entries if e not in ours]
+            if extra:
+                shown = ", ".join(extra[:5]) + (f" and {len(extra) - 5} more" if len(extra) > 5 else "")
+                raise ConfigError(f"{given}: {option} is a previous {what}, but it also holds files autoprune did not write "
+                                  f"({shown}); move them out or pass a new folder: replacing the {what} would delete them")
     return real

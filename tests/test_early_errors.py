@@ -71,6 +71,48 @@ def test_broken_image_in_a_large_folder_is_named_when_read(tmp_path, fast_profil
     assert re.search(r"cat/5\.png: cannot read this image \(cannot identify image file.*\); replace or delete", line), line
 
 
+def break_idat(path: Path, fix_crc: bool) -> Path:
+    """Keep the PNG signature, IHDR and chunk layout, garble the compressed pixels of its IDAT
+    chunk (with a correct CRC, only decoding the pixels finds it)."""
+    import struct
+    import zlib
+
+    data = bytearray(path.read_bytes())
+    pos = 8
+    while pos < len(data):
+        n, kind = struct.unpack(">I4s", data[pos:pos + 8])
+        if kind == b"IDAT":
+            body = pos + 8
+            for i in range(2, n):  # past the zlib header: the deflate stream itself
+                data[body + i] ^= 0x5A
+            if fix_crc:
+                data[body + n:body + n + 4] = struct.pack(">I", zlib.crc32(bytes(data[pos + 4:body + n])))
+            break
+        pos += 12 + n
+    path.write_bytes(bytes(data))
+    with Image.open(path) as img:  # the header still reads: only decoding fails
+        assert img.size == (20, 20)
+    return path
+
+
+@pytest.mark.parametrize("fix_crc,up_front", [(True, True), (False, True), (True, False)],
+                         ids=["crc-ok", "crc-bad", "crc-ok-large-folder"])
+def test_png_with_a_valid_header_and_a_broken_idat_is_named(tmp_path, fast_profile, capsys, monkeypatch, fix_crc, up_front):
+    """Issue 23: a PNG whose header is fine but whose pixel data is not; in a folder checked up
+    front, and in one too large for that (named when the loader reads it)."""
+    import autoprune.train.data
+
+    if not up_front:
+        monkeypatch.setattr(autoprune.train.data, "CHECK_ALL_IMAGES_UP_TO", 0)
+    data = image_folder(tmp_path / "imgs", {"cat": 8, "dog": 8})
+    bad = break_idat(data / "cat" / "2.png", fix_crc)
+    out = tmp_path / "run"
+    line = one_line_error(capsys, ["search", "--data", str(data), "--out", str(out), "--device-profile", str(fast_profile), *QUICK])
+    assert line.startswith(f"error: {bad}: cannot read this image (") and "replace or delete the file" in line, line
+    if up_front:
+        assert not (out / "base_model.pt").exists()
+
+
 # --------------------------------------------------------------------------- 12b: wrong state_dict
 def test_state_dict_of_another_architecture_is_summarised(tmp_path, capsys):
     import torchvision

@@ -12,7 +12,8 @@ or backup folder is left, and nothing outside the run folder and the two destina
 
 ``AUTOPRUNE_FAULT_POINTS=all`` runs the full form (17 search, 5 pick and 4 export kill points,
 pick and export replacing a previous bundle / export). The default is a small form that keeps
-the suite fast (about a minute on 2 cores): 3 search kill points and one pick kill point, pick
+the suite fast (about two minutes on 2 cores): 5 search kill points (among them one mid-trial and
+two during the front export) and one pick kill point, pick
 writing a new bundle (replacing one is tested in-process in test_nothing_lost.py).
 """
 
@@ -181,7 +182,9 @@ def search_points(run: Path) -> list[tuple[str, Cond]]:
         ("front: swapped in", either(exists(str(run / "pareto/.pareto.json")), fresh(str(run / "pareto.json")))),
         ("plots", fresh(str(run / "pareto.png"))),
     ]
-    small = {"dense training", "trial saved", "front: first metadata"}
+    # The small form: the dense model, a trial mid-way (its ONNX written, fine-tuning) and saved,
+    # and the front export before its first model is whole and after (issue 23).
+    small = {"dense training", "trial exported, fine-tuning", "trial saved", "front: first ONNX", "front: first metadata"}
     return points if FULL else [p for p in points if p[0] in small]
 
 
@@ -237,6 +240,7 @@ def test_killed_anywhere_rerun_finishes_whole(tmp_path: Path) -> None:
     study = optuna.load_study(study_name="autoprune", storage=f"sqlite:///{run / 'study.db'}")
     complete = [t.number for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
     assert len(complete) == TRIALS
+    assert not [t.number for t in study.trials if t.state == optuna.trial.TrialState.RUNNING]  # killed trials were closed
     rows = load_front(run)["pareto"]
     assert rows and not (run / "pareto" / ".pareto.json").exists()
     assert sorted(os.listdir(run / "pareto")) == sorted(Path(r["artifacts"]).name for r in rows if r["artifacts"])

@@ -280,6 +280,65 @@ def test_ctrl_c_on_a_real_process_exits_cleanly_and_prints_resume(template: Path
     assert not [t for t in ts if t.state == TrialState.RUNNING]
 
 
+@pytest.mark.slow
+def test_sigint_to_the_parent_of_two_workers_stops_them_all_and_a_rerun_completes(template: Path) -> None:
+    """Issue 23: ``--workers 2``, then SIGINT to the parent alone (``kill -INT``, not the terminal's
+    Ctrl-C, which reaches every process): every child exits promptly, no trial is left RUNNING,
+    and the same command finishes the search."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import psutil
+
+    out = template / "workers-sigint"
+    cfg = _cfg(template, out, trials=2, template=template, finetune={"steps": 150})
+    (template / "workers-sigint.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
+    argv = [sys.executable, "-m", "autoprune.cli", "search", "--config", str(template / "workers-sigint.yaml"), "--workers", "2"]
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env={**os.environ, "COLUMNS": "300"})
+    deadline = time.monotonic() + 240
+    running: list = []
+    while not running and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.1)
+        if (out / "study.db").is_file():
+            try:
+                running = [t for t in _trials(out) if t.state == TrialState.RUNNING]
+            except Exception:  # noqa: BLE001 - study being created
+                continue
+    assert running, proc.communicate(timeout=30)[0][-3000:]
+    children = psutil.Process(proc.pid).children(recursive=True)
+    assert len([c for c in children if "autoprune" in " ".join(c.cmdline()) or "multiprocessing" in " ".join(c.cmdline())]) >= 2
+    t0 = time.monotonic()
+    os.kill(proc.pid, signal.SIGINT)  # the parent only
+    log = proc.communicate(timeout=90)[0]
+    assert proc.returncode == 130, log[-3000:]
+
+    def still_running() -> list:
+        """Children that have not exited (a zombie has: reaping an orphan is init's job)."""
+        out = []
+        for c in children:
+            try:
+                if c.is_running() and c.status() != psutil.STATUS_ZOMBIE:
+                    out.append(c)
+            except psutil.NoSuchProcess:
+                pass
+        return out
+
+    while still_running() and time.monotonic() - t0 < 40:
+        time.sleep(0.2)
+    assert not still_running(), (still_running(), log[-2000:])
+    assert time.monotonic() - t0 < 40, f"the workers ran on for {time.monotonic() - t0:.0f} s after the parent was interrupted"
+    ts = _trials(out)
+    assert not [t for t in ts if t.state == TrialState.RUNNING]
+    # the same command resumes and finishes (the interrupted trial re-queued)
+    rerun = subprocess.run(argv, capture_output=True, text=True, timeout=600, env={**os.environ, "COLUMNS": "300"})
+    assert rerun.returncode == 0, (rerun.stdout + rerun.stderr)[-3000:]
+    ts = _trials(out)
+    assert len([t for t in ts if t.state == TrialState.COMPLETE]) >= 2 and not [t for t in ts if t.state == TrialState.RUNNING]
+
+
 def test_leftover_running_trials_respect_search_max_retries(tmp_path: Path) -> None:
     """A killed local search's RUNNING trial is re-queued at restart only while search.max_retries allows."""
     from autoprune.study.study import _fail_stale_local_trials

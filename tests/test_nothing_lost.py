@@ -122,6 +122,72 @@ def test_pick_refuses_a_users_folder_and_replaces_only_a_previous_bundle(full_ru
     assert hidden_leftovers(tmp_path) == []
 
 
+def test_pick_never_deletes_a_file_the_user_added_to_a_bundle(full_run: Path, tmp_path: Path, capsys) -> None:
+    """Issue 23 (a): a pick into an earlier bundle replaced it whole, and the user's notes.txt in it was gone."""
+    from autoprune.cli import main
+
+    rows = load_front(full_run)["pareto"]
+    dest = tmp_path / "bundle"
+    pick(full_run, dest, trial=rows[0]["trial"])
+    card = json.loads((dest / "model_card.json").read_text())
+    assert set(card["written_files"]) == set(runfolder.folder_entries(dest))  # the card lists every file it wrote
+    (dest / "notes.txt").write_text("my notes")
+    (dest / "extra").mkdir()
+    (dest / "extra" / "eval.py").write_text("print(1)")
+    before = snapshot(tmp_path)
+    with pytest.raises(ConfigError, match=r"also holds files autoprune did not write \(extra/eval.py, notes.txt\)"):
+        pick(full_run, dest, trial=rows[-1]["trial"])
+    assert main(["pick", str(full_run), "--trial", str(rows[-1]["trial"]), "--dest", str(dest)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "notes.txt" in err and err.count("\n") == 1
+    assert snapshot(tmp_path) == before
+    (dest / "notes.txt").unlink()
+    shutil.rmtree(dest / "extra")
+    pick(full_run, dest, trial=rows[-1]["trial"])  # only autoprune's files: replaced
+    assert json.loads((dest / "model_card.json").read_text())["trial"] == rows[-1]["trial"]
+
+
+def test_a_model_card_json_alone_does_not_make_a_folder_a_bundle(full_run: Path, tmp_path: Path) -> None:
+    """Issue 23 (b): a project folder holding a model_card.json was taken for an earlier bundle and replaced whole."""
+    trial = load_front(full_run)["pareto"][0]["trial"]
+    project = tmp_path / "project"
+    (project / "src").mkdir(parents=True)
+    (project / "model_card.json").write_text(json.dumps({"name": "my model", "license": "mit"}))
+    (project / "src" / "code.py").write_text("x = 1")
+    (project / "notes.txt").write_text("notes")
+    before = snapshot(tmp_path)
+    with pytest.raises(ConfigError, match="not a previous bundle"):
+        pick(full_run, project, trial=trial)
+    # ... nor a card that claims autoprune's schema: whatever it lists, src/ and notes.txt stay
+    card = json.loads((full_run / "pareto" / f"trial_{trial:05d}" / "metadata.json").read_text())
+    fake = {"schema": "autoprune.model_card/1", "files": card["files"]}
+    (project / "model_card.json").write_text(json.dumps(fake))
+    before = snapshot(tmp_path)
+    with pytest.raises(ConfigError, match=r"\(notes.txt, src/code.py\)"):
+        pick(full_run, project, trial=trial)
+    assert snapshot(tmp_path) == before
+    assert (project / "notes.txt").read_text() == "notes" and (project / "src" / "code.py").read_text() == "x = 1"
+
+
+def test_a_file_added_while_the_bundle_is_written_is_kept(full_run: Path, tmp_path: Path,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    rows = load_front(full_run)["pareto"]
+    dest = tmp_path / "bundle"
+    pick(full_run, dest, trial=rows[0]["trial"])
+    real = bundle_mod._format_agreement
+
+    def user_writes_meanwhile(*a: Any, **k: Any) -> Any:
+        (dest / "notes.txt").write_text("written during the pick")
+        return real(*a, **k)
+
+    monkeypatch.setattr(bundle_mod, "_format_agreement", user_writes_meanwhile)
+    with pytest.raises(ConfigError, match="notes.txt"):
+        pick(full_run, dest, trial=rows[-1]["trial"])
+    assert (dest / "notes.txt").read_text() == "written during the pick"
+    assert json.loads((dest / "model_card.json").read_text())["trial"] == rows[0]["trial"]
+    assert hidden_leftovers(tmp_path) == []
+
+
 def test_failed_pick_keeps_the_previous_bundle_and_leaves_no_temporary_folder(full_run: Path, tmp_path: Path,
                                                                              monkeypatch: pytest.MonkeyPatch) -> None:
     rows = load_front(full_run)["pareto"]
@@ -387,6 +453,13 @@ def test_failed_export_of_a_trial_leaves_the_previous_export_whole(full_run: Pat
     with pytest.raises(ConfigError, match="holds it"):
         rebuild_trial(full_run, first, dest=full_run)
     assert os.listdir(mine) == ["notes.txt"]
+    # a previous export the user added a file to is not replaced either (issue 23)
+    monkeypatch.undo()
+    (dest / "notes.txt").write_text("keep")
+    before = snapshot(tmp_path)
+    with pytest.raises(ConfigError, match=r"did not write \(notes.txt\)"):
+        rebuild_trial(full_run, second, dest=dest)
+    assert snapshot(tmp_path) == before
 
 
 def test_report_and_onnx_files_use_unique_temporary_names(full_run: Path, tmp_path: Path) -> None:

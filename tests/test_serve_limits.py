@@ -272,6 +272,59 @@ def test_a_memory_bomb_at_run_time_fails_the_request_not_the_server(srv):
     assert status == 200, raw[:300]
 
 
+def _vm_hwm_kb(pid: int) -> int:
+    """Peak resident memory of a process (VmHWM), in kB."""
+    with open(f"/proc/{pid}/status") as fh:
+        return next(int(line.split()[1]) for line in fh if line.startswith("VmHWM:"))
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="VmHWM needs Linux /proc")
+def test_server_process_peak_memory_stays_small_whatever_is_sent(tmp_path):
+    """Issue 23: the server's own process parsed and shape-inferred uploads; a 140-byte
+    ConstantOfShape grew it to 21 GB, a legal 76 MB model took its peak from 61 MB to 2.8 GB.
+    Its peak (VmHWM) must stay under 200 MB: models are checked in the measuring process."""
+    import subprocess
+    import sys
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "AUTOPRUNE_LATENCY_TOKEN": TOKEN}
+    proc = subprocess.Popen([sys.executable, "-m", "autoprune.cli", "serve-latency", "--port", str(port)], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        lines = []
+        for line in proc.stdout:  # type: ignore[union-attr]
+            lines.append(line)
+            if "serve-latency on" in line:
+                break
+        assert proc.poll() is None, "".join(lines)
+
+        class Srv:
+            server_address = ("127.0.0.1", port)
+
+        idle = _vm_hwm_kb(proc.pid)
+        i64 = nh.from_array(np.array([500_000_000], np.int64), "s")
+        bomb = _model([h.make_node("ConstantOfShape", ["s"], ["y"])], [h.make_tensor_value_info("x", T.FLOAT, [1, 4])],
+                      [h.make_tensor_value_info("y", T.FLOAT, ["d0"])], [i64]).SerializeToString()
+        assert len(bomb) < 150
+        status, raw = _post(Srv, bomb, {"repeats": 1}, timeout=120)
+        assert status == 400 and "max-tensor-mb" in _error(raw), raw[:300]
+        w = nh.from_array(np.ones((4, 5_000_000), np.float32), "w")  # 2e7 floats: 76 MiB, under --max-tensor-mb
+        legal = _model([h.make_node("MatMul", ["x", "w"], ["y"])], [h.make_tensor_value_info("x", T.FLOAT, [1, 4])],
+                       [h.make_tensor_value_info("y", T.FLOAT, [1, 5_000_000])], [w]).SerializeToString()
+        del w
+        status, raw = _post(Srv, legal, {"repeats": 1}, timeout=120)
+        assert status == 200, raw[:300]
+        peak = _vm_hwm_kb(proc.pid)
+        # the body itself (76 MB) is held while it is passed on; nothing else grows with the model
+        assert peak < 200 * 1024, (idle, peak)
+        assert peak - idle < len(legal) / 1024 + 40 * 1024, (idle, peak)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
 # --------------------------------------------------------------------------- item 10: every graph
 def _external(name: str, location: str) -> onnx.TensorProto:
     t = h.make_tensor(name, T.FLOAT, [1], [1.0])
@@ -345,7 +398,8 @@ def test_runtime_errors_do_not_echo_server_paths(srv):
                                       {"input_shape": [True, 4]}, {"input_shape": [1.5, 4]}, {"input_shape": "1,4"},
                                       {"seed": "x"}, {"seed": -1}, {"seed": 1.5}, {"warmup": "many"},
                                       {"max_time_s": "NaN"}, {"parts": "model"}, {"parts": [["model", 10**9]]},
-                                      {"return_output": "yes"}])
+                                      {"return_output": "yes"}, {"device": "../../etc/passwd"}, {"device": "/dev/null"},
+                                      {"device": 3}, {"device": "npu"}])
 def test_bad_settings_are_400_not_500(srv, settings):
     status, raw = _post(srv, _relu().SerializeToString(), settings)
     assert status == 400, raw[:300]

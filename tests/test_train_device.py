@@ -245,6 +245,73 @@ def test_mlflow_logs_every_finished_trial(tmp_path):
     assert MlflowLogger(uri, "autoprune/test", run, ("accuracy", "latency_ms")).experiment_id == logger.experiment_id
 
 
+def _closed_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]  # nothing listens there once closed
+
+
+def test_an_unreachable_mlflow_server_is_said_once_and_the_search_goes_on(tmp_path, fast_profile, caplog):
+    """Issue 23: MLflow's client retried for minutes, then the search stopped with an error."""
+    pytest.importorskip("mlflow")
+    import logging
+    import time
+
+    import optuna
+
+    from autoprune.api import run
+    from autoprune.config import load_run_config
+    from conftest import tiny_run_config, write_yaml
+
+    uri = f"http://127.0.0.1:{_closed_port()}"
+    data = tiny_run_config(tmp_path / "out", fast_profile, trials=2, pretrain_steps=10,
+                           search={"trials": 2, "seed": 0, "mlflow": uri})
+    cfg = load_run_config(str(write_yaml(tmp_path / "run.yaml", data)))
+    t0 = time.monotonic()
+    with caplog.at_level(logging.WARNING, logger="autoprune"):
+        res = run(cfg, export=False)
+    assert len([t for t in res.study.trials if t.state == optuna.trial.TrialState.COMPLETE]) == 2
+    said = [r.getMessage() for r in caplog.records if "search.mlflow" in r.getMessage()]
+    assert len(said) == 1 and uri in said[0] and "cannot be reached" in said[0] and "goes on" in said[0], said
+    assert time.monotonic() - t0 < 300
+
+
+def test_a_trial_mlflow_fails_to_log_is_deleted_not_left_half_way(tmp_path, caplog, monkeypatch):
+    pytest.importorskip("mlflow")
+    import logging
+
+    import optuna
+    from optuna.distributions import FloatDistribution
+    from optuna.trial import create_trial
+
+    from autoprune.study.tracking import MlflowLogger
+
+    study = optuna.create_study(directions=["maximize", "minimize"])
+    dist = {"ratio/layers.0": FloatDistribution(0.0, 0.7)}
+    for i in range(3):
+        study.add_trial(create_trial(params={"ratio/layers.0": 0.1 * i}, distributions=dist, values=[0.9, 1.5]))
+    logger = MlflowLogger(f"sqlite:///{tmp_path / 'mlflow.db'}", "autoprune/test", RunFolder(tmp_path / "run"), ("accuracy", "latency_ms"))
+    client = logger.client
+    logger(study, study.trials[0])
+    calls = []
+
+    def down(*a, **k):  # the server went away after the run was created
+        calls.append(a)
+        raise ConnectionError("connection refused")
+
+    monkeypatch.setattr(client, "log_batch", down)
+    with caplog.at_level(logging.WARNING, logger="autoprune"):
+        logger(study, study.trials[1])
+        logger(study, study.trials[2])
+    names = {r.info.run_name for r in client.search_runs([logger.experiment_id])}
+    assert names == {"trial-0"}  # trial 1's half-logged run is gone; trial 2 was not tried
+    assert len(calls) == 1
+    said = [r.getMessage() for r in caplog.records if "search.mlflow" in r.getMessage()]
+    assert len(said) == 1 and "trial 1 was not logged" in said[0]
+
+
 def test_workers_must_be_positive(tmp_path, capsys):
     from autoprune.cli import main
 

@@ -16,7 +16,7 @@ import torch
 from autoprune.cli import main
 from autoprune.config import load_run_config
 from autoprune.deploy.bundle import rebuild_model
-from autoprune.errors import ConfigError, UntrustedPickle
+from autoprune.errors import ConfigError, UntrustedCode, UntrustedPickle
 from autoprune.prune.plan import PruningPlan, apply_plan
 from autoprune.prune.structure import find_groups
 from autoprune.study.context import prepare
@@ -251,3 +251,104 @@ def test_base_model_of_another_checkpoint_is_refused(tmp_path: Path, fast_profil
     torch.save({"arch": "demo", "state_dict": retrained, "num_classes": 10}, ckpt)
     with pytest.raises(ConfigError, match=r"base_model\.pt: .*checkpoint_sha256: \w+ -> \w+.*delete base_model\.pt"):
         prepare(_prepare(tmp_path, fast_profile, "c", model=str(ckpt)))
+
+
+# --------------------------------------------------------------------------- issue 23: code from a recipe
+def _set_recipe_model(path: Path, ref: str) -> None:
+    """Edit the architecture a weights-only model file names (it still loads weights-only)."""
+    obj = torch.load(path, weights_only=True)
+    obj["recipe"]["build"]["model"] = ref
+    torch.save(obj, path)
+    assert torch.load(path, weights_only=True)["recipe"]["build"]["model"] == ref
+
+
+@pytest.fixture()
+def mkstemp_calls(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> list:
+    """Every call of tempfile.mkstemp (the function an edited recipe names), made in an empty folder."""
+    import tempfile
+
+    calls: list = []
+    real = tempfile.mkstemp
+    watched = tmp_path / "tmpdir"
+    watched.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(watched))
+
+    def spy(*a, **k):
+        calls.append((a, k))
+        return real(*a, **k)
+
+    monkeypatch.setattr(tempfile, "mkstemp", spy)
+    yield calls
+    assert calls or not os.listdir(watched)
+
+
+def test_a_model_files_recipe_never_chooses_which_code_runs(run_dir, tmp_path: Path, capsys, mkstemp_calls) -> None:
+    """Issue 23: pareto/trial_N/model.pt's recipe edited to 'tempfile:mkstemp' made pick create a
+    temporary file before the error."""
+    run, _ = run_dir
+    row = _front(run)[0]
+    n = row["trial"]
+    pareto_pt = run / row["artifacts"] / "model.pt"
+    _set_recipe_model(pareto_pt, "tempfile:mkstemp")
+    none = tmp_path / "never-written"
+    err = refused(capsys, ["pick", str(run), "--trial", str(n), "--dest", str(tmp_path / "b")], none,
+                  "model.pt", "'tempfile:mkstemp'", "--trust-code")
+    assert "never chooses which code runs" in err
+    # naming other code does not help: it must be the code the file records
+    refused(capsys, ["pick", str(run), "--trial", str(n), "--dest", str(tmp_path / "b"), "--model", "mymodels:net"], none,
+            "'tempfile:mkstemp'", "mymodels:net")
+    profile = write_yaml(tmp_path / "b2.yaml", {"name": "ort-b2", "backend": "onnxruntime", "device": "cpu", "threads": 1,
+                                                "warmup": 1, "repeats": 3, "target_rel_ci": None, "batch_size": 2})
+    refused(capsys, ["remeasure", str(run), "--device-profile", str(profile)], none, "'tempfile:mkstemp'", "--trust-code")
+    trial_pt = run / "trials" / f"{n:05d}" / "model.pt"
+    _set_recipe_model(trial_pt, "tempfile:mkstemp")
+    refused(capsys, ["export", str(run), "--trial", str(n), "--dest", str(tmp_path / "e")], none,
+            "'tempfile:mkstemp'", "--trust-code")
+    assert mkstemp_calls == [] and not (tmp_path / "b").exists() and not (tmp_path / "e").exists()
+    with pytest.raises(UntrustedCode):
+        load_model(pareto_pt)
+    # the card of a bundle does not choose either
+    _set_recipe_model(pareto_pt, "demo")
+    assert main(["pick", str(run), "--trial", str(n), "--dest", str(tmp_path / "b")]) == 0
+    card = json.loads((tmp_path / "b" / "model_card.json").read_text())
+    card["rebuild"]["model"] = "tempfile:mkstemp"
+    (tmp_path / "b" / "model_card.json").write_text(json.dumps(card))
+    with pytest.raises(UntrustedCode, match="model_card.json.*tempfile:mkstemp"):
+        rebuild_model(tmp_path / "b")
+    assert mkstemp_calls == []
+
+
+def test_a_stored_config_never_chooses_which_code_export_runs(run_dir, tmp_path: Path, capsys, mkstemp_calls) -> None:
+    run, _ = run_dir
+    n = _front(run)[0]["trial"]
+    study = optuna.load_study(study_name="autoprune", storage=f"sqlite:///{run / 'study.db'}")
+    for key in ("data", "task", "output"):
+        cfg = dict(study.user_attrs["config"])
+        study.set_user_attr("config", {**cfg, key: "tempfile:mkstemp"})
+        refused(capsys, ["export", str(run), "--trial", str(n), "--dest", str(tmp_path / "e")], tmp_path / "none",
+                f"config key '{key}'", "'tempfile:mkstemp'", "--trust-code")
+        study.set_user_attr("config", cfg)
+    assert mkstemp_calls == []
+
+
+def test_your_own_model_code_rebuilds_when_you_name_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "mymodels.py").write_text(
+        "from autoprune.train.models import DemoResNet\n"
+        "def wide(num_classes=10):\n    return DemoResNet(num_classes, 1, (16, 32, 64))\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    model = build_model("mymodels:wide", 10, 1).eval()
+    save_model(model, tmp_path / "m.pt", dense_recipe("mymodels:wide", 10, 1, (16, 16), (1, 16, 16)))
+    with pytest.raises(UntrustedCode, match=r"m\.pt: its recipe names the code 'mymodels:wide'.*--model mymodels:wide"):
+        load_model(tmp_path / "m.pt")
+    with pytest.raises(UntrustedCode, match="this run was given mymodels:other"):
+        load_model(tmp_path / "m.pt", model="mymodels:other")
+    x = torch.randn(2, 1, 16, 16)
+    for loaded in (load_model(tmp_path / "m.pt", model="mymodels:wide"), load_model(tmp_path / "m.pt", trust_code=True)):
+        with torch.no_grad():
+            assert torch.equal(loaded(x), model(x))
+    # a checkpoint given as the model counts as naming its arch (the search's own config)
+    torch.save({"arch": "mymodels:wide", "state_dict": model.state_dict(), "num_classes": 10}, tmp_path / "ck.pt")
+    assert load_model(tmp_path / "m.pt", model=str(tmp_path / "ck.pt")) is not None
+    # torchvision names and the demo need nothing
+    save_model(build_model("resnet18", 10, 1), tmp_path / "r.pt", dense_recipe("resnet18", 10, 1, (32, 32), (1, 32, 32)))
+    assert load_model(tmp_path / "r.pt") is not None

@@ -23,13 +23,29 @@ from autoprune.outputs import main_output
 from autoprune.prune.plan import PruningPlan, apply_plan
 from autoprune.results.artifacts import versions
 from autoprune.results.front import search_profile_name
-from autoprune.runfolder import RunFolder, atomic_dir
+from autoprune.runfolder import WRITTEN_KEY, RunFolder, atomic_dir, folder_entries, read_record
 from autoprune.study.storage import open_run_study
-from autoprune.train.checkpoint import load_model
+from autoprune.train.checkpoint import load_checkpoint
 from autoprune.train.models import build_model
+from autoprune.trust import CodePolicy, model_code
 
 CARD = "model_card.json"
 EXAMPLE = "infer_example.py"
+CARD_SCHEMA = "autoprune.model_card/"
+
+
+def bundle_files(folder: Path) -> Optional[set[str]]:
+    """The files autoprune wrote into the bundle ``folder`` (what its model card lists), or None
+    when ``folder`` holds no model card autoprune wrote. Cards of bundles made before the list
+    existed: the files they name, plus ``metadata.json`` and the card."""
+    card = read_record(Path(folder), CARD, lambda c: str(c.get("schema", "")).startswith(CARD_SCHEMA)
+                       and isinstance(c.get("files"), dict))
+    if card is None:
+        return None
+    written = card.get(WRITTEN_KEY)
+    if isinstance(written, list):
+        return {str(w) for w in written} | {CARD}
+    return {str(v) for v in card["files"].values()} | {CARD, "metadata.json"}
 
 
 def _trial_latency(run_dir: Path, trial: int) -> Optional[dict[str, Any]]:
@@ -42,12 +58,14 @@ def _trial_latency(run_dir: Path, trial: int) -> Optional[dict[str, Any]]:
 
 
 # --------------------------------------------------------------------------- rebuild
-def rebuild_model(bundle: str | Path) -> Any:
+def rebuild_model(bundle: str | Path, model: Optional[str] = None, trust_code: bool = False) -> Any:
     """Rebuild the pruned PyTorch model from code + ``state_dict.pt`` (no pickled module needed).
 
     Builds the dense architecture named in the card's config, slices every group to its recorded
     kept width (which channels does not matter: the state dict overwrites every weight, zeros of
     unstructured sparsity included; only the shapes must match) and loads the fine-tuned weights.
+    A model whose code is a ``module:function`` is built only when ``model`` names it or
+    ``trust_code``: the card alone never chooses which code runs (:mod:`autoprune.trust`).
     """
     import torch
 
@@ -55,6 +73,9 @@ def rebuild_model(bundle: str | Path) -> Any:
     bundle = Path(bundle)
     card = json.loads((bundle / CARD).read_text())
     rb = card["rebuild"]
+    ref = model_code(str(rb["model"]))  # a checkpoint path: the arch it names (read weights-only)
+    if ref:
+        CodePolicy.of(model, trust=trust_code).check(ref, bundle / CARD, key="rebuild model")
     model = build_model(rb["model"], rb["num_classes"], rb["in_channels"])
     example = torch.zeros(1, *card["input"]["shape"][1:])
     # ratio = 1 - after/before with round_to=1 keeps exactly ``after`` channels (kept_channels).
@@ -212,6 +233,8 @@ def _model_card(run_dir: Path, row: dict[str, Any], meta: dict[str, Any], model:
                   "note": "the batch axis is static (the profile's batch size); pad or split batches"},
         "output": {"name": "logits", "shape": [shape[0], _num_classes(model)]},
         "files": files,
+        # Every file autoprune wrote here: a later pick replaces the bundle only if it holds nothing else.
+        WRITTEN_KEY: sorted(set(folder_entries(dest)) | {CARD}),
         "export_errors": export_errors,
         "max_abs_diff_vs_pytorch": agreement,
         # OpenVINO's default CPU precision here ("openvino_default" above ran in it): bf16 on CPUs
@@ -250,10 +273,12 @@ def _copy_example(dest: Path) -> None:
 
 
 def write_bundle(run_dir: Path, row: dict[str, Any], dest: Path, budget: Optional[dict[str, Any]] = None,
-                 profile: Optional[str] = None, trust_pickle: bool = False) -> dict[str, Any]:
+                 profile: Optional[str] = None, trust_pickle: bool = False,
+                 guard: Optional[Any] = None, code: CodePolicy = CodePolicy()) -> dict[str, Any]:
     """Copy a Pareto trial's files into ``dest`` and add torch.export/TorchScript files, the
     model card and the inference example. Returns the card. ``model.pt`` loads weights-only;
-    a full pickle of an older autoprune only with ``trust_pickle``."""
+    a full pickle of an older autoprune only with ``trust_pickle``. ``guard`` checks ``dest``
+    again right before the new bundle replaces it (:func:`autoprune.runfolder.atomic_dir`)."""
     import torch
 
     run_dir = Path(run_dir)
@@ -264,18 +289,18 @@ def write_bundle(run_dir: Path, row: dict[str, Any], dest: Path, budget: Optiona
         raise ConfigError(f"{src}: incomplete export (no metadata.json); run 'autoprune search --out {run_dir}' to re-export")
     # Written into a hidden sibling and swapped in whole: a failed or killed pick leaves the
     # previous bundle (or nothing) under ``dest``, and no temporary folder after the next pick.
-    with atomic_dir(dest) as tmp:
+    with atomic_dir(dest, guard) as tmp:
         shutil.copytree(src, tmp, dirs_exist_ok=True)
         meta = json.loads((tmp / "metadata.json").read_text())
         if meta.get("trial") != row["trial"]:
             raise ConfigError(f"{src}: holds trial {meta.get('trial')}, not trial {row['trial']}; "
                               f"run 'autoprune search --out {run_dir}' to re-export")
-        model = load_model(src / "model.pt", trust_pickle=trust_pickle)  # src: an error names the run folder's file
+        model = load_checkpoint(src / "model.pt", trust_pickle=trust_pickle, code=code)[0]  # src: an error names the run folder's file
         shape = meta.get("input_shape") or [1]
         example = torch.randn(*shape, generator=torch.Generator().manual_seed(0))
         extra, errors = _export_torch_formats(model, example, tmp)
         agreement, ov_default = _format_agreement(model, example, tmp, extra)
-        _copy_example(tmp)
+        _copy_example(tmp)  # before the card: the card lists every file written here
         card = _model_card(run_dir, row, meta, model, tmp, budget or {}, profile or search_profile_name(run_dir),
                            extra, errors, agreement, ov_default)
         (tmp / CARD).write_text(json.dumps(card, indent=2, default=str))

@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Optional
 
-from autoprune.deploy.bundle import CARD, write_bundle
+from autoprune.deploy.bundle import CARD, bundle_files, write_bundle
 from autoprune.errors import ConfigError
 from autoprune.runfolder import replaceable_dir, writable_dir
 from autoprune.results.front import (
@@ -16,6 +16,7 @@ from autoprune.results.front import (
     search_profile_name,
 )
 from autoprune.runfolder import RunFolder
+from autoprune.trust import CodePolicy
 
 BUDGET_KEYS = ("max_latency_ms", "max_params", "min_accuracy", "max_flops", "max_size_mb", "trial")
 
@@ -83,13 +84,16 @@ def choose(
 
 
 def pick(run_dir: str | Path, dest: Optional[str | Path] = None, profile: Optional[str] = None,
-         trust_pickle: bool = False, **budget: Any) -> tuple[dict[str, Any], Path]:
+         trust_pickle: bool = False, model: Optional[str] = None, trust_code: bool = False,
+         **budget: Any) -> tuple[dict[str, Any], Path]:
     """Choose a model and write its deploy bundle (default ``<run>/picked``).
 
     ``max_latency_ms`` applies to the search's device profile, or to ``profile`` when given
     (another profile needs ``autoprune remeasure`` first). Other budgets: ``max_params``,
     ``max_flops``, ``max_size_mb`` (ONNX file), ``min_accuracy``; or ``trial`` to name one.
     ``trust_pickle``: also load a full-pickle ``model.pt`` (an older autoprune's run folder).
+    ``model``: the ``module:function`` of your model's code, when it is not demo or torchvision
+    (must equal the one the model file records); ``trust_code``: build whatever the file names.
     """
     unknown = set(budget) - set(BUDGET_KEYS)
     if unknown:
@@ -97,8 +101,15 @@ def pick(run_dir: str | Path, dest: Optional[str | Path] = None, profile: Option
     run_dir = Path(run_dir)
     rows, prof_name = rows_on_profile(run_dir, profile)
     row = choose(rows, **budget)
-    # The bundle replaces ``dest`` as a whole: refuse the run itself, its own files and a user's folder.
-    dest = replaceable_dir(Path(dest) if dest else RunFolder(run_dir).picked, RunFolder(run_dir), CARD, "bundle", "--dest")
+    # The bundle replaces ``dest`` as a whole: refuse the run itself, its own files, a user's folder
+    # and a bundle the user added files to; checked again right before the swap.
+    given = Path(dest) if dest else RunFolder(run_dir).picked
+
+    def check() -> Path:
+        return replaceable_dir(given, RunFolder(run_dir), CARD, "bundle", "--dest", bundle_files)
+
+    dest = check()
     writable_dir(dest.parent, "--dest's parent folder")
-    write_bundle(run_dir, row, dest, budget, prof_name, trust_pickle=trust_pickle)
+    write_bundle(run_dir, row, dest, budget, prof_name, trust_pickle=trust_pickle, guard=check,
+                 code=CodePolicy.of(model, trust=trust_code))
     return row, dest

@@ -23,7 +23,7 @@ from autoprune.config import RunConfig, validate
 from autoprune.errors import ConfigError
 from autoprune.results.artifacts import export_trial_artifacts
 from autoprune.results.front import trial_row
-from autoprune.runfolder import RunFolder, atomic_dir, file_lock, replaceable_dir, writable_dir
+from autoprune.runfolder import WRITTEN_KEY, RunFolder, atomic_dir, file_lock, read_record, replaceable_dir, writable_dir
 from autoprune.study.context import SearchContext, prepare
 from autoprune.study.final import final_finetune, final_seed
 from autoprune.study.space import aim_at_target, suggest_plan
@@ -34,7 +34,8 @@ from autoprune.study.trial import (
     finetune_candidate,
     trial_seed,
 )
-from autoprune.train.checkpoint import load_model, pruned_recipe
+from autoprune.train.checkpoint import load_checkpoint, pruned_recipe
+from autoprune.trust import CodePolicy, data_code, model_code
 from autoprune.train.device import resolve_device
 from autoprune.train.models import evaluate
 
@@ -97,6 +98,19 @@ def replay_model(ctx: SearchContext, frozen: optuna.trial.FrozenTrial) -> torch.
     return cand.model
 
 
+def export_files(folder: Path) -> Optional[set[str]]:
+    """The files autoprune wrote into the export ``folder`` (what its ``metadata.json`` lists),
+    or None when ``folder`` holds no ``metadata.json`` autoprune wrote. Exports made before the
+    list existed: the files their metadata names, plus ``metadata.json``."""
+    meta = read_record(Path(folder), "metadata.json", lambda m: isinstance(m.get("files"), dict) and "trial" in m)
+    if meta is None:
+        return None
+    written = meta.get(WRITTEN_KEY)
+    if isinstance(written, list):
+        return {str(w) for w in written} | {"metadata.json"}
+    return {str(v) for v in meta["files"].values()} | {"metadata.json"}
+
+
 def _final_entry(run: RunFolder, trial: int) -> Optional[dict[str, Any]]:
     path = run.final_json
     if not path.is_file():
@@ -115,11 +129,15 @@ def rebuild_trial(
     tolerance: float = TOLERANCE,
     console: Optional[Callable[[str], None]] = None,
     trust_pickle: bool = False,
+    model: Optional[str] = None,
+    trust_code: bool = False,
 ) -> dict[str, Any]:
     """Write ONNX / OpenVINO IR / PyTorch / metadata of trial ``trial`` to ``dest``; returns the metadata.
 
     ``rebuild``: re-create the model from the stored parameters even if ``trials/N/model.pt`` exists.
     ``trust_pickle``: also load full-pickle model files (an older autoprune's run folder).
+    ``model``: the ``module:function`` of your model's code when it is not demo or torchvision;
+    ``trust_code``: run whatever code the stored config and model files name (:mod:`autoprune.trust`).
     """
 
     say = console or (lambda s: None)
@@ -135,11 +153,22 @@ def rebuild_trial(
 
     # Checked before the (possibly long) rebuild, not when the files are written. The export
     # replaces ``out`` as a whole: never the run itself, its own files or a user's folder.
-    out = replaceable_dir(Path(dest) if dest else run.export(trial), run, "metadata.json", "export", "--dest")
+    given = Path(dest) if dest else run.export(trial)
+
+    def check_dest() -> Path:
+        return replaceable_dir(given, run, "metadata.json", "export", "--dest", export_files)
+
+    out = check_dest()
     writable_dir(out.parent, "--dest's parent folder")
     with tempfile.TemporaryDirectory(prefix="autoprune-rebuild-") as tmpd:
         tmp = Path(tmpd)
         cfg = _run_config(study, run_dir, tmp, storage, study_name, trust_pickle)
+        # The config comes from the run folder: the code it names (model, data, task, output) runs
+        # only if the user named it here or trusts the folder; checked before anything is imported.
+        code = CodePolicy.of(model, trust=trust_code)
+        code.check_all([("model", model_code(cfg.model)), ("data", data_code(cfg.data)),
+                        ("task", cfg.task if cfg.task and ":" in cfg.task else None), ("output", cfg.output)],
+                       f"{run_dir} (config stored in the study)")
         if not run.base_model.is_file() and not Path(cfg.model).is_file():
             raise ConfigError(
                 f"{run_dir}: no base_model.pt; copy it from a worker's run folder (the dense model every trial was pruned from)"
@@ -153,10 +182,11 @@ def rebuild_trial(
                 "copy base_model.pt from the run folder of the workers"
             )
         stored_pt = run.trial(trial).model
+        files_code = CodePolicy(trust=trust_code, given=ctx.code.given | code.given)
         seed = trial_seed(ctx, trial)
         if stored_pt.is_file() and not rebuild:
             say(f"trial {trial}: using {stored_pt}")
-            model = load_model(stored_pt, trust_pickle=trust_pickle)
+            model = load_checkpoint(stored_pt, trust_pickle=trust_pickle, code=files_code)[0]
             source = str(stored_pt)
         else:
             say(f"trial {trial}: rebuilding from its parameters (fine-tune seed {seed})")
@@ -184,7 +214,7 @@ def rebuild_trial(
             if not final["steps"]:
                 source += " (final stage: scored only)"
             elif final_pt.is_file() and not rebuild:
-                model, source = load_model(final_pt, trust_pickle=trust_pickle), str(final_pt)
+                model, source = load_checkpoint(final_pt, trust_pickle=trust_pickle, code=files_code)[0], str(final_pt)
             else:
                 say(f"trial {trial}: repeating its final fine-tune ({final['steps']} steps)")
                 final_finetune(model, ctx.data, cfg, ctx.base, trial, final["steps"], ctx.train, task=ctx.task)
@@ -212,7 +242,7 @@ def rebuild_trial(
         recipe = pruned_recipe(ctx.recipe, frozen.user_attrs.get("widths") or {})
         # Into a hidden sibling, swapped in whole: an interrupted export never leaves one trial's
         # files beside another's metadata.json.
-        with atomic_dir(out) as staging:
+        with atomic_dir(out, check_dest) as staging:
             meta = export_trial_artifacts(model, ctx.example, staging, row, meta_extra, cfg.exporter, recipe)
     meta["dest"] = str(out)
     return meta

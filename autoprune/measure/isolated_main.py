@@ -25,11 +25,11 @@ from onnx import TensorProto
 from onnx import helper as oh
 
 from autoprune.config import DeviceProfile, validate
-from autoprune.errors import ConfigError
+from autoprune.errors import BackendUnavailable, ConfigError
 from autoprune.measure import backends
 from autoprune.measure.backends.remote import remote_input
 from autoprune.measure.isolated import FRAME, finite_json
-from autoprune.measure.model_check import redact_paths
+from autoprune.measure.model_check import ModelRejected, redact_paths, static_input_shape, validate_onnx
 from autoprune.measure.onnx import ModelArtifact
 from autoprune.measure.ov_core import shared_core
 
@@ -132,6 +132,34 @@ class ClientError(ValueError):
     """The job asked for something this server does not return (e.g. an output over the limit)."""
 
 
+def check_job(job: dict[str, Any], parts: dict[str, bytes]) -> list[int]:
+    """The static checks of the uploaded model(s) (:func:`validate_onnx`) and the input shape,
+    here under the memory limit: parsing, ``onnx.checker`` and shape inference allocate in
+    proportion to what a model holds or implies, and the server process must not. Returns the
+    input shape (the request's, else the model's static one); a rejection is a ClientError."""
+    lim = job["check"]
+    shape = job["input_shape"]
+    try:
+        model = validate_onnx(parts["model"], "model", int(lim["max_tensor_bytes"]), shape)
+        model_shape = static_input_shape(model)
+        del model
+        if "reference" in parts:
+            validate_onnx(parts["reference"], "reference", int(lim["max_tensor_bytes"]), shape or model_shape)
+    except ModelRejected as exc:
+        raise ClientError(str(exc)) from None
+    if shape is None:
+        shape = model_shape
+        if shape is None:
+            raise ClientError("the model's input has dynamic dimensions; send settings.input_shape (with the batch size)")
+        size = int(np.prod(shape, dtype=object)) * 4
+        if len(shape) > int(lim["max_input_rank"]) or size > int(lim["max_input_bytes"]):
+            raise ClientError(f"the model's input shape {shape} is {size:,} bytes of float32, over this server's limit "
+                              f"of {int(lim['max_input_bytes']):,} bytes (or more than {lim['max_input_rank']} dimensions)")
+    if "input" in parts and len(parts["input"]) != int(np.prod(shape, dtype=object)) * 4:
+        raise ClientError(f"input part has {len(parts['input'])} bytes, expected float32 of shape {shape}")
+    return [int(s) for s in shape]
+
+
 def handle(job: dict[str, Any], blobs: list[bytes], work: Path) -> dict[str, Any]:
     """Time one model (and its reference) as the job says; warm-up, repeats and an optional
     output all within ``max_measure_s`` of receiving the job."""
@@ -139,9 +167,10 @@ def handle(job: dict[str, Any], blobs: list[bytes], work: Path) -> dict[str, Any
     parts = dict(zip(job["parts"], blobs))
     try:
         profile = validate(DeviceProfile, {"name": "remote-request", **job["profile"]}, "request settings")
-    except ConfigError as exc:
+        backends.check(profile)  # a device or provider this machine lacks is the client's to change
+    except (ConfigError, BackendUnavailable) as exc:
         raise ClientError(str(exc)) from None
-    shape = [int(s) for s in job["input_shape"]]
+    shape = check_job(job, parts) if "check" in job else [int(s) for s in job["input_shape"]]
     work.mkdir()
     (work / "model.onnx").write_bytes(parts["model"])
     art = ModelArtifact(work / "model.onnx", quantized=True)  # the client quantized it (or it is fp32 on purpose)

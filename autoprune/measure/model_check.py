@@ -211,17 +211,48 @@ def check_tensor_sizes(model: onnx.ModelProto, max_bytes: int, what: str = "mode
     huge dimensions cannot overflow. With ``input_shape`` the first input gets that shape before
     shape inference, which then knows the real sizes of everything that follows from the input.
     The model is not modified.
+
+    Declared shapes and constant shape inputs are checked first, without shape inference: ONNX's
+    data propagation can materialise what a ``ConstantOfShape`` over a constant implies (a
+    140-byte model, 2 GB). Inference then runs on a copy whose large initializers are graph
+    inputs of the same type (their values are never shape data), so it does not copy the weights
+    again. Call this only where memory is capped (the measuring process of ``serve-latency``).
     """
-    m = onnx.ModelProto()
-    m.CopyFrom(model)
-    if input_shape and m.graph.input and len(m.graph.input[0].type.tensor_type.shape.dim) == len(input_shape):
-        for d, v in zip(m.graph.input[0].type.tensor_type.shape.dim, input_shape):
-            d.Clear()
-            d.dim_value = int(v)
+    _check_walk(model, max_bytes, what)
+    m = _for_inference(model, input_shape)
     try:
         m = onnx.shape_inference.infer_shapes(m, check_type=False, strict_mode=False, data_prop=True)
     except Exception:  # noqa: BLE001 - inference is a help, not a requirement: declared shapes and constants still count
-        pass
+        return
+    _check_walk(m, max_bytes, what)
+
+
+def _for_inference(model: onnx.ModelProto, input_shape: Optional[list[int]]) -> onnx.ModelProto:
+    """A copy of ``model`` for shape inference: the first input fixed to ``input_shape``, and
+    main-graph initializers over :data:`_MAX_SHAPE_CONST` elements turned into typed inputs."""
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    g = m.graph
+    if input_shape and g.input and len(g.input[0].type.tensor_type.shape.dim) == len(input_shape):
+        for d, v in zip(g.input[0].type.tensor_type.shape.dim, input_shape):
+            d.Clear()
+            d.dim_value = int(v)
+    names = {i.name for i in g.input}
+    kept, moved = [], []
+    for t in g.initializer:
+        (moved if math.prod(int(d) for d in t.dims) > _MAX_SHAPE_CONST else kept).append(t)
+    if moved:
+        moved_info = [onnx.helper.make_tensor_value_info(t.name, t.data_type, [int(d) for d in t.dims])
+                      for t in moved if t.name not in names]
+        kept_copy = [onnx.TensorProto.FromString(t.SerializeToString()) for t in kept]
+        del g.initializer[:]
+        g.initializer.extend(kept_copy)
+        g.input.extend(moved_info)
+    return m
+
+
+def _check_walk(m: onnx.ModelProto, max_bytes: int, what: str) -> None:
+    """One pass of the size rules over every graph and function of ``m``."""
 
     def over(desc: str, elems: float, elem_type: int) -> None:
         size = elems * _itemsize(elem_type)

@@ -50,7 +50,7 @@ from typing import Any, Optional
 
 from autoprune.errors import ConfigError
 from autoprune.measure.isolated import MeasureWorker, WorkerFailure, finite_json
-from autoprune.measure.model_check import ModelRejected, redact_paths, static_input_shape, validate_onnx
+from autoprune.measure.model_check import redact_paths
 
 log = logging.getLogger("autoprune.serve")
 
@@ -62,6 +62,9 @@ MIN_TOKEN_CHARS = 16
 MAX_INPUT_RANK = 8
 _TOKEN_HINT = "python -c 'import secrets; print(secrets.token_urlsafe(32))'"
 _MB = 2**20
+#: What a device name may look like (onnxruntime: cpu, cuda:0; OpenVINO: CPU, GPU.1, AUTO:GPU,CPU, HETERO:...):
+#: never a path.
+_DEVICE = re.compile(r"[A-Za-z][A-Za-z0-9_.:,()\-]{0,63}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -408,24 +411,16 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _run(self, req: dict[str, Any], blobs: dict[str, memoryview]) -> dict[str, Any]:
         lim = self.server.limits
-        shape = req["input_shape"]
-        try:
-            model = validate_onnx(blobs["model"], "model", lim.max_tensor_bytes, shape)
-            if "reference" in blobs:
-                validate_onnx(blobs["reference"], "reference", lim.max_tensor_bytes, shape or static_input_shape(model))
-        except ModelRejected as exc:
-            raise BadRequest(str(exc)) from None
-        if shape is None:
-            shape = static_input_shape(model)
-            if shape is None:
-                raise BadRequest("the model's input has dynamic dimensions; send settings.input_shape (with the batch size)")
-            check_input_shape(shape, lim)
-        if "input" in blobs and len(blobs["input"]) != math.prod(shape) * 4:
-            raise BadRequest(f"input part has {len(blobs['input'])} bytes, expected float32 of shape {shape}")
+        # Nothing here parses the model: parsing, onnx.checker and shape inference allocate in
+        # proportion to what the model holds or implies (a 140-byte ConstantOfShape made shape
+        # inference materialise 2 GB), so they run in the memory-capped measuring process
+        # (isolated_main.check_job), which answers a rejected model as a client error (400).
         kinds = [k for k, _ in req["parts"]]
-        job = {"parts": kinds, "profile": req["profile"], "input_shape": shape, "seed": req["seed"],
+        job = {"parts": kinds, "profile": req["profile"], "input_shape": req["input_shape"], "seed": req["seed"],
                "return_output": req["return_output"], "max_measure_s": lim.max_measure_s,
-               "max_output_bytes": lim.max_output_bytes}
+               "max_output_bytes": lim.max_output_bytes,
+               "check": {"max_tensor_bytes": lim.max_tensor_bytes, "max_input_bytes": min(lim.max_upload_bytes, lim.max_tensor_bytes),
+                         "max_input_rank": MAX_INPUT_RANK}}
         try:
             reply = self.server.worker.run(job, [blobs[k] for k in kinds], lim.max_measure_s + lim.kill_grace_s)
         except WorkerFailure as exc:
@@ -510,6 +505,9 @@ def parse_settings(raw: str, n: int, lim: ServerLimits, allowed_backends: tuple[
     # The measuring process validates these as a DeviceProfile (this process stays free of torch,
     # which autoprune.config imports); here only the caps.
     keep: dict[str, Any] = {k: settings[k] for k in ("device", "target_rel_ci", "precision", "mode") if k in settings}
+    if "device" in keep and not (isinstance(keep["device"], str) and _DEVICE.fullmatch(keep["device"]) and ".." not in keep["device"]):
+        raise BadRequest(f"settings.device must be a device name such as cpu, cuda:0, CPU, GPU.1 or AUTO:GPU,CPU, "
+                         f"got {str(keep['device'])[:40]!r}")
     keep["backend"] = backend
     keep["threads"] = _int(settings, "threads", 1, 1, os.cpu_count() or 1)
     keep["warmup"] = _int(settings, "warmup", 10, 0, MAX_REPEATS_CAP)

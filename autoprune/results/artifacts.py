@@ -20,8 +20,9 @@ from autoprune.measure.onnx import cpu_fp32, export_onnx, export_openvino, file_
 from autoprune.outputs import main_output
 from autoprune.results.front import front, front_json, write_tables
 from autoprune.results.report import write_plots
-from autoprune.runfolder import RunFolder, atomic_dir, atomic_write_text
+from autoprune.runfolder import WRITTEN_KEY, RunFolder, atomic_dir, atomic_write_text, folder_entries
 from autoprune.train.checkpoint import load_checkpoint, pruned_recipe, save_model
+from autoprune.trust import CodePolicy
 
 
 def versions() -> dict[str, str]:
@@ -90,6 +91,8 @@ def export_trial_artifacts(
         },
         "onnx_max_abs_diff": float(np.abs(got - ref).max()),
         "versions": versions(),
+        # Every file written here: an export is replaced later only if it holds nothing else.
+        WRITTEN_KEY: sorted(set(folder_entries(dest)) | {"metadata.json"}),
     }
     (dest / "metadata.json").write_text(json.dumps(meta, indent=2, default=str))
     return meta
@@ -104,6 +107,7 @@ def export_front(
     dense: Optional[dict[str, Any]] = None,
     recipe: Optional[dict[str, Any]] = None,
     trust_pickle: bool = False,
+    code: CodePolicy = CodePolicy(),
 ) -> list[dict[str, Any]]:
     """(Re)write the run's ``pareto/``: one folder per Pareto trial, plus tables and plots.
 
@@ -137,7 +141,7 @@ def export_front(
             if not src.is_file():
                 r["artifacts"] = None  # trial ran on another worker without a shared run folder
                 continue
-            model, model_recipe = load_checkpoint(src, trust_pickle=trust_pickle)
+            model, model_recipe = load_checkpoint(src, trust_pickle=trust_pickle, code=code)
             if model_recipe is None and recipe is not None:
                 model_recipe = pruned_recipe(recipe, r.get("widths") or {})
             name = f"trial_{r['trial']:05d}"

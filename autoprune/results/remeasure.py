@@ -27,7 +27,8 @@ from autoprune.results.front import (
     search_profile_name,
 )
 from autoprune.runfolder import RunFolder, atomic_write_text
-from autoprune.train.checkpoint import load_model
+from autoprune.train.checkpoint import load_checkpoint
+from autoprune.trust import CodePolicy
 
 
 def _input_for(profile: DeviceProfile, input_shape: list[int]) -> np.ndarray:
@@ -36,7 +37,8 @@ def _input_for(profile: DeviceProfile, input_shape: list[int]) -> np.ndarray:
     return np.random.default_rng(0).standard_normal(shape).astype(np.float32)
 
 
-def _onnx_for(folder: Path, x: np.ndarray, exporter: str, work: Path, trust_pickle: bool = False) -> Path:
+def _onnx_for(folder: Path, x: np.ndarray, exporter: str, work: Path, trust_pickle: bool = False,
+              code: CodePolicy = CodePolicy()) -> Path:
     """The trial's ONNX when its static input shape fits ``x``; otherwise re-export the PyTorch
     model at the new shape (the exported batch axis is static)."""
     import onnx
@@ -47,16 +49,16 @@ def _onnx_for(folder: Path, x: np.ndarray, exporter: str, work: Path, trust_pick
     dims = [d.dim_value for d in onnx.load(str(path), load_external_data=False).graph.input[0].type.tensor_type.shape.dim]
     if dims == list(x.shape):
         return path
-    model = load_model(folder / "model.pt", trust_pickle=trust_pickle)
+    model = load_checkpoint(folder / "model.pt", trust_pickle=trust_pickle, code=code)[0]
     return export_onnx(model, torch.from_numpy(x), work / f"{folder.name}.onnx", exporter)
 
 
 def _measure(folder: Path, profile: DeviceProfile, x: np.ndarray, exporter: str, work: Path,
-             trust_pickle: bool = False) -> dict[str, Any]:
+             trust_pickle: bool = False, code: CodePolicy = CodePolicy()) -> dict[str, Any]:
     torch_model = None
     if profile.backend == "torch":
-        torch_model = load_model(folder / "model.pt", trust_pickle=trust_pickle)
-    onnx_path = _onnx_for(folder, x, exporter, work, trust_pickle) if profile.backend != "torch" else folder / "model.onnx"
+        torch_model = load_checkpoint(folder / "model.pt", trust_pickle=trust_pickle, code=code)[0]
+    onnx_path = _onnx_for(folder, x, exporter, work, trust_pickle, code) if profile.backend != "torch" else folder / "model.onnx"
     return backends.measure(backends.ModelArtifact(onnx_path, torch_model), profile, x).to_dict()
 
 
@@ -77,12 +79,16 @@ def _require_files(run_dir: Path, rows: list[dict[str, Any]], names: list[str]) 
 
 
 def remeasure(run_dir: str | Path, device_profile: str, include_dense: bool = True,
-              say: Optional[Any] = None, trust_pickle: bool = False) -> dict[str, Any]:
+              say: Optional[Any] = None, trust_pickle: bool = False, model: Optional[str] = None,
+              trust_code: bool = False) -> dict[str, Any]:
     """Time every exported Pareto model of ``run_dir`` on ``device_profile`` and mark which stay
     non-dominated there. Writes and returns ``<run>/remeasure/<profile>.json``. Model files load
-    weights-only; full pickles of an older autoprune only with ``trust_pickle``."""
+    weights-only; full pickles of an older autoprune only with ``trust_pickle``. A model whose
+    code is a ``module:function`` is rebuilt only when ``model`` names it or ``trust_code``
+    (:mod:`autoprune.trust`)."""
 
     say = say or (lambda s: None)
+    code = CodePolicy.of(model, trust=trust_code)
     run_dir = Path(run_dir)
     run = RunFolder(run_dir)
     front = load_front(run_dir)
@@ -102,7 +108,7 @@ def remeasure(run_dir: str | Path, device_profile: str, include_dense: bool = Tr
     out_rows = []
     for r in rows:
         say(f"trial {r['trial']} on {profile.name}")
-        lat = _measure(run_dir / r["artifacts"], profile, x, exporter, work, trust_pickle)
+        lat = _measure(run_dir / r["artifacts"], profile, x, exporter, work, trust_pickle, code)
         out_rows.append({"trial": r["trial"], "accuracy": r["accuracy"], "search_latency_ms": r["latency_ms"],
                          "latency": lat, "latency_ms": lat["median_ms"]})
     mask = non_dominated([(r["accuracy"], r["latency_ms"]) for r in out_rows])
@@ -119,7 +125,7 @@ def remeasure(run_dir: str | Path, device_profile: str, include_dense: bool = Tr
         shutil.copy2(run.dense_onnx, tmp / "model.onnx")
         shutil.copy2(run.base_model, tmp / "model.pt")
         say(f"dense model on {profile.name}")
-        dense = {"accuracy": front.get("dense", {}).get("accuracy"), "latency": _measure(tmp, profile, x, exporter, work, trust_pickle)}
+        dense = {"accuracy": front.get("dense", {}).get("accuracy"), "latency": _measure(tmp, profile, x, exporter, work, trust_pickle, code)}
         shutil.rmtree(tmp, ignore_errors=True)
         for r in out_rows:
             r["speedup"] = dense["latency"]["median_ms"] / r["latency_ms"]

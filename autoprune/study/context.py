@@ -63,6 +63,7 @@ from autoprune.train.models import (
     pretrain,
 )
 from autoprune.train.task import ClassificationTask, Task, load_task
+from autoprune.trust import CodePolicy
 
 log = logging.getLogger("autoprune")
 
@@ -97,6 +98,11 @@ class SearchContext:
     #: trials are aimed with (study/budget.py); empty / None otherwise.
     targets_ms: list[float] = field(default_factory=list)
     latency_model: Optional[LatencyModel] = None
+
+    @property
+    def code(self) -> CodePolicy:
+        """The model code this run's own config names: all the run folder's model files may rebuild."""
+        return run_code(self.cfg, self.recipe)
 
     @property
     def example1(self) -> torch.Tensor:
@@ -280,6 +286,12 @@ def _learned_widths(cfg: RunConfig, space: SearchSpace, profile: DeviceProfile, 
     return widths
 
 
+def run_code(cfg: RunConfig, recipe: dict[str, Any]) -> CodePolicy:
+    """The code a run's config names (its ``model``, and the ``arch`` of a checkpoint given as
+    ``model``): what the run folder's model files may rebuild (:mod:`autoprune.trust`)."""
+    return CodePolicy.of(cfg.model, (recipe.get("build") or {}).get("model"))
+
+
 def _dense_model(cfg: RunConfig, data: DataBundle, num_classes: int, shape: tuple[int, ...], run: RunFolder,
                  say: Callable[[str], None]) -> tuple[nn.Module, dict[str, Any], bool]:
     """The run folder's dense model, its recipe, and whether it is new (to be pre-trained when
@@ -303,7 +315,7 @@ def _dense_model(cfg: RunConfig, data: DataBundle, num_classes: int, shape: tupl
     stored = read_model_file(base_path, trust_pickle=cfg.trust_pickle)
     if isinstance(stored, dict):
         check_built_from(stored["recipe"], recipe, base_path)
-        return model_from_file(stored, base_path, trust_pickle=cfg.trust_pickle), recipe, False
+        return model_from_file(stored, base_path, trust_pickle=cfg.trust_pickle, code=run_code(cfg, recipe)), recipe, False
     base = build_model(cfg.model, num_classes, in_channels=data.input_shape[0], trust_pickle=cfg.trust_pickle)
     try:
         base.load_state_dict(stored.state_dict())

@@ -20,7 +20,7 @@ from scipy.stats import kendalltau  # scipy comes with scikit-learn, a dependenc
 from autoprune.measure.candidate import measure_model
 from autoprune.prune.methods import hold_zeros
 from autoprune.runfolder import atomic_write_text
-from autoprune.train.checkpoint import load_model, pruned_recipe, save_model
+from autoprune.train.checkpoint import load_checkpoint, pruned_recipe, save_model
 from autoprune.train.data import DataBundle
 from autoprune.train.device import TrainSetup, model_device
 from autoprune.train.finetune import finetune
@@ -63,7 +63,7 @@ def final_stage(ctx: Any, rows: list[dict[str, Any]], say: Any = print) -> dict[
         files = ctx.run.trial(r["trial"])
         if (key in done and done[key].get("steps") == steps) or not files.model.is_file():
             continue
-        model = load_model(files.model, trust_pickle=ctx.cfg.trust_pickle)
+        model = load_checkpoint(files.model, trust_pickle=ctx.cfg.trust_pickle, code=ctx.code)[0]
         latency = r["latency_ms"]
         if steps:
             final_finetune(model, ctx.data, ctx.cfg, ctx.base, r["trial"], steps, ctx.train, task=ctx.task)

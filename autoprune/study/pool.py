@@ -12,8 +12,8 @@ otherwise script by hand:
   share): torch processes left alone each use every core, and three of them on two cores made a
   40-step fine-tune 20x slower. Disjoint cores also keep one worker's training off the cores
   where another times latency;
-* Ctrl-C (or SIGTERM to the parent) stops every worker the way it stops one: the trial in flight
-  is re-queued and the same command resumes; a worker that crashes is reported with its exit
+* Ctrl-C (or SIGINT/SIGTERM to the parent alone) stops every worker the way it stops one: the
+  parent passes the signal on, the trial in flight is re-queued and the same command resumes; a worker that crashes is reported with its exit
   code and last error while the others go on (its trial is taken over after the heartbeat
   grace period).
 """
@@ -168,7 +168,7 @@ def run_workers(cfg: RunConfig, slots: list[WorkerSlot], storage: str, tick: Cal
     spawn = mp.get_context("spawn")  # a fresh interpreter: CUDA and thread settings start clean
     procs: list[tuple[WorkerSlot, Any, Any]] = []
     outcomes: dict[int, WorkerOutcome] = {}
-    with _sigterm_as_interrupt() as received:
+    with _sigterm_as_interrupt():
         try:
             for slot in slots:
                 recv, send = spawn.Pipe(duplex=False)
@@ -192,7 +192,7 @@ def run_workers(cfg: RunConfig, slots: list[WorkerSlot], storage: str, tick: Cal
                 tick()
                 time.sleep(POLL_S)
         except KeyboardInterrupt:
-            _stop(procs, forward=bool(received))
+            _stop(procs)
             raise
     tick()
     return [outcomes[s.index] for s in slots]
@@ -206,17 +206,17 @@ def _last_message(recv: Any) -> str:
     return msg
 
 
-def _stop(procs: list[tuple[WorkerSlot, Any, Any]], forward: bool) -> None:
+def _stop(procs: list[tuple[WorkerSlot, Any, Any]]) -> None:
     """Stop every worker the way one search stops: its trial re-queued, then exit.
 
-    Ctrl-C in a terminal already reached every worker (one process group), and a second signal
-    could cut a worker's re-queue short, so it is not repeated; SIGTERM to the parent reached the
-    parent alone (``forward``) and is passed on at once. Workers still running after
-    :data:`STOP_GRACE_S` get SIGTERM (also a clean stop), then SIGKILL."""
-    if forward:
-        for _, p, _ in procs:
-            if p.is_alive():
-                p.terminate()  # SIGTERM: the worker's own handler re-queues its trial
+    The signal is passed on at once: SIGTERM or SIGINT sent to the parent alone (``kill``, a
+    scheduler) reached no worker. Ctrl-C in a terminal reached every worker already (one process
+    group); the second signal arrives within a moment and a worker ignores it
+    (``workers.REPEAT_IGNORE_S``), so its re-queue is not cut short. Workers still running after
+    :data:`STOP_GRACE_S` get SIGTERM again, then SIGKILL."""
+    for _, p, _ in procs:
+        if p.is_alive():
+            p.terminate()  # SIGTERM: the worker's own handler re-queues its trial
     deadline = time.monotonic() + STOP_GRACE_S
     for _, p, _ in procs:
         p.join(max(0.0, deadline - time.monotonic()))

@@ -12,6 +12,10 @@ attributes (latency statistics, sizes, file paths) nor its failures.
 
 mlflow is an optional dependency (``pip install autoprune[mlflow]``, mlflow-skinny). A trial
 whose logging fails (server down) is not failed for it: the study is the record, MLflow a view.
+A tracking server that cannot be reached when the search starts is said once and then left
+alone: MLflow's client retries every request for minutes, so the search would otherwise stall
+at each trial. The same after the first trial whose logging fails; that trial's MLflow run is
+deleted where the server still answers, so no run is left logged half-way.
 """
 
 from __future__ import annotations
@@ -19,8 +23,10 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import logging
+import socket
 import time
-from typing import Optional
+import urllib.parse
+from typing import Any, Optional
 
 import optuna
 
@@ -42,6 +48,24 @@ def check_available(uri: Optional[str]) -> None:
                           "or set search.mlflow: null")
 
 
+#: Seconds to wait for a TCP connection to an http(s) tracking server before calling it unreachable.
+CONNECT_TIMEOUT_S = 5.0
+
+
+def unreachable(uri: str, timeout: float = CONNECT_TIMEOUT_S) -> Optional[str]:
+    """Why an ``http(s)://`` tracking server cannot be reached (one TCP connection, no retries),
+    or None: reachable, or not a network URI (``sqlite:``, ``file:``, ``databricks``)."""
+    parts = urllib.parse.urlsplit(uri)
+    if parts.scheme not in ("http", "https"):
+        return None
+    try:
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+        with socket.create_connection((parts.hostname or "", port), timeout=timeout):
+            return None
+    except (OSError, ValueError) as exc:
+        return getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
+
+
 class MlflowLogger:
     """An Optuna callback ``(study, frozen_trial)`` that logs each finished trial as an MLflow run."""
 
@@ -53,6 +77,13 @@ class MlflowLogger:
         self.entities = importlib.import_module("mlflow.entities")
         self.run = run
         self.objectives = objectives
+        self.uri = uri
+        self.client: Any = None
+        why = unreachable(uri)
+        if why is not None:
+            log.warning(f"search.mlflow: {uri} cannot be reached ({why}); the search goes on without MLflow logging "
+                        "(the study holds every trial)")
+            return
         try:
             self.client = tracking.MlflowClient(tracking_uri=uri)
             self.experiment_id = self._experiment(experiment)
@@ -74,13 +105,18 @@ class MlflowLogger:
             return str(found.experiment_id)
 
     def __call__(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        if self.client is None:
+            return
         try:
             self.log_trial(trial)
         except Exception as exc:  # noqa: BLE001 - logging must never fail a search
-            log.warning(f"MLflow: trial {trial.number} was not logged ({type(exc).__name__}: {str(exc)[:200]})")
+            self.client = None
+            log.warning(f"search.mlflow: trial {trial.number} was not logged to {self.uri} ({type(exc).__name__}: "
+                        f"{str(exc).strip()[:200]}); the search goes on without MLflow logging (the study holds every trial)")
 
     def log_trial(self, trial: optuna.trial.FrozenTrial) -> str:
-        """Log one finished trial; returns the MLflow run id."""
+        """Log one finished trial; returns the MLflow run id. A failure after its run was created
+        deletes that run where the server still answers: a trial is logged whole or not at all."""
         ua = trial.user_attrs
         files = self.run.trial(trial.number)
         tags = {"autoprune.trial": str(trial.number), "autoprune.state": trial.state.name,
@@ -92,6 +128,19 @@ class MlflowLogger:
         tags.update({f"autoprune.{k}": str(p.resolve()) for k, p in paths.items() if p.is_file()})
         run = self.client.create_run(self.experiment_id, run_name=f"trial-{trial.number}", tags=tags)
         rid = run.info.run_id
+        try:
+            self._fill(rid, trial)
+        except Exception:
+            if unreachable(self.uri) is None:
+                try:
+                    self.client.delete_run(rid)
+                except Exception:  # noqa: BLE001 - best effort; the original error is what matters
+                    pass
+            raise
+        return rid
+
+    def _fill(self, rid: str, trial: optuna.trial.FrozenTrial) -> None:
+        ua = trial.user_attrs
         params = {k: str(v)[:6000] for k, v in trial.params.items()}
         if params:
             self.client.log_batch(rid, params=[self.entities.Param(k, v) for k, v in params.items()])
@@ -107,5 +156,4 @@ class MlflowLogger:
             now = int(time.time() * 1000)
             self.client.log_batch(rid, metrics=[self.entities.Metric(k, v, now, 0) for k, v in metrics.items()])
         self.client.set_terminated(rid, status="FINISHED" if trial.state == optuna.trial.TrialState.COMPLETE else "FAILED")
-        return rid
 

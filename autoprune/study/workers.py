@@ -231,6 +231,10 @@ class _Objective:
 #: callback or ``__del__`` runs (it prints "Exception ignored in ..."), so the request is also
 #: remembered here and honoured when the trial function returns.
 _interrupt_requested = threading.Event()
+#: A second signal this soon after the first is the same request arriving twice (Ctrl-C reaches a
+#: ``--workers`` child from the terminal and again from its parent): ignored, so it cannot cut the
+#: re-queue of the trial in flight short. A later one interrupts again (a user insisting).
+REPEAT_IGNORE_S = 5.0
 
 
 @contextlib.contextmanager
@@ -241,7 +245,13 @@ def _signals_as_interrupt() -> Iterator[None]:
         yield
         return
 
+    first: list[float] = []
+
     def handler(signum: int, frame: Any) -> None:
+        now = time.monotonic()
+        if first and now - first[0] < REPEAT_IGNORE_S:
+            return
+        first[:] = [now]
         _interrupt_requested.set()
         raise KeyboardInterrupt(f"signal {signum}")
 

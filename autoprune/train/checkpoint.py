@@ -18,8 +18,9 @@ plain data and loads with ``torch.load(weights_only=True)``::
 :func:`load_model` builds the dense architecture (``train.models.build_model``), cuts every group
 to its recorded kept width (``prune.plan.slice_to_widths``, the dependency graph the search
 pruned with), loads the state dict strictly and checks the weights' hash. The only code that
-runs is autoprune's and the model reference's (a torchvision name, ``module:function``), as
-when the search built it. A model whose architecture exists only as a user's full-model pickle
+runs is autoprune's and torchvision's: a ``module:function`` the recipe names is built only when
+the user gave that reference in this run, or ``trust_code`` (:mod:`autoprune.trust`), because a
+file must never choose which code runs. A model whose architecture exists only as a user's full-model pickle
 (``--model x.pt --trust-pickle``) records that file and its hash; rebuilding it unpickles that
 file again, so it needs ``trust_pickle`` too. Files from before this format (full pickles) load
 only with ``trust_pickle``.
@@ -39,6 +40,7 @@ from autoprune.errors import ConfigError, UntrustedPickle
 from autoprune.prune.plan import slice_to_widths
 from autoprune.runfolder import atomic_torch_save, torch_load
 from autoprune.train.models import PICKLE_REFUSAL, build_model
+from autoprune.trust import CodePolicy
 
 FORMAT = "autoprune.model/1"
 
@@ -167,11 +169,20 @@ def read_model_file(path: Path, *, trust_pickle: bool = False) -> dict[str, Any]
     return obj
 
 
-def build_architecture(recipe: dict[str, Any], *, trust_pickle: bool = False, where: Path | str = "model") -> nn.Module:
-    """The (randomly initialised) module a recipe describes: the dense model, cut to the widths."""
-    b = recipe["build"]
-    if b.get("pickle"):
+def build_architecture(recipe: dict[str, Any], *, trust_pickle: bool = False, where: Path | str = "model",
+                       code: CodePolicy = CodePolicy()) -> nn.Module:
+    """The (randomly initialised) module a recipe describes: the dense model, cut to the widths.
+    The model reference must be built-in, given by the user (``code``) or trusted (``code.trust``):
+    checked before anything is imported."""
+    b = recipe.get("build") if isinstance(recipe, dict) else None
+    if not isinstance(b, dict) or not isinstance(b.get("model"), str):
+        raise ConfigError(f"{where}: its recipe names no model to rebuild; the file is damaged")
+    if not b.get("pickle"):
+        code.check(b["model"], where, key="recipe")
+    else:
         src = Path(b["pickle"]["path"])
+        if b["model"] != b["pickle"]["path"]:
+            raise ConfigError(f"{where}: its recipe names the full-model pickle {src} but builds {b['model']!r}; the file is damaged")
         if not trust_pickle:
             raise UntrustedPickle(f"{where}: its architecture is the full-model pickle {src} given as --model, and unpickling "
                                   "runs whatever code that file names; pass --trust-pickle if you trust it")
@@ -191,9 +202,11 @@ def build_architecture(recipe: dict[str, Any], *, trust_pickle: bool = False, wh
     return model
 
 
-def model_from_file(obj: dict[str, Any], path: Path, *, trust_pickle: bool = False) -> nn.Module:
-    """Rebuild the module of a weights-only file read by :func:`read_model_file`."""
-    model = build_architecture(obj["recipe"], trust_pickle=trust_pickle, where=path)
+def model_from_file(obj: dict[str, Any], path: Path, *, trust_pickle: bool = False,
+                    code: CodePolicy = CodePolicy()) -> nn.Module:
+    """Rebuild the module of a weights-only file read by :func:`read_model_file` (``code``: see
+    :func:`build_architecture`)."""
+    model = build_architecture(obj["recipe"], trust_pickle=trust_pickle, where=path, code=code)
     try:
         model.load_state_dict(obj["state_dict"])
     except RuntimeError as exc:
@@ -204,16 +217,22 @@ def model_from_file(obj: dict[str, Any], path: Path, *, trust_pickle: bool = Fal
     return model.eval()
 
 
-def load_checkpoint(path: Path, *, trust_pickle: bool = False) -> tuple[nn.Module, Optional[dict[str, Any]]]:
+def load_checkpoint(path: Path, *, trust_pickle: bool = False,
+                    code: CodePolicy = CodePolicy()) -> tuple[nn.Module, Optional[dict[str, Any]]]:
     """``(model, recipe)`` from a model file autoprune wrote; ``recipe`` is None for a trusted
     full pickle of an older autoprune (the caller then knows the recipe from the run)."""
     obj = read_model_file(path, trust_pickle=trust_pickle)
     if isinstance(obj, nn.Module):
         return obj.eval(), None
-    return model_from_file(obj, Path(path), trust_pickle=trust_pickle), obj["recipe"]
+    return model_from_file(obj, Path(path), trust_pickle=trust_pickle, code=code), obj["recipe"]
 
 
-def load_model(path: str | Path, *, trust_pickle: bool = False) -> nn.Module:
+def load_model(path: str | Path, *, trust_pickle: bool = False, model: Optional[str] = None,
+               trust_code: bool = False) -> nn.Module:
     """The module in a model file autoprune wrote (``model.pt`` of a trial, the front or a
-    bundle; ``base_model.pt``), in eval mode, loaded weights-only."""
-    return load_checkpoint(Path(path), trust_pickle=trust_pickle)[0]
+    bundle; ``base_model.pt``), in eval mode, loaded weights-only.
+
+    Demo and torchvision models rebuild as they are; a model whose code is your own
+    ``package.module:function`` needs that reference as ``model`` (it must equal the one the file
+    records), or ``trust_code=True``: the file alone never chooses which code runs."""
+    return load_checkpoint(Path(path), trust_pickle=trust_pickle, code=CodePolicy.of(model, trust=trust_code))[0]
