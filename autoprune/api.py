@@ -35,6 +35,7 @@ from autoprune.study.context import SearchContext, prepare
 from autoprune.study.final import final_stage, final_stage_needed
 from autoprune.study.pool import WorkersFailed, plan_slots, run_workers
 from autoprune.study.storage import public_config, redact_url, refuse_results_without_study
+from autoprune.train.checkpoint import check_same_model
 from autoprune.study.study import (
     _fail_stale_local_trials,
     completed,
@@ -390,7 +391,7 @@ def search(
     else:
         cfg = load_run_config(None if config is None else str(config), {**sets, **overrides})
     if objects.is_object_ref(cfg.model):
-        objects.check_same_model(Path(cfg.out) / "base_model.pt", cfg.model)
+        check_same_model(Path(cfg.out) / "base_model.pt", cfg.model)
     return run(cfg, console=console)
 
 
@@ -412,7 +413,7 @@ def _register(run_dir: Union[str, Path], model: Optional[nn.Module], train: Opti
     folder a search of objects wrote), refusing objects other than the ones it searched."""
     if model is not None:
         ref = objects.register_model(model)
-        objects.check_same_model(Path(run_dir) / "base_model.pt", ref)
+        check_same_model(Path(run_dir) / "base_model.pt", ref)
     if train is not None or val is not None:
         if train is None or val is None or model is None:
             raise ConfigError("give model=, train= and val= together: the data's classes are read from the model")

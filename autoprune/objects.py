@@ -163,55 +163,15 @@ def register_data(train: Dataset, val: Dataset, num_classes: int, test: Optional
     return ref
 
 
-def bundle(ref: str) -> Any:
-    """The DataBundle of registered splits (``train.data.load_data``)."""
-    from autoprune.train.data import DataBundle
-
+def registered_data(ref: str) -> "_Data":
+    """The splits registered under ``ref`` (``train.data.load_data`` makes its DataBundle)."""
     d = _data.get(ref)
     if d is None:
         raise ConfigError(
             f"data: {ref} are Python datasets given to autoprune.search() in another process; pass the same train= and val= "
             "to the Python API call (autoprune.search / export) in this process"
         )
-    return DataBundle(d.train, d.val, d.num_classes, d.input_shape, name="python objects", test=d.test)
-
-
-def stored_model_ref(base_model: Path) -> Optional[str]:
-    """The model reference a run folder's dense model was built from (None: no folder yet or a
-    file this check cannot read, which the search itself then reports)."""
-    from autoprune.train.checkpoint import read_model_file
-
-    if not Path(base_model).is_file():
-        return None
-    try:
-        stored = read_model_file(Path(base_model))
-    except Exception:  # noqa: BLE001 - the search names the problem with its own message
-        return None
-    if isinstance(stored, dict):
-        return str((stored["recipe"].get("built_from") or {}).get("model") or "") or None
-    return None
-
-
-def check_same_model(base_model: Path, ref: str) -> None:
-    """Refuse to resume a run folder with another model object, naming what differs."""
-    stored = stored_model_ref(base_model)
-    if stored is None or stored == ref:
-        return
-    if not is_object_ref(stored):
-        raise ConfigError(f"{base_model.parent}: this run folder searched model {stored}, not a Python object; "
-                          "pass out= a new folder for the object")
-
-    def parts(r: str) -> tuple[str, str, str]:
-        cls, _, fps = r[len(PREFIX):].partition("@")
-        arch, _, weights = fps.partition("-")
-        return cls, arch, weights
-
-    (c0, a0, w0), (c1, a1, w1) = parts(stored), parts(ref)
-    what = "another architecture" if (c0, a0) != (c1, a1) else "the same architecture with other weights"
-    raise ConfigError(
-        f"{base_model.parent}: this run folder's search was started with another model object ({stored}); the model passed "
-        f"now ({ref}) is {what}. Pass the object the search started with to resume it, or out= a new folder to search this one"
-    )
+    return d
 
 
 def infer_num_classes(model: nn.Module, val: Dataset) -> int:

@@ -36,6 +36,7 @@ from typing import Any, Optional
 import torch
 import torch.nn as nn
 
+from autoprune import objects
 from autoprune.errors import ConfigError, UntrustedPickle
 from autoprune.prune.plan import slice_to_widths
 from autoprune.runfolder import atomic_torch_save, torch_load
@@ -236,3 +237,39 @@ def load_model(path: str | Path, *, trust_pickle: bool = False, model: Optional[
     ``package.module:function`` needs that reference as ``model`` (it must equal the one the file
     records), or ``trust_code=True``: the file alone never chooses which code runs."""
     return load_checkpoint(Path(path), trust_pickle=trust_pickle, code=CodePolicy.of(model, trust=trust_code))[0]
+
+
+def stored_model_ref(base_model: Path) -> Optional[str]:
+    """The model reference a run folder's dense model was built from (None: no folder yet or a
+    file this check cannot read, which the search itself then reports)."""
+    if not Path(base_model).is_file():
+        return None
+    try:
+        stored = read_model_file(Path(base_model))
+    except Exception:  # noqa: BLE001 - the search names the problem with its own message
+        return None
+    if isinstance(stored, dict):
+        return str((stored["recipe"].get("built_from") or {}).get("model") or "") or None
+    return None
+
+
+def check_same_model(base_model: Path, ref: str) -> None:
+    """Refuse to resume a run folder with another model object, naming what differs."""
+    stored = stored_model_ref(base_model)
+    if stored is None or stored == ref:
+        return
+    if not objects.is_object_ref(stored):
+        raise ConfigError(f"{base_model.parent}: this run folder searched model {stored}, not a Python object; "
+                          "pass out= a new folder for the object")
+
+    def parts(r: str) -> tuple[str, str, str]:
+        cls, _, fps = r[len(objects.PREFIX):].partition("@")
+        arch, _, weights = fps.partition("-")
+        return cls, arch, weights
+
+    (c0, a0, w0), (c1, a1, w1) = parts(stored), parts(ref)
+    what = "another architecture" if (c0, a0) != (c1, a1) else "the same architecture with other weights"
+    raise ConfigError(
+        f"{base_model.parent}: this run folder's search was started with another model object ({stored}); the model passed "
+        f"now ({ref}) is {what}. Pass the object the search started with to resume it, or out= a new folder to search this one"
+    )

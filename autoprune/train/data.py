@@ -576,7 +576,8 @@ def _load(ref: str, image_size: Optional[int], val_fraction: float, seed: int, a
     if kind == "object":  # Datasets given to the Python API (autoprune/objects.py)
         from autoprune import objects
 
-        return _augment_train(objects.bundle(ref), augment)
+        reg = objects.registered_data(ref)
+        return _augment_train(DataBundle(reg.train, reg.val, reg.num_classes, reg.input_shape, name="python objects", test=reg.test), augment)
     if ref in ("digits", "digits-cluttered"):
         b = load_digits(image_size or 16, val_fraction, seed) if ref == "digits" else \
             load_cluttered_digits(image_size or 32, val_fraction, seed)
