@@ -14,18 +14,66 @@ from rich.table import Table
 from autoprune.errors import AutopruneError, ConfigError
 
 
-def _fmt_row_table(rows: list[dict], dense: Optional[dict], title: str) -> Table:
-    t = Table(title=title)
+#: Result-table columns a narrow terminal drops first (least read first); trial, the metric,
+#: latency, speed-up and params always stay, in full.
+_DROPPABLE = ("ONNX KB", "p90 ms", "MFLOPs")
+
+
+def _row_cells(rows: list[dict], dense: Optional[dict]) -> tuple[list[str], list[list[str]]]:
     metric = (dense or {}).get("metric_name", "accuracy")  # the task's metric (miou, ...)
-    for c in ("trial", metric, "latency ms (median)", "p90 ms", "speed-up", "MFLOPs", "params", "ONNX KB"):
-        t.add_column(c, justify="right")
+    header = ["trial", metric, "latency ms (median)", "p90 ms", "speed-up", "MFLOPs", "params", "ONNX KB"]
+    body = []
     if dense:
-        t.add_row("dense", f"{dense['accuracy']:.4f}", f"{dense['latency']['median_ms']:.3f}", f"{dense['latency']['p90_ms']:.3f}", "1.00x",
-                  f"{dense['flops'] / 1e6:.2f}", f"{dense['params']:,}", f"{dense['onnx_bytes'] / 1024:.0f}", style="yellow")
+        body.append(["dense", f"{dense['accuracy']:.4f}", f"{dense['latency']['median_ms']:.3f}", f"{dense['latency']['p90_ms']:.3f}",
+                     "1.00x", f"{dense['flops'] / 1e6:.2f}", f"{dense['params']:,}", f"{dense['onnx_bytes'] / 1024:.0f}"])
     for r in rows:
-        t.add_row(str(r["trial"]), f"{r['accuracy']:.4f}", f"{r['latency_ms']:.3f}", f"{(r['latency_p90_ms'] or 0):.3f}",
-                  f"{(r['speedup'] or 0):.2f}x", f"{(r['flops'] or 0) / 1e6:.2f}", f"{r['params']:,}", f"{(r['onnx_bytes'] or 0) / 1024:.0f}")
-    return t
+        body.append([str(r["trial"]), f"{r['accuracy']:.4f}", f"{r['latency_ms']:.3f}", f"{(r['latency_p90_ms'] or 0):.3f}",
+                     f"{(r['speedup'] or 0):.2f}x", f"{(r['flops'] or 0) / 1e6:.2f}", f"{r['params']:,}", f"{(r['onnx_bytes'] or 0) / 1024:.0f}"])
+    return header, body
+
+
+def _print_rows(console: Console, rows: list[dict], dense: Optional[dict], title: str) -> None:
+    """The result table (Pareto front, picked model), every number in full.
+
+    Not a terminal (logs, CI, a pipe): plain space-aligned text with no width limit, so no cell
+    is ever cut. A terminal: a rich table whose cells never shrink below their content; when
+    the window is too narrow, whole columns are dropped (:data:`_DROPPABLE`) and named below
+    the table instead of showing numbers cut short ("1,527,…"), and a window too narrow even
+    for the rest gets the plain layout (its lines wrap, its numbers stay whole).
+    """
+    header, body = _row_cells(rows, dense)
+    # A column is as wide as its longest cell or its header's longest word (headers wrap at spaces).
+    need = [max([len(w) for w in h.split()] + [len(r[i]) for r in body]) for i, h in enumerate(header)]
+
+    def width(cols: list[int]) -> int:  # rich's default box: a rule per column plus one, padding 1 each side
+        return sum(need[i] for i in cols) + 3 * len(cols) + 1
+
+    keep, dropped = list(range(len(header))), []
+    for name in _DROPPABLE:
+        if width(keep) <= console.width:
+            break
+        keep.remove(header.index(name))
+        dropped.append(name)
+    if not console.is_terminal or width(keep) > console.width:
+        widths = [max(len(c) for c in col) for col in zip(header, *body)]
+        console.print(title, markup=False, highlight=False, soft_wrap=True)
+        for line in [header, *body]:
+            console.print("  ".join(c.rjust(w) for c, w in zip(line, widths)).rstrip(), markup=False, highlight=False,
+                          soft_wrap=True)
+        return
+    # Fixed widths that fit, so rich never shrinks a column itself: headers on one line when
+    # there is room, else wrapped at their spaces.
+    natural = [max(need[i], len(header[i])) for i in range(len(header))]
+    fixed = natural if sum(natural[i] for i in keep) + 3 * len(keep) + 1 <= console.width else need
+    t = Table(title=title)
+    for i in keep:
+        t.add_column(header[i], justify="right", overflow="fold", width=fixed[i])
+    for n, r in enumerate(body):
+        t.add_row(*(r[i] for i in keep), style="yellow" if dense and n == 0 else None)
+    console.print(t)
+    if dropped:
+        console.print(f"(window too narrow: {', '.join(dropped)} not shown; widen it or pipe the output for every column)",
+                      highlight=False)
 
 
 def cmd_search(args: argparse.Namespace, console: Console) -> int:
@@ -46,7 +94,7 @@ def cmd_search(args: argparse.Namespace, console: Console) -> int:
         result = run(cfg, console=Console(stderr=True), workers=args.workers)
     except KeyboardInterrupt:
         return 130
-    console.print(_fmt_row_table(result.pareto, result.dense, f"Pareto front ({len(result.pareto)} models) on {result.ctx.profile.name}"))
+    _print_rows(console, result.pareto, result.dense, f"Pareto front ({len(result.pareto)} models) on {result.ctx.profile.name}")
     dense_ms = result.dense["latency"]["median_ms"]
     for target in result.ctx.targets_ms:  # budget mode: the answer to "the best model under my budget"
         best = best_under(result.pareto, target)
@@ -64,7 +112,7 @@ def cmd_pick(args: argparse.Namespace, console: Console) -> int:
                      min_accuracy=args.min_accuracy, max_flops=args.max_flops, max_size_mb=args.max_size_mb, trial=args.trial,
                      trust_pickle=args.trust_pickle)
     dense = load_front(args.run).get("dense")
-    console.print(_fmt_row_table([row], dense if not args.profile else None, f"picked (latency on {args.profile or dense.get('profile')})"))
+    _print_rows(console, [row], dense if not args.profile else None, f"picked (latency on {args.profile or dense.get('profile')})")
     console.print(f"deploy files in {dest}: " + ", ".join(sorted(p.name for p in dest.iterdir())))
     return 0
 
