@@ -88,6 +88,7 @@ def cmd_search(args: argparse.Namespace, console: Console) -> int:
         "search.seed": args.seed, "search.sampler": args.sampler, "finetune.steps": args.finetune_steps,
         "pretrain_steps": args.pretrain_steps, "pretrain_seconds": args.pretrain_seconds, "image_size": args.image_size,
         "search.timeout_s": args.timeout, "trust_pickle": True if args.trust_pickle else None,
+        "efficiency.sensitivity_scan": args.sensitivity_scan,
     }
     cfg = load_run_config(args.config, parse_assignments(args.set), **overrides)
     try:
@@ -297,7 +298,16 @@ def _trust_flag(parser: argparse.ArgumentParser, what: str) -> None:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="autoprune", description="Hardware-aware automated pruning search.")
     sub = p.add_subparsers(dest="cmd")
-    s = sub.add_parser("search", help="run or resume a search (default: the embedded digits demo)")
+    s = sub.add_parser(
+        "search", help="run or resume a search (default: the embedded digits demo)",
+        description="Run or resume a pruning search (default: the embedded digits demo).",
+        epilog="Before the first trial, the sensitivity scan (run-config key efficiency.sensitivity_scan, on by default) "
+               "prunes each prunable group alone and evaluates it once, to narrow the ranges of the groups that lose "
+               "the most accuracy. It costs one BN recalibration and evaluation of the model per group, whatever "
+               "--trials is: seconds for the demo, often minutes for a larger model on a CPU, so it can take longer "
+               "than a short search (its ETA is printed before the groups start; the result is kept in the run folder "
+               "and not paid again on resume). Turn it off with --no-sensitivity-scan "
+               "(= --set efficiency.sensitivity_scan=false).")
     s.add_argument("--config", help="run config: a YAML file or a shipped name (e.g. digits)")
     s.add_argument("--model", help="demo | torchvision name | module:function | checkpoint .pt")
     s.add_argument("--data", help="digits | digits-cluttered | fashion-mnist[:DIR] | cifar10:DIR | cifar100:DIR | ImageFolder dir | module:function")
@@ -315,6 +325,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="train a model without weights for this much wall time instead of --pretrain-steps (not reproducible)")
     s.add_argument("--image-size", type=int, help="input height and width the data is resized to (digits: 16, ImageFolder: 224)")
     s.add_argument("--timeout", type=float, help="stop starting new trials after this many seconds")
+    s.add_argument("--no-sensitivity-scan", dest="sensitivity_scan", action="store_const", const=False, default=None,
+                   help="skip the per-group sensitivity scan before the trials (one evaluation per group, minutes on "
+                        "large models; see below)")
     s.add_argument("--workers", type=int, default=1, metavar="N",
                    help="run N worker processes on this machine, each on its own GPU (training on CUDA) or its own "
                         "share of the CPU cores; the dense model is prepared once first (default 1)")
