@@ -86,7 +86,8 @@ ADDED_KEY_DEFAULTS = {
 #: The same for search-space and device-profile keys (export parity and staircase files do not
 #: change how a trial that runs is scored; ``embedding: false`` is the old behaviour).
 ADDED_SPACE_DEFAULTS = {"embedding": False}
-ADDED_PROFILE_DEFAULTS = {"parity_samples": 8, "parity_atol": 1e-4, "parity_rtol": 1e-3, "staircases": None}
+ADDED_PROFILE_DEFAULTS = {"parity_samples": 8, "parity_atol": 1e-4, "parity_rtol": 1e-3, "staircases": None,
+                          "cpu_pinning": True}
 
 
 def _without_added_defaults(cfg: dict[str, Any], defaults: Optional[dict[str, Any]] = None) -> dict[str, Any]:
@@ -271,11 +272,28 @@ def open_study(ctx: SearchContext) -> optuna.Study:
 
 
 def enqueue_seeds(study: optuna.Study, ctx: SearchContext) -> None:
-    """On a fresh study, enqueue the seed plans: strong, cheap starting points."""
+    """On a fresh study, enqueue the seed plans: strong, cheap starting points.
+
+    Never more than ``search.trials`` of them: a seed beyond the trial budget is never run and
+    would stay in the study as a WAITING trial (shown by the dashboard and Optuna's tools) after
+    the search finished. With fewer trials than seeds, seeds spread evenly over the ordered list
+    are kept, so the first trials still span the latency range (or the budget targets).
+    """
     if study.trials:
         return
-    for params, attrs in seed_trials(ctx):
+    for params, attrs in spread(seed_trials(ctx), ctx.cfg.search.trials):
         study.enqueue_trial(params, user_attrs=attrs or None, skip_if_exists=True)
+
+
+def spread(items: list, n: int) -> list:
+    """``n`` of ``items`` (all of them when ``n`` >= their number), evenly spaced, ends included."""
+    if n >= len(items):
+        return list(items)
+    if n <= 0:
+        return []
+    if n == 1:
+        return [items[0]]
+    return [items[round(i * (len(items) - 1) / (n - 1))] for i in range(n)]
 
 
 def requeue_trial(study: optuna.Study, trial: optuna.trial.FrozenTrial, max_retries: int = 2) -> None:
