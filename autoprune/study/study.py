@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import fcntl
 import hashlib
 import json
 import logging
@@ -20,7 +19,7 @@ from optuna.trial import TrialState
 
 from autoprune.config import DEFAULT_ROUND_TO, config_hash
 from autoprune.errors import ConfigError
-from autoprune.runfolder import RunFolder
+from autoprune.runfolder import RunFolder, lock_path, unlock_path
 from autoprune.study.context import SearchContext
 from autoprune.study.space import seed_trials
 from autoprune.study.storage import (
@@ -324,18 +323,13 @@ def _fail_stale_local_trials(study: optuna.Study, max_retries: int = 2) -> int:
 @contextlib.contextmanager
 def run_lock(run: RunFolder) -> Iterator[bool]:
     """An exclusive lock on the run folder for the single-machine (SQLite) default."""
-    run.root.mkdir(parents=True, exist_ok=True)
-    fh = open(run.lock, "w")
-    try:
-        fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        fh.close()
+    fh = lock_path(run.lock, blocking=False)
+    if fh is None:
         raise ConfigError(f"{run.root}: another autoprune search is running in this folder (lock {run.lock})") from None
     try:
         yield True
     finally:
-        fcntl.flock(fh, fcntl.LOCK_UN)
-        fh.close()
+        unlock_path(run.lock, fh)  # no .lock left in a finished run folder
 
 
 def completed(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
