@@ -106,12 +106,29 @@ def cmd_search(args: argparse.Namespace, console: Console) -> int:
 
 
 def cmd_pick(args: argparse.Namespace, console: Console) -> int:
+    import os
+    import time
+    from pathlib import Path
+
     from autoprune.deploy.pick import pick
     from autoprune.results.front import load_front
+    from autoprune.runfolder import RunFolder
+    from autoprune.runlog import library_log
 
-    row, dest = pick(args.run, args.dest, profile=args.profile, max_latency_ms=args.max_latency_ms, max_params=args.max_params,
-                     min_accuracy=args.min_accuracy, max_flops=args.max_flops, max_size_mb=args.max_size_mb, trial=args.trial,
-                     trust_pickle=args.trust_pickle)
+    # Writing a bundle takes from seconds to a minute (exports, format checks): progress lines on
+    # stderr with a spinner, as search shows its own; exporter chatter to the run's log file.
+    progress = Console(stderr=True)
+    t0 = time.perf_counter()
+    log = RunFolder(Path(args.run)).log if os.access(args.run, os.W_OK) else None
+    with library_log(log), progress.status("writing the bundle", spinner="dots") as status:
+        def say(line: str) -> None:
+            progress.log(line)
+            status.update(f"{line.split(';')[0][:70]} ({time.perf_counter() - t0:.0f}s)")
+
+        row, dest = pick(args.run, args.dest, profile=args.profile, max_latency_ms=args.max_latency_ms, max_params=args.max_params,
+                         min_accuracy=args.min_accuracy, max_flops=args.max_flops, max_size_mb=args.max_size_mb, trial=args.trial,
+                         trust_pickle=args.trust_pickle, say=say)
+    progress.log(f"bundle written in {time.perf_counter() - t0:.0f}s")
     dense = load_front(args.run).get("dense")
     _print_rows(console, [row], dense if not args.profile else None, f"picked (latency on {args.profile or dense.get('profile')})")
     console.print(f"deploy files in {dest}: " + ", ".join(sorted(p.name for p in dest.iterdir())))

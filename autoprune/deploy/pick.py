@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 from autoprune.deploy.bundle import CARD, write_bundle
 from autoprune.errors import ConfigError
@@ -83,13 +83,14 @@ def choose(
 
 
 def pick(run_dir: str | Path, dest: Optional[str | Path] = None, profile: Optional[str] = None,
-         trust_pickle: bool = False, **budget: Any) -> tuple[dict[str, Any], Path]:
+         trust_pickle: bool = False, say: Optional[Callable[[str], None]] = None, **budget: Any) -> tuple[dict[str, Any], Path]:
     """Choose a model and write its deploy bundle (default ``<run>/picked``).
 
     ``max_latency_ms`` applies to the search's device profile, or to ``profile`` when given
     (another profile needs ``autoprune remeasure`` first). Other budgets: ``max_params``,
     ``max_flops``, ``max_size_mb`` (ONNX file), ``min_accuracy``; or ``trial`` to name one.
     ``trust_pickle``: also load a full-pickle ``model.pt`` (an older autoprune's run folder).
+    ``say``: progress lines while the bundle is written (the CLI shows them on stderr).
     """
     unknown = set(budget) - set(BUDGET_KEYS)
     if unknown:
@@ -100,5 +101,7 @@ def pick(run_dir: str | Path, dest: Optional[str | Path] = None, profile: Option
     # The bundle replaces ``dest`` as a whole: refuse the run itself, its own files and a user's folder.
     dest = replaceable_dir(Path(dest) if dest else RunFolder(run_dir).picked, RunFolder(run_dir), CARD, "bundle", "--dest")
     writable_dir(dest.parent, "--dest's parent folder")
-    write_bundle(run_dir, row, dest, budget, prof_name, trust_pickle=trust_pickle)
+    if say is not None:
+        say(f"picked trial {row['trial']} ({row['accuracy']:.4f}, {row['latency_ms']:.3f} ms on {prof_name}); writing its bundle to {dest}")
+    write_bundle(run_dir, row, dest, budget, prof_name, trust_pickle=trust_pickle, say=say)
     return row, dest
