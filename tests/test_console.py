@@ -151,3 +151,14 @@ def test_a_worker_process_leaks_no_semaphore(tmp_path):
     p = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
     assert "exit 1 reported True" in p.stdout, p.stdout + p.stderr[-2000:]
     assert "leaked semaphore" not in p.stderr, p.stderr[-2000:]
+
+
+def test_a_finished_run_folder_has_no_lock_files_and_no_waiting_trials(tiny_run):
+    """Nothing hidden is left behind (#27): lock files are removed by their holders, and no
+    queued seed waits in the finished study."""
+    import optuna
+
+    out = tiny_run.out
+    assert sorted(str(p.relative_to(out)) for p in out.rglob("*.lock")) == []
+    study = optuna.load_study(study_name="autoprune", storage=f"sqlite:///{out / 'study.db'}")
+    assert not study.get_trials(states=(optuna.trial.TrialState.WAITING, optuna.trial.TrialState.RUNNING))
