@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import hashlib
 import logging
 import math
@@ -41,7 +42,6 @@ from optuna.trial import TrialState
 
 from autoprune.config import SearchSettings
 from autoprune.errors import ConfigError, DiskFullError
-from autoprune.runfolder import lock_path, unlock_path
 from autoprune.study.storage import fail_running_trial, heartbeat_dead_trial_ids, sqlalchemy_url, trial_store
 
 log = logging.getLogger("autoprune")
@@ -72,7 +72,6 @@ class SlotLock:
         self._engine: Any = None
         self._conn: Any = None
         self._fh: Any = None
-        self._path = None
         self._key = int.from_bytes(hashlib.sha256(f"autoprune:{name}".encode()).digest()[:8], "big", signed=True)
         if sqlalchemy_url(url).startswith("postgresql"):
             # One connection held for the worker's life; no pool keeping others open.
@@ -80,17 +79,15 @@ class SlotLock:
             self._conn = self._engine.connect().execution_options(isolation_level="AUTOCOMMIT")
         elif url.startswith("sqlite:///"):
             db = Path(url[len("sqlite:///"):])
-            self._path: Optional[Path] = db.with_name(db.name + f".{hashlib.sha256(name.encode()).hexdigest()[:8]}.lock")
+            self._fh = open(db.with_name(db.name + f".{hashlib.sha256(name.encode()).hexdigest()[:8]}.lock"), "a")
 
     def acquire(self) -> None:
         import sqlalchemy
 
         if self._conn is not None:
             self._conn.execute(sqlalchemy.text("SELECT pg_advisory_lock(:k)"), {"k": self._key})
-        elif self._path is not None:
-            # Taken per slot and removed on release (runfolder.lock_path: safe against removal),
-            # so no study.db.*.lock stays next to a finished study.
-            self._fh = lock_path(self._path)
+        elif self._fh is not None:
+            fcntl.flock(self._fh, fcntl.LOCK_EX)
         self._held = True
 
     def release(self) -> None:
@@ -102,8 +99,7 @@ class SlotLock:
         if self._conn is not None:
             self._conn.execute(sqlalchemy.text("SELECT pg_advisory_unlock(:k)"), {"k": self._key})
         elif self._fh is not None:
-            unlock_path(self._path, self._fh)
-            self._fh = None
+            fcntl.flock(self._fh, fcntl.LOCK_UN)
 
     def close(self) -> None:
         with contextlib.suppress(Exception):
