@@ -30,6 +30,7 @@ from autoprune.measure import backends
 from autoprune.measure.onnx import external_data_files
 from autoprune.results.artifacts import export_front
 from autoprune.results.front import front
+from autoprune.runlog import library_log
 from autoprune.runfolder import RunFolder, file_lock, remove_dead_temp_files, writable_dir, writable_paths
 from autoprune.study.context import SearchContext, prepare
 from autoprune.study.final import final_stage, final_stage_needed
@@ -235,7 +236,9 @@ def run(cfg: RunConfig, console: Optional[Console] = None, export: bool = True, 
     # says at once that it is busy instead of waiting silently on the prepare lock while the
     # first trains. Workers sharing a folder through --storage take no run-folder lock.
     lock = run_lock(RunFolder(Path(cfg.out))) if local else contextlib.nullcontext()
-    with lock:
+    # Library chatter (exporter warnings, MLflow's INFO lines, deprecation warnings) goes to
+    # <run>/autoprune.log; the console keeps autoprune's own lines.
+    with lock, library_log(RunFolder(Path(cfg.out)).log):
         # Workers sharing the run folder: the first trains and measures the dense model, the others
         # wait here and load its base_model.pt / dense.json (the study checks the weights' hash).
         with file_lock(RunFolder(Path(cfg.out)).prepare_lock):

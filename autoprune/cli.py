@@ -14,18 +14,66 @@ from rich.table import Table
 from autoprune.errors import AutopruneError, ConfigError
 
 
-def _fmt_row_table(rows: list[dict], dense: Optional[dict], title: str) -> Table:
-    t = Table(title=title)
+#: Result-table columns a narrow terminal drops first (least read first); trial, the metric,
+#: latency, speed-up and params always stay, in full.
+_DROPPABLE = ("ONNX KB", "p90 ms", "MFLOPs")
+
+
+def _row_cells(rows: list[dict], dense: Optional[dict]) -> tuple[list[str], list[list[str]]]:
     metric = (dense or {}).get("metric_name", "accuracy")  # the task's metric (miou, ...)
-    for c in ("trial", metric, "latency ms (median)", "p90 ms", "speed-up", "MFLOPs", "params", "ONNX KB"):
-        t.add_column(c, justify="right")
+    header = ["trial", metric, "latency ms (median)", "p90 ms", "speed-up", "MFLOPs", "params", "ONNX KB"]
+    body = []
     if dense:
-        t.add_row("dense", f"{dense['accuracy']:.4f}", f"{dense['latency']['median_ms']:.3f}", f"{dense['latency']['p90_ms']:.3f}", "1.00x",
-                  f"{dense['flops'] / 1e6:.2f}", f"{dense['params']:,}", f"{dense['onnx_bytes'] / 1024:.0f}", style="yellow")
+        body.append(["dense", f"{dense['accuracy']:.4f}", f"{dense['latency']['median_ms']:.3f}", f"{dense['latency']['p90_ms']:.3f}",
+                     "1.00x", f"{dense['flops'] / 1e6:.2f}", f"{dense['params']:,}", f"{dense['onnx_bytes'] / 1024:.0f}"])
     for r in rows:
-        t.add_row(str(r["trial"]), f"{r['accuracy']:.4f}", f"{r['latency_ms']:.3f}", f"{(r['latency_p90_ms'] or 0):.3f}",
-                  f"{(r['speedup'] or 0):.2f}x", f"{(r['flops'] or 0) / 1e6:.2f}", f"{r['params']:,}", f"{(r['onnx_bytes'] or 0) / 1024:.0f}")
-    return t
+        body.append([str(r["trial"]), f"{r['accuracy']:.4f}", f"{r['latency_ms']:.3f}", f"{(r['latency_p90_ms'] or 0):.3f}",
+                     f"{(r['speedup'] or 0):.2f}x", f"{(r['flops'] or 0) / 1e6:.2f}", f"{r['params']:,}", f"{(r['onnx_bytes'] or 0) / 1024:.0f}"])
+    return header, body
+
+
+def _print_rows(console: Console, rows: list[dict], dense: Optional[dict], title: str) -> None:
+    """The result table (Pareto front, picked model), every number in full.
+
+    Not a terminal (logs, CI, a pipe): plain space-aligned text with no width limit, so no cell
+    is ever cut. A terminal: a rich table whose cells never shrink below their content; when
+    the window is too narrow, whole columns are dropped (:data:`_DROPPABLE`) and named below
+    the table instead of showing numbers cut short ("1,527,…"), and a window too narrow even
+    for the rest gets the plain layout (its lines wrap, its numbers stay whole).
+    """
+    header, body = _row_cells(rows, dense)
+    # A column is as wide as its longest cell or its header's longest word (headers wrap at spaces).
+    need = [max([len(w) for w in h.split()] + [len(r[i]) for r in body]) for i, h in enumerate(header)]
+
+    def width(cols: list[int]) -> int:  # rich's default box: a rule per column plus one, padding 1 each side
+        return sum(need[i] for i in cols) + 3 * len(cols) + 1
+
+    keep, dropped = list(range(len(header))), []
+    for name in _DROPPABLE:
+        if width(keep) <= console.width:
+            break
+        keep.remove(header.index(name))
+        dropped.append(name)
+    if not console.is_terminal or width(keep) > console.width:
+        widths = [max(len(c) for c in col) for col in zip(header, *body)]
+        console.print(title, markup=False, highlight=False, soft_wrap=True)
+        for line in [header, *body]:
+            console.print("  ".join(c.rjust(w) for c, w in zip(line, widths)).rstrip(), markup=False, highlight=False,
+                          soft_wrap=True)
+        return
+    # Fixed widths that fit, so rich never shrinks a column itself: headers on one line when
+    # there is room, else wrapped at their spaces.
+    natural = [max(need[i], len(header[i])) for i in range(len(header))]
+    fixed = natural if sum(natural[i] for i in keep) + 3 * len(keep) + 1 <= console.width else need
+    t = Table(title=title)
+    for i in keep:
+        t.add_column(header[i], justify="right", overflow="fold", width=fixed[i])
+    for n, r in enumerate(body):
+        t.add_row(*(r[i] for i in keep), style="yellow" if dense and n == 0 else None)
+    console.print(t)
+    if dropped:
+        console.print(f"(window too narrow: {', '.join(dropped)} not shown; widen it or pipe the output for every column)",
+                      highlight=False)
 
 
 def cmd_search(args: argparse.Namespace, console: Console) -> int:
@@ -40,13 +88,14 @@ def cmd_search(args: argparse.Namespace, console: Console) -> int:
         "search.seed": args.seed, "search.sampler": args.sampler, "finetune.steps": args.finetune_steps,
         "pretrain_steps": args.pretrain_steps, "pretrain_seconds": args.pretrain_seconds, "image_size": args.image_size,
         "search.timeout_s": args.timeout, "trust_pickle": True if args.trust_pickle else None,
+        "efficiency.sensitivity_scan": args.sensitivity_scan,
     }
     cfg = load_run_config(args.config, parse_assignments(args.set), **overrides)
     try:
         result = run(cfg, console=Console(stderr=True), workers=args.workers)
     except KeyboardInterrupt:
         return 130
-    console.print(_fmt_row_table(result.pareto, result.dense, f"Pareto front ({len(result.pareto)} models) on {result.ctx.profile.name}"))
+    _print_rows(console, result.pareto, result.dense, f"Pareto front ({len(result.pareto)} models) on {result.ctx.profile.name}")
     dense_ms = result.dense["latency"]["median_ms"]
     for target in result.ctx.targets_ms:  # budget mode: the answer to "the best model under my budget"
         best = best_under(result.pareto, target)
@@ -57,14 +106,31 @@ def cmd_search(args: argparse.Namespace, console: Console) -> int:
 
 
 def cmd_pick(args: argparse.Namespace, console: Console) -> int:
+    import os
+    import time
+    from pathlib import Path
+
     from autoprune.deploy.pick import pick
     from autoprune.results.front import load_front
+    from autoprune.runfolder import RunFolder
+    from autoprune.runlog import library_log
 
-    row, dest = pick(args.run, args.dest, profile=args.profile, max_latency_ms=args.max_latency_ms, max_params=args.max_params,
-                     min_accuracy=args.min_accuracy, max_flops=args.max_flops, max_size_mb=args.max_size_mb, trial=args.trial,
-                     trust_pickle=args.trust_pickle, model=args.model, trust_code=args.trust_code)
+    # Writing a bundle takes from seconds to a minute (exports, format checks): progress lines on
+    # stderr with a spinner, as search shows its own; exporter chatter to the run's log file.
+    progress = Console(stderr=True)
+    t0 = time.perf_counter()
+    log = RunFolder(Path(args.run)).log if os.access(args.run, os.W_OK) else None
+    with library_log(log), progress.status("writing the bundle", spinner="dots") as status:
+        def say(line: str) -> None:
+            progress.log(line)
+            status.update(f"{line.split(';')[0][:70]} ({time.perf_counter() - t0:.0f}s)")
+
+        row, dest = pick(args.run, args.dest, profile=args.profile, max_latency_ms=args.max_latency_ms, max_params=args.max_params,
+                         min_accuracy=args.min_accuracy, max_flops=args.max_flops, max_size_mb=args.max_size_mb, trial=args.trial,
+                         trust_pickle=args.trust_pickle, model=args.model, trust_code=args.trust_code, say=say)
+    progress.log(f"bundle written in {time.perf_counter() - t0:.0f}s")
     dense = load_front(args.run).get("dense")
-    console.print(_fmt_row_table([row], dense if not args.profile else None, f"picked (latency on {args.profile or dense.get('profile')})"))
+    _print_rows(console, [row], dense if not args.profile else None, f"picked (latency on {args.profile or dense.get('profile')})")
     console.print(f"deploy files in {dest}: " + ", ".join(sorted(p.name for p in dest.iterdir())))
     return 0
 
@@ -261,7 +327,16 @@ def _code_flags(parser: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="autoprune", description="Hardware-aware automated pruning search.")
     sub = p.add_subparsers(dest="cmd")
-    s = sub.add_parser("search", help="run or resume a search (default: the embedded digits demo)")
+    s = sub.add_parser(
+        "search", help="run or resume a search (default: the embedded digits demo)",
+        description="Run or resume a pruning search (default: the embedded digits demo).",
+        epilog="Before the first trial, the sensitivity scan (run-config key efficiency.sensitivity_scan, on by default) "
+               "prunes each prunable group alone and evaluates it once, to narrow the ranges of the groups that lose "
+               "the most accuracy. It costs one BN recalibration and evaluation of the model per group, whatever "
+               "--trials is: seconds for the demo, often minutes for a larger model on a CPU, so it can take longer "
+               "than a short search (its ETA is printed before the groups start; the result is kept in the run folder "
+               "and not paid again on resume). Turn it off with --no-sensitivity-scan "
+               "(= --set efficiency.sensitivity_scan=false).")
     s.add_argument("--config", help="run config: a YAML file or a shipped name (e.g. digits)")
     s.add_argument("--model", help="demo | torchvision name | module:function | checkpoint .pt")
     s.add_argument("--data", help="digits | digits-cluttered | fashion-mnist[:DIR] | cifar10:DIR | cifar100:DIR | ImageFolder dir | module:function")
@@ -279,6 +354,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="train a model without weights for this much wall time instead of --pretrain-steps (not reproducible)")
     s.add_argument("--image-size", type=int, help="input height and width the data is resized to (digits: 16, ImageFolder: 224)")
     s.add_argument("--timeout", type=float, help="stop starting new trials after this many seconds")
+    s.add_argument("--no-sensitivity-scan", dest="sensitivity_scan", action="store_const", const=False, default=None,
+                   help="skip the per-group sensitivity scan before the trials (one evaluation per group, minutes on "
+                        "large models; see below)")
     s.add_argument("--workers", type=int, default=1, metavar="N",
                    help="run N worker processes on this machine, each on its own GPU (training on CUDA) or its own "
                         "share of the CPU cores; the dense model is prepared once first (default 1)")

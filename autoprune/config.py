@@ -240,6 +240,11 @@ class DeviceProfile(_Strict):
     mode: Literal["latency", "throughput"] = "latency"
     #: torch backend only: torch.compile the model before timing (needs a C++ compiler on CPU).
     compile: bool = False
+    #: OpenVINO on a CPU device: pin inference threads to cores (``ENABLE_CPU_PINNING``), as
+    #: ``benchmark_app`` does by default. Pinned threads do not migrate between cores, which
+    #: steadies sub-millisecond readings and matches how a dedicated target runs; set false on a
+    #: machine whose cores other work shares (pinned threads then wait for their core).
+    cpu_pinning: bool = True
     #: Time the dense model in the same session, interleaved with the candidate, and report the
     #: speed-up ratio: more trustworthy than absolute times for sub-millisecond models on shared CPUs.
     measure_reference: bool = False

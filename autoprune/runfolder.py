@@ -116,11 +116,16 @@ class RunFolder:
         """Held while the front is written (workers sharing the folder finish together)."""
         return self.root / ".export.lock"
 
+    @property
+    def log(self) -> Path:
+        """Library log records and warnings of the searches in this folder (:mod:`autoprune.runlog`)."""
+        return self.root / "autoprune.log"
+
     def written_in_place(self, local_study: bool) -> list[Path]:
         """What a search opens for writing where it is (databases, lock files) or creates files in
         (folders): a read-only one must stop the search before it trains (see writable_paths).
         ``local_study``: the study is this folder's SQLite ``study.db``."""
-        files = [self.lock, self.prepare_lock, self.export_lock, self.latency_cache]
+        files = [self.lock, self.prepare_lock, self.export_lock, self.latency_cache, self.log]
         folders = [self.trial(0).root.parent, self.dense_onnx.parent, self.predictor("x").parent, self.staircases("x").parent,
                    self.pareto_dir]
         return [*files, *([self.study_db] if local_study else []), *folders]
@@ -243,7 +248,7 @@ class RunFolder:
         """Top-level names the search writes and reads back (study, locks, dense model, caches,
         trials, final stage, front, report, re-measures). No ``--dest`` may replace them or lie
         inside them; ``picked/`` and ``export/`` are outputs that pick/export may replace."""
-        paths = (self.study_db, self.lock, self.prepare_lock, self.export_lock, self.base_model, self.dense_json,
+        paths = (self.study_db, self.lock, self.prepare_lock, self.export_lock, self.log, self.base_model, self.dense_json,
                  self.dense_onnx, self.sensitivity, self.flops_savings, self.latency_cache, self.predictor("x"),
                  self.staircases("x"),
                  self.trial(0).root, self.final_json, self.proxy_fidelity, self.budget_calibration, self.unprunable,
@@ -252,17 +257,54 @@ class RunFolder:
         return frozenset(p.relative_to(self.root).parts[0] for p in paths)
 
 
+def lock_path(path: Path, blocking: bool = True) -> Optional[IO[str]]:
+    """Take an exclusive ``flock`` on the file at ``path`` (created if missing); the open file
+    holding it, or None when ``blocking`` is False and someone else holds it.
+
+    Lock files are removed when released (:func:`unlock_path`), so no hidden ``.lock`` files stay
+    in a finished run folder. That is safe only because every taker checks, once it holds the
+    lock, that ``path`` still names the file it locked: a process that opened the file just
+    before the holder removed it would otherwise lock the removed file while a third process
+    locks a new one at the same path, and both would run. On a mismatch (file removed or
+    replaced) the taker lets go and tries again on the file now there.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    while True:
+        fh = open(path, "a")
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
+        except BlockingIOError:
+            fh.close()
+            return None
+        try:
+            same = os.path.samestat(os.fstat(fh.fileno()), os.stat(path))
+        except FileNotFoundError:
+            same = False
+        if same:
+            return fh
+        fh.close()  # locked a file its holder removed: take the one at the path now
+
+
+def unlock_path(path: Path, fh: IO[str]) -> None:
+    """Release a lock taken by :func:`lock_path`, removing its file first, while still held, so
+    that nobody can lock the file between its release and its removal."""
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
+    fcntl.flock(fh, fcntl.LOCK_UN)
+    fh.close()
+
+
 @contextlib.contextmanager
 def file_lock(path: Path) -> Iterator[None]:
     """Blocking exclusive lock: the first worker trains/measures the dense model, the others wait
-    and then load its ``base_model.pt`` / ``dense.json`` from the shared run folder."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
+    and then load its ``base_model.pt`` / ``dense.json`` from the shared run folder. The lock
+    file is gone once released (see :func:`lock_path` for why that is safe)."""
+    fh = lock_path(path)
+    assert fh is not None
+    try:
+        yield
+    finally:
+        unlock_path(path, fh)
 
 
 def atomic_write_text(path: Path, text: str, encoding: str = "utf-8") -> Path:

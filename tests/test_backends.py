@@ -98,6 +98,29 @@ def test_openvino_pins_threads_streams_and_fp32(tiny):
     assert tput.info["config"]["PERFORMANCE_HINT"] == "THROUGHPUT" and tput.info["config"]["NUM_STREAMS"] == "1"
 
 
+def test_openvino_pins_cpu_threads_like_benchmark_app_unless_the_profile_says_not(tiny):
+    """benchmark_app runs with ENABLE_CPU_PINNING on; so does the backend by default, set
+    explicitly (not left to the plugin's OS- and version-dependent default), and the compiled
+    model reports it; ``cpu_pinning: false`` turns it off. Latency caches and staircases of
+    OpenVINO profiles tell the two apart; other backends' keys ignore the setting."""
+    from autoprune.measure.cache import profile_key
+    from autoprune.measure.staircase import fingerprint
+
+    model, x, path, _ = tiny
+    x = torch.from_numpy(x)
+    pinned = DeviceProfile(name="ov", backend="openvino", device="CPU")
+    r = backends.load(ModelArtifact(path), pinned)
+    assert r.info["config"]["ENABLE_CPU_PINNING"] == "YES"
+    assert r.info["compiled"]["ENABLE_CPU_PINNING"] == "True"
+    loose = DeviceProfile(name="ov", backend="openvino", device="CPU", cpu_pinning=False)
+    r = backends.load(ModelArtifact(path), loose)
+    assert r.info["config"]["ENABLE_CPU_PINNING"] == "NO" and r.info["compiled"]["ENABLE_CPU_PINNING"] == "False"
+    assert profile_key(pinned) != profile_key(loose)
+    assert fingerprint(pinned, model, x) != fingerprint(loose, model, x)
+    ort = DeviceProfile(name="o", backend="onnxruntime")
+    assert profile_key(ort) == profile_key(ort.model_copy(update={"cpu_pinning": False}))
+
+
 @pytest.mark.parametrize("backend,device", [("onnxruntime", "cpu"), ("openvino", "CPU")])
 def test_reused_request_reads_the_callers_current_data(tiny, backend, device):
     """The runners keep one request/IOBinding and share the caller's array instead of building a

@@ -196,6 +196,23 @@ def test_inference_example_runs_as_script(bundle, tmp_path):
     assert "import autoprune" not in src and "from autoprune" not in src  # deployable without autoprune
 
 
+def test_inference_example_has_usage_and_options(tmp_path):
+    """``infer_example.py --help`` prints its usage (it used to open a file named '--help'); a
+    missing input file is one line naming it. Runs from a copy, as a user's bundle would."""
+    import autoprune.deploy.bundle as bundle_module
+
+    template = Path(bundle_module.__file__).parent / "templates" / bundle_module.EXAMPLE
+    script = tmp_path / bundle_module.EXAMPLE
+    shutil.copy(template, script)
+    p = subprocess.run([sys.executable, str(script), "--help"], capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert p.stdout.startswith("usage: infer_example.py") and "--runtime" in p.stdout and "INPUTS.npy" in p.stdout
+    assert "Traceback" not in p.stderr
+    (tmp_path / "model_card.json").write_text(json.dumps({"input": {"shape": [1, 1, 16, 16]}}))
+    p = subprocess.run([sys.executable, str(script), "missing.npy"], capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    assert p.returncode == 2 and "Traceback" not in p.stderr and "missing.npy: no such file" in p.stderr
+
+
 def test_pick_cli_size_budget_and_clear_error(run_copy, tmp_path, capsys):
     from autoprune.cli import main
 

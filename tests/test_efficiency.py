@@ -127,3 +127,48 @@ def test_fine_tune_rungs_follow_the_stop_decision():
         out = finetune_in_rungs(m, data, ft, eff, m, 0, lambda acc0, stop=stop: seen.append(acc0) or stop)
         assert out["stopped_at_rung0"] is stop and out["accuracy_rung0"] == seen[-1]
         assert out["finetune_steps"] == (2 if stop else 6)
+
+
+def test_sensitivity_scan_says_its_eta_before_the_first_group(trained):
+    """The scan's ETA comes before any group is pruned (it used to come only after the first
+    groups), and names the switch that turns the scan off."""
+    import time
+
+    import autoprune.study.priors as priors
+
+    d, base, x = trained
+    groups = find_groups(base, x, 10)[:3]
+    for g in groups:
+        g.low, g.high = 0.0, 0.7
+    calib = [b for _, b in zip(range(2), d.loader("train", 64, shuffle=True))]
+    events: list[tuple[str, str]] = []
+    real = priors.pruned_alone
+
+    def spy(*a, **k):
+        events.append(("prune", a[1].name))
+        return real(*a, **k)
+
+    priors.pruned_alone = spy
+    try:
+        t0 = time.perf_counter()
+        priors.sensitivity_scan(base, groups, d, x, calib, ratio=0.5, max_batches=2, progress=lambda s: events.append(("say", s)))
+        took = time.perf_counter() - t0
+    finally:
+        priors.pruned_alone = real
+    first_prune = events.index(next(e for e in events if e[0] == "prune"))
+    said_before = [s for kind, s in events[:first_prune] if kind == "say"]
+    assert any("efficiency.sensitivity_scan=false" in s for s in said_before), said_before
+    eta = [s for s in said_before if "ETA about" in s]
+    assert eta and f"{len(groups)} groups" in eta[0], said_before
+    assert 0 <= float(eta[0].split("ETA about ")[1].split("s")[0]) <= 3 * took + 1
+
+
+def test_search_help_documents_the_sensitivity_scan_and_its_switch():
+    from autoprune.cli import build_parser
+
+    search = build_parser()._subparsers._group_actions[0].choices["search"]
+    text = " ".join(search.format_help().split())
+    assert "efficiency.sensitivity_scan" in text and "--no-sensitivity-scan" in text
+    assert "evaluation of the model per group" in text and "whatever --trials is" in text
+    assert search.parse_args(["--no-sensitivity-scan"]).sensitivity_scan is False
+    assert search.parse_args([]).sensitivity_scan is None  # the config decides

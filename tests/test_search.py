@@ -260,3 +260,21 @@ def test_proxy_fidelity_is_kendall_tau_of_short_vs_final_accuracy():
     # pairs: 6; discordant: (0.70,0.80) vs (0.60,0.82) only -> tau = (5 - 1) / 6
     assert out["kendall_tau"] == pytest.approx(4 / 6) and out["models"] == 4
     assert proxy_fidelity(rows[:2]) is None  # too few to rank
+
+
+def test_seeds_are_never_enqueued_beyond_the_trial_budget(monkeypatch):
+    """Four seed plans and ``--trials 3``: three are queued, spread over the ordered list (the
+    first and the last kept), so no seed is left WAITING in a finished study."""
+    from types import SimpleNamespace
+
+    import optuna
+
+    import autoprune.study.study as st
+
+    seeds = [({"ratio/a": r}, {}) for r in (0.1, 0.2, 0.3, 0.4)]
+    monkeypatch.setattr(st, "seed_trials", lambda ctx: seeds)
+    for trials, want in ((3, [0.1, 0.3, 0.4]), (1, [0.1]), (4, [0.1, 0.2, 0.3, 0.4]), (9, [0.1, 0.2, 0.3, 0.4])):
+        study = optuna.create_study(directions=["maximize", "minimize"])
+        st.enqueue_seeds(study, SimpleNamespace(cfg=SimpleNamespace(search=SimpleNamespace(trials=trials))))
+        waiting = study.get_trials(states=(optuna.trial.TrialState.WAITING,))
+        assert [t.system_attrs["fixed_params"]["ratio/a"] for t in waiting] == want

@@ -14,7 +14,7 @@ import importlib.resources
 import json
 import shutil
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 from autoprune.errors import ConfigError
 from autoprune.measure.onnx import file_size
@@ -274,12 +274,17 @@ def _copy_example(dest: Path) -> None:
 
 def write_bundle(run_dir: Path, row: dict[str, Any], dest: Path, budget: Optional[dict[str, Any]] = None,
                  profile: Optional[str] = None, trust_pickle: bool = False,
-                 guard: Optional[Any] = None, code: CodePolicy = CodePolicy()) -> dict[str, Any]:
+                 guard: Optional[Any] = None, code: CodePolicy = CodePolicy(),
+                 say: Optional[Callable[[str], None]] = None) -> dict[str, Any]:
     """Copy a Pareto trial's files into ``dest`` and add torch.export/TorchScript files, the
     model card and the inference example. Returns the card. ``model.pt`` loads weights-only;
     a full pickle of an older autoprune only with ``trust_pickle``. ``guard`` checks ``dest``
-    again right before the new bundle replaces it (:func:`autoprune.runfolder.atomic_dir`)."""
+    again right before the new bundle replaces it (:func:`autoprune.runfolder.atomic_dir`). ``say`` gets a line as each
+    stage starts: the exports and the format checks take from seconds to minutes, and a command
+    that is silent that long looks hung."""
     import torch
+
+    say = say or (lambda s: None)
 
     run_dir = Path(run_dir)
     if not row.get("artifacts"):
@@ -290,6 +295,7 @@ def write_bundle(run_dir: Path, row: dict[str, Any], dest: Path, budget: Optiona
     # Written into a hidden sibling and swapped in whole: a failed or killed pick leaves the
     # previous bundle (or nothing) under ``dest``, and no temporary folder after the next pick.
     with atomic_dir(dest, guard) as tmp:
+        say(f"trial {row['trial']}: copying its ONNX, OpenVINO IR and PyTorch files from {src}")
         shutil.copytree(src, tmp, dirs_exist_ok=True)
         meta = json.loads((tmp / "metadata.json").read_text())
         if meta.get("trial") != row["trial"]:
@@ -298,8 +304,12 @@ def write_bundle(run_dir: Path, row: dict[str, Any], dest: Path, budget: Optiona
         model = load_checkpoint(src / "model.pt", trust_pickle=trust_pickle, code=code)[0]  # src: an error names the run folder's file
         shape = meta.get("input_shape") or [1]
         example = torch.randn(*shape, generator=torch.Generator().manual_seed(0))
+        say("exporting torch.export (model.pt2) and TorchScript (model.torchscript.pt) files")
         extra, errors = _export_torch_formats(model, example, tmp)
+        say("checking every format against PyTorch on one input (onnxruntime, OpenVINO f32 and default precision"
+            + ("" if not extra else ", " + ", ".join(extra)) + ")")
         agreement, ov_default = _format_agreement(model, example, tmp, extra)
+        say("writing the model card and infer_example.py")
         _copy_example(tmp)  # before the card: the card lists every file written here
         card = _model_card(run_dir, row, meta, model, tmp, budget or {}, profile or search_profile_name(run_dir),
                            extra, errors, agreement, ov_default)

@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 from autoprune.deploy.bundle import CARD, bundle_files, write_bundle
 from autoprune.errors import ConfigError
@@ -85,7 +85,7 @@ def choose(
 
 def pick(run_dir: str | Path, dest: Optional[str | Path] = None, profile: Optional[str] = None,
          trust_pickle: bool = False, model: Optional[str] = None, trust_code: bool = False,
-         **budget: Any) -> tuple[dict[str, Any], Path]:
+         say: Optional[Callable[[str], None]] = None, **budget: Any) -> tuple[dict[str, Any], Path]:
     """Choose a model and write its deploy bundle (default ``<run>/picked``).
 
     ``max_latency_ms`` applies to the search's device profile, or to ``profile`` when given
@@ -94,6 +94,7 @@ def pick(run_dir: str | Path, dest: Optional[str | Path] = None, profile: Option
     ``trust_pickle``: also load a full-pickle ``model.pt`` (an older autoprune's run folder).
     ``model``: the ``module:function`` of your model's code, when it is not demo or torchvision
     (must equal the one the model file records); ``trust_code``: build whatever the file names.
+    ``say``: progress lines while the bundle is written (the CLI shows them on stderr).
     """
     unknown = set(budget) - set(BUDGET_KEYS)
     if unknown:
@@ -110,6 +111,8 @@ def pick(run_dir: str | Path, dest: Optional[str | Path] = None, profile: Option
 
     dest = check()
     writable_dir(dest.parent, "--dest's parent folder")
+    if say is not None:
+        say(f"picked trial {row['trial']} ({row['accuracy']:.4f}, {row['latency_ms']:.3f} ms on {prof_name}); writing its bundle to {dest}")
     write_bundle(run_dir, row, dest, budget, prof_name, trust_pickle=trust_pickle, guard=check,
-                 code=CodePolicy.of(model, trust=trust_code))
+                 code=CodePolicy.of(model, trust=trust_code), say=say)
     return row, dest

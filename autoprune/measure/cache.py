@@ -80,8 +80,14 @@ def runtime_versions() -> dict[str, str]:
     return out
 
 
+def uses_openvino(profile: DeviceProfile) -> bool:
+    return profile.backend == "openvino" or (profile.backend == "remote" and profile.remote_backend == "openvino")
+
+
 def profile_key(profile: DeviceProfile) -> str:
     d = {k: v for k, v in profile.model_dump(mode="json").items() if k not in _NOT_MEASUREMENT}
+    if not uses_openvino(profile):
+        d.pop("cpu_pinning", None)  # an OpenVINO setting: other backends' cached numbers stay valid
     d["_runtimes"] = runtime_versions()
     return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 

@@ -83,7 +83,9 @@ def model_hash(model: nn.Module) -> str:
 def fingerprint(profile: DeviceProfile, model: nn.Module, example: torch.Tensor) -> dict[str, Any]:
     """Everything a staircase depends on. ``example`` is at the profile's batch size."""
     runtime, version = _runtime(profile)
+    pinning = {"cpu_pinning": profile.cpu_pinning} if runtime == "openvino" else {}
     return {
+        **pinning,
         "cpu": f"remote:{profile.url}" if profile.backend == "remote" else cpu_model(),
         "backend": profile.backend,
         "device": profile.device,

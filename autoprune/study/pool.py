@@ -24,6 +24,7 @@ import contextlib
 import multiprocessing as mp
 import os
 import signal
+import sys
 import threading
 import time
 import traceback
@@ -31,9 +32,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional
 
+import optuna
+
 from autoprune.config import RunConfig
 from autoprune.errors import AutopruneError
 from autoprune.runfolder import RunFolder, file_lock
+from autoprune.runlog import library_log
 from autoprune.study.context import prepare
 from autoprune.study.study import open_study, optimize
 from autoprune.train.device import available_cores, cuda_count, resolve_device
@@ -111,7 +115,7 @@ def worker_config(cfg: RunConfig, slot: WorkerSlot, storage: str) -> RunConfig:
 
 
 # --------------------------------------------------------------------------- the worker process
-def _worker_main(cfg_json: dict[str, Any], trust_pickle: bool, slot: WorkerSlot, conn: Any) -> None:
+def _worker_main(cfg_json: dict[str, Any], trust_pickle: bool, slot: WorkerSlot, conn: Any, optuna_verbosity: int) -> None:
     """A worker process (spawned): pin itself, then run trials until the study is full.
     Its last error goes to the parent through ``conn``; exit code 0 done, 2 an AutopruneError,
     130 interrupted, 1 anything else."""
@@ -122,9 +126,11 @@ def _worker_main(cfg_json: dict[str, Any], trust_pickle: bool, slot: WorkerSlot,
     code = 0
     try:
         cfg = RunConfig.model_validate({**cfg_json, "trust_pickle": trust_pickle})
-        with file_lock(RunFolder(Path(cfg.out)).prepare_lock):
-            ctx = prepare(cfg)  # loads what the parent prepared: no training here
-        optimize(ctx, open_study(ctx))
+        optuna.logging.set_verbosity(optuna_verbosity)  # the parent's (the CLI keeps Optuna's INFO off)
+        with library_log(RunFolder(Path(cfg.out)).log):
+            with file_lock(RunFolder(Path(cfg.out)).prepare_lock):
+                ctx = prepare(cfg)  # loads what the parent prepared: no training here
+            optimize(ctx, open_study(ctx))
     except KeyboardInterrupt:
         code = 130
     except AutopruneError as exc:
@@ -135,7 +141,13 @@ def _worker_main(cfg_json: dict[str, Any], trust_pickle: bool, slot: WorkerSlot,
         code = 1
     finally:
         conn.close()
-    os._exit(code)  # no atexit work in a spawned child (the parent owns the run folder)
+    # sys.exit, not os._exit: multiprocessing's bootstrap then runs its finalizers, which unlink
+    # the POSIX semaphores this process made (tqdm creates a multiprocessing lock the first time
+    # a progress bar appears, e.g. inside torch.onnx's dynamo export). os._exit skipped them and
+    # the parent's resource tracker reported "leaked semaphore objects" at the end of every
+    # --workers search. A spawned child inherits no atexit handlers of the parent, and autoprune
+    # registers none, so a normal exit touches nothing in the run folder.
+    sys.exit(code)
 
 
 # --------------------------------------------------------------------------- the parent
@@ -174,7 +186,7 @@ def run_workers(cfg: RunConfig, slots: list[WorkerSlot], storage: str, tick: Cal
                 recv, send = spawn.Pipe(duplex=False)
                 # trust_pickle is left out of config dumps (a run folder never grants it): passed alone.
                 wcfg = worker_config(cfg, slot, storage).model_dump(mode="json")
-                p = spawn.Process(target=_worker_main, args=(wcfg, cfg.trust_pickle, slot, send),
+                p = spawn.Process(target=_worker_main, args=(wcfg, cfg.trust_pickle, slot, send, optuna.logging.get_verbosity()),
                                   name=f"autoprune-worker-{slot.index}", daemon=False)
                 p.start()
                 send.close()

@@ -58,10 +58,19 @@ def sensitivity_scan(
     the dense model's device (``setup``: precision and threads of the ``train:`` section);
     ``progress`` gets a line with the ETA every few seconds (a ResNet-50 scan takes minutes)."""
     calib = batches_to(calib, model_device(base))  # once, not once per group
+    if progress is not None:
+        progress(f"sensitivity scan: {len(groups)} groups, each pruned alone by {ratio:g} and evaluated once before the trials "
+                 f"(turn off with --set efficiency.sensitivity_scan=false)")
     # Compare like with like: the reference is the dense model with the same BN recalibration.
+    t0 = time.perf_counter()
     ref = copy.deepcopy(base)
     recalibrate_bn(ref, calib, setup)
     dense_acc = evaluate(ref, data, max_batches=max_batches, split="search", setup=setup, task=task)
+    if progress is not None:
+        # Every group costs what the reference did (copy, BN recalibration, evaluation on the same
+        # batches) plus its pruning: the ETA is known before the first group starts.
+        per = time.perf_counter() - t0
+        progress(f"sensitivity scan: ETA about {per * len(groups):.0f}s ({len(groups)} groups x {per:.1f}s per evaluation)")
     out: dict[str, float] = {}
     for g in with_eta(groups, "sensitivity scan", progress):
         try:

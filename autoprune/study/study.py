@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import fcntl
 import hashlib
 import json
 import logging
@@ -20,7 +19,7 @@ from optuna.trial import TrialState
 
 from autoprune.config import DEFAULT_ROUND_TO, config_hash
 from autoprune.errors import ConfigError
-from autoprune.runfolder import RunFolder
+from autoprune.runfolder import RunFolder, lock_path, unlock_path
 from autoprune.study.context import SearchContext
 from autoprune.study.space import seed_trials
 from autoprune.study.storage import (
@@ -86,7 +85,8 @@ ADDED_KEY_DEFAULTS = {
 #: The same for search-space and device-profile keys (export parity and staircase files do not
 #: change how a trial that runs is scored; ``embedding: false`` is the old behaviour).
 ADDED_SPACE_DEFAULTS = {"embedding": False}
-ADDED_PROFILE_DEFAULTS = {"parity_samples": 8, "parity_atol": 1e-4, "parity_rtol": 1e-3, "staircases": None}
+ADDED_PROFILE_DEFAULTS = {"parity_samples": 8, "parity_atol": 1e-4, "parity_rtol": 1e-3, "staircases": None,
+                          "cpu_pinning": True}
 
 
 def _without_added_defaults(cfg: dict[str, Any], defaults: Optional[dict[str, Any]] = None) -> dict[str, Any]:
@@ -271,11 +271,28 @@ def open_study(ctx: SearchContext) -> optuna.Study:
 
 
 def enqueue_seeds(study: optuna.Study, ctx: SearchContext) -> None:
-    """On a fresh study, enqueue the seed plans: strong, cheap starting points."""
+    """On a fresh study, enqueue the seed plans: strong, cheap starting points.
+
+    Never more than ``search.trials`` of them: a seed beyond the trial budget is never run and
+    would stay in the study as a WAITING trial (shown by the dashboard and Optuna's tools) after
+    the search finished. With fewer trials than seeds, seeds spread evenly over the ordered list
+    are kept, so the first trials still span the latency range (or the budget targets).
+    """
     if study.trials:
         return
-    for params, attrs in seed_trials(ctx):
+    for params, attrs in spread(seed_trials(ctx), ctx.cfg.search.trials):
         study.enqueue_trial(params, user_attrs=attrs or None, skip_if_exists=True)
+
+
+def spread(items: list, n: int) -> list:
+    """``n`` of ``items`` (all of them when ``n`` >= their number), evenly spaced, ends included."""
+    if n >= len(items):
+        return list(items)
+    if n <= 0:
+        return []
+    if n == 1:
+        return [items[0]]
+    return [items[round(i * (len(items) - 1) / (n - 1))] for i in range(n)]
 
 
 def requeue_trial(study: optuna.Study, trial: optuna.trial.FrozenTrial, max_retries: int = 2) -> None:
@@ -306,18 +323,13 @@ def _fail_stale_local_trials(study: optuna.Study, max_retries: int = 2) -> int:
 @contextlib.contextmanager
 def run_lock(run: RunFolder) -> Iterator[bool]:
     """An exclusive lock on the run folder for the single-machine (SQLite) default."""
-    run.root.mkdir(parents=True, exist_ok=True)
-    fh = open(run.lock, "w")
-    try:
-        fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        fh.close()
+    fh = lock_path(run.lock, blocking=False)
+    if fh is None:
         raise ConfigError(f"{run.root}: another autoprune search is running in this folder (lock {run.lock})") from None
     try:
         yield True
     finally:
-        fcntl.flock(fh, fcntl.LOCK_UN)
-        fh.close()
+        unlock_path(run.lock, fh)  # no .lock left in a finished run folder
 
 
 def completed(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:

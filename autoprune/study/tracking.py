@@ -32,6 +32,7 @@ import optuna
 
 from autoprune.errors import ConfigError
 from autoprune.runfolder import RunFolder
+from autoprune.runlog import capture_library_loggers
 
 log = logging.getLogger("autoprune")
 
@@ -74,6 +75,7 @@ class MlflowLogger:
         # Imported here, not at the top: mlflow is optional, and importing it costs every search
         # a second or two even when search.mlflow is off.
         tracking = importlib.import_module("mlflow.tracking")
+        capture_library_loggers()  # MLflow set up its stderr logging on import: into the run log
         self.entities = importlib.import_module("mlflow.entities")
         self.run = run
         self.objectives = objectives

@@ -11,7 +11,7 @@ import itertools
 import math
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 import torch
 import torch.nn as nn
@@ -286,14 +286,60 @@ def count_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
+def _prod(shape: Sequence[int]) -> int:
+    out = 1
+    for d in shape:
+        out *= int(d)
+    return out
+
+
+def _fused_mha_macs(inputs: list, outputs: list) -> int:
+    """MACs of ``aten::_native_multi_head_attention`` (``nn.MultiheadAttention``'s fused eval path).
+
+    fvcore has no handle for it, so a dense transformer's attention counted as zero while the
+    pruned model's :class:`~autoprune.prune.attention.SlimAttention` (plain linear/matmul ops)
+    was counted in full. This counts the same terms fvcore counts on that module: the q, k, v
+    and output projections plus the ``QK^T`` and ``AV`` matmuls (softmax and scaling, like all
+    element-wise ops, are not counted).
+    """
+    from fvcore.nn.jit_handles import get_shape
+
+    q, k = get_shape(inputs[0]), get_shape(inputs[1])
+    qkv_w, proj_w = get_shape(inputs[5]), get_shape(inputs[7])
+    if not (q and k and qkv_w and proj_w):
+        return 0
+    inner = qkv_w[0] // 3  # num_heads * head_dim
+    nq, nk = _prod(q[:-1]), _prod(k[:-1])  # batch × query length, batch × key length
+    lk = k[-2] if len(k) >= 2 else 1
+    proj = nq * q[-1] * inner + 2 * nk * k[-1] * inner + nq * proj_w[0] * proj_w[1]
+    return proj + 2 * nq * lk * inner
+
+
+def _sdpa_macs(inputs: list, outputs: list) -> int:
+    """MACs of ``aten::scaled_dot_product_attention``: the ``QK^T`` and ``AV`` matmuls it fuses
+    (what fvcore counts when the same attention is written with ``torch.matmul``)."""
+    from fvcore.nn.jit_handles import get_shape
+
+    q, k, v = (get_shape(inputs[i]) for i in range(3))
+    if not (q and k and v):
+        return 0
+    return _prod(q[:-1]) * k[-2] * (q[-1] + v[-1])
+
+
 def count_flops(model: nn.Module, example: torch.Tensor) -> float:
-    """Multiply-accumulate count by fvcore (what papers call FLOPs), for one forward of ``example``."""
+    """Multiply-accumulate count by fvcore (what papers call FLOPs), for one forward of ``example``.
+
+    Fused attention ops get handles of their own (:func:`_fused_mha_macs`, :func:`_sdpa_macs`)
+    so dense ``nn.MultiheadAttention`` and its pruned replacement are counted alike.
+    """
     import logging
 
     from fvcore.nn import FlopCountAnalysis
 
     model.eval()
     fca = FlopCountAnalysis(model, example.to(model_device(model)))
+    fca.set_op_handle("aten::_native_multi_head_attention", _fused_mha_macs,
+                      "aten::scaled_dot_product_attention", _sdpa_macs)
     fca.unsupported_ops_warnings(False).uncalled_modules_warnings(False)
     logging.getLogger("fvcore").setLevel(logging.ERROR)
     with torch.no_grad():

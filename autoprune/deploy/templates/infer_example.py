@@ -5,6 +5,7 @@ Needs only numpy plus the runtime you deploy on (``pip install onnxruntime`` or
 
     python infer_example.py              # a random input through both runtimes: top-1 and agreement
     python infer_example.py batch.npy    # your own float32 inputs, shape (N, *model_card input shape[1:])
+    python infer_example.py --help       # every option (one runtime only, OpenVINO device, bundle folder)
 
 In your code::
 
@@ -72,15 +73,43 @@ def predict(run: Runner, x: np.ndarray, batch_size: int) -> np.ndarray:
     return np.concatenate(outs)
 
 
+def parse_args(argv: list[str]) -> "argparse.Namespace":
+    import argparse
+
+    p = argparse.ArgumentParser(
+        prog="infer_example.py",
+        description="Run this autoprune bundle's model with onnxruntime and OpenVINO: top-1 per input, "
+                    "and how far the two runtimes' logits are apart.",
+        epilog="The batch axis is static (the card's input shape); inputs are split into batches of that size. "
+               "Needs numpy and onnxruntime and/or openvino; autoprune itself is not needed.")
+    p.add_argument("inputs", nargs="?", metavar="INPUTS.npy",
+                   help="float32 inputs, shape (N, *input shape[1:]) from model_card.json (default: one random batch)")
+    p.add_argument("--runtime", choices=("both", "onnxruntime", "openvino"), default="both",
+                   help="which runtime(s) to run (default: both, and compare them)")
+    p.add_argument("--device", default="CPU", help="OpenVINO device (default CPU)")
+    p.add_argument("--bundle", default=str(HERE), help="bundle folder (default: the folder of this script)")
+    return p.parse_args(argv)
+
+
 def main(argv: list[str]) -> int:
-    info = card()
+    args = parse_args(argv)
+    info = card(args.bundle)
     shape = info["input"]["shape"]
-    if argv:
-        x = np.load(argv[0]).astype(np.float32)
+    if args.inputs:
+        path = Path(args.inputs)
+        if not path.is_file():
+            print(f"error: {path}: no such file; pass a .npy file of float32 inputs, shape (N, {', '.join(map(str, shape[1:]))})",
+                  file=sys.stderr)
+            return 2
+        x = np.load(path).astype(np.float32)
     else:
         x = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
+    loaders = {"onnxruntime": lambda: load_onnxruntime(args.bundle),
+               "openvino": lambda: load_openvino(args.bundle, args.device)}
+    if args.runtime != "both":
+        loaders = {args.runtime: loaders[args.runtime]}
     results = {}
-    for name, loader in (("onnxruntime", load_onnxruntime), ("openvino", load_openvino)):
+    for name, loader in loaders.items():
         try:
             results[name] = predict(loader(), x, shape[0])
         except ImportError as exc:

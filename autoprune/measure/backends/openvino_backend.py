@@ -1,6 +1,7 @@
 """OpenVINO: reads ONNX (or IR .xml) directly; configured like ``benchmark_app -hint none
 -nstreams 1 -nthreads N -nireq 1 -api sync -infer_precision f32`` so our numbers can be checked
-against it (``benchmarks/benchmark_app_agreement.py``).
+against it (``benchmarks/benchmark_app_agreement.py``), threads pinned to cores as benchmark_app
+pins them (``ENABLE_CPU_PINNING``; the profile's ``cpu_pinning: false`` turns it off).
 
 The device name is passed through: ``CPU``, ``GPU``, ``GPU.1``, ``NPU``, ``AUTO:GPU,CPU``, ...
 Precision: fp32 pins ``INFERENCE_PRECISION_HINT=f32`` (on CPUs with AMX/AVX512-BF16 OpenVINO
@@ -55,6 +56,9 @@ def compile_config(core: Any, device: str, profile: DeviceProfile) -> dict[str, 
         "NUM_STREAMS": "1",
         "INFERENCE_NUM_THREADS": str(profile.threads),
         "INFERENCE_PRECISION_HINT": {"fp32": "f32", "fp16": "f16", "int8": "f32"}[profile.precision],
+        # Set explicitly, never left to the plugin's default (which depends on the OS, the
+        # OpenVINO version and the hint): benchmark_app pins, so we pin unless the profile says not.
+        "ENABLE_CPU_PINNING": "YES" if profile.cpu_pinning else "NO",
     }
     head = device.partition(":")[0]
     if head in _VIRTUAL:
@@ -107,7 +111,7 @@ CLOCK = "openvino_infer"
 def _compiled_properties(compiled: Any) -> dict[str, str]:
     """What the plugin actually runs with (the hint may be refused or rewritten by the device)."""
     supported = set(compiled.get_property("SUPPORTED_PROPERTIES"))
-    keys = ("INFERENCE_PRECISION_HINT", "NUM_STREAMS", "INFERENCE_NUM_THREADS", "PERFORMANCE_HINT")
+    keys = ("INFERENCE_PRECISION_HINT", "NUM_STREAMS", "INFERENCE_NUM_THREADS", "PERFORMANCE_HINT", "ENABLE_CPU_PINNING")
     return {k: _text(compiled.get_property(k)) for k in keys if k in supported}
 
 
