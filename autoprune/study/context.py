@@ -58,6 +58,7 @@ from autoprune.train.models import (
     build_model,
     count_flops,
     count_params,
+    flop_counter,
     evaluate,
     held_out_accuracy,
     pretrain,
@@ -97,6 +98,9 @@ class SearchContext:
     #: trials are aimed with (study/budget.py); empty / None otherwise.
     targets_ms: list[float] = field(default_factory=list)
     latency_model: Optional[LatencyModel] = None
+    #: How trials count FLOPs: fvcore's count read off a plain forward where that agrees exactly
+    #: with fvcore on the dense model (``train/models.py::flop_counter``), else fvcore's trace.
+    count_flops: Callable[[nn.Module, torch.Tensor], float] = count_flops
 
     @property
     def example1(self) -> torch.Tensor:
@@ -194,6 +198,7 @@ def prepare(cfg: RunConfig, console: Optional[Callable[[str], None]] = None) -> 
     calib = [b for _, b in zip(range(calib_n), data.loader("train", cfg.finetune.batch_size, shuffle=True, seed=cfg.search.seed))]
     drops: dict[str, float] = {}
     savings: dict[str, float] = {}
+    counter, dense_flops = flop_counter(base, example[:1])  # one fvcore trace per run, not one per candidate
     if eff.sensitivity_scan:
         drops = load_or_scan(
             run.sensitivity, base=base, groups=groups, data=data, example=example[:1],
@@ -204,6 +209,7 @@ def prepare(cfg: RunConfig, console: Optional[Callable[[str], None]] = None) -> 
             savings = load_or_compute(
                 run.flops_savings, flops_savings, base=base, groups=groups, example=example[:1],
                 num_classes=num_classes, ratio=eff.sensitivity_ratio, round_to=space.round_unit, progress=say,
+                counter=counter,
             )
         groups = shape_ranges(groups, drops, eff.sensitivity_strength)
 
@@ -219,12 +225,13 @@ def prepare(cfg: RunConfig, console: Optional[Callable[[str], None]] = None) -> 
             "metric_name": task.metric_name,
             **held_out_accuracy(base, data, setup=setup, task=task),
             "params": count_params(base),
-            "flops": count_flops(base, example[:1]),
+            "flops": dense_flops,
             "profile": profile.name,
             **measure_model(base, example, profile, run.dense_onnx, cfg.exporter, calib=calib, run=run),
         }
         atomic_write_text(dense_path, json.dumps(dense, indent=2))
-    ctx = SearchContext(cfg, space, profile, run, data, base, example, groups, dense, calib, drops, savings, recipe, setup, widths, task)
+    ctx = SearchContext(cfg, space, profile, run, data, base, example, groups, dense, calib, drops, savings, recipe, setup, widths, task,
+                        count_flops=counter)
     if cfg.search.target:
         _aim_at_targets(ctx, num_classes, say)
     return ctx

@@ -110,16 +110,17 @@ def shape_ranges(groups: list[PrunableGroup], drops: dict[str, float], strength:
 
 def flops_savings(
     base: nn.Module, groups: list[PrunableGroup], example: torch.Tensor, num_classes: int, ratio: float = 0.5, round_to: int = 8,
-    progress: Optional[Callable[[str], None]] = None,
+    progress: Optional[Callable[[str], None]] = None, counter: Optional[Callable[[nn.Module, torch.Tensor], float]] = None,
 ) -> dict[str, float]:
     """Fraction of the dense FLOPs removed when only one group is pruned by ``ratio``: what a
     group *buys*, to weigh against what it costs in accuracy (:func:`sensitivity_scan`)."""
 
-    dense = count_flops(base, example)
+    count = counter or count_flops  # the run's counter (train/models.py::flop_counter): no trace per group
+    dense = count(base, example)
     out: dict[str, float] = {}
     for g in with_eta(groups, "FLOPs per group", progress):
         m = pruned_alone(base, g, example, num_classes, ratio, round_to) if dense > 0 else None
-        out[g.name] = 0.0 if m is None else max(0.0, 1.0 - count_flops(m, example) / dense)
+        out[g.name] = 0.0 if m is None else max(0.0, 1.0 - count(m, example) / dense)
     return out
 
 

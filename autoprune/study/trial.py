@@ -36,7 +36,7 @@ from autoprune.train.bn import recalibrate_bn
 from autoprune.train.checkpoint import pruned_recipe, save_model
 from autoprune.train.device import batches_to, model_device
 from autoprune.train.finetune import finetune
-from autoprune.train.models import count_flops, count_params, evaluate
+from autoprune.train.models import count_params, evaluate
 
 OBJECTIVES = ("accuracy", "latency_ms")
 DIRECTIONS = ("maximize", "minimize")
@@ -156,7 +156,7 @@ def build_candidate(ctx: SearchContext, plan: PruningPlan, number: int) -> Candi
                            f"pruned groups: {sorted(k for k, (a, b) in widths.items() if b < a)}") from exc
     if eff.bn_recalibration:
         recalibrate_bn(model, calib[: eff.bn_batches], ctx.train)
-    return Candidate(model, widths, architecture_key(widths, plan), count_params(model), count_flops(model, ctx.example1),
+    return Candidate(model, widths, architecture_key(widths, plan), count_params(model), ctx.count_flops(model, ctx.example1),
                      time.perf_counter() - t0)
 
 
