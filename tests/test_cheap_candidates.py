@@ -7,8 +7,8 @@ import copy
 import pytest
 import torch
 
-from autoprune.prune.plan import PruningPlan, apply_plan
-from autoprune.prune.structure import find_groups
+from autoprune.prune.plan import PruningPlan, apply_plan, apply_plan_from
+from autoprune.prune.structure import analyse, find_groups
 from autoprune.study.priors import flops_savings
 from autoprune.train import models
 from autoprune.train.models import build_model, count_flops, count_flops_hooked, flop_counter
@@ -56,3 +56,38 @@ def test_flops_savings_counts_without_tracing_each_group(monkeypatch):
     monkeypatch.setattr("autoprune.study.priors.count_flops", no_trace)
     fast = flops_savings(model, groups, x, 10, ratio=0.5, counter=counter)
     assert fast == ref and all(v > 0 for v in fast.values())
+
+
+@pytest.mark.parametrize("arch,channels", [("demo", 1), ("resnet18", 3), ("mobilenet_v3_small", 3), ("squeezenet1_0", 3)])
+def test_candidate_sliced_through_the_dense_groups_equals_a_fresh_analysis(arch, channels):
+    """A candidate cut through the dense model's groups (analysed once per run) has exactly the
+    weights, widths and outputs of one pruned through its own freshly traced graph: residual
+    adds, depthwise convs, squeeze-excitation and concatenations (SqueezeNet's Fire modules)."""
+    torch.manual_seed(0)
+    model = build_model(arch, 10, in_channels=channels).eval()
+    x = torch.randn(2, channels, 64, 64)
+    structure = analyse(model, x[:1], 10)
+    gen = torch.Generator().manual_seed(1)
+    plan = PruningPlan({g.name: round(float(torch.rand(1, generator=gen)) * 0.7, 2) for g in structure.groups}, round_to=8)
+    fresh, cached = copy.deepcopy(model), copy.deepcopy(model)
+    want = apply_plan(fresh, x[:1], plan, 10)
+    got = apply_plan_from(cached, model, structure, plan)
+    assert got == want and sum(a > b for a, b in want.values()) >= 5
+    a, b = fresh.state_dict(), cached.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    with torch.no_grad():
+        assert torch.equal(fresh(x), cached(x))
+    assert all(p.shape == model.get_parameter(n).shape for n, p in model.named_parameters())  # the dense model is untouched
+
+
+def test_plans_the_dense_groups_cannot_serve_fall_back_to_a_fresh_analysis():
+    """Weight zeros (N:M) and calibration-statistics criteria need the copy's own graph:
+    apply_plan_from declines (None) and leaves the copy as it was."""
+    model = build_model("resnet18", 10).eval()
+    x = torch.randn(1, 3, 32, 32)
+    structure = analyse(model, x, 10)
+    name = structure.groups[0].name
+    for plan in (PruningPlan({name: 0.5}, granularity={name: "nm:2:4"}), PruningPlan({name: 0.5}, default_method="taylor")):
+        m = copy.deepcopy(model)
+        assert apply_plan_from(m, model, structure, plan) is None
+        assert all(torch.equal(p, model.get_parameter(n)) for n, p in m.named_parameters())

@@ -18,8 +18,8 @@ from typing import Any, Callable, Iterator, Optional, Sequence, TypeVar
 import torch
 import torch.nn as nn
 
-from autoprune.prune.plan import PruningPlan, apply_plan
-from autoprune.prune.structure import PrunableGroup
+from autoprune.prune.plan import PruningPlan, apply_plan, apply_plan_from
+from autoprune.prune.structure import PrunableGroup, Structure, analyse
 from autoprune.runfolder import atomic_write_text
 from autoprune.train.bn import recalibrate_bn
 from autoprune.train.data import DataBundle
@@ -28,7 +28,8 @@ from autoprune.train.models import count_flops, evaluate
 
 
 def pruned_alone(
-    base: nn.Module, group: PrunableGroup, example: torch.Tensor, num_classes: int, ratio: float, round_to: int
+    base: nn.Module, group: PrunableGroup, example: torch.Tensor, num_classes: int, ratio: float, round_to: int,
+    structure: Optional[Structure] = None,
 ) -> Optional[nn.Module]:
     """A copy of ``base`` with only ``group`` pruned (L1) by ``ratio`` clipped to the group's
     range; None when that leaves nothing to prune. What the per-group scans measure."""
@@ -36,7 +37,10 @@ def pruned_alone(
     if r <= 0:
         return None
     m = copy.deepcopy(base)
-    apply_plan(m, example.to(model_device(m)), PruningPlan({group.name: r}, round_to=round_to), num_classes)
+    plan = PruningPlan({group.name: r}, round_to=round_to)
+    # Through the base's groups (``structure``: analysed once per scan) where the plan allows.
+    if structure is None or apply_plan_from(m, base, structure, plan) is None:
+        apply_plan(m, example.to(model_device(m)), plan, num_classes)
     return m
 
 
@@ -63,9 +67,10 @@ def sensitivity_scan(
     recalibrate_bn(ref, calib, setup)
     dense_acc = evaluate(ref, data, max_batches=max_batches, split="search", setup=setup, task=task)
     out: dict[str, float] = {}
+    structure = analyse(base, example.to(model_device(base)), data.num_classes) if groups else None
     for g in with_eta(groups, "sensitivity scan", progress):
         try:
-            m = pruned_alone(base, g, example, data.num_classes, ratio, round_to)
+            m = pruned_alone(base, g, example, data.num_classes, ratio, round_to, structure)
             if m is None:
                 out[g.name] = 0.0
                 continue
@@ -118,8 +123,9 @@ def flops_savings(
     count = counter or count_flops  # the run's counter (train/models.py::flop_counter): no trace per group
     dense = count(base, example)
     out: dict[str, float] = {}
+    structure = analyse(base, example.to(model_device(base)), num_classes) if groups and dense > 0 else None
     for g in with_eta(groups, "FLOPs per group", progress):
-        m = pruned_alone(base, g, example, num_classes, ratio, round_to) if dense > 0 else None
+        m = pruned_alone(base, g, example, num_classes, ratio, round_to, structure) if dense > 0 else None
         out[g.name] = 0.0 if m is None else max(0.0, 1.0 - count(m, example) / dense)
     return out
 
