@@ -143,7 +143,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         _, scan_s = timed(lambda: scan(scan_groups))
         clock.sample(3)
         _, savings_s = timed(lambda: flops_savings(ctx.base, scan_groups, ctx.example1, ctx.data.num_classes,
-                                                   eff.sensitivity_ratio, ctx.space.round_unit))
+                                                   eff.sensitivity_ratio, ctx.space.round_unit, counter=ctx.count_flops))
         clock.sample(3)
         k = max(1, len(scan_groups))
         scan_per_group = {"sensitivity": max(0.0, scan_s - ref_s) / k, "flops_savings": savings_s / k}
