@@ -216,13 +216,13 @@ def prepare(cfg: RunConfig, console: Optional[Callable[[str], None]] = None) -> 
         drops = load_or_scan(
             run.sensitivity, base=base, groups=groups, data=data, example=example[:1],
             calib=calib[: eff.bn_batches] if eff.bn_recalibration else [], ratio=eff.sensitivity_ratio, round_to=space.round_unit,
-            setup=setup, progress=say, task=task,
+            setup=setup, progress=say, task=task, structure=structure,
         )
         if space.seed_spread > 0 and space.seed_uniform:
             savings = load_or_compute(
                 run.flops_savings, flops_savings, base=base, groups=groups, example=example[:1],
                 num_classes=num_classes, ratio=eff.sensitivity_ratio, round_to=space.round_unit, progress=say,
-                counter=counter,
+                counter=counter, structure=structure,
             )
         groups = shape_ranges(groups, drops, eff.sensitivity_strength)
 

@@ -56,6 +56,7 @@ def sensitivity_scan(
     setup: Optional[TrainSetup] = None,
     progress: Optional[Callable[[str], None]] = None,
     task: Optional[Any] = None,
+    structure: Optional[Structure] = None,
 ) -> dict[str, float]:
     """Accuracy drop (dense − pruned) when only one group is pruned by ``ratio`` (L1, BN
     recalibrated, no fine-tune). Evaluated on at most ``max_batches`` validation batches, on
@@ -67,7 +68,8 @@ def sensitivity_scan(
     recalibrate_bn(ref, calib, setup)
     dense_acc = evaluate(ref, data, max_batches=max_batches, split="search", setup=setup, task=task)
     out: dict[str, float] = {}
-    structure = analyse(base, example.to(model_device(base)), data.num_classes) if groups else None
+    if structure is None and groups:  # the run's analysis when given (study/context.py), else one for the scan
+        structure = analyse(base, example.to(model_device(base)), data.num_classes)
     for g in with_eta(groups, "sensitivity scan", progress):
         try:
             m = pruned_alone(base, g, example, data.num_classes, ratio, round_to, structure)
@@ -116,6 +118,7 @@ def shape_ranges(groups: list[PrunableGroup], drops: dict[str, float], strength:
 def flops_savings(
     base: nn.Module, groups: list[PrunableGroup], example: torch.Tensor, num_classes: int, ratio: float = 0.5, round_to: int = 8,
     progress: Optional[Callable[[str], None]] = None, counter: Optional[Callable[[nn.Module, torch.Tensor], float]] = None,
+    structure: Optional[Structure] = None,
 ) -> dict[str, float]:
     """Fraction of the dense FLOPs removed when only one group is pruned by ``ratio``: what a
     group *buys*, to weigh against what it costs in accuracy (:func:`sensitivity_scan`)."""
@@ -123,7 +126,8 @@ def flops_savings(
     count = counter or count_flops  # the run's counter (train/models.py::flop_counter): no trace per group
     dense = count(base, example)
     out: dict[str, float] = {}
-    structure = analyse(base, example.to(model_device(base)), num_classes) if groups and dense > 0 else None
+    if structure is None and groups and dense > 0:
+        structure = analyse(base, example.to(model_device(base)), num_classes)
     for g in with_eta(groups, "FLOPs per group", progress):
         m = pruned_alone(base, g, example, num_classes, ratio, round_to, structure) if dense > 0 else None
         out[g.name] = 0.0 if m is None else max(0.0, 1.0 - count(m, example) / dense)
