@@ -179,7 +179,7 @@ def cmd_groups(args: argparse.Namespace, console: Console) -> int:
     skipped = {g.name: "transformer embedding width: searched only with 'embedding: true' in the search space"
                for g in every if g.kind == "embedding" and not space.embedding}
     groups = apply_rules([g for g in every if g.name not in skipped], space.low, space.high, space.methods, space.layers, cfg.search_space)
-    broken = check_prunable(model, example, [g for g in groups if g.high > 0], num_classes, space.round_unit)
+    broken = check_prunable(model, example, [g for g in groups if g.high > 0], num_classes, space.round_unit, structure=structure)
     unprunable = {**structure.unprunable, **skipped, **{n: f"pruning it breaks the model: {why}" for n, why in broken.items()}}
     groups = [g for g in groups if g.name not in broken]
     if not console.is_terminal:  # piped: one tab-separated line per group, nothing cut

@@ -105,3 +105,26 @@ def test_predictor_error_small_reports_held_out_error_beside_noise(tmp_path):
     assert row["loo"]["n"] == row["calib_points"] and row["noise"]["n"] == 2
     assert set(row["per_feature_set"]) >= {"macs", "kinds"}
     assert float(last.split()[1].rstrip("%")) == pytest.approx(row["within10_pct"])
+
+
+def test_throughput_small_reports_phases_in_train_steps(tmp_path):
+    """benchmarks/throughput.py --small: start-up, scan per group and every trial phase in
+    seconds and train-step equivalents, the overhead line last (numbers are not asserted:
+    timings on a shared CI machine are not a unit-test matter)."""
+    out = tmp_path / "throughput.json"
+    p = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "throughput.py"), "--small", "--out", str(out)],
+                       capture_output=True, text=True, timeout=1200)
+    assert p.returncode == 0, p.stderr[-3000:]
+    last = p.stdout.strip().splitlines()[-1]
+    m = re.fullmatch(r"overhead: (\d+\.\d) train-steps per trial", last)
+    assert m, last
+    res = json.loads(out.read_text())
+    assert float(m.group(1)) == pytest.approx(res["overhead_steps"], abs=0.05)
+    step = res["train_step_s"]
+    assert step > 0 and len(res["train_step_samples"]) >= 10  # interleaved: sampled before every trial
+    for phase in ("prune", "export", "parity", "latency", "finetune", "evaluation"):
+        assert len(res["runs"][phase]) == 2 and res["median_s"][phase] > 0
+        assert res["median_steps"][phase] == pytest.approx(res["median_s"][phase] / step)
+    assert res["median_s"]["timed"] <= res["median_s"]["latency"]
+    assert set(res["scan_per_group_steps"]) == {"sensitivity", "flops_savings"} and res["scan_groups"] == 1
+    assert res["startup_s"]["prepare"] > 0 and "start-up prepare" in p.stdout and "scan per group" in p.stdout

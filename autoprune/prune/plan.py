@@ -22,7 +22,7 @@ import torch.nn as nn
 from autoprune.outputs import main_output
 from autoprune.prune import methods
 from autoprune.prune.attention import head_scores, prune_heads, sync_shape_attributes
-from autoprune.prune.structure import LiveGroup, analyse
+from autoprune.prune.structure import LiveGroup, Structure, analyse
 
 
 @dataclass
@@ -165,6 +165,65 @@ def apply_plan(
                     masks.append((layer, methods.unstructured_mask(layer.weight, scores, sparsity)))
         for layer, mask in masks:
             methods.apply_mask(layer, mask)
+    model.zero_grad(set_to_none=True)
+    return widths
+
+
+def apply_plan_from(
+    model: nn.Module,
+    dense: nn.Module,
+    structure: Structure,
+    plan: PruningPlan,
+) -> Optional[dict[str, tuple[int, int]]]:
+    """Prune ``model``, an unpruned copy of ``dense``, in place by ``plan`` through ``structure``:
+    the groups of ``dense``, analysed once per run, instead of tracing the copy again (a
+    dependency graph per candidate costs about as much as the rest of building it).
+
+    Channels are scored on ``dense`` (the copy has the same weights, so the same scores); each
+    group's coupled cuts come from the dense graph in dense coordinates, and every layer of the
+    copy is sliced once per dimension with the union of its groups' indices, so no cut shifts
+    another's indices (concatenations included). Returns the widths as :func:`apply_plan` does,
+    or None when the plan needs what only the copy's own graph gives: heads or embedding groups,
+    weight zeros, calibration statistics, network slimming, or a graph node that is a bare
+    parameter; the caller then uses :func:`apply_plan`.
+    """
+    active = [g for g in structure.groups if plan.active(g.name)]
+    if any(g.kind != "channels" or not plan.granularity_for(g.name).removes_channels or plan.granularity_for(g.name).zeros_weights
+           for g in active):
+        return None
+    criteria = {m: methods.get(m) for m in {plan.method_for(g.name) for g in active}}
+    if plan.bn_l1 > 0 or any(c.needs_grad or getattr(c, "needs_activations", False) for c in criteria.values()):
+        return None
+    names = {id(m): n for n, m in dense.named_modules()}
+    stats = methods.CalibStats()
+    widths: dict[str, tuple[int, int]] = {g.name: (g.channels, g.channels) for g in structure.groups}
+    # (module name, pruning function, dimension) -> dense indices to remove, and the handler.
+    slices: dict[tuple[str, Any, int], tuple[Any, set[int]]] = {}
+    for g in active:
+        n = g.channels
+        keep = kept_channels(n, float(plan.ratios.get(g.name, 0.0)), unit_of(g, plan.round_to), g.ch_groups, plan.widths.get(g.name))
+        if keep >= n:
+            continue
+        imp = criteria[plan.method_for(g.name)](g.group, stats)
+        if imp is None:
+            continue
+        widths[g.name] = (n, keep)
+        root = g.root
+        group = g.DG.get_pruning_group(root, g.DG.get_pruner_of_module(root).prune_out_channels, _drop_indices(imp, n, keep, g.ch_groups))
+        for dep, idxs in group:
+            target = dep.target.module
+            if isinstance(target, nn.Parameter):
+                return None
+            name = names.get(id(target))
+            if name is None:  # torch-pruning's stand-ins for concat/split/reshape: no weights to slice
+                continue
+            key = (name, getattr(dep.handler, "__func__", dep.handler), int(dep.target.pruning_dim))
+            slices.setdefault(key, (dep.handler, set()))[1].update(int(getattr(i, "idx", i)) for i in idxs)
+    for (name, _, dim), (handler, idxs) in slices.items():
+        handler.__self__.pruning_dim = dim
+        handler(model.get_submodule(name), sorted(idxs))
+    if slices:
+        sync_shape_attributes(model)
     model.zero_grad(set_to_none=True)
     return widths
 
@@ -325,6 +384,7 @@ def check_prunable(
     num_classes: Optional[int] = None,
     round_to: int = 8,
     ratio: float = 0.3,
+    structure: Optional[Structure] = None,
 ) -> dict[str, str]:
     """Groups whose pruning breaks the model, with the reason: {group name: error}.
 
@@ -333,7 +393,8 @@ def check_prunable(
     when that fails, the groups are bisected to the ones that fail alone. One copy and one
     forward for a model that is fine, so architecture problems (a shape attribute nothing
     updates, a reshape torch-pruning mistraced) surface in seconds, before the dense model
-    is trained, instead of failing every trial.
+    is trained, instead of failing every trial. ``structure``: the model's analysed groups,
+    when the caller has them (copies are then cut through them: :func:`apply_plan_from`).
     """
     x = example[:1].repeat(2, *([1] * (example.dim() - 1)))
     names = [g.name for g in groups]
@@ -341,7 +402,9 @@ def check_prunable(
     def fails(subset: list[str]) -> Optional[str]:
         m = copy.deepcopy(model)
         try:
-            apply_plan(m, x[:1], PruningPlan({n: ratio for n in subset}, round_to=round_to), num_classes)
+            plan = PruningPlan({n: ratio for n in subset}, round_to=round_to)
+            if structure is None or apply_plan_from(m, model, structure, plan) is None:
+                apply_plan(m, x[:1], plan, num_classes)
             with torch.no_grad():
                 for train in (True, False):
                     out = main_output(m.train(train)(x))

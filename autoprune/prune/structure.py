@@ -291,10 +291,13 @@ def _inner(DG: tp.DependencyGraph, group: tp.Group) -> bool:
     return True
 
 
-def find_groups(model: nn.Module, example: torch.Tensor, num_classes: Optional[int] = None, embedding: bool = False) -> list[PrunableGroup]:
+def find_groups(model: nn.Module, example: torch.Tensor, num_classes: Optional[int] = None, embedding: bool = False,
+                structure: Optional[Structure] = None) -> list[PrunableGroup]:
     """List every prunable group of ``model`` (the output layer excluded); a transformer's
-    embedding width only with ``embedding`` (it touches every block)."""
-    return [to_prunable(g) for g in analyse(model, example, num_classes).groups if embedding or g.kind != "embedding"]
+    embedding width only with ``embedding`` (it touches every block). ``structure``: the
+    model's analysis when the caller already has it."""
+    st = structure if structure is not None else analyse(model, example, num_classes)
+    return [to_prunable(g) for g in st.groups if embedding or g.kind != "embedding"]
 
 
 def to_prunable(g: LiveGroup) -> PrunableGroup:

@@ -35,7 +35,7 @@ from autoprune.measure.staircase import (
 )
 from autoprune.outputs import train_only_modules
 from autoprune.prune.plan import check_prunable
-from autoprune.prune.structure import PrunableGroup, apply_rules, find_groups, probe_structure
+from autoprune.prune.structure import PrunableGroup, Structure, analyse, apply_rules, find_groups, probe_structure
 from autoprune.runfolder import RunFolder, atomic_write_text
 from autoprune.study.budget import LatencyModel, calibrate, reachable, targets_ms
 from autoprune.study.priors import (
@@ -58,6 +58,7 @@ from autoprune.train.models import (
     build_model,
     count_flops,
     count_params,
+    flop_counter,
     evaluate,
     held_out_accuracy,
     pretrain,
@@ -98,6 +99,12 @@ class SearchContext:
     #: trials are aimed with (study/budget.py); empty / None otherwise.
     targets_ms: list[float] = field(default_factory=list)
     latency_model: Optional[LatencyModel] = None
+    #: How trials count FLOPs: fvcore's count read off a plain forward where that agrees exactly
+    #: with fvcore on the dense model (``train/models.py::flop_counter``), else fvcore's trace.
+    count_flops: Callable[[nn.Module, torch.Tensor], float] = count_flops
+
+    #: The dense model's groups with their dependency graphs (:meth:`dense_structure`).
+    structure: Optional[Structure] = None
 
     @property
     def code(self) -> CodePolicy:
@@ -108,6 +115,15 @@ class SearchContext:
     def example1(self) -> torch.Tensor:
         return self.example[:1]
 
+    def dense_structure(self) -> Structure:
+        """The dense model's structure, analysed on first use and kept for the run: every
+        candidate is sliced through it (``prune/plan.py::apply_plan_from``) instead of tracing
+        its own copy. Valid as long as ``base`` keeps its widths, which nothing changes."""
+        if self.structure is None:
+            dev = next(self.base.parameters()).device
+            self.structure = analyse(self.base, self.example1.to(dev), self.data.num_classes)
+        return self.structure
+
     @property
     def out(self) -> Path:
         return self.run.root
@@ -116,7 +132,7 @@ class SearchContext:
 def _check_model(
     cfg: RunConfig, space: SearchSpace, profile: DeviceProfile, base: nn.Module, data: DataBundle, num_classes: int,
     task: Optional[Task] = None,
-) -> tuple[torch.Tensor, list[PrunableGroup], dict[str, str]]:
+) -> tuple[torch.Tensor, list[PrunableGroup], dict[str, str], Structure]:
     """The example input (at the profile's batch size) and the prunable groups with the search
     space's rules applied, found on ``base`` before it is trained: a model that refuses the input
     shape or a layer pattern that matches nothing fails in seconds, not after pre-training.
@@ -141,17 +157,18 @@ def _check_model(
     # tracing take all memory. Then every group is pruned a little on a copy and run (train and
     # eval mode): a group that breaks the model is left out with its reason, not tried by trials.
     probe_structure(base, example[:1], num_classes)
+    structure = analyse(base, example[:1], num_classes)  # once: the groups, the check and every candidate use it
     groups = apply_rules(
-        find_groups(base, example[:1], num_classes, embedding=space.embedding), space.low, space.high, space.methods, space.layers,
-        f"search space {cfg.search_space}"
+        find_groups(base, example[:1], num_classes, embedding=space.embedding, structure=structure), space.low, space.high,
+        space.methods, space.layers, f"search space {cfg.search_space}"
     )
-    broken = check_prunable(base, example[:1], [g for g in groups if g.high > 0], num_classes, space.round_unit)
+    broken = check_prunable(base, example[:1], [g for g in groups if g.high > 0], num_classes, space.round_unit, structure=structure)
     for name, why in broken.items():
         log.warning("group %s left unpruned: pruning it breaks the model (%s)", name, why)
     groups = [g for g in groups if g.name not in broken]
     if not groups:
         raise ConfigError(f"search space {cfg.search_space}: every prunable group is skipped; nothing to search")
-    return example, groups, broken
+    return example, groups, broken, structure
 
 
 def prepare(cfg: RunConfig, console: Optional[Callable[[str], None]] = None) -> SearchContext:
@@ -176,7 +193,7 @@ def prepare(cfg: RunConfig, console: Optional[Callable[[str], None]] = None) -> 
     shape = tuple(profile.input_shape) if profile.input_shape else data.input_shape
     base, recipe, fresh = _dense_model(cfg, data, num_classes, shape, run, say)
     say(f"checking that every prunable group of {cfg.model} can be pruned")
-    example, groups, broken = _check_model(cfg, space, profile, base, data, num_classes, task)
+    example, groups, broken, structure = _check_model(cfg, space, profile, base, data, num_classes, task)
     if broken:  # kept for the report: why a group the user may expect is not searched
         atomic_write_text(run.unprunable, json.dumps(broken, indent=2))
     # The dense model (every trial's starting point and distillation teacher) stays on the train
@@ -200,16 +217,18 @@ def prepare(cfg: RunConfig, console: Optional[Callable[[str], None]] = None) -> 
     calib = [b for _, b in zip(range(calib_n), data.loader("train", cfg.finetune.batch_size, shuffle=True, seed=cfg.search.seed))]
     drops: dict[str, float] = {}
     savings: dict[str, float] = {}
+    counter, dense_flops = flop_counter(base, example[:1])  # one fvcore trace per run, not one per candidate
     if eff.sensitivity_scan:
         drops = load_or_scan(
             run.sensitivity, base=base, groups=groups, data=data, example=example[:1],
             calib=calib[: eff.bn_batches] if eff.bn_recalibration else [], ratio=eff.sensitivity_ratio, round_to=space.round_unit,
-            setup=setup, progress=say, task=task,
+            setup=setup, progress=say, task=task, structure=structure,
         )
         if space.seed_spread > 0 and space.seed_uniform:
             savings = load_or_compute(
                 run.flops_savings, flops_savings, base=base, groups=groups, example=example[:1],
                 num_classes=num_classes, ratio=eff.sensitivity_ratio, round_to=space.round_unit, progress=say,
+                counter=counter, structure=structure,
             )
         groups = shape_ranges(groups, drops, eff.sensitivity_strength)
 
@@ -225,12 +244,13 @@ def prepare(cfg: RunConfig, console: Optional[Callable[[str], None]] = None) -> 
             "metric_name": task.metric_name,
             **held_out_accuracy(base, data, setup=setup, task=task),
             "params": count_params(base),
-            "flops": count_flops(base, example[:1]),
+            "flops": dense_flops,
             "profile": profile.name,
             **measure_model(base, example, profile, run.dense_onnx, cfg.exporter, calib=calib, run=run),
         }
         atomic_write_text(dense_path, json.dumps(dense, indent=2))
-    ctx = SearchContext(cfg, space, profile, run, data, base, example, groups, dense, calib, drops, savings, recipe, setup, widths, task)
+    ctx = SearchContext(cfg, space, profile, run, data, base, example, groups, dense, calib, drops, savings, recipe, setup, widths, task,
+                        count_flops=counter, structure=structure)
     if cfg.search.target:
         _aim_at_targets(ctx, num_classes, say)
     return ctx

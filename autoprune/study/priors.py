@@ -18,8 +18,8 @@ from typing import Any, Callable, Iterator, Optional, Sequence, TypeVar
 import torch
 import torch.nn as nn
 
-from autoprune.prune.plan import PruningPlan, apply_plan
-from autoprune.prune.structure import PrunableGroup
+from autoprune.prune.plan import PruningPlan, apply_plan, apply_plan_from
+from autoprune.prune.structure import PrunableGroup, Structure, analyse
 from autoprune.runfolder import atomic_write_text
 from autoprune.train.bn import recalibrate_bn
 from autoprune.train.data import DataBundle
@@ -28,7 +28,8 @@ from autoprune.train.models import count_flops, evaluate
 
 
 def pruned_alone(
-    base: nn.Module, group: PrunableGroup, example: torch.Tensor, num_classes: int, ratio: float, round_to: int
+    base: nn.Module, group: PrunableGroup, example: torch.Tensor, num_classes: int, ratio: float, round_to: int,
+    structure: Optional[Structure] = None,
 ) -> Optional[nn.Module]:
     """A copy of ``base`` with only ``group`` pruned (L1) by ``ratio`` clipped to the group's
     range; None when that leaves nothing to prune. What the per-group scans measure."""
@@ -36,7 +37,10 @@ def pruned_alone(
     if r <= 0:
         return None
     m = copy.deepcopy(base)
-    apply_plan(m, example.to(model_device(m)), PruningPlan({group.name: r}, round_to=round_to), num_classes)
+    plan = PruningPlan({group.name: r}, round_to=round_to)
+    # Through the base's groups (``structure``: analysed once per scan) where the plan allows.
+    if structure is None or apply_plan_from(m, base, structure, plan) is None:
+        apply_plan(m, example.to(model_device(m)), plan, num_classes)
     return m
 
 
@@ -52,6 +56,7 @@ def sensitivity_scan(
     setup: Optional[TrainSetup] = None,
     progress: Optional[Callable[[str], None]] = None,
     task: Optional[Any] = None,
+    structure: Optional[Structure] = None,
 ) -> dict[str, float]:
     """Accuracy drop (dense − pruned) when only one group is pruned by ``ratio`` (L1, BN
     recalibrated, no fine-tune). Evaluated on at most ``max_batches`` validation batches, on
@@ -72,9 +77,11 @@ def sensitivity_scan(
         per = time.perf_counter() - t0
         progress(f"sensitivity scan: ETA about {per * len(groups):.0f}s ({len(groups)} groups x {per:.1f}s per evaluation)")
     out: dict[str, float] = {}
+    if structure is None and groups:  # the run's analysis when given (study/context.py), else one for the scan
+        structure = analyse(base, example.to(model_device(base)), data.num_classes)
     for g in with_eta(groups, "sensitivity scan", progress):
         try:
-            m = pruned_alone(base, g, example, data.num_classes, ratio, round_to)
+            m = pruned_alone(base, g, example, data.num_classes, ratio, round_to, structure)
             if m is None:
                 out[g.name] = 0.0
                 continue
@@ -119,16 +126,20 @@ def shape_ranges(groups: list[PrunableGroup], drops: dict[str, float], strength:
 
 def flops_savings(
     base: nn.Module, groups: list[PrunableGroup], example: torch.Tensor, num_classes: int, ratio: float = 0.5, round_to: int = 8,
-    progress: Optional[Callable[[str], None]] = None,
+    progress: Optional[Callable[[str], None]] = None, counter: Optional[Callable[[nn.Module, torch.Tensor], float]] = None,
+    structure: Optional[Structure] = None,
 ) -> dict[str, float]:
     """Fraction of the dense FLOPs removed when only one group is pruned by ``ratio``: what a
     group *buys*, to weigh against what it costs in accuracy (:func:`sensitivity_scan`)."""
 
-    dense = count_flops(base, example)
+    count = counter or count_flops  # the run's counter (train/models.py::flop_counter): no trace per group
+    dense = count(base, example)
     out: dict[str, float] = {}
+    if structure is None and groups and dense > 0:
+        structure = analyse(base, example.to(model_device(base)), num_classes)
     for g in with_eta(groups, "FLOPs per group", progress):
-        m = pruned_alone(base, g, example, num_classes, ratio, round_to) if dense > 0 else None
-        out[g.name] = 0.0 if m is None else max(0.0, 1.0 - count_flops(m, example) / dense)
+        m = pruned_alone(base, g, example, num_classes, ratio, round_to, structure) if dense > 0 else None
+        out[g.name] = 0.0 if m is None else max(0.0, 1.0 - count(m, example) / dense)
     return out
 
 

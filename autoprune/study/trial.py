@@ -28,7 +28,7 @@ from optuna.trial import TrialState
 from autoprune.config import Budget
 from autoprune.measure.candidate import measure_model, quantized_accuracy
 from autoprune.prune.methods import hold_zeros, weight_sparsity
-from autoprune.prune.plan import PruningPlan, apply_schedule
+from autoprune.prune.plan import PruningPlan, apply_plan_from, apply_schedule
 from autoprune.study.context import SearchContext
 from autoprune.study.fidelity import finetune_in_rungs, hopeless_at_rung0, rung0_history
 from autoprune.study.space import aim_at_target, suggest_plan
@@ -36,7 +36,7 @@ from autoprune.train.bn import recalibrate_bn
 from autoprune.train.checkpoint import pruned_recipe, save_model
 from autoprune.train.device import batches_to, model_device
 from autoprune.train.finetune import finetune
-from autoprune.train.models import count_flops, count_params, evaluate
+from autoprune.train.models import count_params, evaluate
 
 OBJECTIVES = ("accuracy", "latency_ms")
 DIRECTIONS = ("maximize", "minimize")
@@ -142,7 +142,10 @@ def build_candidate(ctx: SearchContext, plan: PruningPlan, number: int) -> Candi
     sp, ft, eff = ctx.space, ctx.cfg.finetune, ctx.cfg.efficiency
     calib = batches_to(ctx.calib, dev)  # the criteria's calibration pass runs where the model is
     example = ctx.example1.to(dev)
-    widths = apply_schedule(
+    oneshot = sp.schedule == "oneshot" or sp.schedule_steps <= 1
+    # One-shot plans slice the copy through the dense model's groups, analysed once per run.
+    widths = apply_plan_from(model, ctx.base, ctx.dense_structure(), plan) if oneshot else None
+    widths = widths if widths is not None else apply_schedule(
         model, example, plan, ctx.data.num_classes, calib,
         steps=sp.schedule_steps if sp.schedule != "oneshot" else 1, mode="layerwise" if sp.schedule == "layerwise" else "iterative",
         between=lambda m: finetune(m, ctx.data, ft, teacher=ctx.base, steps=ft.steps // sp.schedule_steps, seed=trial_seed(ctx, number),
@@ -156,7 +159,7 @@ def build_candidate(ctx: SearchContext, plan: PruningPlan, number: int) -> Candi
                            f"pruned groups: {sorted(k for k, (a, b) in widths.items() if b < a)}") from exc
     if eff.bn_recalibration:
         recalibrate_bn(model, calib[: eff.bn_batches], ctx.train)
-    return Candidate(model, widths, architecture_key(widths, plan), count_params(model), count_flops(model, ctx.example1),
+    return Candidate(model, widths, architecture_key(widths, plan), count_params(model), ctx.count_flops(model, ctx.example1),
                      time.perf_counter() - t0)
 
 
