@@ -258,16 +258,7 @@ def test_ctrl_c_on_a_real_process_exits_cleanly_and_prints_resume(template: Path
     (template / "sigint.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
     proc = subprocess.Popen([sys.executable, "-m", "autoprune.cli", "search", "--config", str(template / "sigint.yaml")],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env={**os.environ, "COLUMNS": "300"})
-    deadline = time.monotonic() + 120
-    running = []
-    while not running and time.monotonic() < deadline and proc.poll() is None:
-        time.sleep(0.3)
-        if (out / "study.db").is_file():
-            try:
-                running = [t for t in _trials(out) if t.state == TrialState.RUNNING]
-            except Exception:  # noqa: BLE001 - study being created
-                continue
-    assert running, proc.communicate(timeout=30)[0][-3000:]
+    running = _wait_for_running_trial(proc, out, timeout_s=120, poll_s=0.3)
     time.sleep(0.5)
     proc.send_signal(signal.SIGINT)
     log = proc.communicate(timeout=60)[0]
@@ -298,16 +289,7 @@ def test_sigint_to_the_parent_of_two_workers_stops_them_all_and_a_rerun_complete
     (template / "workers-sigint.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
     argv = [sys.executable, "-m", "autoprune.cli", "search", "--config", str(template / "workers-sigint.yaml"), "--workers", "2"]
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env={**os.environ, "COLUMNS": "300"})
-    deadline = time.monotonic() + 240
-    running: list = []
-    while not running and time.monotonic() < deadline and proc.poll() is None:
-        time.sleep(0.1)
-        if (out / "study.db").is_file():
-            try:
-                running = [t for t in _trials(out) if t.state == TrialState.RUNNING]
-            except Exception:  # noqa: BLE001 - study being created
-                continue
-    assert running, proc.communicate(timeout=30)[0][-3000:]
+    running = _wait_for_running_trial(proc, out, timeout_s=240, poll_s=0.1)
     children = psutil.Process(proc.pid).children(recursive=True)
     assert len([c for c in children if "autoprune" in " ".join(c.cmdline()) or "multiprocessing" in " ".join(c.cmdline())]) >= 2
     t0 = time.monotonic()
@@ -456,3 +438,21 @@ def test_storage_errors_never_show_the_password(tmp_path: Path, monkeypatch: pyt
     messages.append(str(e.value))
     for m in messages:
         assert "s3cr3t-pw" not in m and "autoprune:***@" in m and "\n" not in m, m
+
+
+def _wait_for_running_trial(proc: "subprocess.Popen[str]", out: Path, timeout_s: float, poll_s: float) -> list:
+    """The RUNNING trials of the search ``proc`` runs into ``out``, once there is one (the test
+    fails with the command's output if none starts in ``timeout_s``)."""
+    import time
+
+    deadline = time.monotonic() + timeout_s
+    running: list = []
+    while not running and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(poll_s)
+        if (out / "study.db").is_file():
+            try:
+                running = [t for t in _trials(out) if t.state == TrialState.RUNNING]
+            except Exception:  # noqa: BLE001 - study being created
+                continue
+    assert running, proc.communicate(timeout=30)[0][-3000:]
+    return running
