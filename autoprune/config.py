@@ -186,7 +186,6 @@ class SearchSpace(_Strict):
 
 
 # --------------------------------------------------------------------------- device profile
-BACKENDS = ("onnxruntime", "openvino", "torch", "remote")
 
 
 class Budget(_Strict):

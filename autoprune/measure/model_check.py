@@ -198,10 +198,6 @@ def _const_values(t: onnx.TensorProto) -> Optional[list[float]]:
         return None
 
 
-class _TooBig(Exception):
-    pass
-
-
 def check_tensor_sizes(model: onnx.ModelProto, max_bytes: int, what: str = "model",
                        input_shape: Optional[list[int]] = None) -> None:
     """Raise :class:`ModelRejected` if any tensor the model declares, or that shape inference or a
