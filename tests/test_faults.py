@@ -3,6 +3,7 @@ disk, corrupt / foreign / mismatched study files, and same-seed reproducibility.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import fcntl
@@ -266,7 +267,7 @@ def test_ctrl_c_on_a_real_process_exits_cleanly_and_prints_resume(template: Path
     assert proc.returncode == 130, log[-3000:]
     assert "Resume with: autoprune search --out" in log
     ts = _trials(out)
-    hit = ts[running[0].number]
+    hit = ts[running[0]]
     assert hit.state == TrialState.FAIL and hit.user_attrs["fail_reason"].startswith("interrupted")
     assert any(t.state == TrialState.WAITING and t.user_attrs.get("retry_of") == hit.number for t in ts)
     assert not [t for t in ts if t.state == TrialState.RUNNING]
@@ -441,8 +442,8 @@ def test_storage_errors_never_show_the_password(tmp_path: Path, monkeypatch: pyt
         assert "s3cr3t-pw" not in m and "autoprune:***@" in m and "\n" not in m, m
 
 
-def _wait_for_running_trial(proc: "subprocess.Popen[str]", out: Path, timeout_s: float, poll_s: float) -> list:
-    """The RUNNING trials of the search ``proc`` runs into ``out``, once there is one (the test
+def _wait_for_running_trial(proc: "subprocess.Popen[str]", out: Path, timeout_s: float, poll_s: float) -> list[int]:
+    """The numbers of the RUNNING trials of the search ``proc`` runs into ``out``, once there is one (the test
     fails with the command's output if none starts in ``timeout_s``)."""
     import time
 
@@ -450,10 +451,14 @@ def _wait_for_running_trial(proc: "subprocess.Popen[str]", out: Path, timeout_s:
     running: list = []
     while not running and time.monotonic() < deadline and proc.poll() is None:
         time.sleep(poll_s)
-        if (out / "study.db").is_file():
+        db = out / "study.db"
+        if db.is_file():
+            # read-only, straight from SQLite: opening it through Optuna would create its tables
+            # and race the search creating them ("table trial_values already exists")
             try:
-                running = [t for t in _trials(out) if t.state == TrialState.RUNNING]
-            except Exception:  # noqa: BLE001 - study being created
+                with contextlib.closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True)) as con:
+                    running = [n for (n,) in con.execute("SELECT number FROM trials WHERE state = 'RUNNING'")]
+            except sqlite3.Error:  # study being created
                 continue
     assert running, proc.communicate(timeout=30)[0][-3000:]
     return running

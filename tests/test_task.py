@@ -294,7 +294,8 @@ def test_segmentation_example_searches_picks_and_runs_from_its_bundle(tmp_path, 
     assert result.dense["metric_name"] == "miou" and 0.0 < result.dense["accuracy"] <= 1.0
     done = [t for t in result.study.trials if t.values]
     assert len(done) == 2 and all(t.user_attrs["params"] < result.dense["params"] for t in done)
-    row, dest = autoprune.pick(tmp_path / "out")
+    # the model is the user's own code: pick builds it only when named again (a run folder never chooses code)
+    row, dest = autoprune.pick(tmp_path / "out", model=cfg["model"])
     card = json.loads((dest / "model_card.json").read_text())
     assert card["metric_name"] == "miou" and "miou" in card["evaluation"]["metric"]
     import onnx
