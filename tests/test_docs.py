@@ -65,7 +65,7 @@ def test_every_config_key_has_a_described_entry(page: str, cls: type[BaseModel])
     missing = [k for k in keys if k not in rows]
     assert not missing, f"{page}: no entry for {missing}"
     undescribed = [k for k in keys if not rows[k]]
-    assert not undescribed, f"{page}: add a '#:' comment above these fields in autoprune/config.py: {undescribed}"
+    assert not undescribed, f"{page}: add a '#:' comment above these fields in autoprune/config/: {undescribed}"
 
 
 def test_every_cli_flag_has_a_described_entry() -> None:

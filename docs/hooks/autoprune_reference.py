@@ -2,7 +2,7 @@
 
 A page holds a marker such as ``<!-- autoprune:config RunConfig -->`` and the hook replaces it
 with a table made from the pydantic model (keys, types, defaults, and the ``#:`` comment above
-each field in ``autoprune/config.py``), the argparse parser (``autoprune.cli.build_parser``),
+each field in ``autoprune/config/``), the argparse parser (``autoprune.cli.build_parser``),
 ``RunFolder``'s paths or the shipped YAML folders. Nothing is copied by hand, so the docs cannot
 drift from the code; ``tests/test_docs.py`` renders the pages through this hook and fails when
 a key or flag has no entry with a description.
@@ -59,7 +59,7 @@ def _nested_model(annotation: Any) -> tuple[Optional[type[BaseModel]], bool]:
 
 def _type_text(annotation: Any) -> str:
     text = repr(annotation) if not isinstance(annotation, type) else annotation.__name__
-    text = re.sub(r"typing\.|autoprune\.config\.", "", text)
+    text = re.sub(r"typing\.|autoprune\.config\.(\w+\.)?", "", text)
     text = text.replace("NoneType", "null")
     return text
 
