@@ -100,6 +100,14 @@ def test_generated_tables_follow_the_code(monkeypatch: pytest.MonkeyPatch) -> No
     assert rows.get("finetune.warmup_steps") == "A key that exists only in this test."
 
 
+def test_resume_marks_are_documented_from_the_schema() -> None:
+    rows = _table_rows(_rendered("reference/run-config.md"))
+    hook = _hook()
+    assert rows["search.trials"].endswith(hook.RESUME_NOTES["free"]) and rows["train"].endswith(hook.RESUME_NOTES["runtime"])
+    assert hook.RESUME_NOTES["free"] not in rows["finetune.steps"]
+    assert _table_rows(_rendered("reference/device-profile.md"))["token_env"].endswith(hook.RESUME_NOTES["free"])
+
+
 def test_run_folder_and_shipped_files_are_listed() -> None:
     rows = _table_rows(_rendered("reference/run-folder.md"))
     assert {"study.db", "base_model.pt", "pareto.json", "pareto/", "dense.json"} <= set(rows)
