@@ -51,6 +51,108 @@ def test_groups_lists_names(capsys):
     assert "layers.0.conv1" in capsys.readouterr().out
 
 
+def _printed_groups(out: str) -> list[tuple[str, float, float, list[str]]]:
+    """(name, low, high, methods) of every group line ``groups`` prints when piped."""
+    rows = []
+    for line in out.splitlines()[1:]:
+        cells = line.split("\t")
+        if len(cells) == 6 and cells[1] != "unprunable":
+            low, high = (float(v) for v in cells[3].strip("[]").split(", "))
+            rows.append((cells[0], low, high, cells[4].split(",")))
+    return rows
+
+
+def test_groups_prints_exactly_the_groups_search_searches(tmp_path, fast_profile, capsys):
+    """``groups`` and ``search`` find groups with one function (study.context.check_model) on the
+    same config: the same input, device profile, search-space rules and pruning check."""
+    import yaml
+
+    from autoprune.config import load_run_config
+    from autoprune.study.context import prepare
+
+    space = tmp_path / "space.yaml"
+    space.write_text(yaml.safe_dump({"low": 0.1, "high": 0.6, "methods": ["l1", "l2"],
+                                     "layers": [{"pattern": "layers.0*", "high": 0.3}, {"pattern": "layers.1*", "skip": True}]}))
+    run = tmp_path / "run.yaml"
+    run.write_text(yaml.safe_dump({"model": "demo", "data": "digits", "pretrain_steps": 0, "search_space": str(space),
+                                   "device_profile": str(fast_profile), "out": str(tmp_path / "out"), "exporter": "torchscript",
+                                   "efficiency": {"sensitivity_scan": False}}))
+    assert main(["groups", "--config", str(run), "--image-size", "12"]) == 0
+    printed = _printed_groups(capsys.readouterr().out)
+    ctx = prepare(load_run_config(str(run), image_size=12))
+    searched = [(g.name, round(g.low, 2), round(g.high, 2), g.methods) for g in ctx.groups]
+    assert printed == searched and len(printed) >= 2 and any(high == 0.3 for _, _, high, _ in printed)
+
+
+def test_groups_refuses_a_model_search_refuses(tmp_path, fast_profile, capsys, monkeypatch):
+    """A model whose auxiliary head runs only in train mode cannot be searched; ``groups`` once
+    listed its groups anyway (it had its own model check, with another example input)."""
+    (tmp_path / "aux_cli_model.py").write_text(
+        "import torch.nn as nn\n"
+        "class AuxNet(nn.Module):\n"
+        "    def __init__(self, num_classes=10):\n"
+        "        super().__init__()\n"
+        "        self.body = nn.Sequential(nn.Conv2d(1, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU())\n"
+        "        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, num_classes))\n"
+        "        self.aux = nn.Sequential(nn.Conv2d(16, 8, 1), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, num_classes))\n"
+        "    def forward(self, x):\n"
+        "        f = self.body(x)\n"
+        "        return (self.head(f), self.aux(f)) if self.training else self.head(f)\n"
+        "def build(num_classes=10):\n"
+        "    return AuxNet(num_classes)\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    argv = ["--model", "aux_cli_model:build", "--device-profile", str(fast_profile)]
+    assert main(["groups", *argv]) == 2
+    groups_err = capsys.readouterr().err
+    assert main(["search", *argv, "--out", str(tmp_path / "out"), "--pretrain-steps", "0"]) == 2
+    search_err = capsys.readouterr().err
+    error = groups_err.splitlines()[-1]
+    assert error.startswith("error: model aux_cli_model:build: aux run only in train mode") and search_err.splitlines()[-1] == error
+
+
+# Values that differ from each table flag's default (const flags set their const).
+FLAG_VALUES = {"--model": "resnet18", "--data": "digits-cluttered", "--search-space": "mine", "--device-profile": "theirs",
+               "--trials": "3", "--out": "elsewhere", "--storage": "sqlite:///x.db", "--study-name": "s", "--seed": "3",
+               "--sampler": "tpe", "--finetune-steps": "3", "--pretrain-steps": "3", "--pretrain-seconds": "2.5",
+               "--image-size": "24", "--timeout": "2.5"}
+
+
+def _key(cfg, key: str):
+    for part in key.split("."):
+        cfg = getattr(cfg, part)
+    return cfg
+
+
+@pytest.mark.parametrize("command", ["search", "groups"])
+def test_every_table_flag_sets_its_config_key(command):
+    from autoprune.cli import build_parser
+    from autoprune.cli.flags import GROUPS_FLAGS, RUN_FLAGS, load_config
+
+    parser = build_parser()
+    flags = [f for f in RUN_FLAGS if command == "search" or f.flag in GROUPS_FLAGS]
+    assert {f.flag for f in flags if f.const is None} <= set(FLAG_VALUES)
+    for f in flags:
+        argv = [command, f.flag] if f.const is not None else [command, f.flag, FLAG_VALUES[f.flag]]
+        cfg = load_config(parser.parse_args(argv))
+        expected = f.const if f.const is not None else (f.type or str)(FLAG_VALUES[f.flag])
+        assert _key(cfg, f.key) == expected != _key(load_config(parser.parse_args([command])), f.key), f.flag
+
+
+def test_search_and_groups_take_no_hand_mapped_config_flag():
+    """Every search/groups option is a table flag, --config, --set, --workers or --help."""
+    from autoprune.cli import build_parser
+    from autoprune.cli.flags import RUN_FLAGS
+
+    hook_subs = {a.dest: a for a in build_parser()._actions if a.dest == "cmd"}["cmd"].choices
+    table = {f.flag for f in RUN_FLAGS}
+    for name in ("search", "groups"):
+        opts = {o for a in hook_subs[name]._actions for o in a.option_strings}
+        assert opts - table == {"-h", "--help", "--config", "--set"} | ({"--workers"} if name == "search" else set())
+        helps = {a.option_strings[0]: a.help for a in hook_subs[name]._actions if a.option_strings}
+        assert helps["--data"] == {a.option_strings[0]: a.help for a in hook_subs["search"]._actions if a.option_strings}["--data"]
+
+
 def test_missing_model_file_clear_error(tmp_path):
     p = subprocess.run([sys.executable, "-m", "autoprune.cli", "search", "--model", str(tmp_path / "nope.pt"), "--out", str(tmp_path / "o")],
                        capture_output=True, text=True, timeout=120)

@@ -209,3 +209,108 @@ def test_shipped_yaml_lives_in_the_repository_root_folders():
         assert list((repo / folder).glob("*.yaml")), folder
     assert not (repo / "autoprune" / "shipped").exists()
     assert {p.stem for p in shipped_dir("device_profiles").glob("*.yaml")} >= {"onnxruntime-cpu", "openvino-cpu", "torch-cpu"}
+
+
+# --------------------------------------------------------------------------- import cost
+def test_importing_the_config_imports_neither_torch_nor_optuna():
+    """Reading and validating configs (``autoprune --help``, docs, tools) must not pay for torch."""
+    import subprocess
+    import sys
+
+    code = ("import sys, autoprune.config as c; c.load_device_profile('onnxruntime-cpu'); c.load_search_space('default'); "
+            "c.load_run_config(None); print(sorted(m for m in ('torch', 'optuna') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]", out.stdout + out.stderr
+
+
+def test_shipped_plugin_names_are_what_the_plugin_modules_register():
+    """The registries answer names without importing plug-in code; those names must be the real ones."""
+    from autoprune.measure import backends
+    from autoprune.prune import methods
+    from autoprune.registry import BACKENDS, METHODS
+
+    assert set(BACKENDS.shipped) <= set(backends.available()) and set(METHODS.shipped) <= set(methods.available())
+    registered_by_shipped_code = {f for f, fac in METHODS._factories.items() if fac.__module__.startswith("autoprune.")}
+    assert registered_by_shipped_code == set(METHODS.shipped)
+    assert {n for n, fac in BACKENDS._factories.items() if fac.__module__.startswith("autoprune.")} == set(BACKENDS.shipped)
+
+
+# --------------------------------------------------------------------------- backends from the registry
+def test_a_registered_backend_is_accepted_and_a_typo_names_file_key_and_backends(tmp_path: Path):
+    from autoprune.measure import backends
+    from autoprune.measure.backends.onnxruntime_backend import OnnxRuntimeBackend
+
+    p = tmp_path / "mine.yaml"
+    p.write_text("name: mine\nbackend: test-registered-backend\n")
+    with pytest.raises(ConfigError, match="unknown backend 'test-registered-backend'"):
+        load_device_profile(str(p))
+    backends.register("test-registered-backend", OnnxRuntimeBackend)
+    assert load_device_profile(str(p)).backend == "test-registered-backend"
+
+    p.write_text("name: typo\nbackend: onnxruntim\n")
+    with pytest.raises(ConfigError) as e:
+        load_device_profile(str(p))
+    msg = str(e.value)
+    assert msg.startswith(f"{p}: ") and "key 'backend': unknown backend 'onnxruntim'" in msg
+    assert "known backends: " in msg and all(n in msg for n in ("onnxruntime", "openvino", "remote", "torch", "test-registered-backend"))
+    assert "Value error" not in msg
+
+
+# --------------------------------------------------------------------------- resume marks on the fields
+#: Every run-config key a study resumes across, with another valid value: the test fails when a
+#: field gains or loses its mark without this list (and the docs) being updated on purpose.
+FREE_KEYS = {
+    "out": "elsewhere", "search.trials": 3, "search.sampler": "tpe", "search.population_size": 4,
+    "search.storage": "sqlite:///other.db", "search.study_name": "other", "search.timeout_s": 5.0,
+    "search.heartbeat_interval": 11, "search.grace_period": 31, "search.max_retries": 3,
+    "efficiency.final_finetune_steps": 2,
+}
+RUNTIME_SETS = {"train.device": "cpu", "train.precision": "bf16", "train.threads": 3, "search.mlflow": "file:///x"}
+#: Unmarked (scoring) keys, with another valid value: changing one refuses a resume.
+SCORING_KEYS = {"finetune.steps": 7, "search.seed": 1, "data": "digits-cluttered", "pretrain_steps": 10, "exporter": "torchscript",
+                "efficiency.sensitivity_ratio": 0.3, "task": "segmentation", "efficiency.staircases": True}
+
+
+def _hash(sets: dict, profile: dict | None = None) -> str:
+    from types import SimpleNamespace
+
+    from autoprune.config import DeviceProfile
+    from autoprune.study.study import search_hash
+
+    groups = [SimpleNamespace(name="g", low=0.0, high=0.5, methods=["l1"])]
+    prof = DeviceProfile.model_validate({"name": "p", "backend": "remote", "url": "http://t:1", **(profile or {})})
+    return search_hash(SimpleNamespace(cfg=load_run_config(None, sets), space=load_search_space("default"), profile=prof, groups=groups))
+
+
+def test_resume_marks_on_fields_decide_which_changes_refuse_a_resume():
+    from autoprune.config import DeviceProfile, RunConfig, resume_keys
+
+    assert set(resume_keys(RunConfig, "free")) == set(FREE_KEYS)
+    assert set(resume_keys(RunConfig, "runtime")) == {"train", "search.mlflow"}
+    assert set(resume_keys(DeviceProfile, "free")) == {"token_env", "request_timeout_s"}
+    base = _hash({})
+    for key, value in {**FREE_KEYS, **RUNTIME_SETS}.items():
+        assert _hash({key: value}) == base, f"changing {key} must not refuse a resume"
+    for key, value in SCORING_KEYS.items():
+        assert _hash({key: value}) != base, f"changing {key} must refuse a resume"
+    assert _hash({}, {"token_env": "OTHER", "request_timeout_s": 9.0}) == base
+    assert _hash({}, {"threads": 2}) != base
+
+
+def test_a_new_marked_field_changes_the_derived_lists():
+    """The study's lists come from the schema: marking a field is all it takes."""
+    from pydantic import Field
+
+    from autoprune.config import RunConfig, SearchSettings, added, added_defaults, resume, resume_keys
+
+    class Settings(SearchSettings):
+        progress_every: int = Field(5, json_schema_extra=resume("free"))
+        new_scoring_knob: int = Field(0, json_schema_extra=added(0))
+
+    class Run(RunConfig):
+        search: Settings = Field(default_factory=Settings)
+
+    assert "search.progress_every" in resume_keys(Run, "free") and "search.progress_every" not in resume_keys(RunConfig, "free")
+    assert added_defaults(Run)["search.new_scoring_knob"] == 0
+    with pytest.raises(ValueError, match="unknown resume mark"):
+        resume("sometimes")  # type: ignore[arg-type]

@@ -11,7 +11,7 @@ import shutil
 import pytest
 from rich.console import Console
 
-from autoprune.cli import _print_rows, main
+from autoprune.cli import main, print_rows as _print_rows
 
 DENSE = {"metric_name": "accuracy", "accuracy": 0.91234, "latency": {"median_ms": 1.234, "p90_ms": 1.5}, "flops": 123456789,
          "params": 1527936, "onnx_bytes": 6123456}

@@ -65,7 +65,7 @@ def test_every_config_key_has_a_described_entry(page: str, cls: type[BaseModel])
     missing = [k for k in keys if k not in rows]
     assert not missing, f"{page}: no entry for {missing}"
     undescribed = [k for k in keys if not rows[k]]
-    assert not undescribed, f"{page}: add a '#:' comment above these fields in autoprune/config.py: {undescribed}"
+    assert not undescribed, f"{page}: add a '#:' comment above these fields in autoprune/config/: {undescribed}"
 
 
 def test_every_cli_flag_has_a_described_entry() -> None:
@@ -98,6 +98,14 @@ def test_generated_tables_follow_the_code(monkeypatch: pytest.MonkeyPatch) -> No
     monkeypatch.setattr(config.RunConfig.model_fields["finetune"], "annotation", Extra)
     rows = _table_rows(_rendered("reference/run-config.md"))
     assert rows.get("finetune.warmup_steps") == "A key that exists only in this test."
+
+
+def test_resume_marks_are_documented_from_the_schema() -> None:
+    rows = _table_rows(_rendered("reference/run-config.md"))
+    hook = _hook()
+    assert rows["search.trials"].endswith(hook.RESUME_NOTES["free"]) and rows["train"].endswith(hook.RESUME_NOTES["runtime"])
+    assert hook.RESUME_NOTES["free"] not in rows["finetune.steps"]
+    assert _table_rows(_rendered("reference/device-profile.md"))["token_env"].endswith(hook.RESUME_NOTES["free"])
 
 
 def test_run_folder_and_shipped_files_are_listed() -> None:

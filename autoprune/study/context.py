@@ -129,14 +129,36 @@ class SearchContext:
         return self.run.root
 
 
-def _check_model(
+@dataclass
+class ModelCheck:
+    """What :func:`check_model` found on a model before it is trained."""
+
+    #: Example input at the profile's batch size (what latency is measured on).
+    example: torch.Tensor
+    #: The groups the search searches: the search space's rules applied, broken ones left out.
+    groups: list[PrunableGroup]
+    #: Groups left out because pruning them breaks the model: name → why.
+    broken: dict[str, str]
+    #: The dependency analysis, shared by the groups, the check and every candidate.
+    structure: Structure
+    #: Groups not searched because the search space does not ask for them: name → why.
+    skipped: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def not_searched(self) -> dict[str, str]:
+        """Every part of the model the search leaves alone, and why."""
+        return {**self.structure.unprunable, **self.skipped, **{n: f"pruning it breaks the model: {why}" for n, why in self.broken.items()}}
+
+
+def check_model(
     cfg: RunConfig, space: SearchSpace, profile: DeviceProfile, base: nn.Module, data: DataBundle, num_classes: int,
     task: Optional[Task] = None,
-) -> tuple[torch.Tensor, list[PrunableGroup], dict[str, str], Structure]:
+) -> ModelCheck:
     """The example input (at the profile's batch size) and the prunable groups with the search
     space's rules applied, found on ``base`` before it is trained: a model that refuses the input
     shape or a layer pattern that matches nothing fails in seconds, not after pre-training.
-    The groups depend only on the architecture, so they hold for the trained weights too."""
+    The groups depend only on the architecture, so they hold for the trained weights too.
+    ``search`` and ``groups`` both call it, so ``groups`` lists exactly what a search searches."""
     shape = tuple(profile.input_shape) if profile.input_shape else data.input_shape
     example = torch.randn(profile.batch_size, *shape, generator=torch.Generator().manual_seed(cfg.search.seed))
     own = task.example_input(data, profile.batch_size) if task is not None else None
@@ -146,7 +168,7 @@ def _check_model(
         with torch.no_grad():
             base(example[:1])
     except Exception as exc:  # noqa: BLE001
-        raise ConfigError(f"model {cfg.model} does not accept input of shape {list(example[:1].shape)}: {exc}") from None
+        raise ConfigError(f"model {cfg.model} does not accept input of shape {list(example[:1].shape)}: {' '.join(str(exc).split())}") from None
     aux = train_only_modules(base, example)
     if aux:
         raise ConfigError(f"model {cfg.model}: {', '.join(aux)} run only in train mode (auxiliary heads); pruning follows the "
@@ -158,17 +180,28 @@ def _check_model(
     # eval mode): a group that breaks the model is left out with its reason, not tried by trials.
     probe_structure(base, example[:1], num_classes)
     structure = analyse(base, example[:1], num_classes)  # once: the groups, the check and every candidate use it
-    groups = apply_rules(
-        find_groups(base, example[:1], num_classes, embedding=space.embedding, structure=structure), space.low, space.high,
-        space.methods, space.layers, f"search space {cfg.search_space}"
-    )
+    every = find_groups(base, example[:1], num_classes, embedding=True, structure=structure)
+    skipped = {g.name: "transformer embedding width: searched only with 'embedding: true' in the search space"
+               for g in every if g.kind == "embedding" and not space.embedding}
+    groups = apply_rules([g for g in every if g.name not in skipped], space.low, space.high, space.methods, space.layers,
+                         f"search space {cfg.search_space}")
     broken = check_prunable(base, example[:1], [g for g in groups if g.high > 0], num_classes, space.round_unit, structure=structure)
-    for name, why in broken.items():
-        log.warning("group %s left unpruned: pruning it breaks the model (%s)", name, why)
-    groups = [g for g in groups if g.name not in broken]
-    if not groups:
-        raise ConfigError(f"search space {cfg.search_space}: every prunable group is skipped; nothing to search")
-    return example, groups, broken, structure
+    return ModelCheck(example, [g for g in groups if g.name not in broken], broken, structure, skipped)
+
+
+def search_groups(cfg: RunConfig) -> ModelCheck:
+    """What a search with ``cfg`` would search, without training or measuring anything (the
+    ``groups`` command): the same files, data, model and :func:`check_model` as :func:`prepare`,
+    with the model freshly built from the same seed (the groups depend on the architecture only)."""
+    space = load_search_space(cfg.search_space)
+    profile = load_device_profile(cfg.device_profile)
+    with torch.random.fork_rng(devices=[]):  # the caller's random state is left as it was
+        torch.manual_seed(cfg.search.seed)
+        task = load_task(cfg.task, cfg.output)
+        data = load_data(cfg.data, cfg.image_size, cfg.val_fraction, cfg.data_seed, cfg.augment, cfg.val_samples)
+        num_classes = cfg.num_classes or data.num_classes
+        base = build_model(cfg.model, num_classes, in_channels=data.input_shape[0], trust_pickle=cfg.trust_pickle)
+        return check_model(cfg, space, profile, base, data, num_classes, task)
 
 
 def prepare(cfg: RunConfig, console: Optional[Callable[[str], None]] = None) -> SearchContext:
@@ -193,7 +226,12 @@ def prepare(cfg: RunConfig, console: Optional[Callable[[str], None]] = None) -> 
     shape = tuple(profile.input_shape) if profile.input_shape else data.input_shape
     base, recipe, fresh = _dense_model(cfg, data, num_classes, shape, run, say)
     say(f"checking that every prunable group of {cfg.model} can be pruned")
-    example, groups, broken, structure = _check_model(cfg, space, profile, base, data, num_classes, task)
+    check = check_model(cfg, space, profile, base, data, num_classes, task)
+    example, groups, broken, structure = check.example, check.groups, check.broken, check.structure
+    for name, why in broken.items():
+        log.warning("group %s left unpruned: pruning it breaks the model (%s)", name, why)
+    if not groups:
+        raise ConfigError(f"search space {cfg.search_space}: every prunable group is skipped; nothing to search")
     if broken:  # kept for the report: why a group the user may expect is not searched
         atomic_write_text(run.unprunable, json.dumps(broken, indent=2))
     # The dense model (every trial's starting point and distillation teacher) stays on the train

@@ -17,7 +17,15 @@ from typing import Any, Callable, Iterator, Optional
 import optuna
 from optuna.trial import TrialState
 
-from autoprune.config import DEFAULT_ROUND_TO, config_hash
+from autoprune.config import (
+    DEFAULT_ROUND_TO,
+    DeviceProfile,
+    RunConfig,
+    SearchSpace,
+    added_defaults,
+    config_hash,
+    resume_keys,
+)
 from autoprune.errors import ConfigError
 from autoprune.runfolder import RunFolder, lock_path, unlock_path
 from autoprune.study.context import SearchContext
@@ -51,42 +59,32 @@ def _sampler(ctx: SearchContext, seed: Optional[int] = None) -> optuna.samplers.
     return optuna.samplers.RandomSampler(seed=s.seed)
 
 
-#: Run-config keys that do not change how a trial is scored, so a study resumes across changes
-#: to them: where the run folder and storage are and how long to search; worker runtime settings
-#: (they may differ between workers and sessions of one study); which trials the sampler proposes
-#: next (sampler, population size: every finished trial is scored the same either way); and the
-#: final stage, which runs after the trials on the Pareto models (adding it to a finished run
-#: must resume, not refuse). Everything else (model, data, pretrain budget, fine-tune, seeds,
-#: efficiency settings that change a trial's accuracy, exporter) stays in the hash.
-NOT_SCORING_KEYS = (
-    "out", "search.trials", "search.timeout_s", "search.storage", "search.study_name",
-    "search.heartbeat_interval", "search.grace_period", "search.max_retries",
-    "search.sampler", "search.population_size", "efficiency.final_finetune_steps",
-)
-#: Run-config keys left out of the hash altogether (not even as null): machine and logging
-#: settings added after studies existed, so studies made before them keep their hash. The
-#: ``train`` section says where and in which precision this worker trains (workers of one study
-#: may train on a GPU and on a CPU); ``search.mlflow`` where trials are logged.
-RUNTIME_KEYS = ("train", "search.mlflow")
+#: Which keys do not refuse a resume is marked on the config fields themselves
+#: (:mod:`autoprune.config.base`); these lists are derived from the schema.
+#:
+#: Run-config keys that do not change how a trial is scored (``resume("free")``), so a study
+#: resumes across changes to them: where the run folder and storage are and how long to search;
+#: worker runtime settings; which trials the sampler proposes next (every finished trial is
+#: scored the same either way); and the final stage, which runs after the trials on the Pareto
+#: models. Everything else (model, data, pretrain budget, fine-tune, seeds, efficiency settings
+#: that change a trial's accuracy, exporter) stays in the hash.
+NOT_SCORING_KEYS = resume_keys(RunConfig, "free")
+#: Run-config keys left out of the hash altogether (``resume("runtime")``, not even as null):
+#: machine and logging settings added after studies existed, so studies made before them keep
+#: their hash. The ``train`` section says where and in which precision this worker trains
+#: (workers of one study may train on a GPU and on a CPU); ``search.mlflow`` where trials are logged.
+RUNTIME_KEYS = resume_keys(RunConfig, "runtime")
 #: Device-profile keys that only say how to reach a remote latency server, not what it measures.
-NOT_SCORING_PROFILE_KEYS = ("request_timeout_s", "token_env")
+NOT_SCORING_PROFILE_KEYS = resume_keys(DeviceProfile, "free")
 #: Version of :func:`search_hash` stored next to it; studies without it hold the hash of
 #: :func:`_legacy_search_hash` and are upgraded when that one matches.
 SEARCH_HASH_VERSION = 2
-#: Run-config keys added after studies were first stored, with the default that scores trials as
-#: before they existed: left out of the hash at that default, so older studies still resume.
-#: ``augment: default`` leaves digits (the demo) and factories unaugmented, as before; an
-#: ImageFolder study made before it resumes with the training-split augmentation switched on.
-ADDED_KEY_DEFAULTS = {
-    "task": "classification", "output": None, "augment": "default", "val_samples": None,
-    "efficiency.staircases": False, "efficiency.staircase_widths": 8, "efficiency.staircase_tolerance": 0.03,
-    "search.target": None,
-}
-#: The same for search-space and device-profile keys (export parity and staircase files do not
-#: change how a trial that runs is scored; ``embedding: false`` is the old behaviour).
-ADDED_SPACE_DEFAULTS = {"embedding": False}
-ADDED_PROFILE_DEFAULTS = {"parity_samples": 8, "parity_atol": 1e-4, "parity_rtol": 1e-3, "staircases": None,
-                          "cpu_pinning": True}
+#: Keys added after studies were first stored (``added(default)``), with the value that scores
+#: trials as before they existed: left out of the hash at that value, so older studies still resume.
+ADDED_KEY_DEFAULTS = added_defaults(RunConfig)
+#: The same for search-space and device-profile keys.
+ADDED_SPACE_DEFAULTS = added_defaults(SearchSpace)
+ADDED_PROFILE_DEFAULTS = added_defaults(DeviceProfile)
 
 
 def _without_added_defaults(cfg: dict[str, Any], defaults: Optional[dict[str, Any]] = None) -> dict[str, Any]:

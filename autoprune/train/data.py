@@ -28,6 +28,7 @@ from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
 from torchvision import datasets, transforms
 from torchvision.transforms import v2
 
+from autoprune.config import DATA_HELP
 from autoprune.errors import ConfigError
 
 log = logging.getLogger("autoprune")
@@ -544,11 +545,6 @@ def _from_factory(ref: str) -> DataBundle:
             num_classes = int(max(int(y) for _, y in val)) + 1
         return DataBundle(train, val, num_classes, tuple(x0.shape), name=fn_name)
     raise ConfigError(f"data: {ref} returned {type(out).__name__}; return a DataBundle or (train, val[, num_classes])")
-
-
-#: ``data:`` values other than a folder or ``module:function`` (docs/guides/data.md).
-DATA_HELP = ("'digits', 'digits-cluttered', 'fashion-mnist', 'fashion-mnist:DIR', 'cifar10:DIR', 'cifar100:DIR', "
-             "an existing ImageFolder directory, or 'module:function'")
 
 
 def load_data(ref: str, image_size: Optional[int] = None, val_fraction: float = 0.25, seed: int = 0,

@@ -2,7 +2,7 @@
 
 A page holds a marker such as ``<!-- autoprune:config RunConfig -->`` and the hook replaces it
 with a table made from the pydantic model (keys, types, defaults, and the ``#:`` comment above
-each field in ``autoprune/config.py``), the argparse parser (``autoprune.cli.build_parser``),
+each field in ``autoprune/config/``), the argparse parser (``autoprune.cli.build_parser``),
 ``RunFolder``'s paths or the shipped YAML folders. Nothing is copied by hand, so the docs cannot
 drift from the code; ``tests/test_docs.py`` renders the pages through this hook and fails when
 a key or flag has no entry with a description.
@@ -59,7 +59,7 @@ def _nested_model(annotation: Any) -> tuple[Optional[type[BaseModel]], bool]:
 
 def _type_text(annotation: Any) -> str:
     text = repr(annotation) if not isinstance(annotation, type) else annotation.__name__
-    text = re.sub(r"typing\.|autoprune\.config\.", "", text)
+    text = re.sub(r"typing\.|autoprune\.config\.(\w+\.)?", "", text)
     text = text.replace("NoneType", "null")
     return text
 
@@ -94,6 +94,11 @@ def _limits(field: Any) -> str:
     return ", ".join(parts)
 
 
+#: What a key's resume mark (``autoprune.config.resume``) means, added to its description.
+RESUME_NOTES = {"free": "Changing it does not stop a run from resuming.",
+                "runtime": "Not part of the resume check: it may differ between the workers and sessions of one study."}
+
+
 def config_rows(cls: type[BaseModel], prefix: str = "") -> Iterator[dict[str, str]]:
     """One row per key of ``cls``, dotted for sections (``search.trials``), ``[]`` for lists of sections."""
     comments = field_comments(cls)
@@ -103,10 +108,14 @@ def config_rows(cls: type[BaseModel], prefix: str = "") -> Iterator[dict[str, st
         key = f"{prefix}{name}"
         nested, is_list = _nested_model(field.annotation)
         desc = field.description or comments.get(name, "")
+        extra = field.json_schema_extra if isinstance(field.json_schema_extra, dict) else {}
+        note = RESUME_NOTES.get(str(extra.get("resume")), "")
+        if nested is not None and not desc:  # the section's own docstring, not BaseModel's
+            desc = inspect.cleandoc(nested.__dict__.get("__doc__") or "").split("\n\n")[0].replace("\n", " ")
+        desc = f"{desc} {note}".strip()
         if nested is not None:
-            doc = inspect.cleandoc(nested.__dict__.get("__doc__") or "")  # its own, not BaseModel's
             yield {"key": key + ("[]" if is_list else ""), "type": "list of sections" if is_list else "section",
-                   "default": _default_text(field) if is_list else "", "description": desc or doc.split("\n\n")[0].replace("\n", " ")}
+                   "default": _default_text(field) if is_list else "", "description": desc}
             yield from config_rows(nested, key + ("[]." if is_list else "."))
             continue
         limits = _limits(field)

@@ -17,50 +17,20 @@ with ``torch.nn.utils.prune`` masks while training and makes them permanent afte
 from __future__ import annotations
 
 import contextlib
-import re
-from dataclasses import dataclass
 from typing import Iterator
 
 import torch
 import torch.nn as nn
 import torch.nn.utils.prune as tprune
 
-GRANULARITY_RE = re.compile(r"^(structured|unstructured|hybrid|nm:(\d+):(\d+))$")
-GRANULARITY_HELP = "structured | unstructured | hybrid | nm:N:M (0 < N < M, e.g. nm:2:4)"
+from autoprune.config.search_space import GRANULARITY_HELP, GRANULARITY_RE, Granularity, parse_granularity
+
 LAYER_TYPES = (nn.modules.conv._ConvNd, nn.Linear)
+#: Granularity names are parsed by the config (torch-free, so a search space validates without torch).
+parse = parse_granularity
 
-
-@dataclass(frozen=True)
-class Granularity:
-    """Parsed granularity string."""
-
-    kind: str  # structured | unstructured | hybrid | nm
-    n: int = 0
-    m: int = 0
-
-    @property
-    def removes_channels(self) -> bool:
-        return self.kind in ("structured", "hybrid")
-
-    @property
-    def zeros_weights(self) -> bool:
-        return self.kind in ("unstructured", "hybrid", "nm")
-
-    def __str__(self) -> str:
-        return f"nm:{self.n}:{self.m}" if self.kind == "nm" else self.kind
-
-
-def parse(text: str) -> Granularity:
-    """``'nm:2:4'`` → Granularity('nm', 2, 4); raises ValueError naming the allowed values."""
-    mt = GRANULARITY_RE.match(str(text).strip())
-    if not mt:
-        raise ValueError(f"unknown granularity {text!r}; allowed: {GRANULARITY_HELP}")
-    if mt.group(2):
-        n, m = int(mt.group(2)), int(mt.group(3))
-        if not 0 < n < m:
-            raise ValueError(f"granularity {text!r}: need 0 < N < M; allowed: {GRANULARITY_HELP}")
-        return Granularity("nm", n, m)
-    return Granularity(mt.group(1))
+__all__ = ["GRANULARITY_HELP", "GRANULARITY_RE", "Granularity", "LAYER_TYPES", "parse", "apply_mask", "hold_zeros", "nm_mask",
+           "unstructured_mask", "weight_sparsity"]
 
 
 def _reduction_layout(w: torch.Tensor) -> torch.Tensor:
