@@ -8,7 +8,8 @@ import time
 import pytest
 
 from autoprune.errors import ConfigError
-from autoprune.runfolder import RunFolder, file_lock, lock_path, unlock_path
+from autoprune.files import file_lock, lock_path, unlock_path
+from autoprune.runfolder import RunFolder
 from autoprune.study.study import run_lock
 
 

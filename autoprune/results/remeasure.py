@@ -26,7 +26,8 @@ from autoprune.results.front import (
     non_dominated,
     search_profile_name,
 )
-from autoprune.runfolder import RunFolder, atomic_write_text
+from autoprune.files import atomic_write_text
+from autoprune.runfolder import RunFolder
 from autoprune.train.checkpoint import load_checkpoint
 from autoprune.trust import CodePolicy
 

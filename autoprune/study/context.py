@@ -36,7 +36,8 @@ from autoprune.measure.staircase import (
 from autoprune.outputs import train_only_modules
 from autoprune.prune.plan import check_prunable
 from autoprune.prune.structure import PrunableGroup, Structure, analyse, apply_rules, find_groups, probe_structure
-from autoprune.runfolder import RunFolder, atomic_write_text
+from autoprune.files import atomic_write_text
+from autoprune.runfolder import RunFolder
 from autoprune.study.budget import LatencyModel, calibrate, reachable, targets_ms
 from autoprune.study.priors import (
     flops_savings,

@@ -39,8 +39,8 @@ import torch.nn as nn
 from autoprune import objects
 from autoprune.errors import ConfigError, UntrustedPickle
 from autoprune.prune.plan import slice_to_widths
-from autoprune.runfolder import atomic_torch_save, torch_load
-from autoprune.train.models import PICKLE_REFUSAL, build_model
+from autoprune.files import atomic_torch_save, torch_load
+from autoprune.train.models import build_model, checkpoint_arch, read_checkpoint
 from autoprune.trust import CodePolicy
 
 FORMAT = "autoprune.model/1"
@@ -102,13 +102,14 @@ def dense_recipe(
         path = Path(ref).resolve()
         sha = file_sha256(path)
         try:  # weights-only even when trusted: a full pickle's architecture is the file itself
-            obj: Any = torch_load(path, trust_pickle=False, refusal=f"model checkpoint is {PICKLE_REFUSAL}")
+            obj: Any = read_checkpoint(path)
         except UntrustedPickle:
             if not trust_pickle:
                 raise
             obj = None
-        if isinstance(obj, dict) and "arch" in obj and "state_dict" in obj:
-            build.update(model=str(obj["arch"]), num_classes=int(obj.get("num_classes", num_classes)))
+        arch = checkpoint_arch(obj)
+        if arch is not None:
+            build.update(model=arch, num_classes=int(obj.get("num_classes", num_classes)))
         else:
             build.update(model=str(path), pickle={"path": str(path), "sha256": sha})
     return {
