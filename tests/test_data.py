@@ -361,7 +361,7 @@ def test_data_sources_are_registered_by_name(monkeypatch):
 
 
 def test_a_source_without_argument_leaves_name_colon_to_factories(tmp_path, monkeypatch):
-    """``digits:make`` is a function ``make`` in a module ``digits``, as before the registry."""
+    """``digits:make`` is a function ``make`` in a user module ``digits``: the digits source takes no argument."""
     (tmp_path / "digits.py").write_text(
         "import torch\n"
         "def make():\n"

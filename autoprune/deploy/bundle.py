@@ -279,7 +279,7 @@ def write_bundle(run_dir: Path, row: dict[str, Any], dest: Path, budget: Optiona
                  say: Optional[Callable[[str], None]] = None) -> dict[str, Any]:
     """Copy a Pareto trial's files into ``dest`` and add torch.export/TorchScript files, the
     model card and the inference example. Returns the card. ``model.pt`` loads weights-only;
-    a full pickle of an older autoprune only with ``trust_pickle``. ``guard`` checks ``dest``
+    a full pickle only with ``trust_pickle``. ``guard`` checks ``dest``
     again right before the new bundle replaces it (:func:`autoprune.files.atomic_dir`). ``say`` gets a line as each
     stage starts: the exports and the format checks take from seconds to minutes, and a command
     that is silent that long looks hung."""

@@ -136,7 +136,7 @@ def rebuild_trial(
     """Write ONNX / OpenVINO IR / PyTorch / metadata of trial ``trial`` to ``dest``; returns the metadata.
 
     ``rebuild``: re-create the model from the stored parameters even if ``trials/N/model.pt`` exists.
-    ``trust_pickle``: also load full-pickle model files (an older autoprune's run folder).
+    ``trust_pickle``: also load full-pickle model files (unpickling runs the code they name).
     ``model``: the ``module:function`` of your model's code when it is not demo or torchvision;
     ``trust_code``: run whatever code the stored config and model files name (:mod:`autoprune.trust`).
     """

@@ -112,8 +112,7 @@ def export_front(
 ) -> list[dict[str, Any]]:
     """(Re)write the run's ``pareto/``: one folder per Pareto trial, plus tables and plots.
 
-    Trial models load weights-only; a full pickle of an older autoprune only with
-    ``trust_pickle``, and is then written with the run's dense ``recipe`` and the trial's widths."""
+    Trial models load weights-only; a full pickle only with ``trust_pickle``, and is then written with the run's dense ``recipe`` and the trial's widths."""
 
     dense = dense if dense is not None else study.user_attrs.get("dense", {})
     rows = front(study, dense)

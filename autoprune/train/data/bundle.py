@@ -204,7 +204,7 @@ class DataSource:
     :data:`autoprune.registry.DATASETS` under ``NAME``).
 
     ``takes_argument``: whether ``NAME:ARG`` is this source's. A source that takes none leaves
-    ``NAME:x`` to be read as a ``module:function`` factory, as it always was."""
+    ``NAME:x`` to be read as a ``module:function`` factory: a user's module may share its name."""
 
     takes_argument: bool = False
 
