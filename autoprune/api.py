@@ -5,7 +5,6 @@ string references), ``SearchResult.front`` / ``.pick()``, and ``export``, ``reme
 from __future__ import annotations
 
 import contextlib
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,38 +13,35 @@ from typing import Any, Optional, Union
 import optuna
 import torch.nn as nn
 from rich.console import Console
-from rich.progress import (
-    BarColumn,
-    MofNCompleteColumn,
-    Progress,
-    TextColumn,
-    TimeElapsedColumn,
-    TimeRemainingColumn,
-)
 
 from autoprune import objects
-from autoprune.config import RunConfig, load_device_profile, load_run_config, shipped_dir
+from autoprune.config import RunConfig, load_run_config
 from autoprune.errors import ConfigError
-from autoprune.measure import backends
-from autoprune.measure.onnx import external_data_files
+from autoprune.files import file_lock, remove_dead_temp_files
+from autoprune.measure.bench import bench
 from autoprune.results.artifacts import export_front
 from autoprune.results.front import front
 from autoprune.runlog import library_log
-from autoprune.runfolder import RunFolder, file_lock, remove_dead_temp_files, writable_dir, writable_paths
+from autoprune.runfolder import RunFolder, writable_dir, writable_paths
 from autoprune.study.context import SearchContext, prepare
 from autoprune.study.final import final_stage, final_stage_needed
 from autoprune.study.pool import WorkersFailed, plan_slots, run_workers
 from autoprune.study.storage import public_config, redact_url, refuse_results_without_study
-from autoprune.train.checkpoint import check_same_model
+from autoprune.study.progress import progress_bar, progress_callback
 from autoprune.study.study import (
-    _fail_stale_local_trials,
     completed,
     enqueue_seeds,
+    fail_stale_local_trials,
     open_study,
     optimize,
     run_lock,
     storage_url,
 )
+from autoprune.train.checkpoint import check_same_model
+
+#: ``bench`` lives in autoprune.measure.bench; it is named here because the Python API is this module.
+__all__ = ["Exported", "FrontRow", "Picked", "SearchResult", "bench", "export", "remeasure", "resume_command", "run",
+           "search"]
 
 
 @dataclass
@@ -191,29 +187,6 @@ class Exported:
         return load_model(self.dest / "model.pt", trust_pickle=self.trust_pickle)
 
 
-def _progress_callback(progress: Progress, task: Any, console: Console, target: int) -> Any:
-    def cb(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
-        done = len(completed(study))
-        best = front(study, {}) if done else []
-        best_txt = ""
-        if best:
-            top = max(best, key=lambda r: r["accuracy"])
-            fast = min(best, key=lambda r: r["latency_ms"])
-            best_txt = f"best acc {top['accuracy']:.3f}@{top['latency_ms']:.2f}ms | fastest {fast['latency_ms']:.2f}ms@{fast['accuracy']:.3f}"
-        progress.update(task, completed=min(done, target), best=best_txt)
-        if trial.state == optuna.trial.TrialState.COMPLETE:
-            ua = trial.user_attrs
-            console.log(
-                f"trial {trial.number}: {ua.get('metric_name', 'acc')} {trial.values[0]:.3f} latency {trial.values[1]:.3f} ms "
-                f"params {ua.get('params', 0):,} ({ua.get('trial_s', 0):.1f}s)"
-                + (f" [{ua['skipped_finetune']}]" if ua.get("skipped_finetune") else "")
-            )
-        else:
-            console.log(f"trial {trial.number}: {trial.state.name} {str(trial.user_attrs.get('fail_reason', ''))[:300]}")
-
-    return cb
-
-
 def run(cfg: RunConfig, console: Optional[Console] = None, export: bool = True, workers: int = 1) -> SearchResult:
     """Run (or resume) the search described by ``cfg`` and export its Pareto front.
     ``workers`` > 1: that many worker processes on this machine (``study/pool.py``), each with
@@ -245,7 +218,7 @@ def run(cfg: RunConfig, console: Optional[Console] = None, export: bool = True, 
             ctx = prepare(cfg, console=lambda s: console.log(s))
         study = open_study(ctx)
         if local:
-            n = _fail_stale_local_trials(study, cfg.search.max_retries)
+            n = fail_stale_local_trials(study, cfg.search.max_retries)
             if n:
                 console.log(f"{n} trial(s) left running by a killed search were marked failed and re-queued")
             remove_dead_temp_files(ctx.run.root)  # half-written files of a killed search (never read)
@@ -258,16 +231,13 @@ def run(cfg: RunConfig, console: Optional[Console] = None, export: bool = True, 
             f"latency {ctx.dense['latency']['median_ms']:.3f} ms on {ctx.profile.name}; "
             f"{already}/{cfg.search.trials} trials already done; study in {redact_url(cfg.search.storage) or ctx.run.study_db}"
         )
-        with Progress(
-            TextColumn("[bold]trials"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TextColumn("ETA"),
-            TimeRemainingColumn(), TextColumn("{task.fields[best]}"), console=console, transient=False,
-        ) as progress:
+        with progress_bar(console) as progress:
             task = progress.add_task("search", total=cfg.search.trials, completed=already, best="")
             try:
                 if workers > 1:
-                    _run_pool(ctx, study, workers, _progress_callback(progress, task, console, cfg.search.trials), console)
+                    _run_pool(ctx, study, workers, progress_callback(progress, task, console, cfg.search.trials), console)
                 else:
-                    optimize(ctx, study, _progress_callback(progress, task, console, cfg.search.trials))
+                    optimize(ctx, study, progress_callback(progress, task, console, cfg.search.trials))
             except KeyboardInterrupt:
                 console.log(f"[yellow]interrupted; finished trials are saved and the trial in flight is re-queued. Resume with: {resume_command(cfg)}")
                 raise
@@ -458,82 +428,3 @@ def remeasure(run_dir: Union[str, Path], device_profile: str, *, model: Optional
 
     _register(run_dir, model, None, None)
     return _remeasure(run_dir, device_profile, trust_pickle=trust_pickle)
-
-
-def onnx_profiles() -> list[str]:
-    """Names of the shipped device profiles that can time an ONNX file (backend other than torch)."""
-    names = []
-    for path in sorted(shipped_dir("device_profiles").glob("*.yaml")):
-        with contextlib.suppress(ConfigError):
-            if load_device_profile(str(path)).backend != "torch":
-                names.append(path.stem)
-    return names
-
-
-def bench(
-    onnx_path: Union[str, Path, nn.Module],
-    device_profile: str = "onnxruntime-cpu",
-    batch_size: Optional[int] = None,
-    *,
-    example: Optional[Any] = None,
-    exporter: str = "dynamo",
-) -> dict[str, Any]:
-    """Latency of an ONNX file, or of an ``nn.Module`` exported to ONNX (give ``example``, one
-    input batch), on a device profile, with the code the search uses."""
-    if isinstance(onnx_path, nn.Module):
-        import copy
-        import tempfile
-
-        import torch
-
-        from autoprune.measure.onnx import cpu_fp32, export_onnx
-
-        if not isinstance(example, torch.Tensor):
-            raise ConfigError("bench: give example= an input tensor with its batch dimension (e.g. torch.zeros(1, 3, 224, 224)) "
-                              "to export the module to ONNX")
-        with tempfile.TemporaryDirectory(prefix="autoprune-bench-") as tmp:
-            path = export_onnx(cpu_fp32(copy.deepcopy(onnx_path)).eval(),  # the caller's module keeps its mode
-                                example.detach().cpu().float(), Path(tmp) / "model.onnx", exporter)
-            res = bench(path, device_profile, batch_size)
-        return {**res, "onnx": f"<{type(onnx_path).__name__} exported to ONNX>"}
-    import numpy as np
-    import onnx
-
-    p = Path(onnx_path)
-    if not p.is_file():
-        raise ConfigError(f"{onnx_path}: file not found" if not p.exists() else f"{onnx_path}: not a file; pass an .onnx file")
-    profile = load_device_profile(device_profile)
-    if profile.backend == "torch":
-        raise ConfigError(
-            f"{onnx_path}: device profile {profile.name!r} (backend torch) times PyTorch modules, not ONNX files; "
-            f"bench it with a profile whose backend is onnxruntime, openvino or remote (shipped: {', '.join(onnx_profiles())})"
-        )
-    try:
-        m = onnx.load(str(p), load_external_data=False)
-    except Exception as exc:  # noqa: BLE001
-        raise ConfigError(f"{onnx_path}: not a readable ONNX model ({' '.join(str(exc).split())[:300]})") from None
-    external = external_data_files(m, p.parent)
-    missing = [f for f in external if not f.is_file()]
-    if missing:
-        saved = ", ".join(os.path.relpath(f, p.parent) for f in external)
-        raise ConfigError(f"{onnx_path}: its weights are stored in {missing[0]}, which is missing; copy the file(s) saved with "
-                          f"the model ({saved}, relative to the .onnx file) there, or re-save the model as one file")
-    if external and profile.backend == "remote":
-        raise ConfigError(f"{onnx_path}: backend remote sends the .onnx file alone, and its weights are in "
-                          f"{', '.join(os.path.relpath(f, p.parent) for f in external)}; bench a single-file ONNX (onnx.save_model without "
-                          "save_as_external_data, models under 2 GB) or time it with `autoprune bench` on the target")
-    dims = m.graph.input[0].type.tensor_type.shape.dim
-    shape = [d.dim_value if d.dim_value > 0 else None for d in dims]
-    if batch_size and shape[0] is not None and batch_size != shape[0]:
-        raise ConfigError(f"{onnx_path}: the model's batch size is fixed at {shape[0]} (static input shape {shape}); "
-                          f"drop --batch-size {batch_size}, or export the model with that batch size")
-    shape[0] = batch_size or shape[0] or profile.batch_size
-    if any(s is None for s in shape):
-        if not profile.input_shape:
-            raise ConfigError(f"{onnx_path}: input has dynamic dimensions {shape}; set input_shape in the device profile")
-        shape = [shape[0], *profile.input_shape]
-    x = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
-    stats = backends.measure(backends.ModelArtifact(p), profile, x)
-    return {"onnx": str(p), "profile": profile.name, "backend": profile.backend, "threads": profile.threads, "input_shape": shape, **stats.to_dict()}
-
-

@@ -17,12 +17,12 @@ that feed them would leave them reading channels that no longer exist.
 from __future__ import annotations
 
 import copy
-import importlib
 from typing import Any, Callable, Mapping, Optional
 
 import torch
 import torch.nn as nn
 
+from autoprune.coderef import import_ref, split_ref
 from autoprune.errors import ConfigError
 
 #: A function from whatever a model returns to its main output tensor.
@@ -59,15 +59,11 @@ def load_adapter(ref: Optional[str], source: str = "run config") -> OutputAdapte
     """The adapter a run config names (``output: package.module:function``), or :func:`main_output`."""
     if not ref:
         return main_output
-    mod_name, sep, fn_name = ref.partition(":")
-    if not sep or not mod_name or not fn_name:
+    mod_name, fn_name = split_ref(ref)
+    if not mod_name or not fn_name:
         raise ConfigError(f"{source}: key 'output': {ref!r} is not 'package.module:function'; name a function that "
                           "takes what the model returns and gives its main output tensor")
-    try:
-        fn = getattr(importlib.import_module(mod_name), fn_name)
-    except (ImportError, AttributeError) as exc:
-        raise ConfigError(f"{source}: key 'output': cannot import {ref!r} ({exc}); expected 'package.module:function' "
-                          "importable from the working directory or PYTHONPATH") from None
+    fn = import_ref(ref, f"{source}: key 'output'", hint=" importable from the working directory or PYTHONPATH")
     if not callable(fn):
         raise ConfigError(f"{source}: key 'output': {ref!r} is a {type(fn).__name__}, not a function; name a function "
                           "that takes what the model returns and gives its main output tensor")

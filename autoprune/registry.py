@@ -1,4 +1,4 @@
-"""One registry class for every plug-in kind: pruning methods, latency backends and tasks.
+"""One registry class for every plug-in kind: pruning methods, latency backends, tasks and data sources.
 
 Modelled on timm's ``register_model``: a plug-in registers a zero-argument factory under a name;
 YAML files name plug-ins, so names are the public interface. Registering a name twice is almost
@@ -91,3 +91,5 @@ METHODS: Registry = Registry("pruning method", ("act_mean", "apoz", "bn_scale", 
 BACKENDS: Registry = Registry("backend", ("onnxruntime", "openvino", "remote", "torch"), "autoprune.measure.backends")
 #: Tasks by name (``task: classification`` in a run config; autoprune.train.task registers the shipped ones).
 TASKS: Registry = Registry("task")
+#: Data sources by the name a ``data:`` reference starts with (autoprune.train.data registers the shipped ones).
+DATASETS: Registry = Registry("data source")

@@ -20,11 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Optional
 
-from autoprune.errors import UntrustedCode
-
-#: Data references of the shipped loaders that contain a colon but name no code.
-_DATA_KINDS = ("fashion-mnist", "cifar10", "cifar100")
-
+from autoprune.errors import AutopruneError, UntrustedCode
 
 def builtin_model(ref: str) -> bool:
     """``demo`` or a torchvision model name: code autoprune and torchvision ship, no import of
@@ -51,23 +47,23 @@ def model_code(ref: str, _depth: int = 0) -> Optional[str]:
     if p.suffix in (".pt", ".pth", ".ckpt") or p.is_file():
         if not p.is_file() or _depth > 3:
             return None
-        import pickle
-
-        import torch
+        from autoprune.train.models import checkpoint_arch, read_checkpoint
 
         try:
-            obj: Any = torch.load(p, map_location="cpu", weights_only=True)
-        except (pickle.UnpicklingError, RuntimeError, OSError, EOFError, ValueError):
+            arch = checkpoint_arch(read_checkpoint(p))
+        except AutopruneError:
             return None  # a full pickle or no checkpoint: build_model says so (trust_pickle)
-        if isinstance(obj, dict) and "arch" in obj:
-            return model_code(str(obj["arch"]), _depth + 1)
-        return None
+        return None if arch is None else model_code(arch, _depth + 1)
     return ref
 
 
 def data_code(ref: Optional[str]) -> Optional[str]:
-    """The ``module:function`` a data reference imports, or None (shipped loaders, folders)."""
-    if not ref or ":" not in ref or ref.partition(":")[0] in _DATA_KINDS + ("object",) or Path(ref).exists():
+    """The ``module:function`` a data reference imports, or None (registered sources such as
+    ``cifar10:DIR``, folders): decided as ``train.data.load_data`` decides, so a source
+    registered with an argument is never mistaken for code."""
+    from autoprune.train.data import source_of
+
+    if not ref or ":" not in ref or source_of(ref) is not None or Path(ref).exists():
         return None
     return ref
 

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from autoprune import runfolder
-from autoprune.runfolder import atomic_torch_save, atomic_write_text
+from autoprune import files
+from autoprune.files import atomic_torch_save, atomic_write_text
 
 
 def _hammer(fn, n_threads: int = 4, n_writes: int = 150) -> list[BaseException]:
@@ -71,7 +71,7 @@ def test_failed_writes_leave_no_temporary_file_and_keep_the_old_one(tmp_path: Pa
     def refuse(*_a, **_k):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(runfolder.os, "replace", refuse)
+    monkeypatch.setattr(files.os, "replace", refuse)
     with pytest.raises(OSError, match="No space"):
         atomic_write_text(dest, "new\n")
     with pytest.raises(OSError, match="No space"):

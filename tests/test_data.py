@@ -7,7 +7,9 @@ from __future__ import annotations
 import gzip
 import json
 import pickle
+import sys
 import textwrap
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +20,8 @@ from PIL import Image
 from torch.utils.data import DataLoader, Subset
 
 from autoprune.errors import ConfigError
-from autoprune.train import data as data_mod
+from autoprune.train import data as data_pkg
+from autoprune.train.data import fashion_mnist as fashion_mnist_mod
 from autoprune.train.data import (
     FASHION_MNIST_DIR,
     FASHION_MNIST_FILES,
@@ -114,7 +117,7 @@ def test_fashion_mnist_dir_form_reads_the_same_pixels(tmp_path):
 
 
 def test_fashion_mnist_missing_files_name_the_package(tmp_path, monkeypatch):
-    monkeypatch.setattr(data_mod, "FASHION_MNIST_DIR", tmp_path / "none")
+    monkeypatch.setattr(fashion_mnist_mod, "FASHION_MNIST_DIR", tmp_path / "none")
     with pytest.raises(ConfigError, match=r"apt-get install dataset-fashion-mnist.*fashion-mnist:DIR"):
         load_data("fashion-mnist")
     with pytest.raises(ConfigError, match=r"empty lacks train-images-idx3-ubyte.gz.*fashion-mnist:DIR"):
@@ -325,3 +328,47 @@ def test_run_config_keys():
         load_run_config(None, {"val_samples": 0})
     shipped = load_run_config("fashion-mnist")
     assert (shipped.data, shipped.model, shipped.val_samples) == ("fashion-mnist", "resnet18", 1000)
+
+
+# --------------------------------------------------------------------------- the DATASETS registry
+class _Toy(data_pkg.DataSource):
+    """A source of one's own, ``toy:N``: N float images of two classes."""
+
+    takes_argument = True
+
+    def load(self, request: data_pkg.DataRequest) -> data_pkg.DataBundle:
+        n = int(request.arg or 8)
+        ds = torch.utils.data.TensorDataset(torch.randn(n, 1, 4, 4), torch.arange(n) % 2)
+        return data_pkg.DataBundle(ds, ds, 2, (1, 4, 4), name="toy")
+
+
+def test_data_sources_are_registered_by_name(monkeypatch):
+    from autoprune.registry import DATASETS
+    from autoprune.trust import data_code
+
+    monkeypatch.setattr(DATASETS, "_factories", dict(DATASETS._factories))  # the test's registrations go away
+    assert {"digits", "digits-cluttered", "fashion-mnist", "cifar10", "cifar100", "object"} <= set(data_pkg.available())
+    data_pkg.register("toy", _Toy)
+    bundle = load_data("toy:6", val_samples=3)
+    assert (bundle.name, len(bundle.train), len(bundle.search_val)) == ("toy", 6, 3)
+    assert data_code("toy:6") is None  # a registered source with an argument names no code to import
+    assert data_code("pkg.mod:make") == "pkg.mod:make"
+    with pytest.warns(UserWarning, match="data source 'toy' is registered twice"):
+        data_pkg.register("toy", lambda: _Toy())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        data_pkg.register("toy", _Toy, override=True)
+
+
+def test_a_source_without_argument_leaves_name_colon_to_factories(tmp_path, monkeypatch):
+    """``digits:make`` is a function ``make`` in a user module ``digits``: the digits source takes no argument."""
+    (tmp_path / "digits.py").write_text(
+        "import torch\n"
+        "def make():\n"
+        "    ds = torch.utils.data.TensorDataset(torch.zeros(4, 1, 2, 2), torch.tensor([0, 1, 0, 1]))\n"
+        "    return ds, ds, 2\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "digits", raising=False)
+    bundle = load_data("digits:make")
+    assert (bundle.name, bundle.num_classes, len(bundle.train)) == ("make", 2, 4)
+    assert load_data("digits").name == "digits"

@@ -61,9 +61,9 @@ def test_truncated_image_is_named_before_training(tmp_path, fast_profile, capsys
 
 def test_broken_image_in_a_large_folder_is_named_when_read(tmp_path, fast_profile, capsys, monkeypatch):
     """Folders above the up-front check's size are read as usual; the loader names the file."""
-    import autoprune.train.data
+    import autoprune.train.data.image_folder
 
-    monkeypatch.setattr(autoprune.train.data, "CHECK_ALL_IMAGES_UP_TO", 0)
+    monkeypatch.setattr(autoprune.train.data.image_folder, "CHECK_ALL_IMAGES_UP_TO", 0)
     data = image_folder(tmp_path / "imgs", {"cat": 8, "dog": 8})
     (data / "cat" / "5.png").write_bytes(b"not an image")
     line = one_line_error(capsys, ["search", "--data", str(data), "--out", str(tmp_path / "run"),
@@ -100,10 +100,10 @@ def break_idat(path: Path, fix_crc: bool) -> Path:
 def test_png_with_a_valid_header_and_a_broken_idat_is_named(tmp_path, fast_profile, capsys, monkeypatch, fix_crc, up_front):
     """Issue 23: a PNG whose header is fine but whose pixel data is not; in a folder checked up
     front, and in one too large for that (named when the loader reads it)."""
-    import autoprune.train.data
+    import autoprune.train.data.image_folder
 
     if not up_front:
-        monkeypatch.setattr(autoprune.train.data, "CHECK_ALL_IMAGES_UP_TO", 0)
+        monkeypatch.setattr(autoprune.train.data.image_folder, "CHECK_ALL_IMAGES_UP_TO", 0)
     data = image_folder(tmp_path / "imgs", {"cat": 8, "dog": 8})
     bad = break_idat(data / "cat" / "2.png", fix_crc)
     out = tmp_path / "run"

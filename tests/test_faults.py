@@ -325,13 +325,13 @@ def test_sigint_to_the_parent_of_two_workers_stops_them_all_and_a_rerun_complete
 
 def test_leftover_running_trials_respect_search_max_retries(tmp_path: Path) -> None:
     """A killed local search's RUNNING trial is re-queued at restart only while search.max_retries allows."""
-    from autoprune.study.study import _fail_stale_local_trials
+    from autoprune.study.study import fail_stale_local_trials
 
     for cap, requeued in ((0, False), (1, True)):
         study = optuna.create_study(storage=f"sqlite:///{tmp_path / f'r{cap}.db'}", directions=["maximize", "minimize"])
         t = study.ask()
         t.suggest_float("ratio/x", 0.0, 0.5)
-        assert _fail_stale_local_trials(study, max_retries=cap) == 1
+        assert fail_stale_local_trials(study, max_retries=cap) == 1
         states = [x.state for x in study.trials]
         assert states[0] == TrialState.FAIL
         assert (states[1:] == [TrialState.WAITING]) is requeued

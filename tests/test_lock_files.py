@@ -8,7 +8,8 @@ import time
 import pytest
 
 from autoprune.errors import ConfigError
-from autoprune.runfolder import RunFolder, file_lock, lock_path, unlock_path
+from autoprune.files import file_lock, lock_path, unlock_path
+from autoprune.runfolder import RunFolder
 from autoprune.study.study import run_lock
 
 
@@ -49,4 +50,19 @@ def test_a_waiter_on_a_removed_lock_file_takes_the_new_one(tmp_path):
     assert c is not None
     unlock_path(path, c)
     t.join()
+    assert not path.exists()
+
+
+def test_a_lock_taken_with_busy_is_refused_at_once_and_left_to_its_holder(tmp_path):
+    """One flock helper for both kinds: ``file_lock`` waits; with ``busy`` it refuses at once
+    (the run-folder lock), and the refusal leaves the holder's lock file in place."""
+    path = tmp_path / "x.lock"
+    with file_lock(path):
+        t0 = time.perf_counter()
+        with pytest.raises(ConfigError, match="^someone has it$"):
+            with file_lock(path, busy="someone has it"):
+                pass
+        assert time.perf_counter() - t0 < 5 and path.exists()
+    with file_lock(path, busy="someone has it"):  # free again: taken
+        assert path.exists()
     assert not path.exists()

@@ -23,7 +23,7 @@ import pytest
 import torch
 from conftest import tiny_run_config, write_yaml
 
-from autoprune import runfolder
+from autoprune import files, runfolder
 from autoprune.api import run
 from autoprune.config import load_run_config
 from autoprune.deploy import bundle as bundle_mod
@@ -35,7 +35,8 @@ from autoprune.results import artifacts
 from autoprune.results.front import load_front
 from autoprune.results.remeasure import remeasure
 from autoprune.results.report import write_report
-from autoprune.runfolder import RunFolder, atomic_dir, recover_dir
+from autoprune.files import atomic_dir, recover_dir
+from autoprune.runfolder import RunFolder
 from autoprune.study.storage import OPTUNA_TABLES, WITHOUT_STUDY, check_sqlite_file
 
 
@@ -331,14 +332,14 @@ def test_leftovers_of_a_killed_writer_are_recovered_the_same_way_every_time(tmp_
         (d / "a").write_text("old")
     dead = _dead_pid()
     # killed between its two renames: the previous folder is its backup, the new one is complete
-    backup = _as_pid(runfolder._dir_sibling(dest, "old"), dead)
+    backup = _as_pid(files._dir_sibling(dest, "old"), dead)
     dest.rename(backup)
-    new = _as_pid(runfolder._dir_sibling(dest, "tmp"), dead)
+    new = _as_pid(files._dir_sibling(dest, "tmp"), dead)
     new.mkdir()
     (new / "a").write_text("new")
-    assert runfolder.swap_interrupted(dest)
+    assert files.swap_interrupted(dest)
     # a live writer's (this process's parent stands in for it) and another machine's stay
-    live = runfolder._dir_sibling(dest, "tmp").with_name(f".out.1-{runfolder._HOST}-{os.getppid()}-{'0' * 12}.tmp")
+    live = files._dir_sibling(dest, "tmp").with_name(f".out.1-{files._HOST}-{os.getppid()}-{'0' * 12}.tmp")
     foreign = tmp_path / f".out.1-otherhost-{dead}-{'0' * 12}.tmp"
     live.mkdir()
     foreign.mkdir()
@@ -420,7 +421,7 @@ def test_front_killed_between_its_two_renames_is_restored_by_the_next_export(ful
     out = _copy(full_run, tmp_path / "run")
     assert_front_consistent(out)
     pdir = out / "pareto"
-    pdir.rename(_as_pid(runfolder._dir_sibling(pdir, "old"), _dead_pid()))
+    pdir.rename(_as_pid(files._dir_sibling(pdir, "old"), _dead_pid()))
     with pytest.raises(ConfigError, match="interrupted.*autoprune search --out"):
         load_front(out)
     _export_front(out)
@@ -502,7 +503,7 @@ def test_temporary_files_of_killed_processes_are_removed_and_live_ones_kept(tmp_
             tmp_path / "notes.tmp"]
     for p in stale + kept:
         p.write_text("x")
-    assert runfolder.remove_dead_temp_files(tmp_path) == 2
+    assert files.remove_dead_temp_files(tmp_path) == 2
     assert not any(p.exists() for p in stale) and all(p.exists() for p in kept)
 
 

@@ -23,7 +23,8 @@ from autoprune.outputs import main_output
 from autoprune.prune.plan import PruningPlan, apply_plan
 from autoprune.results.artifacts import versions
 from autoprune.results.front import search_profile_name
-from autoprune.runfolder import WRITTEN_KEY, RunFolder, atomic_dir, folder_entries, read_record
+from autoprune.files import atomic_dir
+from autoprune.runfolder import WRITTEN_KEY, RunFolder, folder_entries, read_record
 from autoprune.study.storage import open_run_study
 from autoprune.train.checkpoint import load_checkpoint
 from autoprune.train.models import build_model
@@ -278,8 +279,8 @@ def write_bundle(run_dir: Path, row: dict[str, Any], dest: Path, budget: Optiona
                  say: Optional[Callable[[str], None]] = None) -> dict[str, Any]:
     """Copy a Pareto trial's files into ``dest`` and add torch.export/TorchScript files, the
     model card and the inference example. Returns the card. ``model.pt`` loads weights-only;
-    a full pickle of an older autoprune only with ``trust_pickle``. ``guard`` checks ``dest``
-    again right before the new bundle replaces it (:func:`autoprune.runfolder.atomic_dir`). ``say`` gets a line as each
+    a full pickle only with ``trust_pickle``. ``guard`` checks ``dest``
+    again right before the new bundle replaces it (:func:`autoprune.files.atomic_dir`). ``say`` gets a line as each
     stage starts: the exports and the format checks take from seconds to minutes, and a command
     that is silent that long looks hung."""
     import torch

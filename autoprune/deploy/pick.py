@@ -91,7 +91,7 @@ def pick(run_dir: str | Path, dest: Optional[str | Path] = None, profile: Option
     ``max_latency_ms`` applies to the search's device profile, or to ``profile`` when given
     (another profile needs ``autoprune remeasure`` first). Other budgets: ``max_params``,
     ``max_flops``, ``max_size_mb`` (ONNX file), ``min_accuracy``; or ``trial`` to name one.
-    ``trust_pickle``: also load a full-pickle ``model.pt`` (an older autoprune's run folder).
+    ``trust_pickle``: also load a full-pickle ``model.pt`` (unpickling runs the code it names).
     ``model``: the ``module:function`` of your model's code, when it is not demo or torchvision
     (must equal the one the model file records); ``trust_code``: build whatever the file names.
     ``say``: progress lines while the bundle is written (the CLI shows them on stderr).

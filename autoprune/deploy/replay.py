@@ -23,18 +23,19 @@ from autoprune.config import RunConfig, validate
 from autoprune.errors import ConfigError
 from autoprune.results.artifacts import export_trial_artifacts
 from autoprune.results.front import trial_row
-from autoprune.runfolder import WRITTEN_KEY, RunFolder, atomic_dir, file_lock, read_record, replaceable_dir, writable_dir
+from autoprune.files import atomic_dir, file_lock
+from autoprune.runfolder import WRITTEN_KEY, RunFolder, read_record, replaceable_dir, writable_dir
 from autoprune.study.context import SearchContext, prepare
 from autoprune.study.final import final_finetune, final_seed
 from autoprune.study.space import aim_at_target, suggest_plan
-from autoprune.study.storage import load_run_study, model_hash
+from autoprune.study.storage import load_run_study
 from autoprune.study.trial import (
     OVER_BUDGET_EVAL_BATCHES,
     build_candidate,
     finetune_candidate,
     trial_seed,
 )
-from autoprune.train.checkpoint import load_checkpoint, pruned_recipe
+from autoprune.train.checkpoint import load_checkpoint, pruned_recipe, weights_hash
 from autoprune.trust import CodePolicy, data_code, model_code
 from autoprune.train.device import resolve_device
 from autoprune.train.models import evaluate
@@ -135,7 +136,7 @@ def rebuild_trial(
     """Write ONNX / OpenVINO IR / PyTorch / metadata of trial ``trial`` to ``dest``; returns the metadata.
 
     ``rebuild``: re-create the model from the stored parameters even if ``trials/N/model.pt`` exists.
-    ``trust_pickle``: also load full-pickle model files (an older autoprune's run folder).
+    ``trust_pickle``: also load full-pickle model files (unpickling runs the code they name).
     ``model``: the ``module:function`` of your model's code when it is not demo or torchvision;
     ``trust_code``: run whatever code the stored config and model files name (:mod:`autoprune.trust`).
     """
@@ -176,9 +177,9 @@ def rebuild_trial(
         with file_lock(run.prepare_lock):
             ctx = prepare(cfg, console=say)
         stored_hash = study.user_attrs.get("base_model_sha256")
-        if stored_hash and model_hash(ctx.base) != stored_hash:
+        if stored_hash and weights_hash(ctx.base) != stored_hash:
             raise ConfigError(
-                f"{run.base_model}: not the dense model the study was run with (hash {model_hash(ctx.base)} != {stored_hash}); "
+                f"{run.base_model}: not the dense model the study was run with (hash {weights_hash(ctx.base)} != {stored_hash}); "
                 "copy base_model.pt from the run folder of the workers"
             )
         stored_pt = run.trial(trial).model

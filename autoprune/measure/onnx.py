@@ -19,7 +19,7 @@ import torch.nn as nn
 
 from autoprune.errors import ExportError
 from autoprune.outputs import MainOutput
-from autoprune.runfolder import temp_sibling
+from autoprune.files import temp_sibling
 
 
 @contextlib.contextmanager

@@ -38,7 +38,8 @@ from scipy.optimize import nnls
 
 from autoprune.config import DeviceProfile
 from autoprune.measure.cache import profile_key
-from autoprune.runfolder import RunFolder, atomic_write_text, file_lock
+from autoprune.files import atomic_write_text, file_lock
+from autoprune.runfolder import RunFolder
 
 #: Fewest calibration points before the predictor predicts anything: fewer cannot both fit and
 #: score a fit held-out.

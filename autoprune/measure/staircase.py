@@ -43,7 +43,7 @@ from autoprune.measure.onnx import export_onnx
 from autoprune.measure.stats import time_pair
 from autoprune.prune.plan import narrowing
 from autoprune.prune.structure import PrunableGroup
-from autoprune.runfolder import atomic_write_text, file_lock
+from autoprune.files import atomic_write_text, file_lock
 
 #: Fingerprint fields that describe the machine and runtime (not checkable from another machine).
 DEVICE_FIELDS = ("cpu", "runtime_version")
@@ -72,7 +72,7 @@ def _runtime(profile: DeviceProfile) -> tuple[str, str]:
         return name, "unknown"
 
 
-def model_hash(model: nn.Module) -> str:
+def architecture_hash(model: nn.Module) -> str:
     """Hash of a model's architecture (module types, their settings, parameter shapes), not its
     weights: a staircase depends on shapes only, so trained and untrained weights share one."""
     parts = [(n, type(m).__name__, m.extra_repr()) for n, m in model.named_modules()]
@@ -97,7 +97,7 @@ def fingerprint(profile: DeviceProfile, model: nn.Module, example: torch.Tensor)
         "mode": profile.mode,
         "batch": int(example.shape[0]),
         "input_shape": [int(s) for s in example.shape[1:]],
-        "model": model_hash(model),
+        "model": architecture_hash(model),
     }
 
 

@@ -20,7 +20,8 @@ from autoprune.measure.onnx import cpu_fp32, export_onnx, export_openvino, file_
 from autoprune.outputs import main_output
 from autoprune.results.front import front, front_json, write_tables
 from autoprune.results.report import write_plots
-from autoprune.runfolder import WRITTEN_KEY, RunFolder, atomic_dir, atomic_write_text, folder_entries
+from autoprune.files import atomic_dir, atomic_write_text
+from autoprune.runfolder import WRITTEN_KEY, RunFolder, folder_entries
 from autoprune.train.checkpoint import load_checkpoint, pruned_recipe, save_model
 from autoprune.trust import CodePolicy
 
@@ -111,15 +112,14 @@ def export_front(
 ) -> list[dict[str, Any]]:
     """(Re)write the run's ``pareto/``: one folder per Pareto trial, plus tables and plots.
 
-    Trial models load weights-only; a full pickle of an older autoprune only with
-    ``trust_pickle``, and is then written with the run's dense ``recipe`` and the trial's widths."""
+    Trial models load weights-only; a full pickle only with ``trust_pickle``, and is then written with the run's dense ``recipe`` and the trial's widths."""
 
     dense = dense if dense is not None else study.user_attrs.get("dense", {})
     rows = front(study, dense)
     pdir = run.pareto_dir
     final_path = run.final_json
     finals = json.loads(final_path.read_text()) if final_path.is_file() else {}
-    # The new front is written into a hidden sibling and swapped in whole (runfolder.atomic_dir),
+    # The new front is written into a hidden sibling and swapped in whole (files.atomic_dir),
     # with its rows inside it (run.front_journal), before pareto.json is rewritten: a search killed
     # at any point leaves pareto/ and the rows readers get (results.front.load_front) in step.
     with atomic_dir(pdir) as tmp:

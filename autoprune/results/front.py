@@ -14,7 +14,8 @@ import optuna
 
 from autoprune.config import load_device_profile
 from autoprune.errors import ConfigError
-from autoprune.runfolder import RunFolder, atomic_write_text, swap_interrupted
+from autoprune.files import atomic_write_text, swap_interrupted
+from autoprune.runfolder import RunFolder
 
 
 def trial_row(t: optuna.trial.FrozenTrial, dense: dict[str, Any]) -> dict[str, Any]:

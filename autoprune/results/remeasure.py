@@ -26,7 +26,8 @@ from autoprune.results.front import (
     non_dominated,
     search_profile_name,
 )
-from autoprune.runfolder import RunFolder, atomic_write_text
+from autoprune.files import atomic_write_text
+from autoprune.runfolder import RunFolder
 from autoprune.train.checkpoint import load_checkpoint
 from autoprune.trust import CodePolicy
 
@@ -83,7 +84,7 @@ def remeasure(run_dir: str | Path, device_profile: str, include_dense: bool = Tr
               trust_code: bool = False) -> dict[str, Any]:
     """Time every exported Pareto model of ``run_dir`` on ``device_profile`` and mark which stay
     non-dominated there. Writes and returns ``<run>/remeasure/<profile>.json``. Model files load
-    weights-only; full pickles of an older autoprune only with ``trust_pickle``. A model whose
+    weights-only; full pickles only with ``trust_pickle``. A model whose
     code is a ``module:function`` is rebuilt only when ``model`` names it or ``trust_code``
     (:mod:`autoprune.trust`)."""
 

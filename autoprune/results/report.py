@@ -25,7 +25,8 @@ from optuna.trial import TrialState
 
 from autoprune.errors import ConfigError
 from autoprune.results.front import front, load_front
-from autoprune.runfolder import RunFolder, atomic_write_text, temp_sibling, writable_dir
+from autoprune.files import atomic_write_text, temp_sibling
+from autoprune.runfolder import RunFolder, writable_dir
 from autoprune.study.storage import open_run_study
 
 

@@ -35,7 +35,8 @@ import torch.nn as nn
 from autoprune.config import parse_target
 from autoprune.prune.plan import PruningPlan, apply_plan, kept_channels
 from autoprune.prune.structure import PrunableGroup
-from autoprune.runfolder import RunFolder, atomic_write_text
+from autoprune.files import atomic_write_text
+from autoprune.runfolder import RunFolder
 
 #: Uniform levels pruned and measured once per run folder to fit the MACs → ms line.
 CALIBRATION_LEVELS = (0.3, 0.6)

@@ -36,7 +36,8 @@ from autoprune.measure.staircase import (
 from autoprune.outputs import train_only_modules
 from autoprune.prune.plan import check_prunable
 from autoprune.prune.structure import PrunableGroup, Structure, analyse, apply_rules, find_groups, probe_structure
-from autoprune.runfolder import RunFolder, atomic_write_text
+from autoprune.files import atomic_write_text
+from autoprune.runfolder import RunFolder
 from autoprune.study.budget import LatencyModel, calibrate, reachable, targets_ms
 from autoprune.study.priors import (
     flops_savings,
@@ -356,9 +357,9 @@ def _dense_model(cfg: RunConfig, data: DataBundle, num_classes: int, shape: tupl
     ``recipe["trained"]`` says so, then saved): ``base_model.pt`` when it was built from what
     ``cfg`` asks for (refused otherwise, before any trial), else built now.
 
-    ``base_model.pt`` is weights-only (``train/checkpoint.py``). One written by an older autoprune
-    (a full pickle) loads only with ``trust_pickle``; its weights must then fit the model the
-    config builds, and it is rewritten weights-only.
+    ``base_model.pt`` is weights-only (``train/checkpoint.py``). One that is a full pickle loads
+    only with ``trust_pickle`` (unpickling runs the code it names); its weights must then fit the
+    model the config builds, and it is rewritten weights-only so the next reader needs no trust.
     """
     is_checkpoint = Path(cfg.model).is_file()
     seconds = cfg.pretrain_seconds or 0.0

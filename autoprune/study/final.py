@@ -19,7 +19,7 @@ from scipy.stats import kendalltau  # scipy comes with scikit-learn, a dependenc
 
 from autoprune.measure.candidate import measure_model
 from autoprune.prune.methods import hold_zeros
-from autoprune.runfolder import atomic_write_text
+from autoprune.files import atomic_write_text
 from autoprune.train.checkpoint import load_checkpoint, pruned_recipe, save_model
 from autoprune.train.data import DataBundle
 from autoprune.train.device import TrainSetup, model_device

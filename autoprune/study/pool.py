@@ -36,7 +36,8 @@ import optuna
 
 from autoprune.config import RunConfig
 from autoprune.errors import AutopruneError
-from autoprune.runfolder import RunFolder, file_lock
+from autoprune.files import file_lock
+from autoprune.runfolder import RunFolder
 from autoprune.runlog import library_log
 from autoprune.study.context import prepare
 from autoprune.study.study import open_study, optimize

@@ -20,7 +20,7 @@ import torch.nn as nn
 
 from autoprune.prune.plan import PruningPlan, apply_plan, apply_plan_from
 from autoprune.prune.structure import PrunableGroup, Structure, analyse
-from autoprune.runfolder import atomic_write_text
+from autoprune.files import atomic_write_text
 from autoprune.train.bn import recalibrate_bn
 from autoprune.train.data import DataBundle
 from autoprune.train.device import TrainSetup, batches_to, model_device

@@ -288,15 +288,9 @@ def fail_running_trial(study: optuna.Study, number: int, reason: str) -> bool:
 
 
 # --------------------------------------------------------------------------- base model
-def model_hash(model: nn.Module) -> str:
-    """Hash of the weights (not of a file, whose bytes vary between saves); the one model files
-    record too (``train.checkpoint.weights_hash``)."""
-    return weights_hash(model)
-
-
 def check_base_model(study: optuna.Study, base: nn.Module, out: Path) -> str:
     """Store the dense model's hash in a new study; refuse a worker whose dense model differs."""
-    h = model_hash(base)
+    h = weights_hash(base)  # the hash model files record too
     stored = study.user_attrs.get("base_model_sha256")
     if stored is None:
         study.set_user_attr("base_model_sha256", h)

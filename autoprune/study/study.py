@@ -12,7 +12,7 @@ import copy
 import hashlib
 import json
 import logging
-from typing import Any, Callable, Iterator, Optional
+from typing import Any, Callable, Optional
 
 import optuna
 from optuna.trial import TrialState
@@ -27,7 +27,8 @@ from autoprune.config import (
     resume_keys,
 )
 from autoprune.errors import ConfigError
-from autoprune.runfolder import RunFolder, lock_path, unlock_path
+from autoprune.files import file_lock
+from autoprune.runfolder import RunFolder
 from autoprune.study.context import SearchContext
 from autoprune.study.space import seed_trials
 from autoprune.study.storage import (
@@ -306,7 +307,7 @@ def requeue_trial(study: optuna.Study, trial: optuna.trial.FrozenTrial, max_retr
     requeue(study, trial, max_retries, "worker died (heartbeat stopped)")
 
 
-def _fail_stale_local_trials(study: optuna.Study, max_retries: int = 2) -> int:
+def fail_stale_local_trials(study: optuna.Study, max_retries: int = 2) -> int:
     """With the run-folder lock held nobody else runs this study, so RUNNING trials are leftovers
     of a killed process: mark them failed and re-queue their parameters."""
 
@@ -318,16 +319,10 @@ def _fail_stale_local_trials(study: optuna.Study, max_retries: int = 2) -> int:
     return len(stale)
 
 
-@contextlib.contextmanager
-def run_lock(run: RunFolder) -> Iterator[bool]:
-    """An exclusive lock on the run folder for the single-machine (SQLite) default."""
-    fh = lock_path(run.lock, blocking=False)
-    if fh is None:
-        raise ConfigError(f"{run.root}: another autoprune search is running in this folder (lock {run.lock})") from None
-    try:
-        yield True
-    finally:
-        unlock_path(run.lock, fh)  # no .lock left in a finished run folder
+def run_lock(run: RunFolder) -> contextlib.AbstractContextManager[None]:
+    """An exclusive lock on the run folder for the single-machine (SQLite) default; it does not
+    wait: a second search in the folder is refused at once. No ``.lock`` stays once it ends."""
+    return file_lock(run.lock, busy=f"{run.root}: another autoprune search is running in this folder (lock {run.lock})")
 
 
 def completed(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:

@@ -22,8 +22,8 @@ runs is autoprune's and torchvision's: a ``module:function`` the recipe names is
 the user gave that reference in this run, or ``trust_code`` (:mod:`autoprune.trust`), because a
 file must never choose which code runs. A model whose architecture exists only as a user's full-model pickle
 (``--model x.pt --trust-pickle``) records that file and its hash; rebuilding it unpickles that
-file again, so it needs ``trust_pickle`` too. Files from before this format (full pickles) load
-only with ``trust_pickle``.
+file again, so it needs ``trust_pickle`` too. A model file that is a full pickle loads only with
+``trust_pickle``.
 """
 
 from __future__ import annotations
@@ -39,8 +39,8 @@ import torch.nn as nn
 from autoprune import objects
 from autoprune.errors import ConfigError, UntrustedPickle
 from autoprune.prune.plan import slice_to_widths
-from autoprune.runfolder import atomic_torch_save, torch_load
-from autoprune.train.models import PICKLE_REFUSAL, build_model
+from autoprune.files import atomic_torch_save, torch_load
+from autoprune.train.models import build_model, checkpoint_arch, read_checkpoint
 from autoprune.trust import CodePolicy
 
 FORMAT = "autoprune.model/1"
@@ -102,13 +102,14 @@ def dense_recipe(
         path = Path(ref).resolve()
         sha = file_sha256(path)
         try:  # weights-only even when trusted: a full pickle's architecture is the file itself
-            obj: Any = torch_load(path, trust_pickle=False, refusal=f"model checkpoint is {PICKLE_REFUSAL}")
+            obj: Any = read_checkpoint(path)
         except UntrustedPickle:
             if not trust_pickle:
                 raise
             obj = None
-        if isinstance(obj, dict) and "arch" in obj and "state_dict" in obj:
-            build.update(model=str(obj["arch"]), num_classes=int(obj.get("num_classes", num_classes)))
+        arch = checkpoint_arch(obj)
+        if arch is not None:
+            build.update(model=arch, num_classes=int(obj.get("num_classes", num_classes)))
         else:
             build.update(model=str(path), pickle={"path": str(path), "sha256": sha})
     return {
@@ -159,7 +160,7 @@ def save_model(model: nn.Module, path: Path, recipe: dict[str, Any]) -> Path:
 
 def read_model_file(path: Path, *, trust_pickle: bool = False) -> dict[str, Any] | nn.Module:
     """The content of a model file: the weights-only dict, or (``trust_pickle`` only) the module
-    of a full pickle written before this format."""
+    of a full pickle."""
     path = Path(path)
     obj = torch_load(path, trust_pickle=trust_pickle, refusal=RUN_FILE_REFUSAL)
     if isinstance(obj, nn.Module):
@@ -221,7 +222,7 @@ def model_from_file(obj: dict[str, Any], path: Path, *, trust_pickle: bool = Fal
 def load_checkpoint(path: Path, *, trust_pickle: bool = False,
                     code: CodePolicy = CodePolicy()) -> tuple[nn.Module, Optional[dict[str, Any]]]:
     """``(model, recipe)`` from a model file autoprune wrote; ``recipe`` is None for a trusted
-    full pickle of an older autoprune (the caller then knows the recipe from the run)."""
+    full pickle, which records none (the caller then knows the recipe from the run)."""
     obj = read_model_file(path, trust_pickle=trust_pickle)
     if isinstance(obj, nn.Module):
         return obj.eval(), None

@@ -171,8 +171,12 @@ def optimizer_step(loss: torch.Tensor, opt: torch.optim.Optimizer, scaler: Optio
 
 @contextlib.contextmanager
 def torch_threads(n: Optional[int]) -> Iterator[None]:
-    """Intra-op CPU threads = ``n`` inside the block (None: unchanged); the previous value is
-    restored on the way out, also on errors."""
+    """Intra-op CPU threads = ``n`` inside the block (None or 0: unchanged); the previous value
+    is restored on the way out, also on errors.
+
+    ``torch.set_num_threads`` is process-wide: a training step or a measurement that left it
+    changed would set the speed of everything after it. Already at ``n`` this costs two
+    ``get_num_threads`` calls, nothing a timing notices."""
     if not n:
         yield
         return

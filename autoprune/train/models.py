@@ -6,7 +6,6 @@ both are needed before anything is pruned.
 
 from __future__ import annotations
 
-import importlib
 import itertools
 import math
 import time
@@ -17,9 +16,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from autoprune.coderef import import_ref
 from autoprune.errors import ConfigError
+from autoprune.files import torch_load
 from autoprune.outputs import drop_aux_heads, without_dropped
-from autoprune.runfolder import torch_load
 from autoprune.train.data import DataBundle
 from autoprune.train.device import (
     TrainSetup,
@@ -144,17 +144,32 @@ PICKLE_REFUSAL = (
 )
 
 
+def read_checkpoint(path: Path, trust_pickle: bool = False) -> Any:
+    """The content of a checkpoint given as ``--model``, read weights-only: a dict
+    ``{'arch', 'state_dict'[, 'num_classes', 'in_channels']}`` (see :func:`checkpoint_arch`), or,
+    with ``trust_pickle`` only, a pickled module; every reader of such a file goes through here,
+    so they all refuse the same files with the same message."""
+    return torch_load(path, trust_pickle=trust_pickle, refusal=f"model checkpoint is {PICKLE_REFUSAL}")
+
+
+def checkpoint_arch(obj: Any) -> Optional[str]:
+    """The model reference a checkpoint read by :func:`read_checkpoint` rebuilds its weights into
+    (its ``arch``), or None when it holds no ``{'arch', 'state_dict'}`` dict."""
+    return str(obj["arch"]) if isinstance(obj, dict) and "arch" in obj and "state_dict" in obj else None
+
+
 def _from_checkpoint(path: Path, num_classes: int, trust_pickle: bool = False) -> nn.Module:
-    obj: Any = torch_load(path, trust_pickle=trust_pickle, refusal=f"model checkpoint is {PICKLE_REFUSAL}")
+    obj: Any = read_checkpoint(path, trust_pickle)
     if isinstance(obj, nn.Module):
         return obj
     if isinstance(obj, dict) and isinstance(obj.get("model"), nn.Module):
         return obj["model"]
-    if isinstance(obj, dict) and "arch" in obj and "state_dict" in obj:
+    arch = checkpoint_arch(obj)
+    if arch is not None:
         # ``in_channels``: a torchvision net trained on other than RGB (its first conv swapped,
         # as ``build_model`` does for the data) must be rebuilt that way before its weights load.
         cin = obj.get("in_channels")
-        model = build_model(str(obj["arch"]), int(obj.get("num_classes", num_classes)), in_channels=None if cin is None else int(cin))
+        model = build_model(arch, int(obj.get("num_classes", num_classes)), in_channels=None if cin is None else int(cin))
         try:
             model.load_state_dict(without_dropped(obj["state_dict"], model) if isinstance(obj["state_dict"], dict) else obj["state_dict"])
         except (RuntimeError, TypeError):
@@ -183,11 +198,7 @@ def build_model(ref: str, num_classes: int, in_channels: Optional[int] = None, t
             raise ConfigError(f"model: checkpoint file {ref} not found")
         model = _from_checkpoint(p, num_classes, trust_pickle)
     elif ":" in ref:
-        mod_name, _, fn_name = ref.partition(":")
-        try:
-            fn = getattr(importlib.import_module(mod_name), fn_name)
-        except (ImportError, AttributeError) as exc:
-            raise ConfigError(f"model: cannot import {ref!r} ({exc}); expected 'package.module:function'") from None
+        fn = import_ref(ref, "model")
         try:
             model = fn(num_classes=num_classes)
         except TypeError:

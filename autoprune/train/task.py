@@ -14,7 +14,6 @@ segmentation model's ``{"out": ...}`` dict need no special code here.
 
 from __future__ import annotations
 
-import importlib
 import inspect
 from abc import ABC, abstractmethod
 from typing import Any, Callable, Iterable, Optional
@@ -22,6 +21,7 @@ from typing import Any, Callable, Iterable, Optional
 import torch
 import torch.nn.functional as F
 
+from autoprune.coderef import import_ref
 from autoprune.errors import ConfigError
 from autoprune.outputs import OutputAdapter, load_adapter, main_output
 from autoprune.registry import TASKS
@@ -185,12 +185,8 @@ def load_task(ref: Optional[str], output: Optional[str] = None, source: str = "r
         task: Task = TASKS.get(ref)
         task.output = adapter
         return task
-    mod_name, _, attr = ref.partition(":")
-    try:
-        obj: Any = getattr(importlib.import_module(mod_name), attr) if attr else importlib.import_module(mod_name)
-    except (ImportError, AttributeError) as exc:
-        raise ConfigError(f"{source}: key 'task': cannot import {ref!r} ({exc}); expected 'package.module:object' "
-                          "importable from the working directory or PYTHONPATH") from None
+    obj: Any = import_ref(ref, f"{source}: key 'task'", "package.module:object",
+                          " importable from the working directory or PYTHONPATH", module_alone=True)
     if isinstance(obj, type) and issubclass(obj, Task):
         obj = obj()
     if isinstance(obj, Task):

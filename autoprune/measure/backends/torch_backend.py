@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
-from typing import Any, ContextManager, Iterator
+from typing import Any, ContextManager
 
 import numpy as np
 import torch
@@ -19,33 +19,15 @@ from autoprune.measure.backends.base import Backend, FnRunner, Runner
 from autoprune.measure.onnx import ModelArtifact
 from autoprune.outputs import main_output
 from autoprune.registry import BACKENDS
-
-
-@contextlib.contextmanager
-def torch_threads(n: int) -> Iterator[None]:
-    """Run the block with ``n`` intra-op torch threads, then restore the previous count.
-
-    ``torch.set_num_threads`` is process-wide; a measurement must not leave the process on the
-    profile's thread count (every later fine-tune would run on it). Already at ``n`` (inside a
-    :meth:`TorchBackend.session`) this costs one ``get_num_threads`` call, so the per-inference
-    use in the runner does not distort host-clock timings.
-    """
-    prev = torch.get_num_threads()
-    if prev == n:
-        yield
-        return
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(prev)
+from autoprune.train.device import torch_threads
 
 
 class TorchBackend(Backend):
     name = "torch"
 
     def session(self, profile: DeviceProfile) -> ContextManager[Any]:
-        """The profile's thread count for CPU profiles, restored on exit (see :func:`torch_threads`)."""
+        """The profile's thread count for CPU profiles, restored on exit: ``torch.set_num_threads`` is
+        process-wide, and every later fine-tune would otherwise run on the profile's count."""
         if profile.device.lower().startswith("cpu"):
             return torch_threads(profile.threads)
         return contextlib.nullcontext()
