@@ -12,6 +12,7 @@ from rich.console import Console
 from rich.table import Table
 
 from autoprune.errors import AutopruneError, ConfigError
+from autoprune.measure.stats import latency_ms
 
 
 #: Result-table columns a narrow terminal drops first (least read first); trial, the metric,
@@ -96,7 +97,7 @@ def cmd_search(args: argparse.Namespace, console: Console) -> int:
     except KeyboardInterrupt:
         return 130
     _print_rows(console, result.pareto, result.dense, f"Pareto front ({len(result.pareto)} models) on {result.ctx.profile.name}")
-    dense_ms = result.dense["latency"]["median_ms"]
+    dense_ms = latency_ms(result.dense["latency"])
     for target in result.ctx.targets_ms:  # budget mode: the answer to "the best model under my budget"
         best = best_under(result.pareto, target)
         console.print(f"target {target:.3g} ms ({dense_ms / target:.2f}x): " + (

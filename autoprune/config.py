@@ -244,9 +244,10 @@ class DeviceProfile(_Strict):
     #: steadies sub-millisecond readings and matches how a dedicated target runs; set false on a
     #: machine whose cores other work shares (pinned threads then wait for their core).
     cpu_pinning: bool = True
-    #: Time the dense model in the same session, interleaved with the candidate, and report the
-    #: speed-up ratio: more trustworthy than absolute times for sub-millisecond models on shared CPUs.
-    measure_reference: bool = False
+    #: Time the dense model in the same session, interleaved with the candidate in rounds, and
+    #: report the ratio to dense with its 95% interval plus ms corrected by the dense model's quiet
+    #: estimate: load on a busy machine cancels in the ratio (false: absolute times only).
+    measure_reference: bool = True
     #: Reuse the latency of an identical architecture (same exported graph shapes) in a run folder.
     cache: bool = True
     #: int8: number of single-input calibration samples fed to post-training quantization.
