@@ -248,6 +248,10 @@ class DeviceProfile(_Strict):
     #: report the ratio to dense with its 95% interval plus ms corrected by the dense model's quiet
     #: estimate: load on a busy machine cancels in the ratio (false: absolute times only).
     measure_reference: bool = True
+    #: wall: each inference's wall-clock time (or the runtime's own timer). cpu: the process's CPU
+    #: time (CPU devices, threads: 1): time slices other jobs take are not counted, so it holds on
+    #: an oversubscribed machine where wall time measures the scheduler.
+    clock: Literal["wall", "cpu"] = "wall"
     #: Reuse the latency of an identical architecture (same exported graph shapes) in a run folder.
     cache: bool = True
     #: int8: number of single-input calibration samples fed to post-training quantization.
@@ -289,6 +293,8 @@ class DeviceProfile(_Strict):
             raise ValueError("precision: int8 is supported on backends onnxruntime, openvino and remote, not torch")
         if self.backend == "torch" and self.precision == "fp16" and not self.device.lower().startswith("cuda"):
             raise ValueError("precision: fp16 with backend torch needs device: cuda (CPU fp16 kernels are slow/partial)")
+        if self.clock == "cpu" and not self.device.lower().startswith("cpu"):
+            raise ValueError("clock: cpu times CPU work; use clock: wall with a GPU or NPU device")
         if self.compile and self.backend != "torch":
             raise ValueError("compile: true applies to backend torch only")
         return self

@@ -80,7 +80,7 @@ def measure_model(model: nn.Module, example: torch.Tensor, profile: DeviceProfil
                                  reference=_reference_artifact(run, onnx_path, profile, dense), calib=batches)
         if cache:
             cache.put(profile, arch, stats)
-    _correct(stats, is_dense, dense_quiet)
+    _correct(stats, is_dense and profile.measure_reference, dense_quiet)
     if predictor is not None and not cached:
         if is_dense:
             predictor.add(features, 1.0, predicted_ratio)
@@ -105,7 +105,8 @@ def _dense_quiet_ms(run: Optional[RunFolder]) -> Optional[float]:
 
 
 def _correct(stats: LatencyStats, is_dense: bool, dense_quiet: Optional[float]) -> None:
-    """Fill ``corrected_ms``: the dense model's is its own quiet estimate; a candidate's is its
+    """Fill ``corrected_ms``: the dense model's is its own quiet estimate (only when candidates are
+    timed against it: else every figure stays a raw median, like with like); a candidate's is its
     ratio to dense x the run's dense quiet estimate (this session's dense quiet time when the run
     has none yet). Raw figures are left as measured."""
     if is_dense:
