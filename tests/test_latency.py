@@ -240,3 +240,21 @@ def test_stop_rule_stops_at_2pct_on_low_noise_and_at_the_cap_on_noisy_timings():
     noisy = time_pair(slow(1e-3), slow(2e-3), warmup=0, repeats=50, target_rel_ci=0.001, max_time_s=0.5, block=1)
     assert 0.5 <= time.perf_counter() - t0 < 3.0  # the time cap ended it
     assert noisy.noisy is True and noisy.ratio_rel_ci > 0.001 and noisy.rounds >= 8
+
+
+def test_cpu_clock_does_not_count_time_the_process_waits():
+    """``clock: cpu``: an inference that waits (here: sleeps, as a process does while other jobs
+    hold its core) costs its CPU time only; the wall clock counts the wait. CPU devices only."""
+    import time
+
+    from autoprune.measure.backends import one_inference_timer
+
+    def waits(x):
+        time.sleep(0.05)
+        return x
+
+    x = np.zeros(1)
+    assert one_inference_timer(waits, x, "cpu")() < 0.02 and one_inference_timer(waits, x)() >= 0.05
+    assert one_inference_timer(waits, x, "cpu").clock == "process_cpu"
+    with pytest.raises(ValueError, match="clock: cpu"):
+        DeviceProfile(name="g", backend="onnxruntime", device="cuda", clock="cpu")
