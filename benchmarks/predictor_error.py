@@ -186,6 +186,8 @@ def measure_all(args: argparse.Namespace) -> list[dict[str, Any]]:
                       f"{r['noise']['p90_pct']:8.1f}% {r['noise']['within10_pct']:8.0f}% "
                       f"{r['ratio_ci']['median_rel_pct']:5.1f}% {r['ratio_ci']['noisy']:2d}/{r['ratio_ci']['measurements']:<2d}",
                       flush=True)
+                if args.out:  # after every row: a long run stopped early keeps what it measured
+                    Path(args.out).write_text(json.dumps({"args": vars(args), "rows": rows, "partial": True}, indent=1))
     return rows
 
 
