@@ -37,6 +37,7 @@ from autoprune.study.study import (
     run_lock,
     storage_url,
 )
+from autoprune.measure.stats import latency_ms
 from autoprune.train.checkpoint import check_same_model
 
 #: ``bench`` lives in autoprune.measure.bench; it is named here because the Python API is this module.
@@ -98,7 +99,7 @@ class SearchResult:
         from autoprune.study.budget import targets_ms
 
         if target is not None:
-            ms = targets_ms([target], float(self.dense["latency"]["median_ms"]))[0]
+            ms = targets_ms([target], latency_ms(self.dense["latency"]))[0]
             max_latency_ms = ms if max_latency_ms is None else min(max_latency_ms, ms)
         budget = {k: v for k, v in dict(max_latency_ms=max_latency_ms, min_accuracy=min_accuracy, trial=trial, max_params=max_params,
                                         max_flops=max_flops, max_size_mb=max_size_mb).items() if v is not None}
@@ -228,7 +229,7 @@ def run(cfg: RunConfig, console: Optional[Console] = None, export: bool = True, 
         already = len(completed(study))
         console.log(
             f"{len(ctx.groups)} prunable groups; dense: {ctx.task.metric_name} {ctx.dense['accuracy']:.3f}, "
-            f"latency {ctx.dense['latency']['median_ms']:.3f} ms on {ctx.profile.name}; "
+            f"latency {latency_ms(ctx.dense['latency']):.3f} ms on {ctx.profile.name}; "
             f"{already}/{cfg.search.trials} trials already done; study in {redact_url(cfg.search.storage) or ctx.run.study_db}"
         )
         with progress_bar(console) as progress:

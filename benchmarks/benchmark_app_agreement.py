@@ -13,7 +13,12 @@ tool's median over rounds, the % difference, the spread of the per-round differe
 average and (the least load-sensitive statistic on a crowded machine) minimum vs minimum, then
 one summary line ``worst: N.N% ...``.
 
+``--load N`` runs N competing torch training processes (benchmarks/_load.py) for the whole
+comparison, stopped at the end; since the two tools alternate round by round (``--rounds``,
+default 3, of ``--seconds`` each), both see the same load.
+
     python benchmarks/benchmark_app_agreement.py --threads 1 --rounds 3 --seconds 5 --out agreement.json
+    python benchmarks/benchmark_app_agreement.py --load 1 --out agreement_load1.json
 
 Exit status 0 when every model was measured; with ``--check`` also 1 when the worst difference
 is over ``--tolerance`` (default 3%).
@@ -33,6 +38,8 @@ import sys
 import tempfile
 from pathlib import Path
 from typing import Any
+
+from _load import competing_load
 
 MODELS = ["resnet18", "resnet18-pruned", "mobilenet_v2", "mobilenet_v2-pruned", "shufflenet_v2_x1_0"]
 
@@ -111,10 +118,18 @@ def main() -> int:
     ap.add_argument("--tolerance", type=float, default=3.0, help="%% difference reported as OK")
     ap.add_argument("--check", action="store_true", help="exit 1 when the worst difference is over --tolerance")
     ap.add_argument("--out", help="write the results as JSON here")
+    ap.add_argument("--load", type=int, default=0, help="competing torch training processes during the comparison")
     args = ap.parse_args()
+    with competing_load(args.load):
+        return compare(args)
+
+
+def compare(args: argparse.Namespace) -> int:
+    """Both tools on every model, alternating round by round; prints and writes the results."""
 
     tmp = Path(tempfile.mkdtemp(prefix="ap-agree-"))
-    print(f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f}; 1x3x{args.px}x{args.px}; "
+    print(f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f}, {args.load} competing training process(es); "
+          f"1x3x{args.px}x{args.px}; "
           f"{args.rounds} rounds x {args.seconds:g} s per tool; benchmark_app "
           + " ".join(benchmark_app_args(Path("MODEL.onnx"), args.threads[0], args.seconds)), flush=True)
     results = []
@@ -157,10 +172,10 @@ def main() -> int:
                f"model/thread settings; median |diff| {statistics.median(abs(r['diff_pct']) for r in results):.1f}%; "
                f"worst min-vs-min {worst_min:.1f}%; "
                f"load average {min(min(r['load_avg']) for r in results):.1f}-{max(max(r['load_avg']) for r in results):.1f} "
-               f"on {os.cpu_count()} CPUs")
+               f"on {os.cpu_count()} CPUs; {args.load} competing training process(es)")
     print(summary)
     if args.out:
-        Path(args.out).write_text(json.dumps({"px": args.px, "rounds": args.rounds, "seconds": args.seconds,
+        Path(args.out).write_text(json.dumps({"px": args.px, "rounds": args.rounds, "seconds": args.seconds, "load": args.load,
                                               "cpus": os.cpu_count(), "results": results, "summary": summary}, indent=2))
     return 1 if args.check and abs(worst["diff_pct"]) > args.tolerance else 0
 

@@ -128,3 +128,23 @@ def test_throughput_small_reports_phases_in_train_steps(tmp_path):
     assert res["median_s"]["timed"] <= res["median_s"]["latency"]
     assert set(res["scan_per_group_steps"]) == {"sensitivity", "flops_savings"} and res["scan_groups"] == 1
     assert res["startup_s"]["prepare"] > 0 and "start-up prepare" in p.stdout and "scan per group" in p.stdout
+
+
+def test_competing_load_runs_for_the_block_and_is_stopped_after_it():
+    """benchmarks/_load.py (``--load N``): N training processes run inside the block, busy, and
+    none outlives it."""
+    import os
+    import time
+
+    from _load import competing_load
+
+    with competing_load(2) as pids:
+        assert len(pids) == 2
+        time.sleep(0.5)
+        for pid in pids:
+            os.kill(pid, 0)  # alive
+            with open(f"/proc/{pid}/stat") as f:
+                assert int(f.read().split()[13]) > 0  # utime: it trains, it does not sleep
+    for pid in pids:
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)

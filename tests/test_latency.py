@@ -164,7 +164,7 @@ def test_predictor_save_merges_what_other_workers_saved(tmp_path: Path):
     path = tmp_path / "predictor" / "t.json"
     a, b = LatencyPredictor(path, prof), LatencyPredictor(path, prof)  # two workers, both loaded nothing
     a.add({"macs:conv:8": 1.0}, 2.0)
-    b.add({"macs:conv:8": 3.0}, 4.0, predicted_ms=5.0)
+    b.add({"macs:conv:8": 3.0}, 4.0, predicted=5.0)
     a.add({"macs:conv:8": 5.0}, 6.0)
     a.save()  # saving again appends nothing twice
     got = LatencyPredictor(path, prof)
@@ -190,3 +190,71 @@ def test_predictor_save_merges_what_other_workers_saved(tmp_path: Path):
     assert errors == []
     got = LatencyPredictor(path, prof)
     assert sorted((f["worker"], f["i"]) for f, _ in got.points[3:]) == sorted((float(w), float(i)) for w in range(4) for i in range(25))
+
+
+def test_rounds_alternate_candidate_and_dense_blocks():
+    """A round is a block of each model back to back; the order flips every round (A B, B A, ...),
+    so neither model always runs on the warmer cache or right after the other."""
+    seq: list[str] = []
+
+    def cand() -> float:
+        seq.append("A")
+        return 1e-3
+
+    def dense() -> float:
+        seq.append("B")
+        return 2e-3
+
+    st = time_pair(cand, dense, warmup=0, repeats=8, target_rel_ci=None, block=2)
+    assert "".join(seq[:12]) == "AABBBBAAAABB"
+    assert seq.count("A") == seq.count("B") == st.n and st.rounds == st.n // 2 >= 8
+    assert st.ratio == pytest.approx(0.5) and st.speedup == pytest.approx(2.0)
+    assert st.ratio_ci_low == pytest.approx(0.5) and st.ratio_ci_high == pytest.approx(0.5) and st.noisy is False
+    # Without ``block`` the warm-up sets it: rounds of ~ROUND_S (0.02 s / (1 + 2) ms = 6 per block).
+    seq.clear()
+    time_pair(cand, dense, warmup=2, repeats=8, target_rel_ci=None)
+    assert "".join(seq[4:4 + 24]) == "A" * 6 + "B" * 12 + "A" * 6
+
+
+def test_stop_rule_stops_at_2pct_on_low_noise_and_at_the_cap_on_noisy_timings():
+    import time
+
+    rng = np.random.default_rng(1)
+    # Low noise: each round's load factor (1x..3x) hits both models alike, 1% jitter per inference.
+    loads = np.repeat(rng.uniform(1, 3, 10_000), 2)
+    i_a, i_b = iter(loads), iter(loads)
+    quiet = time_pair(lambda: 1e-3 * next(i_a) * rng.lognormal(0, 0.01), lambda: 2e-3 * next(i_b) * rng.lognormal(0, 0.01),
+                      warmup=0, repeats=10, target_rel_ci=0.02, max_time_s=30, block=2)
+    assert quiet.noisy is False and quiet.ratio_rel_ci <= 0.02 and quiet.rounds < 50  # stopped by the interval
+    assert quiet.ratio == pytest.approx(0.5, rel=0.02)
+    assert quiet.ratio_ci_low <= 0.5 * 1.005 and quiet.ratio_ci_high >= 0.5 * 0.995
+    assert quiet.median_ms > 1.5  # raw figures kept: the load is in them, not in the ratio
+
+    def slow(scale: float):
+        def one() -> float:
+            time.sleep(2e-4)
+            return scale * rng.lognormal(0, 1.0)
+        return one
+
+    t0 = time.perf_counter()
+    noisy = time_pair(slow(1e-3), slow(2e-3), warmup=0, repeats=50, target_rel_ci=0.001, max_time_s=0.5, block=1)
+    assert 0.5 <= time.perf_counter() - t0 < 3.0  # the time cap ended it
+    assert noisy.noisy is True and noisy.ratio_rel_ci > 0.001 and noisy.rounds >= 8
+
+
+def test_cpu_clock_does_not_count_time_the_process_waits():
+    """``clock: cpu``: an inference that waits (here: sleeps, as a process does while other jobs
+    hold its core) costs its CPU time only; the wall clock counts the wait. CPU devices only."""
+    import time
+
+    from autoprune.measure.backends import one_inference_timer
+
+    def waits(x):
+        time.sleep(0.05)
+        return x
+
+    x = np.zeros(1)
+    assert one_inference_timer(waits, x, "cpu")() < 0.02 and one_inference_timer(waits, x)() >= 0.05
+    assert one_inference_timer(waits, x, "cpu").clock == "process_cpu"
+    with pytest.raises(ValueError, match="clock: cpu"):
+        DeviceProfile(name="g", backend="onnxruntime", device="cuda", clock="cpu")

@@ -109,7 +109,7 @@ def test_points_persist_in_the_run_folder_and_workers_merge(tmp_path: Path):
     rnd = random.Random(2)
     for i in range(8):
         w = _widths(rnd)
-        (a if i % 2 else b).add(model_features(_net(*w), X), _true_ms(w, rnd), predicted_ms=1.0 if i > 5 else None)
+        (a if i % 2 else b).add(model_features(_net(*w), X), _true_ms(w, rnd), predicted=1.0 if i > 5 else None)
     again = LatencyPredictor.for_run(rf, prof)
     assert len(again.points) == 8 and len(again.predictions) == 2 and again.ready
     assert sorted(m for _, m in again.points) == sorted(m for _, m in a.points)  # the last saver (a) adopted all
@@ -210,3 +210,49 @@ def test_search_records_predicted_and_measured_latency_and_the_report_plots_them
     assert len(measured) == 1 + sum(1 for t in trials if t.user_attrs.get("measured_latency_ms") is not None)
     html = write_report(res.out).read_text()
     assert 'id="plot-predictor"' in html and "Predicted vs measured latency" in html
+
+
+def test_the_predictor_learns_ratios_so_load_cancels_and_ms_scale_with_dense(tmp_path: Path, monkeypatch):
+    """Every measurement is interleaved with dense: under 3x load the raw ms triple, the ratio
+    does not. The predictor calibrates on the ratios (the dense model: 1), predicts a ratio, and
+    its ms are that ratio x the dense quiet estimate, so they scale with the dense model."""
+    import json
+
+    from autoprune.measure import backends
+
+    dense_macs = sum(v for k, v in model_features(_net(64, 96, 128), X).items() if k.startswith("macs:"))
+    load = iter([1.0] + [3.0, 1.0] * 20)  # the dense model on a quiet machine, then alternating load
+    seen: list[float] = []
+
+    def fake_measure(artifact, profile, x, reference=None, calib=None, deadline=None):
+        f = model_features(artifact.torch_model, torch.from_numpy(x))
+        ratio = 0.1 + 0.9 * sum(v for k, v in f.items() if k.startswith("macs:")) / dense_macs
+        k = next(load)
+        if reference is None:  # the dense model, measured alone at the start of the run
+            return LatencyStats(2.2 * k, 2.5 * k, 2.2 * k, 1.9 * k, 0.0, 5, 0.0, 1, quiet_ms=2.0 * k)
+        seen.append(k)
+        return LatencyStats(2.2 * k * ratio, 2.5 * k * ratio, 2.2 * k * ratio, 1.9 * k * ratio, 0.0, 5, 0.0, 1,
+                            reference_median_ms=2.2 * k, reference_quiet_ms=2.0 * k, ratio=ratio, speedup=1 / ratio)
+
+    monkeypatch.setattr(backends, "measure", fake_measure)
+    rf = RunFolder(tmp_path / "run")
+    prof = DeviceProfile(**PROFILE, lut=True, cache=False)
+    dense = measure_model(_net(64, 96, 128), X, prof, rf.dense_onnx, "torchscript", run=rf)
+    assert dense["latency"]["corrected_ms"] == pytest.approx(2.0)  # the dense model's quiet estimate
+    rf.dense_json.write_text(json.dumps({"latency": dense["latency"]}))
+    rnd = random.Random(3)
+    outs = [measure_model(_net(*_widths(rnd)), X, prof, rf.trial(i).onnx, "torchscript", run=rf) for i in range(12)]
+    assert 3.0 in seen and 1.0 in seen
+    pred = LatencyPredictor.for_run(rf, prof)
+    assert pred.points[0][1] == 1.0  # the dense model first, ratio 1
+    for o, (_, r) in zip(outs, pred.points[1:]):
+        lat = o["latency"]
+        assert r == pytest.approx(lat["ratio"])  # the load-free ratio, whatever the raw ms
+        assert lat["corrected_ms"] == pytest.approx(2.0 * lat["ratio"])  # ratio x the run's dense quiet estimate
+        assert o["measured_latency_ms"] == pytest.approx(lat["corrected_ms"])
+    later = [o for o in outs if o["predicted_latency_ms"] is not None]
+    assert later and all(o["predicted_latency_ms"] == pytest.approx(o["measured_latency_ms"], rel=0.1) for o in later)
+    f = model_features(_net(16, 16, 16), X)
+    r = pred.predict(f)
+    assert 0 < r < 1  # a ratio: smaller than dense
+    assert pred.predict_ms(f, 2.0) == pytest.approx(r * 2.0) and pred.predict_ms(f, 6.0) == pytest.approx(3 * pred.predict_ms(f, 2.0))

@@ -26,6 +26,7 @@ def one_line(text: str) -> str:
 def cmd_search(args: argparse.Namespace, console: Console) -> int:
     from autoprune.api import run
     from autoprune.results.front import best_under
+    from autoprune.measure.stats import latency_ms
 
     cfg = load_config(args)  # every flag lands in the run config (and so in the resume check)
     try:
@@ -33,7 +34,7 @@ def cmd_search(args: argparse.Namespace, console: Console) -> int:
     except KeyboardInterrupt:
         return 130
     print_rows(console, result.pareto, result.dense, f"Pareto front ({len(result.pareto)} models) on {result.ctx.profile.name}")
-    dense_ms = result.dense["latency"]["median_ms"]
+    dense_ms = latency_ms(result.dense["latency"])
     for target in result.ctx.targets_ms:  # budget mode: the answer to "the best model under my budget"
         best = best_under(result.pareto, target)
         console.print(f"target {target:.3g} ms ({dense_ms / target:.2f}x): " + (

@@ -74,9 +74,14 @@ class DeviceProfile(StrictModel):
     #: steadies sub-millisecond readings and matches how a dedicated target runs; set false on a
     #: machine whose cores other work shares (pinned threads then wait for their core).
     cpu_pinning: bool = Field(True, json_schema_extra=added(True))
-    #: Time the dense model in the same session, interleaved with the candidate, and report the
-    #: speed-up ratio: more trustworthy than absolute times for sub-millisecond models on shared CPUs.
-    measure_reference: bool = False
+    #: Time the dense model in the same session, interleaved with the candidate in rounds, and
+    #: report the ratio to dense with its 95% interval plus ms corrected by the dense model's quiet
+    #: estimate: load on a busy machine cancels in the ratio (false: absolute times only).
+    measure_reference: bool = True
+    #: wall: each inference's wall-clock time (or the runtime's own timer). cpu: the process's CPU
+    #: time (CPU devices, threads: 1): time slices other jobs take are not counted, so it holds on
+    #: an oversubscribed machine where wall time measures the scheduler.
+    clock: Literal["wall", "cpu"] = Field("wall", json_schema_extra=added("wall"))
     #: Reuse the latency of an identical architecture (same exported graph shapes) in a run folder.
     cache: bool = True
     #: int8: number of single-input calibration samples fed to post-training quantization.
@@ -127,6 +132,8 @@ class DeviceProfile(StrictModel):
             raise ValueError("precision: int8 is supported on backends onnxruntime, openvino and remote, not torch")
         if self.backend == "torch" and self.precision == "fp16" and not self.device.lower().startswith("cuda"):
             raise ValueError("precision: fp16 with backend torch needs device: cuda (CPU fp16 kernels are slow/partial)")
+        if self.clock == "cpu" and not self.device.lower().startswith("cpu"):
+            raise ValueError("clock: cpu times CPU work; use clock: wall with a GPU or NPU device")
         if self.compile and self.backend != "torch":
             raise ValueError("compile: true applies to backend torch only")
         return self

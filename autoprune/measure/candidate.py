@@ -4,6 +4,7 @@ profiles) score the quantized file that would really be deployed.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
@@ -35,14 +36,17 @@ def measure_model(model: nn.Module, example: torch.Tensor, profile: DeviceProfil
     With a ``run`` folder: an architecture already measured on this profile there is not measured
     again (``cache: true``); ``lut: true`` predicts latency first (measure/predictor.py, once
     calibrated on the run's measured models) and skips export and measurement of clear budget
-    violations; ``measure_reference: true`` times the dense model (the run's
+    violations; ``measure_reference: true`` (the default) times the dense model (the run's
     ``dense/model.onnx``; ``dense`` is its PyTorch module for the torch backend) interleaved with
-    the candidate and records ``latency.speedup``, steadier than absolute times.
+    the candidate in rounds and records ``latency.ratio`` with its interval, ``speedup`` and
+    ``corrected_ms`` (ratio x the run's dense quiet estimate: the headline latency, steady under
+    load; raw ``median_ms`` etc. kept beside it).
     ``precision: int8`` quantizes first, calibrated on ``calib`` batches. Right after export the
     file is checked against ``model`` on a few ``calib`` samples (:mod:`autoprune.measure.parity`):
     a mismatch raises ExportError before anything is timed; the results are returned as ``parity``.
-    With the predictor on, the result carries ``predicted_latency_ms`` (None until calibrated)
-    and ``measured_latency_ms`` (None when rejected on the prediction).
+    With the predictor on (it predicts the ratio to dense), the result carries
+    ``predicted_latency_ms`` (None until calibrated) and ``measured_latency_ms`` (None when
+    rejected on the prediction), both in ms as ratio x the dense quiet estimate.
 
     ``model`` may sit on the train device (a GPU): what is exported and timed is its CPU fp32
     copy (:func:`cpu_fp32`), so latency never depends on where or how the model trained.
@@ -50,9 +54,15 @@ def measure_model(model: nn.Module, example: torch.Tensor, profile: DeviceProfil
     model = cpu_fp32(model)
     dense = cpu_fp32(dense) if dense is not None and profile.measure_reference else None  # only timed as the reference
     example = example.cpu()
+    is_dense = run is not None and Path(onnx_path).resolve() == run.dense_onnx.resolve()
+    dense_quiet = None if is_dense else _dense_quiet_ms(run)
     predictor = LatencyPredictor.for_run(run, profile) if run is not None and profile.lut else None
     features = model_features(model, example) if predictor is not None else {}
-    predicted = predictor.predict(features) if predictor is not None else None
+    # The predictor models latency relative to dense; ms = ratio x the dense quiet estimate
+    # (1 ms stands in while no dense model was measured in the run: then it learns ms).
+    scale = dense_quiet or 1.0
+    predicted_ratio = predictor.predict(features) if predictor is not None else None
+    predicted = predicted_ratio * scale if predicted_ratio is not None else None
     rejected = _predicted_rejection(predicted, predictor, example, model, profile)
     if rejected is not None:
         return rejected
@@ -70,11 +80,40 @@ def measure_model(model: nn.Module, example: torch.Tensor, profile: DeviceProfil
                                  reference=_reference_artifact(run, onnx_path, profile, dense), calib=batches)
         if cache:
             cache.put(profile, arch, stats)
-        if predictor is not None:
-            predictor.add(features, stats.median_ms, predicted)
-    extra = {"predicted_latency_ms": predicted, "measured_latency_ms": stats.median_ms} if predictor is not None else {}
+    _correct(stats, is_dense and profile.measure_reference, dense_quiet)
+    if predictor is not None and not cached:
+        if is_dense:
+            predictor.add(features, 1.0, predicted_ratio)
+        else:
+            predictor.add(features, stats.ratio if stats.ratio is not None and dense_quiet else stats.median_ms / scale,
+                          predicted_ratio)
+    extra = {"predicted_latency_ms": predicted, "measured_latency_ms": stats.latency_ms} if predictor is not None else {}
     return {"latency": stats.to_dict(), "latency_cached": cached, "arch_hash": arch, **extra, "parity": parity,
             "onnx_bytes": file_size(onnx_path), "onnx_gzip_bytes": gzip_size(onnx_path)}
+
+
+def _dense_quiet_ms(run: Optional[RunFolder]) -> Optional[float]:
+    """The dense model's quiet estimate of the run (its ``corrected_ms``: the fast quantile of its
+    samples, see :data:`~autoprune.measure.stats.QUIET_QUANTILE`), or None before it is measured.
+    One figure per run, so every candidate's ms = its ratio x the same dense time, and budget-mode
+    targets (dense ms / speed-up) stay put however loaded each trial's measurement was."""
+    if run is None or not run.dense_json.is_file():
+        return None
+    lat = json.loads(run.dense_json.read_text()).get("latency") or {}
+    v = lat.get("corrected_ms") or lat.get("quiet_ms") or lat.get("median_ms")
+    return float(v) if v else None
+
+
+def _correct(stats: LatencyStats, is_dense: bool, dense_quiet: Optional[float]) -> None:
+    """Fill ``corrected_ms``: the dense model's is its own quiet estimate (only when candidates are
+    timed against it: else every figure stays a raw median, like with like); a candidate's is its
+    ratio to dense x the run's dense quiet estimate (this session's dense quiet time when the run
+    has none yet). Raw figures are left as measured."""
+    if is_dense:
+        stats.corrected_ms = stats.quiet_ms if stats.quiet_ms is not None else stats.median_ms
+    elif stats.ratio is not None:
+        d = dense_quiet or stats.reference_quiet_ms
+        stats.corrected_ms = stats.ratio * d if d else None
 
 
 def _predicted_rejection(predicted: Optional[float], predictor: Optional[LatencyPredictor], example: torch.Tensor,

@@ -1,17 +1,22 @@
-"""Latency predictor: the latency of a candidate on the target, before exporting it.
+"""Latency predictor: the latency of a candidate on the target relative to the dense model,
+before exporting it.
 
 Measuring a candidate costs an export plus tens of inferences; for a candidate that is clearly
 over the latency budget that is wasted. Pruned candidates of one base model differ only in
 widths, so their latency is close to a *linear* function of what their layers compute and move:
 
-    latency ≈ Σ_f w_f · feature_f + c,      w_f ≥ 0
+    latency / dense latency ≈ Σ_f w_f · feature_f + c,      w_f ≥ 0
 
 with features computed from one PyTorch forward pass (no export, no timing): multiply-accumulates
 per layer kind and output resolution (a 3×3 conv at 56×56 and at 7×7, a depthwise and a 1×1
 conv run at very different efficiencies), activation and weight bytes (memory traffic: the
 BatchNorm, ReLU and residual adds the runtime fuses into the convs cost bandwidth, not MACs).
-The weights are fitted by non-negative least squares on *relative* error to the candidates
-measured so far in the run (the dense model first), so they are the target's own costs, fusion
+The target is the *ratio* to the dense model that every measurement carries (candidates are
+timed interleaved with dense, measure/stats.py: ``time_pair``), so load on a busy machine
+cancels in what the predictor learns; milliseconds are ratio × the dense model's quiet estimate
+(:meth:`LatencyPredictor.predict_ms`). The weights are fitted by non-negative least squares on
+*relative* error to the candidates measured so far in the run (the dense model first, ratio 1),
+so they are the target's own costs, fusion
 included — which is what a per-layer table timed on stand-alone one-layer models (the former
 ``lut.py``) missed (median 15.7 % off).
 
@@ -180,22 +185,31 @@ def min_points(feature_set: str, points: list[tuple[Features, float]]) -> int:
     return max(MIN_POINTS, n_weights + 2)
 
 
+def _points(d: dict[str, Any]) -> list[tuple[Features, float]]:
+    """Stored points as (features, ratio); files written before ratios hold ``ms`` with the dense
+    model first, so those become ms / the first point's ms."""
+    pts = d.get("points", [])
+    base = next((float(p["ms"]) for p in pts[:1] if "ms" in p), 1.0) or 1.0
+    return [(dict(p["features"]), float(p["ratio"]) if "ratio" in p else float(p["ms"]) / base) for p in pts]
+
+
 class LatencyPredictor:
-    """Calibration points (features, measured ms) of one device profile, persisted as JSON, and
-    the fit chosen on them by held-out error."""
+    """Calibration points (features, measured ratio to dense) of one device profile, persisted as
+    JSON, and the fit chosen on them by held-out error. Ratios, not ms: a point measured under
+    load and one measured on a quiet machine agree (both models slow down together)."""
 
     def __init__(self, path: Path, profile: DeviceProfile) -> None:
         self.path = Path(path)
         self.profile = profile
-        self.points: list[tuple[Features, float]] = []
-        self.predictions: list[tuple[float, float]] = []  # (predicted ms, measured ms) made before measuring
+        self.points: list[tuple[Features, float]] = []  # (features, ratio to dense)
+        self.predictions: list[tuple[float, float]] = []  # (predicted, measured ratio) made before measuring
         # How many leading entries are already in the file: :meth:`save` appends only the rest.
         self._saved_points = 0
         self._saved_predictions = 0
         self._chosen: Optional[tuple[Fit, np.ndarray]] = None
         d = self._read()
         if d is not None:
-            self.points = [(dict(p["features"]), float(p["ms"])) for p in d.get("points", [])]
+            self.points = _points(d)
             self.predictions = [(float(a), float(b)) for a, b in d.get("predictions", [])]
             self._saved_points, self._saved_predictions = len(self.points), len(self.predictions)
 
@@ -214,23 +228,24 @@ class LatencyPredictor:
         sharing a run folder each save after measuring; none may drop another's points)."""
         with file_lock(self.path.with_name(self.path.name + ".lock")):
             d = self._read() or {}
-            points = [(dict(p["features"]), float(p["ms"])) for p in d.get("points", [])] + self.points[self._saved_points:]
+            points = _points(d) + self.points[self._saved_points:]
             predictions = [(float(a), float(b)) for a, b in d.get("predictions", [])] + self.predictions[self._saved_predictions:]
             atomic_write_text(self.path, json.dumps({
                 "profile": self.profile.name,
-                "points": [{"features": f, "ms": m} for f, m in points],
+                "points": [{"features": f, "ratio": m} for f, m in points],
                 "predictions": predictions}, indent=1))
         self.points, self.predictions = points, predictions
         self._saved_points, self._saved_predictions = len(points), len(predictions)
         self._chosen = None
 
     # -- calibration
-    def add(self, features: Features, measured_ms: float, predicted_ms: Optional[float] = None) -> None:
-        """A measured model: one more calibration point; with ``predicted_ms`` (made before the
+    def add(self, features: Features, measured: float, predicted: Optional[float] = None) -> None:
+        """A measured model: one more calibration point (``measured``: its latency / the dense
+        model's, 1 for the dense model itself); with ``predicted`` (the ratio predicted before the
         measurement) also one more scored prediction. Saved at once."""
-        self.points.append((dict(features), float(measured_ms)))
-        if predicted_ms is not None:
-            self.predictions.append((float(predicted_ms), float(measured_ms)))
+        self.points.append((dict(features), float(measured)))
+        if predicted is not None:
+            self.predictions.append((float(predicted), float(measured)))
         self._chosen = None
         self.save()
 
@@ -276,10 +291,16 @@ class LatencyPredictor:
 
     # -- prediction
     def predict(self, features: Features) -> Optional[float]:
-        """Predicted median latency (ms) of a model with these :func:`model_features`; None until
-        :attr:`ready`."""
+        """Predicted latency of a model with these :func:`model_features` relative to the dense
+        model's; None until :attr:`ready`."""
         ch = self._choose()
         return None if ch is None else max(ch[0](features), 0.0)
+
+    def predict_ms(self, features: Features, dense_ms: float) -> Optional[float]:
+        """Predicted milliseconds: the predicted ratio × ``dense_ms`` (the dense model's quiet
+        estimate); None until :attr:`ready`."""
+        r = self.predict(features)
+        return None if r is None else r * float(dense_ms)
 
     def error(self) -> dict[str, Any]:
         """Error of the predictions made *before* each measurement (the search's own record)."""

@@ -286,16 +286,16 @@ def time_ratios(files: Mapping[tuple[str, int], Path], profile: DeviceProfile, x
     if getattr(backend, "measure", None) is not None:
         for k in keys:
             st = backends.measure(backends.ModelArtifact(files[k], models.get(k)), prof, x, reference=ref_art)
-            out[k] = 1.0 / float(st.speedup) if st.speedup else st.median_ms / float(st.reference_median_ms or st.median_ms)
+            out[k] = float(st.ratio) if st.ratio else st.median_ms / float(st.reference_median_ms or st.median_ms)
         return out
     kw: dict[str, Any] = {"warmup": prof.warmup, "repeats": prof.repeats, "target_rel_ci": prof.target_rel_ci,
                           "max_time_s": prof.max_time_s, "batch_size": int(x.shape[0])}
     with backend.session(prof):
-        ref = backends.one_inference_timer(backend.load(ref_art, prof), x)
+        ref = backends.one_inference_timer(backend.load(ref_art, prof), x, prof.clock)
         for k in keys:
             art = backends.ensure_precision(backends.ModelArtifact(files[k], models.get(k)), prof)
-            one = backends.one_inference_timer(backend.load(art, prof), x)
-            out[k] = 1.0 / float(time_pair(one, ref, **kw).speedup or 1.0)
+            one = backends.one_inference_timer(backend.load(art, prof), x, prof.clock)
+            out[k] = float(time_pair(one, ref, **kw).ratio or 1.0)
     return out
 
 

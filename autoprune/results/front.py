@@ -15,6 +15,7 @@ import optuna
 from autoprune.config import load_device_profile
 from autoprune.errors import ConfigError
 from autoprune.files import atomic_write_text, swap_interrupted
+from autoprune.measure.stats import latency_ms
 from autoprune.runfolder import RunFolder
 
 
@@ -22,7 +23,7 @@ def trial_row(t: optuna.trial.FrozenTrial, dense: dict[str, Any]) -> dict[str, A
     """Flatten a finished trial into the metrics a user compares."""
     ua = t.user_attrs
     lat = ua.get("latency", {})
-    dense_lat = dense.get("latency", {}).get("median_ms")
+    dense_lat = latency_ms(dense["latency"]) if dense.get("latency") else None
     return {
         "trial": t.number,
         "accuracy": t.values[0] if t.values else ua.get("accuracy"),
@@ -30,7 +31,7 @@ def trial_row(t: optuna.trial.FrozenTrial, dense: dict[str, Any]) -> dict[str, A
         "latency_ms": t.values[1] if t.values else lat.get("median_ms"),
         "latency_p90_ms": lat.get("p90_ms"),
         "latency_cv": lat.get("cv"),
-        "speedup": (dense_lat / lat["median_ms"]) if dense_lat and lat.get("median_ms") else None,
+        "speedup": lat.get("speedup") or ((dense_lat / latency_ms(lat)) if dense_lat and lat.get("median_ms") else None),
         "flops": ua.get("flops"),
         "params": ua.get("params"),
         "onnx_bytes": ua.get("onnx_bytes"),

@@ -66,6 +66,7 @@ from autoprune.train.models import (
 )
 from autoprune.train.task import ClassificationTask, Task, load_task
 from autoprune.trust import CodePolicy
+from autoprune.measure.stats import latency_ms
 
 log = logging.getLogger("autoprune")
 
@@ -298,7 +299,7 @@ def prepare(cfg: RunConfig, console: Optional[Callable[[str], None]] = None) -> 
 def _aim_at_targets(ctx: SearchContext, num_classes: int, say: Callable[[str], None]) -> None:
     """Budget mode: resolve the targets against the dense latency and fit the latency model
     (two calibration models measured on the target, once per run folder)."""
-    dense_ms = float(ctx.dense["latency"]["median_ms"])
+    dense_ms = latency_ms(ctx.dense["latency"])
     ctx.targets_ms = targets_ms(ctx.cfg.search.target, dense_ms)
     model = LatencyModel.of(ctx.base, ctx.example, ctx.groups, ctx.space.round_unit, ctx.widths)
     if not ctx.run.budget_calibration.is_file():
@@ -307,7 +308,8 @@ def _aim_at_targets(ctx: SearchContext, num_classes: int, say: Callable[[str], N
     def measure(m: nn.Module, label: str) -> float:
         path = ctx.run.budget_model(label)
         path.parent.mkdir(parents=True, exist_ok=True)
-        return float(measure_model(m, ctx.example, ctx.profile, path, ctx.cfg.exporter, calib=ctx.calib)["latency"]["median_ms"])
+        return latency_ms(measure_model(m, ctx.example, ctx.profile, path, ctx.cfg.exporter, calib=ctx.calib, run=ctx.run,
+                                        dense=ctx.base)["latency"])
 
     ctx.latency_model = calibrate(model, ctx.base, ctx.example, ctx.groups, num_classes, measure, dense_ms, ctx.run)
     say("budget mode: targets " + ", ".join(f"{t:.3g} ms ({dense_ms / t:.2f}x)" for t in ctx.targets_ms))

@@ -25,6 +25,7 @@ from autoprune.train.data import DataBundle
 from autoprune.train.device import TrainSetup, model_device
 from autoprune.train.finetune import finetune
 from autoprune.train.models import evaluate, held_out_accuracy
+from autoprune.measure.stats import latency_ms
 
 
 def final_seed(cfg: Any, trial: int) -> int:
@@ -69,7 +70,7 @@ def final_stage(ctx: Any, rows: list[dict[str, Any]], say: Any = print) -> dict[
             final_finetune(model, ctx.data, ctx.cfg, ctx.base, r["trial"], steps, ctx.train, task=ctx.task)
             measured = measure_model(model, ctx.example, ctx.profile, files.final_onnx, ctx.cfg.exporter,
                                      calib=ctx.calib, run=ctx.run, dense=ctx.base)
-            latency = measured["latency"]["median_ms"]
+            latency = latency_ms(measured["latency"])
             save_model(model, files.final_model, pruned_recipe(ctx.recipe, r["widths"]))
         acc = evaluate(model, ctx.data, split="val", setup=ctx.train, task=ctx.task)
         scores = held_out_accuracy(model, ctx.data, setup=ctx.train, task=ctx.task)

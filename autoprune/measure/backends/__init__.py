@@ -54,8 +54,18 @@ def load(artifact: ModelArtifact, profile: DeviceProfile) -> Runner:
     return get(profile.backend).load(artifact, profile)
 
 
-def one_inference_timer(runner: Runner, x: np.ndarray) -> Callable[[], float]:
-    """A zero-argument callable that runs one inference and returns its duration in seconds."""
+def one_inference_timer(runner: Runner, x: np.ndarray, clock: str = "wall") -> Callable[[], float]:
+    """A zero-argument callable that runs one inference and returns its duration in seconds:
+    the runner's own timer if it has one, else the host wall clock; ``clock="cpu"`` (a profile's
+    ``clock: cpu``): the process's CPU time, which time slices taken by other jobs do not inflate."""
+    if clock == "cpu":
+        def cpu() -> float:
+            t0 = time.process_time()
+            runner(x)
+            return time.process_time() - t0
+
+        cpu.clock = "process_cpu"  # type: ignore[attr-defined]
+        return cpu
     t = getattr(runner, "timed", None)
     if t is not None:
         def one() -> float:
@@ -85,8 +95,9 @@ def measure(artifact: ModelArtifact, profile: DeviceProfile, x: np.ndarray, refe
             calib: Optional[list[np.ndarray]] = None, deadline: Optional[float] = None) -> LatencyStats:
     """Load ``artifact`` on the profile's backend and time one inference of ``x``.
 
-    With ``reference`` (the dense model) both are timed interleaved in this session and the stats
-    carry ``speedup`` = reference time / candidate time. With an int8 profile, unquantized
+    With ``reference`` (the dense model) both are timed interleaved in rounds in this session and
+    the stats carry ``ratio`` = candidate time / reference time with its 95% interval, ``noisy``
+    and ``speedup`` = 1 / ratio (:func:`autoprune.measure.stats.time_pair`). With an int8 profile, unquantized
     artifacts are quantized first (on ``calib`` samples, else on random inputs: fine for latency,
     not for accuracy). ``deadline`` (a ``time.perf_counter()`` value) cuts warm-up and repeats
     short there (local backends only; see :func:`autoprune.measure.stats.time_callable`).
@@ -102,10 +113,10 @@ def measure(artifact: ModelArtifact, profile: DeviceProfile, x: np.ndarray, refe
               max_time_s=profile.max_time_s, batch_size=int(x.shape[0]), deadline=deadline)
     # Process-wide settings (torch's thread count) hold for loading and timing only.
     with backend.session(profile):
-        one = one_inference_timer(backend.load(artifact, profile), x)
+        one = one_inference_timer(backend.load(artifact, profile), x, profile.clock)
         if reference is None:
             return time_callable(lambda: None, timed=one, **kw)
-        ref = one_inference_timer(backend.load(reference, profile), x)
+        ref = one_inference_timer(backend.load(reference, profile), x, profile.clock)
         return time_pair(one, ref, **kw)
 
 
