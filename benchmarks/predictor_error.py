@@ -23,7 +23,6 @@ of held-out candidates predicted within ±10 %.
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import random
 import tempfile
@@ -35,6 +34,7 @@ import numpy as np
 import torch
 import torchvision
 
+from _common import flat, interleaved, prune, timer
 from autoprune.config import load_device_profile
 from autoprune.measure import backends
 from autoprune.measure.onnx import ModelArtifact, export_onnx
@@ -44,7 +44,6 @@ from autoprune.measure.predictor import (
     LatencyPredictor,
     model_features,
 )
-from autoprune.prune.plan import PruningPlan, apply_plan
 from autoprune.prune.structure import find_groups
 
 GRID = [round(0.05 * i, 2) for i in range(15)]  # default search space: low 0, high 0.7, step 0.05
@@ -54,26 +53,7 @@ def candidates(base: torch.nn.Module, x: torch.Tensor, n: int, seed: int, num_cl
     """``n`` pruned copies of ``base`` with random per-group ratios, as the search draws them."""
     rnd = random.Random(seed)
     groups = find_groups(base, x, num_classes)
-    out = []
-    for _ in range(n):
-        m = copy.deepcopy(base)
-        apply_plan(m, x, PruningPlan({g.name: rnd.choice(GRID) for g in groups}, round_to=8), num_classes)
-        out.append(m.eval())
-    return out
-
-
-def timer(runner: Any, x: np.ndarray, clock: str) -> Callable[[], float]:
-    """One inference → its seconds on ``clock``: ``wall`` (perf_counter), or ``cpu``: the
-    process's CPU time (user + system, all threads), which does not count the time slices other
-    jobs take from a 1-thread inference on a shared CPU — only the model's own work."""
-    tick = time.process_time if clock == "cpu" else time.perf_counter
-
-    def one() -> float:
-        t0 = tick()
-        runner(x)
-        return tick() - t0
-
-    return one
+    return [prune(base, x, num_classes, lambda _g: rnd.choice(GRID), groups=groups)[0] for _ in range(n)]
 
 
 def measure_ratio(model: torch.nn.Module, x: torch.Tensor, prof: Any, dense_one: Callable[[], float], tmp: Path,
@@ -84,18 +64,9 @@ def measure_ratio(model: torch.nn.Module, x: torch.Tensor, prof: Any, dense_one:
     p = export_onnx(model, x, tmp / "cand.onnx", "torchscript")
     be = backends.get(prof.backend)
     with be.session(prof):
-        one = timer(be.load(ModelArtifact(p, model), prof), x.numpy(), clock)
-        for _ in range(prof.warmup):
-            one(), dense_one()
-        a, b = [], []
-        for i in range(rounds):
-            if i % 2:
-                b.append(dense_one())
-                a.append(one())
-            else:
-                a.append(one())
-                b.append(dense_one())
-    qa, qb = float(np.percentile(a, 20)), float(np.percentile(b, 20))
+        one = timer(be.load(ModelArtifact(p, model), prof), x.numpy(), clock=clock)
+        got = interleaved({"cand": one, "dense": dense_one}, rounds, warmup=prof.warmup, alternate=True)
+    qa, qb = float(np.percentile(flat(got["cand"]), 20)), float(np.percentile(flat(got["dense"]), 20))
     return qa / qb, qb * 1000.0
 
 
@@ -113,7 +84,7 @@ def run_config(profile: str, model_name: str, base: torch.nn.Module, x: torch.Te
         dense = ModelArtifact(export_onnx(base, x, tmp / "dense.onnx", "torchscript"), base)
         be = backends.get(prof.backend)
         with be.session(prof):
-            dense_one = timer(be.load(dense, prof), x.numpy(), args.clock)
+            dense_one = timer(be.load(dense, prof), x.numpy(), clock=args.clock)
         ratios, dense_ms = [], []
         t0 = time.perf_counter()
         for m in cands:
