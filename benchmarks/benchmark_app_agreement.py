@@ -27,7 +27,6 @@ is over ``--tolerance`` (default 3%).
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import os
 import re
@@ -89,9 +88,8 @@ def build(name: str, px: int, folder: Path) -> tuple[Path, str]:
     import torch
     import torchvision
 
+    from _common import prune
     from autoprune.measure.onnx import export_onnx
-    from autoprune.prune.plan import PruningPlan, apply_plan
-    from autoprune.prune.structure import find_groups
 
     base, _, pruned = name.partition("-")
     torch.manual_seed(0)
@@ -100,10 +98,8 @@ def build(name: str, px: int, folder: Path) -> tuple[Path, str]:
     params = sum(p.numel() for p in model.parameters())
     desc = f"{base} {params / 1e6:.2f}M params"
     if pruned:
-        groups = find_groups(model, x, 1000)
-        model = copy.deepcopy(model)
-        apply_plan(model, x, PruningPlan({g.name: 0.5 for g in groups}, round_to=8), 1000)
-        after = sum(p.numel() for p in model.eval().parameters())
+        model, _ = prune(model, x, 1000, 0.5)
+        after = sum(p.numel() for p in model.parameters())
         desc = f"{base} pruned 50%/group: {params / 1e6:.2f}M -> {after / 1e6:.2f}M params"
     return export_onnx(model, x, folder / f"{name}.onnx", "torchscript"), desc
 

@@ -12,6 +12,7 @@ held-out accuracy right after pruning and after a short distilled fine-tune (zer
 
     python benchmarks/methods_table.py                 # writes benchmarks/results/methods_table.{json,md}
     python benchmarks/methods_table.py --quick         # smoke run, a few seconds of timing
+    python benchmarks/methods_table.py --small --out /tmp/mt   # CI form: demo model, l1 only (tests/test_benchmarks.py)
 """
 
 from __future__ import annotations
@@ -26,16 +27,15 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import torch
 import torch.nn as nn
 
+from _common import interleaved, prune, timer
 from autoprune.config import FinetuneConfig
 from autoprune.measure.onnx import export_onnx, export_openvino
 from autoprune.prune import methods
-from autoprune.prune.plan import PruningPlan, apply_plan
-from autoprune.prune.structure import find_groups
 from autoprune.train.data import load_data
 from autoprune.train.finetune import finetune
 from autoprune.train.models import DemoResNet, count_params, evaluate, pretrain
@@ -50,14 +50,13 @@ VARIANTS: dict[str, dict[str, Any]] = {
 }
 
 
-def make_plan(model: nn.Module, x: torch.Tensor, classes: int, spec: dict[str, Any], method: str = "l1") -> PruningPlan:
-    names = [g.name for g in find_groups(model, x, classes)]
-    return PruningPlan(
-        {g: spec.get("ratio", 0.0) for g in names},
-        {g: method for g in names},
-        granularity={g: spec.get("granularity", "structured") for g in names},
-        weight_ratios={g: spec.get("wratio", 0.0) for g in names},
-    )
+def pruned(model: nn.Module, x: torch.Tensor, classes: int, spec: dict[str, Any], method: str = "l1",
+           calib: Any = None) -> tuple[nn.Module, dict[str, tuple[int, int]]]:
+    """A copy of ``model`` pruned as a :data:`VARIANTS` entry says (unchanged for "dense")."""
+    if not spec:
+        return copy.deepcopy(model).eval(), {}
+    return prune(model, x, classes, spec.get("ratio", 0.0), method=method, granularity=spec.get("granularity", "structured"),
+                 weight_ratio=spec.get("wratio", 0.0), calib=calib)
 
 
 def _ort_session(path: Path):
@@ -79,11 +78,12 @@ def _ov_request(xml: Path):
     return lambda a: req.infer([a])
 
 
-def bench_granularities(name: str, model: nn.Module, x: torch.Tensor, classes: int, rounds: int, runs: int, tmp: Path) -> list[dict[str, Any]]:
+def bench_granularities(name: str, model: nn.Module, x: torch.Tensor, classes: int, rounds: int, runs: int, tmp: Path,
+                        variants: Optional[list[str]] = None) -> list[dict[str, Any]]:
     rows, runners = [], {}
-    for label, spec in VARIANTS.items():
-        m = copy.deepcopy(model).eval()
-        widths = apply_plan(m, x, make_plan(m, x, classes, spec), classes) if spec else {}
+    for label in ["dense"] + [v for v in (variants or VARIANTS) if v != "dense"]:  # dense first: the speed-ups' base
+        spec = VARIANTS[label]
+        m, widths = pruned(model.eval(), x, classes, spec)
         d = tmp / name / label.replace(" ", "_").replace("%", "").replace(":", "")
         onnx_path = export_onnx(m, x, d / "model.onnx", exporter="torchscript")
         xml = export_openvino(onnx_path, d / "model.xml")
@@ -97,22 +97,9 @@ def bench_granularities(name: str, model: nn.Module, x: torch.Tensor, classes: i
         })
         runners[label] = {"onnxruntime": _ort_session(onnx_path), "openvino": _ov_request(xml)}
     a = x.numpy()
-    times: dict[tuple[str, str], list[float]] = {(v, b): [] for v in runners for b in ("onnxruntime", "openvino")}
-    best: dict[tuple[str, str], float] = {k: float("inf") for k in times}
-    for fns in runners.values():  # warm-up
-        for f in fns.values():
-            for _ in range(5):
-                f(a)
-    for _ in range(rounds):
-        for label, fns in runners.items():
-            for backend, f in fns.items():
-                ts = []
-                for _ in range(runs):
-                    t0 = time.perf_counter()
-                    f(a)
-                    ts.append(time.perf_counter() - t0)
-                times[(label, backend)].append(statistics.median(ts) * 1e3)
-                best[(label, backend)] = min(best[(label, backend)], min(ts) * 1e3)
+    samples = interleaved({(label, b): timer(f, a) for label, fns in runners.items() for b, f in fns.items()}, rounds, runs, warmup=5)
+    times = {k: [statistics.median(r) * 1e3 for r in v] for k, v in samples.items()}  # per-round medians
+    best = {k: min(min(r) for r in v) * 1e3 for k, v in samples.items()}
     for row in rows:
         for backend in ("onnxruntime", "openvino"):
             med = statistics.median(times[(row["variant"], backend)])
@@ -128,7 +115,7 @@ def bench_granularities(name: str, model: nn.Module, x: torch.Tensor, classes: i
     return rows
 
 
-def bench_criteria(pretrain_s: float, ft_steps: int, seed: int = 0) -> tuple[float, list[dict[str, Any]]]:
+def bench_criteria(pretrain_s: float, ft_steps: int, seed: int = 0, criteria: Optional[list[str]] = None) -> tuple[float, list[dict[str, Any]]]:
     torch.manual_seed(seed)
     data = load_data("digits", None, 0.25, seed)
     base = DemoResNet(num_classes=data.num_classes, in_channels=data.input_shape[0])
@@ -140,11 +127,10 @@ def bench_criteria(pretrain_s: float, ft_steps: int, seed: int = 0) -> tuple[flo
     specs = {"structured 50% ch": VARIANTS["structured 50% ch"], "unstructured 70% w": {"granularity": "unstructured", "ratio": 0.7},
              "nm 2:4": VARIANTS["nm 2:4"]}
     rows = []
-    for method in methods.available():
+    for method in criteria or methods.available():
         for label, spec in specs.items():
-            m = copy.deepcopy(base)
             t0 = time.perf_counter()
-            apply_plan(m, x, make_plan(m, x, data.num_classes, spec, method), data.num_classes, calib)
+            m, _ = pruned(base, x, data.num_classes, spec, method, calib)
             prune_s = time.perf_counter() - t0
             acc0 = evaluate(m, data)
             with methods.hold_zeros(m):
@@ -185,14 +171,28 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--pretrain-s", type=float, default=20.0)
     ap.add_argument("--ft-steps", type=int, default=40)
     ap.add_argument("--resnet-size", type=int, default=64)
+    ap.add_argument("--models", nargs="+", default=["demo", "resnet18"], choices=["demo", "resnet18"], help="part 1's models")
+    ap.add_argument("--variants", nargs="+", choices=list(VARIANTS), help="part 1's variants (default: all; dense always)")
+    ap.add_argument("--criteria", nargs="+", choices=methods.available(), help="part 2's criteria (default: all registered)")
     ap.add_argument("--quick", action="store_true", help="tiny smoke run (numbers meaningless)")
+    ap.add_argument("--small", action="store_true",
+                    help="CI form: --quick on the demo model, dense/structured/hybrid, the l1 criterion only")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "methods_table"))
     args = ap.parse_args(argv)
-    if args.quick:
+    if args.quick or args.small:
         args.rounds, args.runs, args.pretrain_s, args.ft_steps = 2, 3, 2.0, 2
+    if args.small:
+        args.models, args.criteria, args.pretrain_s = ["demo"], ["l1"], 1.0
+        args.variants = ["dense", "structured 50% ch", "hybrid 50% ch + 50% w"]
+    threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    import torchvision
+    try:
+        return _run(args, argv)
+    finally:
+        torch.set_num_threads(threads)
 
+
+def _run(args: argparse.Namespace, argv: Optional[list[str]]) -> int:
     torch.manual_seed(0)
     res: dict[str, Any] = {
         "command": "python benchmarks/methods_table.py" + (" " + " ".join(argv if argv is not None else sys.argv[1:])).rstrip(),
@@ -200,12 +200,19 @@ def main(argv: list[str] | None = None) -> int:
         "date": time.strftime("%Y-%m-%d"), "rounds": args.rounds, "runs": args.runs, "ft_steps": args.ft_steps,
     }
     with tempfile.TemporaryDirectory() as td:
-        rows = bench_granularities("demo", DemoResNet().eval(), torch.randn(1, 1, 16, 16), 10, args.rounds, args.runs, Path(td))
-        rn = torchvision.models.resnet18(weights=None, num_classes=10).eval()
-        s = args.resnet_size
-        rows += bench_granularities(f"resnet18@{s}", rn, torch.randn(1, 3, s, s), 10, args.rounds, args.runs, Path(td))
+        rows = []
+        if "demo" in args.models:
+            rows += bench_granularities("demo", DemoResNet().eval(), torch.randn(1, 1, 16, 16), 10, args.rounds, args.runs, Path(td),
+                                        args.variants)
+        if "resnet18" in args.models:
+            import torchvision
+
+            rn = torchvision.models.resnet18(weights=None, num_classes=10).eval()
+            s = args.resnet_size
+            rows += bench_granularities(f"resnet18@{s}", rn, torch.randn(1, 3, s, s), 10, args.rounds, args.runs, Path(td),
+                                        args.variants)
     res["granularity"] = rows
-    res["dense_acc"], res["criteria"] = bench_criteria(args.pretrain_s, args.ft_steps)
+    res["dense_acc"], res["criteria"] = bench_criteria(args.pretrain_s, args.ft_steps, criteria=args.criteria)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(res, indent=2))

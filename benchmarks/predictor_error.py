@@ -28,7 +28,6 @@ of held-out candidates predicted within ±10 %.
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import os
 import random
@@ -42,6 +41,7 @@ import torch
 import torchvision
 from _load import competing_load
 
+from _common import prune
 from autoprune.config import load_device_profile
 from autoprune.measure import backends
 from autoprune.measure.onnx import ModelArtifact, export_onnx
@@ -51,7 +51,6 @@ from autoprune.measure.predictor import (
     LatencyPredictor,
     model_features,
 )
-from autoprune.prune.plan import PruningPlan, apply_plan
 from autoprune.prune.structure import find_groups
 
 GRID = [round(0.05 * i, 2) for i in range(15)]  # default search space: low 0, high 0.7, step 0.05
@@ -61,12 +60,7 @@ def candidates(base: torch.nn.Module, x: torch.Tensor, n: int, seed: int, num_cl
     """``n`` pruned copies of ``base`` with random per-group ratios, as the search draws them."""
     rnd = random.Random(seed)
     groups = find_groups(base, x, num_classes)
-    out = []
-    for _ in range(n):
-        m = copy.deepcopy(base)
-        apply_plan(m, x, PruningPlan({g.name: rnd.choice(GRID) for g in groups}, round_to=8), num_classes)
-        out.append(m.eval())
-    return out
+    return [prune(base, x, num_classes, lambda _g: rnd.choice(GRID), groups=groups)[0] for _ in range(n)]
 
 
 def measure_ratio(model: torch.nn.Module, x: torch.Tensor, prof: Any, dense: ModelArtifact, tmp: Path) -> Any:

@@ -7,6 +7,7 @@ survives load drift on a shared machine. Prints each model's medians, the ratio 
 difference in microseconds per call.
 
     python benchmarks/runner_overhead.py --threads 1 --px 64 --seconds 6
+    python benchmarks/runner_overhead.py --small       # CI form: the tiny model at 32 px, 0.5 s per backend
 """
 
 from __future__ import annotations
@@ -15,11 +16,12 @@ import argparse
 import os
 import sys
 import tempfile
-import time
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+
+from _common import timer
 
 
 def old_openvino(path: Path, threads: int) -> Callable[[np.ndarray], np.ndarray]:
@@ -53,15 +55,6 @@ def old_onnxruntime(path: Path, threads: int) -> Callable[[np.ndarray], np.ndarr
     return run
 
 
-def timer(fn: Callable[[np.ndarray], np.ndarray], x: np.ndarray) -> Callable[[], float]:
-    def one() -> float:
-        t0 = time.perf_counter()
-        fn(x)
-        return time.perf_counter() - t0
-
-    return one
-
-
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--threads", type=int, default=1)
@@ -69,7 +62,10 @@ def main() -> int:
     ap.add_argument("--seconds", type=float, default=6.0, help="per model per backend")
     ap.add_argument("--models", nargs="+", default=["tiny", "mobilenet_v2", "resnet18"],
                     help="torchvision names, or 'tiny' (one 3x3 conv and a linear layer: almost only per-call overhead)")
+    ap.add_argument("--small", action="store_true", help="CI form: the tiny model at 32 px, 0.5 s per backend")
     args = ap.parse_args()
+    if args.small:
+        args.models, args.px, args.seconds = ["tiny"], 32, 0.5
 
     import torch
     import torchvision

@@ -60,6 +60,9 @@ import torch.nn as nn
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))  # _common, also when this file is imported (tests)
+
+from _common import flat, interleaved, prune  # noqa: E402
 
 #: One results file per model (and per ablation run), so models run as parallel processes.
 RESULTS = ROOT / "benchmarks" / "results"
@@ -167,29 +170,19 @@ class Bench:
             for key, m in {"dense": self.dense, **models}.items():
                 path = export_onnx(copy.deepcopy(m).cpu().eval(), self.example, folder / f"{key.replace('/', '_')}.onnx", "torchscript")
                 timers[key] = one_inference_timer(backend.load(ModelArtifact(path), self.profile), x)
-                for _ in range(self.profile.warmup):
-                    timers[key]()
-            samples: dict[str, list[float]] = {k: [] for k in timers}
-            for _ in range(self.args.rounds):
-                for key, one in timers.items():
-                    samples[key].extend(one() for _ in range(self.args.per_round))
-        med = {k: statistics.median(v) for k, v in samples.items()}
+            samples = interleaved(timers, self.args.rounds, self.args.per_round, warmup=self.profile.warmup)
+        med = {k: statistics.median(flat(v)) for k, v in samples.items()}
         return {k: med["dense"] / v for k, v in med.items() if k != "dense"}
 
 
 # --------------------------------------------------------------------------- baselines
 def uniform_snapshots(b: Bench) -> dict[str, nn.Module]:
     """Uniform L1 ratio for every group (autoprune's own pruning function, round_to 8)."""
-    from autoprune.prune.plan import PruningPlan, apply_plan
     from autoprune.prune.structure import find_groups
 
     groups = find_groups(b.dense, b.example, b.data.num_classes)
-    out = {}
-    for r in np.arange(0.05, 0.901, 0.05):
-        m = copy.deepcopy(b.dense)
-        apply_plan(m, b.example, PruningPlan({g.name: float(r) for g in groups}, round_to=8), b.data.num_classes)
-        out[f"uniform/{r:.2f}"] = m.eval()
-    return out
+    return {f"uniform/{r:.2f}": prune(b.dense, b.example, b.data.num_classes, float(r), groups=groups)[0]
+            for r in np.arange(0.05, 0.901, 0.05)}
 
 
 def tp_snapshots(b: Bench, importance: str, grid: list[float]) -> dict[str, nn.Module]:

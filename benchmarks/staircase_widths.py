@@ -10,6 +10,7 @@ found by bisection on its MACs. All variants and the dense model are then timed 
 whole round repeated ``--rounds`` times; medians over rounds are printed as ratios.
 
     python benchmarks/staircase_widths.py --models resnet18 mobilenet_v2 --size 64 --rounds 5
+    python benchmarks/staircase_widths.py --small --out /tmp/s.json     # CI form (tests/test_benchmarks.py)
 
 Ratios, not milliseconds: on a shared machine only interleaved ratios are worth quoting.
 """
@@ -61,6 +62,15 @@ def macs(model: nn.Module, x: torch.Tensor) -> float:
     return total[0]
 
 
+def build(name: str) -> nn.Module:
+    """A torchvision model (random init, 10 classes), or ``tiny``: two conv layers and a linear
+    one (two prunable groups; the CI form)."""
+    if name == "tiny":
+        return nn.Sequential(nn.Conv2d(3, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(), nn.Conv2d(32, 64, 3, padding=1),
+                             nn.BatchNorm2d(64), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(64, 10)).eval()
+    return getattr(torchvision.models, name)(weights=None, num_classes=10).eval()
+
+
 def widths_for(groups: list[PrunableGroup], ratio: float, round_to: int, allowed: Optional[dict[str, list[int]]]) -> dict[str, tuple[int, int]]:
     return {g.name: (g.channels, kept_channels(g.channels, ratio, round_to, g.ch_groups, (allowed or {}).get(g.name)))
             for g in groups}
@@ -98,7 +108,7 @@ def at_macs(base: nn.Module, x: torch.Tensor, groups: list[PrunableGroup], targe
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--models", nargs="+", default=["resnet18", "mobilenet_v2"])
+    ap.add_argument("--models", nargs="+", default=["resnet18", "mobilenet_v2"], help="torchvision names, or tiny")
     ap.add_argument("--profiles", nargs="+", default=["onnxruntime-cpu", "openvino-cpu"])
     ap.add_argument("--size", type=int, default=64)
     ap.add_argument("--targets", nargs="+", type=float, default=[0.5], help="MACs fractions of dense to compare at")
@@ -107,13 +117,16 @@ def main() -> int:
     ap.add_argument("--tolerance", type=float, default=0.03)
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--out", help="write all numbers as JSON here")
+    ap.add_argument("--small", action="store_true", help="CI form: the tiny model at 32 px on onnxruntime, 3 widths per group, 1 round")
     args = ap.parse_args()
+    if args.small:
+        args.models, args.profiles, args.size, args.widths, args.rounds = ["tiny"], ["onnxruntime-cpu"], 32, 3, 1
 
     torch.manual_seed(0)
     profiles = [load_device_profile(p).model_copy(update={"threads": 1}) for p in args.profiles]
     report: dict[str, Any] = {"args": vars(args), "models": {}}
     for name in args.models:
-        base = getattr(torchvision.models, name)(weights=None, num_classes=10).eval()
+        base = build(name)
         x = torch.randn(1, 3, args.size, args.size)
         groups = find_groups(base, x, 10)
         for g in groups:

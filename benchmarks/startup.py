@@ -14,8 +14,8 @@ every round, so drift in machine load hits both alike.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
-import os
 import statistics
 import subprocess
 import sys
@@ -23,29 +23,15 @@ import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+from _common import REPO, imported_from, source_tree, tree_env
+
 #: The last commit before the package reorganisation (eager ``autoprune/__init__``).
 DEFAULT_BASE = "69a79ea"
 
 
-def _env(path: Path) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME", "PYTHONSTARTUP")}
-    env["PYTHONPATH"] = str(path)
-    return env
-
-
-def _check(path: Path, cwd: Path) -> str:
-    """The tree really is what gets imported (not an installed or editable autoprune)."""
-    out = subprocess.run([sys.executable, "-c", "import autoprune; print(autoprune.__file__)"], cwd=cwd,
-                         env=_env(path), capture_output=True, text=True, check=True).stdout.strip()
-    if not Path(out).resolve().is_relative_to(path.resolve()):
-        raise SystemExit(f"PYTHONPATH={path} imports autoprune from {out}")
-    return out
-
-
 def _once(path: Path, cwd: Path, args: list[str]) -> float:
     t = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "autoprune.cli", *args], cwd=cwd, env=_env(path),
+    subprocess.run([sys.executable, "-m", "autoprune.cli", *args], cwd=cwd, env=tree_env(path),
                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=True)
     return time.perf_counter() - t
 
@@ -54,7 +40,7 @@ def measure(base: Path, new: Path, runs: int, args: list[str]) -> dict:
     with tempfile.TemporaryDirectory(prefix="autoprune-startup-") as empty:
         cwd = Path(empty)
         for p in (base, new):
-            _check(p, cwd)
+            imported_from(p, cwd)  # the tree really is what gets imported (not an installed autoprune)
             _once(p, cwd, args)  # warm-up: bytecode caches, page cache
         times: dict[str, list[float]] = {"base": [], "new": []}
         for i in range(runs):
@@ -84,12 +70,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--args", default="--help", help="CLI arguments (default --help)")
     ap.add_argument("--json", type=Path, help="also write the results (all times) here")
     a = ap.parse_args(argv)
-    with tempfile.TemporaryDirectory(prefix="autoprune-base-") as tmp:
-        base = a.base_path
-        if base is None:
-            base = Path(tmp)
-            archive = subprocess.run(["git", "archive", a.base], cwd=REPO, capture_output=True, check=True).stdout
-            subprocess.run(["tar", "-x", "-C", str(base)], input=archive, check=True)
+    with contextlib.ExitStack() as stack:
+        base = a.base_path or stack.enter_context(source_tree(a.base))
         res = measure(base, a.new_path, a.runs, a.args.split())
     if a.base_path is None:
         res["base"] = f"git {a.base}"

@@ -1,4 +1,6 @@
-"""The search-vs-baselines benchmark in its small form (CI); the full run is documented in docs/benchmarks.md."""
+"""Every script in benchmarks/ run end to end in its small form (CI), and the helpers they share
+(benchmarks/_common.py); the full runs are documented in docs/benchmarks.md. Timings on a shared
+CI machine are not asserted, only that each script runs and reports what it says it does."""
 
 import json
 import re
@@ -11,6 +13,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
+import _common  # noqa: E402
 from search_vs_baselines import hypervolume, kendall_tau, speedup_at_equal_accuracy  # noqa: E402
 
 
@@ -148,3 +151,121 @@ def test_competing_load_runs_for_the_block_and_is_stopped_after_it():
     for pid in pids:
         with pytest.raises(ProcessLookupError):
             os.kill(pid, 0)
+
+def _run(script: str, *args: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    p = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), *args], capture_output=True, text=True,
+                       timeout=timeout, cwd=ROOT)
+    assert p.returncode == 0, p.stderr[-3000:]
+    return p
+
+
+def test_every_benchmark_script_is_run_by_a_test():
+    """A script nobody runs breaks silently (throughput.py did): each one is named in this file."""
+    text = Path(__file__).read_text()
+    scripts = sorted(p.name for p in (ROOT / "benchmarks").glob("*.py") if not p.name.startswith("_"))
+    assert scripts and [s for s in scripts if f'"{s}"' not in text] == []
+
+
+def test_common_prune_applies_one_ratio_or_a_rule_per_group():
+    import torch
+    import torch.nn as nn
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 16, 3), nn.BatchNorm2d(16), nn.ReLU(), nn.Conv2d(16, 32, 3), nn.BatchNorm2d(32), nn.ReLU(),
+                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 10)).eval()
+    x = torch.randn(1, 3, 12, 12)
+    before = [m.weight.shape for m in model if isinstance(m, nn.Conv2d)]
+    pruned, widths = _common.prune(model, x, 10, 0.5)
+    assert sorted(widths.values()) == [(16, 8), (32, 16)] and not pruned.training
+    assert [m.weight.shape for m in model if isinstance(m, nn.Conv2d)] == before  # the model given is not changed
+    seen = []
+    _, widths = _common.prune(model, x, 10, lambda g: seen.append(g.channels) or (0.5 if g.channels == 32 else 0.0))
+    assert sorted(seen) == [16, 32] and sorted(widths.values()) == [(16, 16), (32, 16)]
+    assert pruned(x).shape == (1, 10)
+
+
+def test_common_interleaved_runs_round_robin_and_alternates():
+    calls: list[str] = []
+
+    def t(name: str):
+        return lambda: calls.append(name) or 0.001
+
+    got = _common.interleaved({"a": t("a"), "b": t("b")}, rounds=3, per_round=2, warmup=1)
+    assert calls == ["a", "b"] + ["a", "a", "b", "b"] * 3
+    assert got == {"a": [[0.001, 0.001]] * 3, "b": [[0.001, 0.001]] * 3} and _common.flat(got["a"]) == [0.001] * 6
+    calls.clear()
+    _common.interleaved({"a": t("a"), "b": t("b")}, rounds=3, alternate=True)
+    assert calls == ["a", "b", "b", "a", "a", "b"]
+    assert _common.timer(lambda: sum(range(1000)), clock="cpu")() >= 0
+    with pytest.raises(ValueError, match="clock"):
+        _common.timer(print, clock="gpu")
+
+
+def test_methods_table_small_writes_both_tables(tmp_path):
+    out = tmp_path / "mt" / "methods_table"
+    _run("methods_table.py", "--small", "--out", str(out))
+    res = json.loads(out.with_suffix(".json").read_text())
+    rows = {r["variant"]: r for r in res["granularity"]}
+    assert list(rows) == ["dense", "structured 50% ch", "hybrid 50% ch + 50% w"]
+    assert rows["dense"]["onnxruntime_speedup"] == 1.0 and rows["dense"]["openvino_speedup"] == 1.0
+    assert rows["structured 50% ch"]["params"] < rows["dense"]["params"]
+    assert rows["hybrid 50% ch + 50% w"]["weight_sparsity"] == pytest.approx(0.5, abs=0.05)
+    assert [(r["method"], r["granularity"]) for r in res["criteria"]] == [
+        ("l1", "structured 50% ch"), ("l1", "unstructured 70% w"), ("l1", "nm 2:4")]
+    assert "| l1 |" in out.with_suffix(".md").read_text()
+
+
+def test_runner_overhead_small_times_both_runtimes():
+    p = _run("runner_overhead.py", "--small")
+    lines = [line for line in p.stdout.splitlines() if line.startswith("tiny")]
+    assert [line.split()[1] for line in lines] == ["openvino", "onnxruntime"]
+    assert all(re.search(r"before/after \d+\.\d+ .*n=\d+ pairs", line) for line in lines)
+
+
+def test_staircase_widths_small_compares_three_roundings_at_equal_macs(tmp_path):
+    out = tmp_path / "stairs.json"
+    _run("staircase_widths.py", "--small", "--out", str(out))
+    res = json.loads(out.read_text())["models"]["tiny"]
+    assert res["groups"] == 2 and res["staircase_widths"] >= 2
+    rows = res["onnxruntime-cpu"]["rows"]
+    assert [r["variant"] for r in rows] == ["staircase", "round_to 8", "round_to 1"]
+    assert all(abs(r["macs_frac"] - 0.5) < 0.1 and r["latency_vs_dense"] > 0 for r in rows)
+
+
+def test_vit_heads_small_prunes_heads_and_mlp():
+    p = _run("vit_heads.py", "--small")
+    assert re.search(r"heads 4->2 in 2 blocks, MLP 128->64 in 2 blocks", p.stdout), p.stdout[-2000:]
+    assert len(re.findall(r"-> speed-up \d+\.\d+x", p.stdout)) == 2
+
+
+def test_serve_concurrency_small_answers_every_client_of_both_trees(tmp_path):
+    out = tmp_path / "serve.json"
+    _run("serve_concurrency.py", "--small", "--base-path", str(ROOT), "--out", str(out))
+    res = json.loads(out.read_text())
+    assert res["clients"] == 4 and set(res["summary"]) == {"base", "new"}
+    for s in res["summary"].values():
+        assert s["all_answered"] and s["reported_median_ms"] > 0
+
+
+def test_startup_compares_a_git_revision_with_this_tree(tmp_path):
+    """--base extracts a revision with git archive (the shared _common.source_tree); without a
+    git checkout (an unpacked sdist) this tree is compared with itself."""
+    git = subprocess.run(["git", "rev-parse", "--verify", "HEAD"], cwd=ROOT, capture_output=True).returncode == 0
+    out = tmp_path / "startup.json"
+    _run("startup.py", "--runs", "1", *(["--base", "HEAD"] if git else ["--base-path", str(ROOT)]), "--json", str(out))
+    res = json.loads(out.read_text())
+    assert res["base"] == ("git HEAD" if git else str(ROOT)) and res["runs_each"] == 1
+    assert res["median_s"]["base"] > 0 and res["median_s"]["new"] > 0
+
+
+def test_every_committed_result_is_described_in_the_results_readme():
+    """benchmarks/results/README.md says what each file is and which command made it: every file
+    is named there in full, the archived ones in its archive section."""
+    results = ROOT / "benchmarks" / "results"
+    current, archive = (results / "README.md").read_text().split("## archive/")
+    named = {n for n in re.findall(r"`([^`\s/]+)`", current + archive)}
+    files = [p for p in results.rglob("*") if p.is_file() and p.name != "README.md"]
+    assert [p.relative_to(results).as_posix() for p in files if p.name not in named] == []
+    archived = {p.name for p in files if p.parent.name == "archive"}
+    assert archived and archived <= set(re.findall(r"`([^`\s/]+)`", archive))
+    assert not archived & set(re.findall(r"`([^`\s/]+)`", current))

@@ -47,8 +47,23 @@ def test_bench_corrupt_onnx(tmp_path, capsys):
 
 
 def test_groups_lists_names(capsys):
+    """`groups` lists exactly the groups the structure analysis finds (name, kind, width,
+    members), no more and no fewer, and counts them on its last line."""
+    import torch
+
+    from autoprune.prune.structure import find_groups
+    from autoprune.train.models import DemoResNet
+
     assert main(["groups", "--model", "demo"]) == 0
-    assert "layers.0.conv1" in capsys.readouterr().out
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[0].split("\t") == ["group", "kind", "channels", "range", "methods", "members"]
+    rows = [line.split("\t") for line in lines[1:-1]]
+    listed = {r[0]: (r[1], int(r[2]), frozenset(r[5].split(", "))) for r in rows if r[1] != "unprunable"}
+    expected = {g.name: (g.kind, g.channels, frozenset(g.members))
+                for g in find_groups(DemoResNet(num_classes=10, in_channels=1).eval(), torch.zeros(1, 1, 16, 16), 10)}
+    assert len(expected) == 9 and listed == expected
+    assert all(r[3] == "[0.00, 0.70]" and r[4] == "l1" for r in rows)  # the default search space
+    assert lines[-1].startswith(f"{len(expected)} prunable groups of demo at [1, 16, 16]")
 
 
 def _printed_groups(out: str) -> list[tuple[str, float, float, list[str]]]:

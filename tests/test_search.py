@@ -28,13 +28,29 @@ def test_front_is_nonempty_and_truly_non_dominated(tiny_run):
     front = tiny_run.pareto
     assert front, "a search must produce at least one Pareto model"
     pts = [(t.values[0], t.values[1]) for t in done]
-    mask = non_dominated(pts)
-    expected = {t.number for t, m in zip(done, mask) if m}
+    # The expected front by brute force over every pair of feasible trials (accuracy up, latency
+    # down), written here: not through non_dominated or Optuna's best_trials, which the front uses.
+    feasible = [t for t in done if all(c <= 0 for c in t.constraints.values())]
+    assert feasible == done  # no budget and no accuracy floor: every finished trial counts
+
+    def dominates(p: list[float], q: list[float]) -> bool:
+        return p[0] >= q[0] and p[1] <= q[1] and (p[0] > q[0] or p[1] < q[1])
+
+    expected = {t.number for t in feasible if not any(dominates(u.values, t.values) for u in feasible)}
     assert {r["trial"] for r in front} == expected
+    assert {t.number for t, m in zip(done, non_dominated(pts)) if m} == expected
     # no front member is dominated by any finished trial
     for r in front:
         r = {**r, "accuracy": r.get("search_accuracy", r["accuracy"]), "latency_ms": r.get("search_latency_ms", r["latency_ms"])}
         assert not any(a >= r["accuracy"] and lat <= r["latency_ms"] and (a > r["accuracy"] or lat < r["latency_ms"]) for a, lat in pts)
+
+
+def test_non_dominated_against_hand_worked_points():
+    """(accuracy, latency ms): equal points do not dominate each other; a point beaten on one
+    objective and tied on the other is dominated."""
+    pts = [(0.9, 10.0), (0.9, 10.0), (0.8, 5.0), (0.8, 6.0), (0.95, 20.0), (0.9, 12.0), (0.7, 5.0)]
+    assert non_dominated(pts) == [True, True, True, False, True, False, False]
+    assert non_dominated([]) == [] and non_dominated([(0.5, 1.0)]) == [True]
 
 
 def test_trials_record_objectives_and_attrs(tiny_run):

@@ -502,3 +502,25 @@ def test_twenty_concurrent_clients_are_all_answered(srv):
     lat = sorted(d for _, d in results)
     print(f"\n20 concurrent clients: wall {wall:.2f} s, per request median {lat[10]:.3f} s, max {lat[-1]:.3f} s")
     assert _info_ok(srv)
+
+
+def test_measuring_process_imports_the_servers_own_tree(tmp_path):
+    """The child is started as ``python -m <CHILD_MODULE>`` with the folder that holds this
+    ``autoprune`` first on PYTHONPATH: it must import the same code as the server (not another
+    checkout or an installed copy), and that module must exist there."""
+    import importlib.util
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import autoprune
+    from autoprune.measure.server import worker
+
+    code = (f"import importlib.util, autoprune; print(autoprune.__file__); "
+            f"print(importlib.util.find_spec({worker.CHILD_MODULE!r}).origin)")
+    env = {**os.environ, "PYTHONPATH": worker._ROOT}
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True, check=True)
+    pkg, child = out.stdout.split()
+    assert Path(pkg) == Path(autoprune.__file__).resolve()
+    assert Path(child) == Path(worker.__file__).resolve().with_name("worker_main.py")
+    assert importlib.util.find_spec(worker.CHILD_MODULE) is not None

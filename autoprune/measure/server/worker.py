@@ -3,7 +3,7 @@
 A model can allocate far more than its file size (a 76-byte ``ConstantOfShape`` asks for 2 GB)
 or run forever (a ``Loop`` with 10**12 iterations); static checks catch only what is known
 before running. So the server never runs a model itself: a persistent child process
-(:mod:`autoprune.measure.isolated_main`) does, with ``RLIMIT_AS`` set to the address space it
+(:mod:`autoprune.measure.server.worker_main`) does, with ``RLIMIT_AS`` set to the address space it
 had after loading the runtimes plus ``max_memory_mb``. An allocation past that fails inside the
 child (the request gets an error, the child is replaced); a request that outlives its time
 limit gets the child killed. The server process only ever holds bytes and JSON.
@@ -36,11 +36,17 @@ import time
 from pathlib import Path
 from typing import Any, Optional, Sequence, Union
 
+import autoprune
+
+__all__ = ["MeasureWorker", "WorkerFailure", "finite_json", "read_frame", "FRAME", "CHILD_MODULE"]
+
 log = logging.getLogger("autoprune.serve")
 
 FRAME = struct.Struct(">Q")
 #: The directory that holds the ``autoprune`` package: the child must import this same code.
-_ROOT = str(Path(__file__).resolve().parents[2])
+_ROOT = str(Path(autoprune.__file__).resolve().parents[1])
+#: The measuring process, run as ``python -m`` (its module path is part of how the child starts).
+CHILD_MODULE = "autoprune.measure.server.worker_main"
 Blob = Union[bytes, bytearray, memoryview]
 
 
@@ -151,7 +157,7 @@ class MeasureWorker:
         env["PYTHONPATH"] = _ROOT + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
         try:
             self._proc = subprocess.Popen(
-                [sys.executable, "-m", "autoprune.measure.isolated_main", str(job_r), str(rep_w), cfg],
+                [sys.executable, "-m", CHILD_MODULE, str(job_r), str(rep_w), cfg],
                 pass_fds=(job_r, rep_w), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, env=env,
                 start_new_session=True,  # Ctrl-C at the server's terminal is the server's to handle
             )

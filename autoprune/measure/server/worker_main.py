@@ -1,7 +1,7 @@
 """The measuring process of ``autoprune serve-latency`` (the parent side is
-:mod:`autoprune.measure.isolated`).
+:mod:`autoprune.measure.server.worker`).
 
-``python -m autoprune.measure.isolated_main JOB_FD REPLY_FD CONFIG_JSON``: imports the runtimes,
+``python -m autoprune.measure.server.worker_main JOB_FD REPLY_FD CONFIG_JSON``: imports the runtimes,
 runs a tiny model once on each served backend (so their plug-in libraries are mapped before the
 limit is set), caps its own address space at what it then uses plus ``max_memory_mb``, says
 ready, and answers jobs until the job pipe closes. A job that hits the memory limit gets an
@@ -28,15 +28,17 @@ from autoprune.config import DeviceProfile, validate
 from autoprune.errors import BackendUnavailable, ConfigError
 from autoprune.measure import backends
 from autoprune.measure.backends.remote import remote_input
-from autoprune.measure.isolated import FRAME, finite_json
-from autoprune.measure.model_check import ModelRejected, redact_paths, static_input_shape, validate_onnx
-from autoprune.measure.onnx import ModelArtifact
 from autoprune.measure.ov_core import shared_core
+from autoprune.measure.server.model_check import ModelRejected, redact_paths, static_input_shape, validate_onnx
+from autoprune.measure.server.worker import FRAME, finite_json
+from autoprune.measure.onnx import ModelArtifact
 
 try:
     import resource
 except ImportError:  # not POSIX: no address-space limit (the time limit still holds)
     resource = None  # type: ignore[assignment]
+
+__all__ = ["main", "handle", "check_job", "limit_memory", "runtime_info", "warm_up", "vm_bytes", "ClientError"]
 
 #: How runtimes and libc say "out of memory".
 _MEMORY = re.compile(r"bad_alloc|failed to allocate|cannot allocate|out of memory|MemoryError|ENOMEM", re.I)

@@ -11,7 +11,7 @@ tensor in it (initializers, sparse initializers, tensors and sparse tensors in a
   shapes, shapes from ONNX shape inference (which also folds constant shape computations), and
   the constant shape inputs of operators that allocate from them (``ConstantOfShape``,
   ``Expand``, ``Tile``, ``Resize``, ...). Sizes that depend on input values at run time are the
-  job of the measuring process's memory limit (:mod:`autoprune.measure.isolated`).
+  job of the measuring process's memory limit (:mod:`autoprune.measure.server.worker`).
 
 Messages name the tensor and the rule, never a path on the server (:func:`redact_paths`).
 """
@@ -26,6 +26,9 @@ from typing import Any, Iterator, Optional
 import numpy as np
 import onnx
 from onnx import numpy_helper
+
+__all__ = ["ALLOWED_DOMAINS", "ModelRejected", "redact_paths", "validate_onnx", "static_input_shape", "check_tensor_sizes",
+           "all_graphs", "all_nodes", "all_tensors"]
 
 #: Operator domains a served model may use (standard ONNX, ONNX-ML, onnxruntime contrib ops).
 ALLOWED_DOMAINS = {"", "ai.onnx", "ai.onnx.ml", "com.microsoft"}
