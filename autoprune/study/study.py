@@ -20,6 +20,7 @@ from optuna.trial import TrialState
 from autoprune.config import DEFAULT_ROUND_TO, config_hash
 from autoprune.errors import ConfigError
 from autoprune.runfolder import RunFolder, lock_path, unlock_path
+from autoprune.study import screen
 from autoprune.study.context import SearchContext
 from autoprune.study.space import seed_trials
 from autoprune.study.storage import (
@@ -67,7 +68,7 @@ NOT_SCORING_KEYS = (
 #: settings added after studies existed, so studies made before them keep their hash. The
 #: ``train`` section says where and in which precision this worker trains (workers of one study
 #: may train on a GPU and on a CPU); ``search.mlflow`` where trials are logged.
-RUNTIME_KEYS = ("train", "search.mlflow")
+RUNTIME_KEYS = ("train", "search.mlflow", "search.screen")
 #: Device-profile keys that only say how to reach a remote latency server, not what it measures.
 NOT_SCORING_PROFILE_KEYS = ("request_timeout_s", "token_env")
 #: Version of :func:`search_hash` stored next to it; studies without it hold the hash of
@@ -278,10 +279,25 @@ def enqueue_seeds(study: optuna.Study, ctx: SearchContext) -> None:
     the search finished. With fewer trials than seeds, seeds spread evenly over the ordered list
     are kept, so the first trials still span the latency range (or the budget targets).
     """
+    if ctx.cfg.search.screen is not None:
+        # Screening: the seeds are screened with the probes and the sampler's proposals; what the
+        # main study runs are the best screened candidates, with their exact parameters.
+        screen_and_pick(study, ctx)
+        return
     if study.trials:
         return
     for params, attrs in spread(seed_trials(ctx), ctx.cfg.search.trials):
         study.enqueue_trial(params, user_attrs=attrs or None, skip_if_exists=True)
+
+
+def screen_and_pick(study: optuna.Study, ctx: SearchContext) -> None:
+    """``search.screen``: screen (resuming a screen study left unfinished), then enqueue the
+    picks into ``study``, once per study (study/screen.py)."""
+    url = storage_url(ctx)
+    if screen.open_screen_study(ctx, url).user_attrs.get(screen.PICKED_ATTR):
+        return
+    n = screen.enqueue_picks(ctx, study, screen.screen(ctx, url))
+    log.info("screening: %d screened candidates enqueued to be fine-tuned and measured", n)
 
 
 def spread(items: list, n: int) -> list:
