@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import copy
+import json
+import shutil
 
 import optuna
 import pytest
@@ -21,9 +23,14 @@ from tests.conftest import tiny_run_config, write_yaml
 SCREEN = {"candidates": 24, "finetune_top_k": 2, "bn_batches": 1, "eval_batches": 1}
 
 
-def _cfg(tmp_path, fast_profile, **search):
+def _cfg(tmp_path, fast_profile, base=None, **search):
+    """A 2-trial digits run with the scan on; ``base``: another run's base_model.pt to start from (no pre-training)."""
     cfg = tiny_run_config(tmp_path / "out", fast_profile, trials=2, finetune={"steps": 2, "batch_size": 32},
                           efficiency={"sensitivity_scan": True, "final_finetune_steps": 0})
+    if base is not None:  # the same recipe: the copied base_model.pt (and dense.json) are reused, not retrained
+        (tmp_path / "out").mkdir(parents=True)
+        for name in ("base_model.pt", "dense.json"):
+            shutil.copy(base.parent / name, tmp_path / "out" / name)
     cfg["search"].update(search)
     return load_run_config(str(write_yaml(tmp_path / "run.yaml", cfg)))
 
@@ -47,7 +54,10 @@ def test_screening_runs_many_candidates_and_probes_replace_the_scan(screened_run
     assert probes == free  # the per-group probes are the first screened candidates
     first = sorted(done, key=lambda t: t.number)[: len(probes)]
     assert all("probe" in t.user_attrs for t in first)
-    assert set(ctx.sensitivity) == probes  # the priors come from them: no separate scan ran
+    # The priors come from them (no separate scan ran): sensitivity.json holds each probe's drop.
+    drops = json.loads(ctx.run.sensitivity.read_text())
+    ref = study.user_attrs["dense_score"]
+    assert drops == pytest.approx({t.user_attrs["probe"]: ref - t.values[0] for t in done if "probe" in t.user_attrs})
 
 
 def test_screened_params_rebuild_exactly_the_evaluated_model(screened_run):
@@ -102,8 +112,8 @@ def test_top_k_become_complete_trials_with_the_same_params(screened_run):
     assert study.user_attrs.get(scr.PICKED_ATTR)
 
 
-def test_resume_after_a_crash_mid_screening_does_not_screen_again(tmp_path, fast_profile, monkeypatch):
-    cfg = _cfg(tmp_path, fast_profile, screen={**SCREEN, "candidates": 14})
+def test_resume_after_a_crash_mid_screening_does_not_screen_again(screened_run, tmp_path, fast_profile, monkeypatch):
+    cfg = _cfg(tmp_path, fast_profile, base=screened_run[1].run.base_model, screen={**SCREEN, "candidates": 14})
     ctx = prepare(cfg)
     url = storage_url(ctx)
     calls = []
@@ -134,8 +144,8 @@ def test_resume_after_a_crash_mid_screening_does_not_screen_again(tmp_path, fast
     assert set(ctx2.sensitivity) == {t.user_attrs["probe"] for t in after if "probe" in t.user_attrs}
 
 
-def test_front_mode_picks_spread_along_the_screened_front(tmp_path, fast_profile):
-    cfg = _cfg(tmp_path, fast_profile, screen={**SCREEN, "candidates": 16, "finetune_top_k": 3})
+def test_front_mode_picks_spread_along_the_screened_front(screened_run, tmp_path, fast_profile):
+    cfg = _cfg(tmp_path, fast_profile, base=screened_run[1].run.base_model, screen={**SCREEN, "candidates": 16, "finetune_top_k": 3})
     ctx = prepare(cfg)
     study = scr.screen(ctx, storage_url(ctx))
     chosen = scr.picks(ctx, study)
@@ -167,3 +177,9 @@ def test_speedup_targets_use_the_ratio_measured_interleaved_with_dense():
     assert budget_latency_ms(ctx(["2x"]), loaded) == pytest.approx(1.0 / 2.1)  # meets 2x: the ratio decides
     assert budget_latency_ms(ctx([0.5]), loaded) == 0.6  # a millisecond target is milliseconds
     assert budget_latency_ms(ctx(["2x"]), {"latency": {"median_ms": 0.6}}) == 0.6  # no reference timed: the median
+
+
+def test_search_stores_screen_vs_final(screened_run):
+    res, _, _ = screened_run
+    stored = res.study.user_attrs["screen_vs_final"]
+    assert stored["n"] == 2 and stored["tau"] is None  # two fine-tuned picks: too few for a tau

@@ -367,3 +367,9 @@ def optimize(ctx: SearchContext, study: optuna.Study, progress: Optional[Callabl
         lambda t: run_trial(t, ctx), lambda seed: _sampler(ctx, seed), ctx.out, callbacks,
         setup=lambda: enqueue_seeds(study, ctx),
     )
+    if ctx.cfg.search.screen is not None:
+        # How well the screen ranked what it chose: stored for reports, said once.
+        fidelity = screen.screen_vs_final(study)
+        study.set_user_attr("screen_vs_final", fidelity)
+        if fidelity["tau"] is not None:
+            log.info("screening: Kendall tau of screen score vs fine-tuned accuracy %.2f over %d trials", fidelity["tau"], fidelity["n"])
