@@ -139,13 +139,24 @@ class Bench:
 
         return FinetuneConfig(steps=steps, batch_size=64, lr=1e-3, distill_alpha=0.5)
 
+    def bn_batches(self) -> list[Any]:
+        """The training batches trials re-estimate BN on (autoprune's calibration batches: the run's
+        fine-tune batch size, ``efficiency.bn_batches`` of them, seeded loader)."""
+        from autoprune.config import EfficiencyConfig
+
+        n = EfficiencyConfig().bn_batches
+        return [bt for _, bt in zip(range(n), self.data.loader("train", 64, shuffle=True, seed=0))]
+
     def short_then_final(self, model: nn.Module, seed: int, short: bool) -> dict[str, float]:
         """(short fine-tune → proxy on the search split, for baselines) → final fine-tune → test."""
+        from autoprune.train.bn import recalibrate_bn
         from autoprune.train.finetune import finetune
         from autoprune.train.models import evaluate
 
         out: dict[str, float] = {}
         if short:
+            # The trials' own recipe: BN statistics re-estimated for the pruned net, then the short fine-tune.
+            recalibrate_bn(model, self.bn_batches())
             finetune(model, self.data, self.ft_config(self.args.finetune_steps), teacher=self.dense, seed=seed)
             out["proxy_accuracy"] = evaluate(model, self.data, split="search")
         t0 = time.perf_counter()
@@ -221,7 +232,7 @@ def least_pruned(measured: dict[str, float], prefix: str, target: float) -> Opti
 
 
 # --------------------------------------------------------------------------- searches
-def run_search(b: Bench, method: str, seed: int, timeout: float, dense_ms: Optional[float] = None, variant: str = "") -> dict[str, Any]:
+def run_search(b: Bench, method: str, seed: int, timeout: float, variant: str = "") -> dict[str, Any]:
     """One autoprune or random search on the shared dense model; returns its trials.
     ``variant``: an ablation of autoprune (:data:`ABLATIONS`), run in ``<seed>/ablation-<variant>``."""
     import yaml
@@ -236,7 +247,8 @@ def run_search(b: Bench, method: str, seed: int, timeout: float, dense_ms: Optio
     targets = [f"{t:g}x" for t in TARGETS]
     if method == "autoprune":
         space = SearchSpace(name="bench", high=0.9, step=0.05)
-        extra: dict[str, Any] = {"search.target": targets, "search.sampler": "nsga2", "search.population_size": a.population}
+        extra: dict[str, Any] = {"search.target": targets, "search.sampler": "nsga2", "search.population_size": a.population,
+                                 "search.screen": SCREEN}
         profile = "onnxruntime-cpu"
         if variant:
             space_over, extra_over, _ = ABLATIONS[variant]
@@ -246,7 +258,6 @@ def run_search(b: Bench, method: str, seed: int, timeout: float, dense_ms: Optio
         space = SearchSpace(name="bench-random", high=0.9, step=0.05, seed_uniform=[], seed_spread=0)
         extra = {"search.sampler": "random", "efficiency.sensitivity_scan": False}
         prof = yaml.safe_load((ROOT / "device_profiles" / "onnxruntime-cpu.yaml").read_text())
-        prof["budget"] = {"max_latency_ms": float(dense_ms) / min(TARGETS)}  # the loosest target, as autoprune's
         profile = str(folder.parent / "random-profile.yaml")
         Path(profile).write_text(yaml.safe_dump(prof))
     space_path = folder.parent / f"space-{method}{'-' + variant if variant else ''}.yaml"
@@ -257,7 +268,11 @@ def run_search(b: Bench, method: str, seed: int, timeout: float, dense_ms: Optio
                      "efficiency.final_finetune_steps": 0})
     t0 = time.perf_counter()
     if method == "random":  # equal wall-clock: its own preparation counts against the same budget
-        prepare(load_run_config(None, **common, **extra, **{"search.timeout_s": 1.0}), console=lambda s: None)
+        ctx = prepare(load_run_config(None, **common, **extra, **{"search.timeout_s": 1.0}), console=lambda s: None)
+        # Its budget is a speed-up, the loosest target, over its own dense reading (not autoprune's):
+        # a reading taken under other load would move random's budget and not autoprune's.
+        prof["budget"] = {"max_latency_ms": float(ctx.dense["latency"]["median_ms"]) / min(TARGETS)}
+        Path(profile).write_text(yaml.safe_dump(prof))
     prep = time.perf_counter() - t0
     cfg = load_run_config(None, **common, **extra, **{"search.timeout_s": max(1.0, timeout - prep)})
     with ablated(variant):
@@ -270,9 +285,16 @@ def run_search(b: Bench, method: str, seed: int, timeout: float, dense_ms: Optio
             continue
         trials.append({"number": t.number, "accuracy": t.values[0], "latency_ms": t.values[1], "speedup_run": dense_ms_run / t.values[1],
                        "target_ms": t.user_attrs.get("target_ms"), "seed": t.user_attrs.get("seed"),
+                       "screen_score": t.user_attrs.get("screen_score"),
                        "model": str(res.ctx.run.trial(t.number).model)})
     n_all = sum(1 for t in res.study.trials if t.state.name in ("COMPLETE", "PRUNED"))
-    return {"wall_s": wall, "trials_run": n_all, "finetuned": len(trials), "dense_ms": dense_ms_run,
+    screened = 0
+    if res.ctx.cfg.search.screen is not None:
+        from autoprune.study.screen import open_screen_study, screened as screened_trials
+        from autoprune.study.study import storage_url
+
+        screened = len(screened_trials(open_screen_study(res.ctx, storage_url(res.ctx))))
+    return {"wall_s": wall, "trials_run": n_all, "finetuned": len(trials), "screened": screened, "dense_ms": dense_ms_run,
             "dense_search_accuracy": float(res.dense.get("search_accuracy", res.dense["accuracy"])), "trials": trials}
 
 
@@ -288,7 +310,14 @@ ABLATIONS: dict[str, tuple[dict[str, Any], dict[str, Any], str]] = {
     "no duplicate skipping": ({}, {}, "dedupe"),
     "no sensitivity scan": ({}, {"efficiency.sensitivity_scan": False}, ""),
     "no budget mode": ({}, {"search.target": "unset"}, ""),
+    "no screening": ({}, {"search.screen": "unset"}, ""),
+    # The same screening, repair and top-K fine-tune, fed by random proposals instead of NSGA-II's.
+    "random + screening": ({}, {"search.sampler": "random", "search.population_size": "unset"}, ""),
 }
+#: autoprune's screening in the benchmark: as many candidates as half the wall-clock allows
+#: (study/screen.py stops at that share of ``search.timeout_s``), then the best per target
+#: fine-tuned in screen-score order until the time is up.
+SCREEN: dict[str, Any] = {"candidates": 2000, "finetune_top_k": 50, "bn_batches": 4, "eval_batches": 4}
 
 
 class ablated:
@@ -343,7 +372,7 @@ def bench_model(args: argparse.Namespace, model: str, results: dict[str, Any], s
             continue
         row: dict[str, Any] = {"searches": {}, "chosen": {}}
         row["searches"]["autoprune"] = ap = run_search(b, "autoprune", seed, args.wall)
-        row["searches"]["random"] = run_search(b, "random", seed, ap["wall_s"], dense_ms=ap["dense_ms"])
+        row["searches"]["random"] = run_search(b, "random", seed, ap["wall_s"])
         row["chosen"] = choose_and_finish(b, row["searches"], seed, f"seed{seed}")
         for meth, per_t in chosen_base.items():
             for tkey, key in per_t.items():
@@ -384,6 +413,7 @@ def choose_and_finish(b: Bench, searches: dict[str, dict[str, Any]], seed: int, 
                 chosen[f"{name}/{t:g}x"] = None
                 continue
             chosen[f"{name}/{t:g}x"] = {"trial": best["number"], "speedup": best["speedup"], "proxy_accuracy": best["accuracy"],
+                                        "screen_score": best.get("screen_score"),
                                         **b.short_then_final(load_model(best["model"]), seed, short=False)}
     return chosen
 
@@ -424,17 +454,23 @@ def summarize(results: dict[str, Any]) -> dict[str, Any]:
                 table[tkey][meth] = {"mean": statistics.mean(vals) if vals else None, "sd": statistics.stdev(vals) if len(vals) > 1 else 0.0,
                                      "n": len(vals), "missing": len(accs) - len(vals)}
             if t >= 3:
-                ap = table[tkey]["autoprune"]["mean"]
+                # autoprune missing a target in any seed misses it: that margin is not skipped.
+                ap = table[tkey]["autoprune"]
                 others = [v["mean"] for k, v in table[tkey].items() if k != "autoprune" and v["mean"] is not None]
-                if ap is not None and others:
-                    out["margins"].append({"model": model, "target": tkey, "margin_pt": 100 * (ap - max(others))})
+                if ap["missing"] or ap["mean"] is None:
+                    out["margins"].append({"model": model, "target": tkey, "margin_pt": None, "missing": ap["missing"] or len(seeds)})
+                elif others:
+                    out["margins"].append({"model": model, "target": tkey, "margin_pt": 100 * (ap["mean"] - max(others))})
         hv = {m: [r["searches"][m]["hypervolume"] for r in seeds] for m in SEARCHES}
-        proxies, finals = [], []
+        proxies, finals, screens, screen_finals = [], [], [], []
         for r in seeds:
             for v in r["chosen"].values():
                 if v and "proxy_accuracy" in v:
                     proxies.append(v["proxy_accuracy"])
                     finals.append(v["test_accuracy"])
+                if v and v.get("screen_score") is not None:
+                    screens.append(v["screen_score"])
+                    screen_finals.append(v["test_accuracy"])
         out["models"][model] = {
             "dense": entry["dense"], "seeds": len(seeds), "table": table,
             "hypervolume": {m: statistics.mean(v) if v else None for m, v in hv.items()},
@@ -443,6 +479,8 @@ def summarize(results: dict[str, Any]) -> dict[str, Any]:
             "trials": {m: [r["searches"][m]["trials_run"] for r in seeds] for m in SEARCHES},
             "baselines_wall_s": entry.get("baselines", {}).get("wall_s"),
             "kendall_tau": kendall_tau(proxies, finals), "tau_points": len(proxies),
+            "screen_tau": kendall_tau(screens, screen_finals), "screen_tau_points": len(screens),
+            "screened": {m: [r["searches"][m].get("screened", 0) for r in seeds] for m in SEARCHES},
         }
     return out
 
@@ -467,6 +505,9 @@ def print_report(results: dict[str, Any]) -> None:
         print(f"  hypervolume autoprune {hv['autoprune']:.4f} vs random {hv['random']:.4f} (per seed autoprune/random: {ratios}); "
               f"search wall {m['wall_s']['autoprune']:.0f}s vs {m['wall_s']['random']:.0f}s, trials {m['trials']['autoprune']} vs "
               f"{m['trials']['random']}; Kendall tau proxy vs final test {m['kendall_tau']:.2f} over {m['tau_points']} models")
+        if m["screen_tau_points"]:
+            print(f"  screened {m['screened']['autoprune']} candidates; Kendall tau screen score vs final test "
+                  f"{m['screen_tau']:.2f} over {m['screen_tau_points']} chosen models")
     print("\n(* some seeds found no model under that target; mean over the others)")
     abl = results.get("ablation")
     if abl and "full" not in abl["variants"] and str(abl["seed"]) in results.get(abl["model"], {}).get("seeds", {}):
@@ -484,7 +525,10 @@ def print_report(results: dict[str, Any]) -> None:
             cells = "".join(f"{100 * a['test_accuracy']:>9.2f}" if a else f"{'—':>9}" for a in accs)
             print(f"  {name:<24}{cells}{v['hypervolume']:>9.4f}{v['trials_run']:>8}{v['wall_s']:>8.0f}")
     margins = s["margins"]
-    if margins:
+    missing = [m for m in margins if m["margin_pt"] is None]
+    if missing:
+        print("worst margin: missing (autoprune has no model at " + ", ".join(f"{m['model']} {m['target']}" for m in missing) + ")")
+    elif margins:
         worst = min(margins, key=lambda x: x["margin_pt"])
         print(f"worst margin: {worst['margin_pt']:+.1f} pt")
     else:

@@ -37,6 +37,7 @@ from autoprune.config.run_config import (
     EfficiencyConfig,
     FinetuneConfig,
     RunConfig,
+    ScreenSettings,
     SearchSettings,
     TrainConfig,
     parse_target,
@@ -52,7 +53,7 @@ from autoprune.config.search_space import (
 
 __all__ = [
     "Budget", "DATA_HELP", "DEFAULT_PRETRAIN_SECONDS", "DEFAULT_ROUND_TO", "DeviceProfile", "EfficiencyConfig", "FinetuneConfig",
-    "GRANULARITY_HELP", "Granularity", "LayerRule", "RunConfig", "SHIPPED_FOLDERS", "SearchSettings", "SearchSpace",
+    "GRANULARITY_HELP", "Granularity", "LayerRule", "RunConfig", "SHIPPED_FOLDERS", "ScreenSettings", "SearchSettings", "SearchSpace",
     "StrictModel", "TRAIN_DEVICE_PATTERN", "TrainConfig", "added", "added_defaults", "config_hash", "load_device_profile",
     "load_run_config", "load_search_space", "load_yaml", "parse_assignments", "parse_granularity", "parse_target",
     "resolve_named", "resume", "resume_keys", "shipped_dir", "validate",

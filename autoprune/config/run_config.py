@@ -33,6 +33,20 @@ class FinetuneConfig(StrictModel):
     temperature: float = Field(4.0, gt=0)
 
 
+class ScreenSettings(StrictModel):
+    """``search.screen``: screen many candidates cheaply, fine-tune only the best (study/screen.py)."""
+
+    #: Candidates screened (pruned, BN re-estimated, scored on the ``val_samples`` subset, no fine-tune).
+    candidates: int = Field(200, ge=1)
+    #: Screened candidates fine-tuned and measured as ordinary trials: per target in budget mode,
+    #: along the screened front otherwise (null = ``search.trials`` spread over the targets).
+    finetune_top_k: Optional[int] = Field(None, ge=1)
+    #: Training batches that re-estimate BatchNorm statistics of a screened candidate.
+    bn_batches: int = Field(4, ge=1)
+    #: Held-out batches a screened candidate is scored on (null = the whole ``val_samples`` subset).
+    eval_batches: Optional[int] = Field(4, ge=1)
+
+
 class SearchSettings(StrictModel):
     """How many trials, with which sampler and seed, in which storage; accuracy floor and budget-mode targets."""
 
@@ -75,6 +89,9 @@ class SearchSettings(StrictModel):
     #: shifted to the target it is assigned, and trials slower than the loosest target are
     #: infeasible and skip the fine-tune. All targets share one study and one front.
     target: Optional[list[Union[str, float]]] = Field(None, json_schema_extra=added(None))
+    #: Screening (study/screen.py): null = off, every trial is fine-tuned. Which trials are
+    #: fine-tuned does not change how one is scored, so a study resumes across it.
+    screen: Optional[ScreenSettings] = Field(None, json_schema_extra=resume("runtime"))
 
     @field_validator("target", mode="before")
     @classmethod
@@ -271,5 +288,5 @@ class RunConfig(StrictModel):
         return data
 
 
-__all__ = ["DATA_HELP", "DEFAULT_PRETRAIN_SECONDS", "EfficiencyConfig", "FinetuneConfig", "RunConfig", "SearchSettings",
+__all__ = ["DATA_HELP", "ScreenSettings", "DEFAULT_PRETRAIN_SECONDS", "EfficiencyConfig", "FinetuneConfig", "RunConfig", "SearchSettings",
            "TRAIN_DEVICE_PATTERN", "TrainConfig", "parse_target"]

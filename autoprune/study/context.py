@@ -258,7 +258,9 @@ def prepare(cfg: RunConfig, console: Optional[Callable[[str], None]] = None) -> 
     drops: dict[str, float] = {}
     savings: dict[str, float] = {}
     counter, dense_flops = flop_counter(base, example[:1])  # one fvcore trace per run, not one per candidate
-    if eff.sensitivity_scan:
+    # With screening (search.screen) the per-group probes are the first screened candidates
+    # (study/screen.py): no separate scan, and the sampler learns the ranges from the screen.
+    if eff.sensitivity_scan and cfg.search.screen is None:
         drops = load_or_scan(
             run.sensitivity, base=base, groups=groups, data=data, example=example[:1],
             calib=calib[: eff.bn_batches] if eff.bn_recalibration else [], ratio=eff.sensitivity_ratio, round_to=space.round_unit,

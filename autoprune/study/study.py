@@ -29,6 +29,7 @@ from autoprune.config import (
 from autoprune.errors import ConfigError
 from autoprune.files import file_lock
 from autoprune.runfolder import RunFolder
+from autoprune.study import screen
 from autoprune.study.context import SearchContext
 from autoprune.study.space import seed_trials
 from autoprune.study.storage import (
@@ -277,10 +278,25 @@ def enqueue_seeds(study: optuna.Study, ctx: SearchContext) -> None:
     the search finished. With fewer trials than seeds, seeds spread evenly over the ordered list
     are kept, so the first trials still span the latency range (or the budget targets).
     """
+    if ctx.cfg.search.screen is not None:
+        # Screening: the seeds are screened with the probes and the sampler's proposals; what the
+        # main study runs are the best screened candidates, with their exact parameters.
+        screen_and_pick(study, ctx)
+        return
     if study.trials:
         return
     for params, attrs in spread(seed_trials(ctx), ctx.cfg.search.trials):
         study.enqueue_trial(params, user_attrs=attrs or None, skip_if_exists=True)
+
+
+def screen_and_pick(study: optuna.Study, ctx: SearchContext) -> None:
+    """``search.screen``: screen (resuming a screen study left unfinished), then enqueue the
+    picks into ``study``, once per study (study/screen.py)."""
+    url = storage_url(ctx)
+    if screen.open_screen_study(ctx, url).user_attrs.get(screen.PICKED_ATTR):
+        return
+    n = screen.enqueue_picks(ctx, study, screen.screen(ctx, url))
+    log.info("screening: %d screened candidates enqueued to be fine-tuned and measured", n)
 
 
 def spread(items: list, n: int) -> list:
@@ -344,3 +360,9 @@ def optimize(ctx: SearchContext, study: optuna.Study, progress: Optional[Callabl
         lambda t: run_trial(t, ctx), lambda seed: _sampler(ctx, seed), ctx.out, callbacks,
         setup=lambda: enqueue_seeds(study, ctx),
     )
+    if ctx.cfg.search.screen is not None:
+        # How well the screen ranked what it chose: stored for reports, said once.
+        fidelity = screen.screen_vs_final(study)
+        study.set_user_attr("screen_vs_final", fidelity)
+        if fidelity["tau"] is not None:
+            log.info("screening: Kendall tau of screen score vs fine-tuned accuracy %.2f over %d trials", fidelity["tau"], fidelity["n"])

@@ -25,7 +25,7 @@ import torch
 import torch.nn as nn
 from optuna.trial import TrialState
 
-from autoprune.config import Budget
+from autoprune.config import Budget, parse_target
 from autoprune.measure.candidate import measure_model, quantized_accuracy
 from autoprune.prune.methods import hold_zeros, weight_sparsity
 from autoprune.prune.plan import PruningPlan, apply_plan_from, apply_schedule
@@ -73,8 +73,9 @@ def run_trial(trial: optuna.trial.Trial, ctx: SearchContext) -> tuple[float, ...
                              calib=ctx.calib, run=ctx.run, dense=ctx.base)
     lat = latency_ms(measured["latency"])  # ratio x the dense quiet estimate: load cancels
 
-    # 4. Constraints: the device profile's budgets (≤ 0 is feasible).
-    cons = budget_constraints(latency_budget(ctx), lat, cand.params, cand.flops, measured["onnx_bytes"])
+    # 4. Constraints: the device profile's budgets (≤ 0 is feasible); speed-up targets against
+    # the speed-up measured interleaved with dense when there is one (a loaded machine moves both).
+    cons = budget_constraints(latency_budget(ctx), budget_latency_ms(ctx, measured), cand.params, cand.flops, measured["onnx_bytes"])
     for k, v in cons.items():
         trial.set_constraint(k, v)
     attrs: dict[str, Any] = {**cand.attrs(plan), "prune_s": cand.seconds, **measured}
@@ -196,6 +197,19 @@ def latency_budget(ctx: SearchContext) -> Budget:
         return b
     loosest = max(ctx.targets_ms)
     return b.model_copy(update={"max_latency_ms": min(loosest, b.max_latency_ms) if b.max_latency_ms else loosest})
+
+
+def budget_latency_ms(ctx: SearchContext, measured: dict[str, Any]) -> float:
+    """The latency a budget is checked against. Speed-up targets (``"3x"``) are ratios to dense:
+    when the measurement timed dense interleaved in the same session (``latency.speedup``), the
+    candidate's latency is the dense reading targets were set from divided by that ratio, so
+    load that slows both sides alike does not move the candidate across a target. Otherwise,
+    and for millisecond targets, the measured median."""
+    lat = float(measured["latency"]["median_ms"])
+    speedup = measured["latency"].get("speedup")
+    if not ctx.targets_ms or not speedup or not all(parse_target(t)[0] == "speedup" for t in ctx.cfg.search.target or []):
+        return lat
+    return float(ctx.dense["latency"]["median_ms"]) / float(speedup)
 
 
 def budget_constraints(b: Budget, lat_ms: float, params: int, flops: float, size_bytes: int) -> dict[str, float]:
