@@ -45,6 +45,7 @@ from optuna.trial import TrialState
 from autoprune.config import ScreenSettings
 from autoprune.measure.onnx import cpu_fp32
 from autoprune.measure.predictor import LatencyPredictor, model_features
+from autoprune.measure.stats import latency_ms
 from autoprune.prune.plan import PruningPlan, apply_plan, apply_plan_from
 from autoprune.files import atomic_write_text
 from autoprune.study.budget import LatencyModel, reachable, shift_to_target, shifted
@@ -168,7 +169,7 @@ def screened(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
 
 def _targets(ctx: SearchContext) -> list[float]:
     """Budget mode's targets as speed-ups over dense (loosest first); empty otherwise."""
-    dense_ms = float(ctx.dense["latency"]["median_ms"])
+    dense_ms = latency_ms(ctx.dense["latency"])
     return sorted({dense_ms / t for t in ctx.targets_ms})
 
 
@@ -290,7 +291,7 @@ def _screen_one(ctx: SearchContext, study: optuna.Study, scr: Screener, keys: di
         if speedups:
             target_ms = trial.user_attrs.get("target_ms")
             if target_ms:
-                speedup = float(ctx.dense["latency"]["median_ms"]) / float(target_ms)
+                speedup = latency_ms(ctx.dense["latency"]) / float(target_ms)
             elif fixed:
                 speedup = max(speedups)  # probes: scored against the tightest target
             else:
@@ -407,7 +408,7 @@ def enqueue_picks(ctx: SearchContext, main: optuna.Study, study: optuna.Study) -
     0); they are fine-tuned and measured on the target as ordinary trials. Once per study."""
     if study.user_attrs.get(PICKED_ATTR):
         return 0
-    dense_ms = float(ctx.dense["latency"]["median_ms"])
+    dense_ms = latency_ms(ctx.dense["latency"])
     chosen = picks(ctx, study)
     for t, s in chosen:
         attrs: dict[str, Any] = {"screen_trial": t.number, "screen_score": float(t.values[0]),

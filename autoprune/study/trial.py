@@ -204,12 +204,12 @@ def budget_latency_ms(ctx: SearchContext, measured: dict[str, Any]) -> float:
     when the measurement timed dense interleaved in the same session (``latency.speedup``), the
     candidate's latency is the dense reading targets were set from divided by that ratio, so
     load that slows both sides alike does not move the candidate across a target. Otherwise,
-    and for millisecond targets, the measured median."""
-    lat = float(measured["latency"]["median_ms"])
+    and for millisecond targets, the headline latency (:func:`~autoprune.measure.stats.latency_ms`)."""
+    lat = latency_ms(measured["latency"])
     speedup = measured["latency"].get("speedup")
     if not ctx.targets_ms or not speedup or not all(parse_target(t)[0] == "speedup" for t in ctx.cfg.search.target or []):
         return lat
-    return float(ctx.dense["latency"]["median_ms"]) / float(speedup)
+    return latency_ms(ctx.dense["latency"]) / float(speedup)
 
 
 def budget_constraints(b: Budget, lat_ms: float, params: int, flops: float, size_bytes: int) -> dict[str, float]:
