@@ -325,3 +325,27 @@ def test_run_config_keys():
         load_run_config(None, {"val_samples": 0})
     shipped = load_run_config("fashion-mnist")
     assert (shipped.data, shipped.model, shipped.val_samples) == ("fashion-mnist", "resnet18", 1000)
+
+
+def test_evaluation_reuses_one_loader_across_trials(monkeypatch):
+    """Every trial's evaluation reads the search split through the same DataLoader (issue 21,
+    item 4): no loader, and with train.num_workers no worker processes, built per trial; shuffled
+    training loaders stay per call (their order is seeded per call); pickling drops the cache."""
+    from autoprune.train.models import build_model, evaluate
+
+    data = load_data("digits", 16, 0.2, 0, "none", 40)
+    built = []
+    real = data_mod.DataLoader
+
+    def counting(*a, **k):
+        built.append(k.get("shuffle"))
+        return real(*a, **k)
+
+    monkeypatch.setattr(data_mod, "DataLoader", counting)
+    model = build_model("demo", data.num_classes, in_channels=data.input_shape[0])
+    accs = [evaluate(model, data, split="search") for _ in range(3)]
+    assert built == [False] and len(set(accs)) == 1
+    assert data.loader("search", 256) is data.loader("search", 256)
+    assert data.loader("val", 256) is not data.loader("search", 256)
+    assert data.loader("train", 8, shuffle=True, seed=1) is not data.loader("train", 8, shuffle=True, seed=1)
+    assert pickle.loads(pickle.dumps(data))._loaders == {}
