@@ -398,6 +398,8 @@ class EfficiencyConfig(_Strict):
     #: lower edge of each latency step (most channels for the time). Off by default: it costs an
     #: export and a timing per width (seconds for the demo, minutes for a ResNet).
     staircases: bool = False
+    #: Export candidates by writing their weights and widths into the dense model's translated ONNX graph (measure/onnx_slice.py).
+    onnx_slicing: bool = True
     #: Widths probed per group (the full width included), and how much faster (a fraction of the
     #: next wider allowed width's latency) a narrower width must be to count as a new step.
     staircase_widths: int = Field(8, ge=2, le=32)
