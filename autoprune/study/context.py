@@ -69,6 +69,9 @@ from autoprune.trust import CodePolicy
 
 log = logging.getLogger("autoprune")
 
+#: Searches this long (``search.trials``) export their candidates through the ONNX slicer.
+SLICE_FROM_TRIALS = 8
+
 
 @dataclass
 class SearchContext:
@@ -112,8 +115,10 @@ class SearchContext:
     def onnx_slicer(self) -> Optional[OnnxSlicer]:
         """The run's ONNX slicer (``efficiency.onnx_slicing``), made on first use: its probes
         are the dense model with every searched channel group cut as candidates are cut (heads
-        are left whole: a head cut replaces the attention module, and is exported fresh)."""
-        if not self.cfg.efficiency.onnx_slicing:
+        are left whole: a head cut replaces the attention module, and is exported fresh). Off
+        for searches of fewer than :data:`SLICE_FROM_TRIALS` trials: its set-up costs about three
+        fresh exports, repaid after a few trials."""
+        if not self.cfg.efficiency.onnx_slicing or self.cfg.search.trials < SLICE_FROM_TRIALS:
             return None
         if self.slicer is None:
             groups = [g for g in self.groups if g.kind != "heads" and g.high > 0]
