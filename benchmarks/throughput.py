@@ -18,7 +18,11 @@ Phases:
   prunes, the dense model's measurement on the target), without pre-training and without the scan;
 * scan per group: the sensitivity scan (one group pruned alone, BN recalibration, scored) and the
   FLOPs-saved count of the seeds, per group (the scan's once-per-run dense reference left out);
-* per trial: ``prune`` (``build_candidate``: prune, BN recalibration, counts), ``export``,
+* the ONNX slicer's set-up (``measure/onnx_slice.py``: the dense model and two probes translated,
+  one probe exported fresh to check the sliced file against), paid once per run by the first
+  trial, reported beside start-up;
+* per trial: ``prune`` (``build_candidate``: prune, BN recalibration, counts), ``export`` (the
+  run's slicer; a fresh dynamo export where it does not apply, ``--no-slicing`` always),
   ``parity`` (the export checked on the profile's runtime), ``latency`` (the backend's session,
   warm-up and timed inferences; the timed inferences are split out as ``timed``), ``finetune``
   (``--steps`` distilled steps) and ``evaluation`` (``score_candidate``: the search subset).
@@ -122,6 +126,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "finetune.steps": args.steps, "finetune.batch_size": args.batch, "val_samples": args.val_samples,
             "efficiency.sensitivity_scan": False, "efficiency.multi_fidelity": False,
             "train.device": args.device, "train.threads": args.threads, "train.num_workers": 0,
+            "efficiency.onnx_slicing": not args.no_slicing,
         }
         cfg = load_run_config(None, overrides)
         ctx, prepare_s = timed(lambda: prepare(cfg, console=lambda s: None))
@@ -145,6 +150,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         _, savings_s = timed(lambda: flops_savings(ctx.base, scan_groups, ctx.example1, ctx.data.num_classes,
                                                    eff.sensitivity_ratio, ctx.space.round_unit, counter=ctx.count_flops))
         clock.sample(3)
+        slicer = ctx.onnx_slicer()
+        _, slicer_s = timed(lambda: slicer.prepare() if slicer is not None else None)
+        clock.sample(3)
         k = max(1, len(scan_groups))
         scan_per_group = {"sensitivity": max(0.0, scan_s - ref_s) / k, "flops_savings": savings_s / k}
 
@@ -157,7 +165,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             cand, t_prune = timed(lambda: build_candidate(ctx, plan, n))
             cpu = cpu_fp32(cand.model)
             onnx = tmp / f"t{n}.onnx"
-            _, t_export = timed(lambda: export_onnx(cpu, ctx.example, onnx, cfg.exporter))
+            _, t_export = timed(lambda: slicer.export(cpu, onnx, ctx.example) if slicer is not None
+                                else export_onnx(cpu, ctx.example, onnx, cfg.exporter))
             _, t_parity = timed(lambda: check_export_parity(cpu, backends.ModelArtifact(onnx),
                                                             parity_batch(ctx.example, ctx.calib, ctx.profile.parity_samples),
                                                             ctx.profile, int(ctx.example.shape[0])))
@@ -176,7 +185,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     med = {p: statistics.median(v) for p, v in times.items()}
     overhead_s = [sum(times[p][i] for p in TRIAL_PHASES if p != "finetune") - times["timed"][i] for i in range(args.trials)]
     med["overhead"] = statistics.median(overhead_s)
-    startup = {"prepare_first": prepare_s, "prepare": prepare2_s}
+    startup = {"prepare_first": prepare_s, "prepare": prepare2_s, "onnx_slicer_once": slicer_s}
     return {
         "args": vars(args), "command": "python benchmarks/throughput.py " + " ".join(sys.argv[1:]),
         "groups": len(ctx.groups), "scan_groups": len(scan_groups),
@@ -185,6 +194,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "scan_per_group_s": scan_per_group, "scan_per_group_steps": {k: v / step for k, v in scan_per_group.items()},
         "median_s": med, "median_steps": {k: v / step for k, v in med.items()},
         "overhead_steps": med["overhead"] / step, "runs": times,
+        "onnx_slicing": ({"sliced": slicer.stats.sliced, "fresh": slicer.stats.fresh, "off_reason": slicer.reason or None}
+                         if slicer is not None else "off (--no-slicing)"),
         "where": (f"train device {ctx.train.device if ctx.train else 'cpu'}, {args.threads} thread(s); latency on "
                   f"{ctx.profile.name} ({ctx.profile.backend}/{ctx.profile.device}); CPU {platform.processor() or platform.machine()}, "
                   f"{os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f}"),
@@ -203,6 +214,7 @@ def report(res: dict[str, Any]) -> None:
     for p in (*TRIAL_PHASES, "timed"):
         label = "  of which timed inferences" if p == "timed" else f"trial: {p}"
         print(f"  {label:<26} {res['median_s'][p]:9.2f} {steps[p]:12.1f}")
+    print(f"  ONNX slicing: {res['onnx_slicing']}")
     print(f"overhead: {res['overhead_steps']:.1f} train-steps per trial")
 
 
@@ -221,6 +233,7 @@ def main() -> None:
     ap.add_argument("--profile", default="onnxruntime-cpu")
     ap.add_argument("--device", default="cpu", help="train.device")
     ap.add_argument("--exporter", default="dynamo", choices=["dynamo", "torchscript"])
+    ap.add_argument("--no-slicing", action="store_true", help="export every candidate fresh (efficiency.onnx_slicing: false)")
     ap.add_argument("--small", action="store_true", help="CI form: mobilenet_v3_small at 32 px, 2 trials of 2 steps")
     ap.add_argument("--out", help="also write the results as JSON here")
     args = ap.parse_args()

@@ -126,6 +126,9 @@ def test_throughput_small_reports_phases_in_train_steps(tmp_path):
     assert float(m.group(1)) == pytest.approx(res["overhead_steps"], abs=0.05)
     step = res["train_step_s"]
     assert step > 0 and len(res["train_step_samples"]) >= 10  # interleaved: sampled before every trial
+    # Both candidates went through the ONNX slicer (its set-up reported beside start-up).
+    assert res["onnx_slicing"] == {"sliced": 2, "fresh": 0, "off_reason": None}
+    assert res["startup_s"]["onnx_slicer_once"] > 0
     for phase in ("prune", "export", "parity", "latency", "finetune", "evaluation"):
         assert len(res["runs"][phase]) == 2 and res["median_s"][phase] > 0
         assert res["median_steps"][phase] == pytest.approx(res["median_s"][phase] / step)

@@ -21,6 +21,7 @@ from torch.utils.data import DataLoader, Subset
 
 from autoprune.errors import ConfigError
 from autoprune.train import data as data_pkg
+from autoprune.train.data import bundle as bundle_mod
 from autoprune.train.data import fashion_mnist as fashion_mnist_mod
 from autoprune.train.data import (
     FASHION_MNIST_DIR,
@@ -372,3 +373,27 @@ def test_a_source_without_argument_leaves_name_colon_to_factories(tmp_path, monk
     bundle = load_data("digits:make")
     assert (bundle.name, bundle.num_classes, len(bundle.train)) == ("make", 2, 4)
     assert load_data("digits").name == "digits"
+
+
+def test_evaluation_reuses_one_loader_across_trials(monkeypatch):
+    """Every trial's evaluation reads the search split through the same DataLoader (issue 21,
+    item 4): no loader, and with train.num_workers no worker processes, built per trial; shuffled
+    training loaders stay per call (their order is seeded per call); pickling drops the cache."""
+    from autoprune.train.models import build_model, evaluate
+
+    data = load_data("digits", 16, 0.2, 0, "none", 40)
+    built = []
+    real = bundle_mod.DataLoader
+
+    def counting(*a, **k):
+        built.append(k.get("shuffle"))
+        return real(*a, **k)
+
+    monkeypatch.setattr(bundle_mod, "DataLoader", counting)
+    model = build_model("demo", data.num_classes, in_channels=data.input_shape[0])
+    accs = [evaluate(model, data, split="search") for _ in range(3)]
+    assert built == [False] and len(set(accs)) == 1
+    assert data.loader("search", 256) is data.loader("search", 256)
+    assert data.loader("val", 256) is not data.loader("search", 256)
+    assert data.loader("train", 8, shuffle=True, seed=1) is not data.loader("train", 8, shuffle=True, seed=1)
+    assert pickle.loads(pickle.dumps(data))._loaders == {}

@@ -139,6 +139,10 @@ class EfficiencyConfig(StrictModel):
     #: lower edge of each latency step (most channels for the time). Off by default: it costs an
     #: export and a timing per width (seconds for the demo, minutes for a ResNet).
     staircases: bool = Field(False, json_schema_extra=added(False))
+    #: Export candidates by writing their weights and widths into the dense model's translated
+    #: ONNX graph (measure/onnx_slice.py) instead of tracing each one: the same graph (checked
+    #: against a fresh export first), so a study resumes across it.
+    onnx_slicing: bool = Field(True, json_schema_extra=resume("runtime"))
     #: Widths probed per group (the full width included), and how much faster (a fraction of the
     #: next wider allowed width's latency) a narrower width must be to count as a new step.
     staircase_widths: int = Field(8, ge=2, le=32, json_schema_extra=added(8))

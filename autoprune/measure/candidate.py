@@ -13,9 +13,11 @@ import torch
 import torch.nn as nn
 
 from autoprune.config import DeviceProfile
+from autoprune.errors import ExportError
 from autoprune.measure import backends
 from autoprune.measure.cache import LatencyCache, architecture_hash
 from autoprune.measure.onnx import cpu_fp32, export_onnx, file_size, gzip_size
+from autoprune.measure.onnx_slice import OnnxSlicer
 from autoprune.measure.parity import check_export_parity, parity_batch, run_batched
 from autoprune.measure.predictor import LatencyPredictor, model_features
 from autoprune.measure.quantize import (
@@ -30,7 +32,7 @@ from autoprune.runfolder import RunFolder
 
 def measure_model(model: nn.Module, example: torch.Tensor, profile: DeviceProfile, onnx_path: Path, exporter: str, *,
                   calib: Optional[list[Any]] = None, run: Optional[RunFolder] = None,
-                  dense: Optional[nn.Module] = None) -> dict[str, Any]:
+                  dense: Optional[nn.Module] = None, slicer: Optional[OnnxSlicer] = None) -> dict[str, Any]:
     """Export ``model`` and time it on the profile's backend; returns latency stats and sizes.
 
     With a ``run`` folder: an architecture already measured on this profile there is not measured
@@ -50,6 +52,7 @@ def measure_model(model: nn.Module, example: torch.Tensor, profile: DeviceProfil
 
     ``model`` may sit on the train device (a GPU): what is exported and timed is its CPU fp32
     copy (:func:`cpu_fp32`), so latency never depends on where or how the model trained.
+    ``slicer``: the run's :class:`~autoprune.measure.onnx_slice.OnnxSlicer` (export without tracing).
     """
     model = cpu_fp32(model)
     dense = cpu_fp32(dense) if dense is not None and profile.measure_reference else None  # only timed as the reference
@@ -66,10 +69,9 @@ def measure_model(model: nn.Module, example: torch.Tensor, profile: DeviceProfil
     rejected = _predicted_rejection(predicted, predictor, example, model, profile)
     if rejected is not None:
         return rejected
-    export_onnx(model, example, onnx_path, exporter)
     # A broken export fails here, before it is timed (ExportError: the trial FAILs with the difference).
-    parity = check_export_parity(model, backends.ModelArtifact(onnx_path), parity_batch(example, calib, profile.parity_samples),
-                                 profile, int(example.shape[0]))
+    parity = export_checked(model, example, onnx_path, exporter, slicer, lambda: check_export_parity(
+        model, backends.ModelArtifact(onnx_path), parity_batch(example, calib, profile.parity_samples), profile, int(example.shape[0])))
     arch = architecture_hash(onnx_path)
     cache = LatencyCache(run.latency_cache) if run is not None and profile.cache else None
     stats = cache.get(profile, arch) if cache else None
@@ -114,6 +116,25 @@ def _correct(stats: LatencyStats, is_dense: bool, dense_quiet: Optional[float]) 
     elif stats.ratio is not None:
         d = dense_quiet or stats.reference_quiet_ms
         stats.corrected_ms = stats.ratio * d if d else None
+
+
+def export_checked(model: nn.Module, example: torch.Tensor, onnx_path: Path, exporter: str, slicer: Optional[OnnxSlicer],
+                   check: Any) -> Any:
+    """Export ``model`` (through ``slicer`` when given) and return ``check()`` (the parity
+    check of the written file). A sliced file that fails the check is never used: the model is
+    exported fresh and checked again, and slicing is off for the run (a slicer fault must not
+    fail a trial whose model exports correctly)."""
+    if slicer is None:
+        export_onnx(model, example, onnx_path, exporter)
+        return check()
+    if not slicer.export(model, onnx_path, example):  # exported fresh (the slicer said why in the run log)
+        return check()
+    try:
+        return check()
+    except ExportError as exc:
+        slicer.disable(f"a sliced file failed the parity check ({exc})"[:400])
+        export_onnx(model, example, onnx_path, exporter)
+        return check()
 
 
 def _predicted_rejection(predicted: Optional[float], predictor: Optional[LatencyPredictor], example: torch.Tensor,
@@ -187,13 +208,14 @@ def _padded_runner(runner: Any, b: int) -> Any:
 
 
 def quantized_accuracy(model: Any, example: Any, profile: DeviceProfile, onnx_path: Path, exporter: str,
-                       calib: Sequence[Any], data: Any, split: str = "val", task: Any = None) -> tuple[float, Path]:
+                       calib: Sequence[Any], data: Any, split: str = "val", task: Any = None,
+                       slicer: Optional[OnnxSlicer] = None) -> tuple[float, Path]:
     """Export the (fine-tuned) ``model``, quantize it on ``calib`` and return (accuracy, int8 file)."""
     model = cpu_fp32(model)
 
-    export_onnx(model, example, onnx_path, exporter)
-    check_export_parity(model, backends.ModelArtifact(Path(onnx_path)), parity_batch(example, list(calib), profile.parity_samples),
-                        profile, int(example.shape[0]), what="exported fine-tuned model")
+    export_checked(model, example, Path(onnx_path), exporter, slicer, lambda: check_export_parity(
+        model, backends.ModelArtifact(Path(onnx_path)), parity_batch(example, list(calib), profile.parity_samples),
+        profile, int(example.shape[0]), what="exported fine-tuned model"))
     batches = calibration_batches(calib, int(example.shape[0]), profile.calib_samples)
     art = quantize_artifact(backends.ModelArtifact(Path(onnx_path), model), profile, batches)
     return evaluate_model_file(Path(art.onnx_path), data, profile, split=split, task=task), Path(art.onnx_path)

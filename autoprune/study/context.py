@@ -27,6 +27,7 @@ from autoprune.errors import ConfigError
 from autoprune.measure import backends
 from autoprune.measure.candidate import measure_model
 from autoprune.measure.onnx import cpu_fp32
+from autoprune.measure.onnx_slice import OnnxSlicer, slicer_for
 from autoprune.measure.staircase import (
     fingerprint,
     fingerprint_key,
@@ -34,7 +35,7 @@ from autoprune.measure.staircase import (
     load_or_measure,
 )
 from autoprune.outputs import train_only_modules
-from autoprune.prune.plan import check_prunable
+from autoprune.prune.plan import PruningPlan, apply_plan, apply_plan_from, check_prunable
 from autoprune.prune.structure import PrunableGroup, Structure, analyse, apply_rules, find_groups, probe_structure
 from autoprune.files import atomic_write_text
 from autoprune.runfolder import RunFolder
@@ -69,6 +70,9 @@ from autoprune.trust import CodePolicy
 from autoprune.measure.stats import latency_ms
 
 log = logging.getLogger("autoprune")
+
+#: Searches this long (``search.trials``) export their candidates through the ONNX slicer.
+SLICE_FROM_TRIALS = 8
 
 
 @dataclass
@@ -107,6 +111,27 @@ class SearchContext:
 
     #: The dense model's groups with their dependency graphs (:meth:`dense_structure`).
     structure: Optional[Structure] = None
+    #: Exports candidates through the dense model's translated graph (:meth:`onnx_slicer`).
+    slicer: Optional[OnnxSlicer] = None
+
+    def onnx_slicer(self) -> Optional[OnnxSlicer]:
+        """The run's ONNX slicer (``efficiency.onnx_slicing``), made on first use: its probes
+        are the dense model with every searched channel group cut as candidates are cut (heads
+        are left whole: a head cut replaces the attention module, and is exported fresh). Off
+        for searches of fewer than :data:`SLICE_FROM_TRIALS` trials: its set-up costs about three
+        fresh exports, repaid after a few trials."""
+        if not self.cfg.efficiency.onnx_slicing or self.cfg.search.trials < SLICE_FROM_TRIALS:
+            return None
+        if self.slicer is None:
+            groups = [g for g in self.groups if g.kind != "heads" and g.high > 0]
+
+            def cut(m: nn.Module, ratios: dict[str, float]) -> None:
+                plan = PruningPlan(ratios, round_to=self.space.round_unit, widths=self.widths)
+                if apply_plan_from(m, self.base, self.dense_structure(), plan) is None:
+                    apply_plan(m, self.example1.to(next(m.parameters()).device), plan, self.data.num_classes)
+
+            self.slicer = slicer_for(self.base, self.example, self.cfg.exporter, groups, cut)
+        return self.slicer
 
     @property
     def code(self) -> CodePolicy:

@@ -70,7 +70,7 @@ def run_trial(trial: optuna.trial.Trial, ctx: SearchContext) -> tuple[float, ...
     # 3. Measure on the target, before any training (latency first).
     files = ctx.run.trial(trial.number)
     measured = measure_model(cand.model, ctx.example, ctx.profile, files.onnx, ctx.cfg.exporter,
-                             calib=ctx.calib, run=ctx.run, dense=ctx.base)
+                             calib=ctx.calib, run=ctx.run, dense=ctx.base, slicer=ctx.onnx_slicer())
     lat = latency_ms(measured["latency"])  # ratio x the dense quiet estimate: load cancels
 
     # 4. Constraints: the device profile's budgets (≤ 0 is feasible); speed-up targets against
@@ -180,7 +180,7 @@ def score_candidate(ctx: SearchContext, model: nn.Module, onnx_path: Path) -> tu
     if ctx.profile.precision != "int8":
         return acc, {}
     q_acc, qpath = quantized_accuracy(model, ctx.example, ctx.profile, onnx_path, ctx.cfg.exporter, ctx.calib, ctx.data,
-                                      split="search", task=ctx.task)
+                                      split="search", task=ctx.task, slicer=ctx.onnx_slicer())
     return q_acc, {"accuracy_fp32": acc, "quantized_model": str(qpath)}
 
 

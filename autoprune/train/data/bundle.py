@@ -39,6 +39,7 @@ class DataBundle:
     #: The fixed part of ``val`` that trials are scored on (``val_samples``), the same images in
     #: every trial and every worker; None = the whole of ``val``. Split name ``"search"``.
     search_val: Optional[Dataset] = None
+    _loaders: dict[tuple[Any, ...], DataLoader] = field(default_factory=dict, repr=False, compare=False)
 
     def loader(self, split: str, batch_size: int, shuffle: bool = False, seed: int = 0) -> DataLoader:
         """``split``: train | val (the whole held-out split) | search (what trials are scored on:
@@ -46,11 +47,23 @@ class DataBundle:
         ds = {"train": self.train, "val": self.val, "search": self.val if self.search_val is None else self.search_val, "test": self.test}[split]
         if ds is None:
             raise ValueError(f"{self.name} has no {split!r} split")
-        gen = torch.Generator().manual_seed(seed)
         kw = dict(self.loader_kwargs)
         if not kw.get("num_workers"):
             kw.pop("persistent_workers", None)
-        return DataLoader(ds, batch_size=batch_size, shuffle=shuffle, generator=gen, drop_last=False, **kw)
+        # Unshuffled loaders read the same images in the same order every time: every trial's
+        # evaluation reuses one (its worker processes too, with persistent_workers).
+        key = (split, batch_size, id(ds), repr(sorted(kw.items())))
+        if not shuffle and key in self._loaders:
+            return self._loaders[key]
+        gen = torch.Generator().manual_seed(seed)
+        loader = DataLoader(ds, batch_size=batch_size, shuffle=shuffle, generator=gen, drop_last=False, **kw)
+        if not shuffle:
+            self._loaders[key] = loader
+        return loader
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Pickled without its loaders (their worker processes belong to this process)."""
+        return {**self.__dict__, "_loaders": {}}
 
     def example_input(self, batch_size: int = 1) -> torch.Tensor:
         x = self.val[0][0]
