@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 from pathlib import Path
 
 import pytest
@@ -75,3 +76,11 @@ def tiny_run(tmp_path_factory: pytest.TempPathFactory, fast_profile: Path):
     cfg_path = write_yaml(root / "run.yaml", tiny_run_config(root / "out", fast_profile, efficiency={"final_finetune_steps": 2, "sensitivity_scan": True}))
     result = autoprune.run(load_run_config(str(cfg_path)))
     return result
+
+
+def sigint_as_from_a_terminal() -> None:
+    """``preexec_fn`` for a child a test sends Ctrl-C to: SIGINT at its default disposition, as a
+    shell in a terminal starts a command. A suite started in the background (``cmd &`` in a
+    script) inherits SIGINT ignored, Python keeps an ignored SIGINT, and the test's Ctrl-C would
+    then be ignored rather than tested."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)

@@ -17,7 +17,7 @@ import optuna
 import pytest
 import torch
 import yaml
-from conftest import FAST_EXTRAS
+from conftest import FAST_EXTRAS, sigint_as_from_a_terminal
 from optuna.trial import TrialState
 from rich.console import Console
 
@@ -259,7 +259,8 @@ def test_ctrl_c_on_a_real_process_exits_cleanly_and_prints_resume(template: Path
     cfg = _cfg(template, out, trials=3, template=template, finetune={"steps": 200})
     (template / "sigint.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
     proc = subprocess.Popen([sys.executable, "-m", "autoprune.cli", "search", "--config", str(template / "sigint.yaml")],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env={**os.environ, "COLUMNS": "300"})
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env={**os.environ, "COLUMNS": "300"},
+                            preexec_fn=sigint_as_from_a_terminal)
     running = _wait_for_running_trial(proc, out, timeout_s=120, poll_s=0.3)
     time.sleep(0.5)
     proc.send_signal(signal.SIGINT)
@@ -290,7 +291,8 @@ def test_sigint_to_the_parent_of_two_workers_stops_them_all_and_a_rerun_complete
     cfg = _cfg(template, out, trials=2, template=template, finetune={"steps": 150})
     (template / "workers-sigint.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
     argv = [sys.executable, "-m", "autoprune.cli", "search", "--config", str(template / "workers-sigint.yaml"), "--workers", "2"]
-    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env={**os.environ, "COLUMNS": "300"})
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env={**os.environ, "COLUMNS": "300"},
+                            preexec_fn=sigint_as_from_a_terminal)
     running = _wait_for_running_trial(proc, out, timeout_s=240, poll_s=0.1)
     children = psutil.Process(proc.pid).children(recursive=True)
     assert len([c for c in children if "autoprune" in " ".join(c.cmdline()) or "multiprocessing" in " ".join(c.cmdline())]) >= 2

@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn as nn
+from conftest import sigint_as_from_a_terminal
 
 from autoprune.config import DeviceProfile
 from autoprune.measure import backends
@@ -112,6 +113,7 @@ def test_measurements_then_loaders_and_ctrl_c_do_not_kill_the_process(onnx_file:
     DataLoader with workers, then SIGINT. Before one shared Core this died with SIGSEGV (-11)."""
     script = tmp_path / "session.py"
     script.write_text(textwrap.dedent(SCRIPT))
-    proc = subprocess.run([sys.executable, str(script), str(onnx_file)], capture_output=True, text=True, timeout=300)
+    proc = subprocess.run([sys.executable, str(script), str(onnx_file)], capture_output=True, text=True, timeout=300,
+                          preexec_fn=sigint_as_from_a_terminal)
     assert proc.returncode == 0, (proc.returncode, proc.stderr[-2000:])
     assert "interrupted cleanly" in proc.stdout and "alive" in proc.stdout
