@@ -12,7 +12,7 @@ held-out accuracy right after pruning and after a short distilled fine-tune (zer
 
     python benchmarks/methods_table.py                 # writes benchmarks/results/methods_table.{json,md}
     python benchmarks/methods_table.py --quick         # smoke run, a few seconds of timing
-    python benchmarks/methods_table.py --small --out /tmp/mt   # CI form: demo model, l1 only (tests/test_benchmarks.py)
+    python benchmarks/methods_table.py --small --out /tmp/mt   # CI form: demo model, l1 only (tests/benchmarks/test_benchmarks.py)
 """
 
 from __future__ import annotations

@@ -21,7 +21,7 @@ Prints one line per configuration and, last, ``within10: N%`` — the worst conf
 of held-out candidates predicted within ±10 %.
 
     python benchmarks/predictor_error.py                      # 2 backends x 2 models x 2 sizes
-    python benchmarks/predictor_error.py --small              # seconds: CI form (tests/test_benchmarks.py)
+    python benchmarks/predictor_error.py --small              # seconds: CI form (tests/benchmarks/test_benchmarks.py)
     python benchmarks/predictor_error.py --load 1             # with one competing training process
 """
 

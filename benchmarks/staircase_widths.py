@@ -10,7 +10,7 @@ found by bisection on its MACs. All variants and the dense model are then timed 
 whole round repeated ``--rounds`` times; medians over rounds are printed as ratios.
 
     python benchmarks/staircase_widths.py --models resnet18 mobilenet_v2 --size 64 --rounds 5
-    python benchmarks/staircase_widths.py --small --out /tmp/s.json     # CI form (tests/test_benchmarks.py)
+    python benchmarks/staircase_widths.py --small --out /tmp/s.json     # CI form (tests/benchmarks/test_benchmarks.py)
 
 Ratios, not milliseconds: on a shared machine only interleaved ratios are worth quoting.
 """

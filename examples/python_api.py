@@ -1,7 +1,7 @@
 """autoprune from Python, notebook style: your own module and datasets in, a pruned model out.
 
     PYTHONPATH=. python examples/python_api.py            # 12 trials: 8 min on a 2-core machine shared with other jobs
-    PYTHONPATH=. python examples/python_api.py --small    # 2 tiny trials, under a minute (tests/test_python_api.py)
+    PYTHONPATH=. python examples/python_api.py --small    # 2 tiny trials, under a minute (tests/e2e/test_python_api.py)
 
 A small CNN is trained for a few seconds on scikit-learn's 8x8 digits (shipped with it: nothing
 downloads), then ``autoprune.search`` looks for pruned versions of it that are faster on the

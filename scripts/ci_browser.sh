@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Install Debian's chromium for tests/test_report.py (the HTML report is checked in a real
+# Install Debian's chromium for tests/results/test_report.py (the HTML report is checked in a real
 # headless browser). Idempotent: does nothing when /usr/bin/chromium exists. Needs root (CI);
 # without root or apt it says so and exits 0: the browser test then skips with a visible reason.
 set -euo pipefail

@@ -8,6 +8,9 @@ from pathlib import Path
 import pytest
 import yaml
 
+#: The repository root, for tests in any subfolder (tests/<package>/test_*.py).
+ROOT = Path(__file__).resolve().parents[1]
+
 FAST_PROFILE = {
     "name": "ort-fast",
     "backend": "onnxruntime",

@@ -45,7 +45,7 @@ def sqlalchemy_url(url: str) -> str:
 
 
 #: What a run folder is good for when its study.db is lost or unreadable (tested claim by claim
-#: in tests/test_nothing_lost.py): the exported front is self-contained, the rest needs the study.
+#: in tests/e2e/test_nothing_lost.py): the exported front is self-contained, the rest needs the study.
 WITHOUT_STUDY = (
     "it is corrupt or not a study, and only a backup of it brings the study back. Without it, 'autoprune pick' "
     "and 'autoprune remeasure' still work (they read pareto.json) and each pareto/trial_NNNNN folder holds "
@@ -226,7 +226,7 @@ def public_config(cfg: Any) -> dict[str, Any]:
 # --------------------------------------------------------------------------- Optuna internals
 # The only two functions in autoprune that touch Optuna private names. Optuna has no public API
 # for what they do; pyproject.toml pins optuna to the range they are tested with, and
-# tests/test_optuna_internals.py fails loudly if a name they use disappears.
+# tests/study/test_optuna_internals.py fails loudly if a name they use disappears.
 def trial_store(study: optuna.Study) -> optuna.storages.BaseStorage:
     """The storage behind ``study`` (RDBStorage for ours), without Optuna's per-process cache.
 

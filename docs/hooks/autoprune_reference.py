@@ -4,7 +4,7 @@ A page holds a marker such as ``<!-- autoprune:config RunConfig -->`` and the ho
 with a table made from the pydantic model (keys, types, defaults, and the ``#:`` comment above
 each field in ``autoprune/config/``), the argparse parser (``autoprune.cli.build_parser``),
 ``RunFolder``'s paths or the shipped YAML folders. Nothing is copied by hand, so the docs cannot
-drift from the code; ``tests/test_docs.py`` renders the pages through this hook and fails when
+drift from the code; ``tests/config/test_docs.py`` renders the pages through this hook and fails when
 a key or flag has no entry with a description.
 """
 
@@ -140,7 +140,7 @@ def config_table(class_name: str) -> str:
 # --------------------------------------------------------------------------- CLI
 # argparse has no public way to list a parser's subcommands and arguments; ``_actions``,
 # ``_SubParsersAction``, ``_choices_actions`` and ``_HelpAction`` have been stable since Python 3.2,
-# and tests/test_docs.py fails (rather than rendering an empty page) if they change.
+# and tests/config/test_docs.py fails (rather than rendering an empty page) if they change.
 def _subparsers(parser: argparse.ArgumentParser) -> dict[str, tuple[argparse.ArgumentParser, str]]:
     for action in parser._actions:  # argparse has no public accessor for its subcommands
         if isinstance(action, argparse._SubParsersAction):

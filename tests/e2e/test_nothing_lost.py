@@ -3,7 +3,7 @@ files or a user's folder; a lost study never starts a new one over old results; 
 message says only what is true; multi-file outputs (bundle, ``pareto/``, an export, report,
 ONNX files) are swapped in whole, so a failure or a kill never leaves a mix.
 
-Process kills of real searches are in tests/test_fault_injection.py; these tests inject
+Process kills of real searches are in tests/e2e/test_fault_injection.py; these tests inject
 failures in-process at the exact points a kill could hit.
 """
 

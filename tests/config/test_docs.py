@@ -15,7 +15,9 @@ from pydantic import BaseModel
 from autoprune import config
 from autoprune.cli import build_parser
 
-REPO = Path(__file__).resolve().parents[1]
+from conftest import ROOT
+
+REPO = ROOT
 DOCS = REPO / "docs"
 
 

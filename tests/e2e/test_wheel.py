@@ -25,7 +25,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-REPO = Path(__file__).resolve().parents[1]
+from conftest import ROOT
+
+REPO = ROOT
 #: Left behind by earlier builds and editable installs; never part of what we build from.
 _NOT_SOURCE = ("build", "dist", "*.egg-info", ".venv", "runs", "__pycache__", ".pytest_cache", ".git")
 
@@ -131,7 +133,7 @@ def test_sdist_runs_tests_and_builds_the_same_wheel(wheel: Path, tmp_path: Path)
         safe = {"filter": "data"} if hasattr(tarfile, "data_filter") else {}  # 3.10.12+/3.11.4+
         tar.extractall(tmp_path / "unpacked", **safe)
     for need in ("pyproject.toml", "README.md", "constraints.txt", "scripts/test.sh", "tests/conftest.py",
-                 "tests/test_wheel.py", "setup.py", "device_profiles/onnxruntime-cpu.yaml", "run_configs/digits.yaml",
+                 "tests/e2e/test_wheel.py", "setup.py", "device_profiles/onnxruntime-cpu.yaml", "run_configs/digits.yaml",
                  "autoprune/deploy/templates/infer_example.py"):
         assert need in names, f"{need} missing from the sdist"
     again = _build_wheel(tmp_path / "unpacked" / sdist.name.removesuffix(".tar.gz"), tmp_path / "dist")

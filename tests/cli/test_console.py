@@ -12,6 +12,7 @@ import pytest
 from rich.console import Console
 
 from autoprune.cli import main, print_rows as _print_rows
+from conftest import ROOT
 
 DENSE = {"metric_name": "accuracy", "accuracy": 0.91234, "latency": {"median_ms": 1.234, "p90_ms": 1.5}, "flops": 123456789,
          "params": 1527936, "onnx_bytes": 6123456}
@@ -142,11 +143,10 @@ def test_a_worker_process_leaks_no_semaphore(tmp_path):
     import os
     import subprocess
     import sys
-    from pathlib import Path
 
     script = tmp_path / "worker_exit.py"
     script.write_text(WORKER_EXIT)
-    repo = str(Path(__file__).resolve().parents[1])
+    repo = str(ROOT)
     env = {**os.environ, "PYTHONPATH": repo + os.pathsep + os.environ.get("PYTHONPATH", "")}
     p = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
     assert "exit 1 reported True" in p.stdout, p.stdout + p.stderr[-2000:]

@@ -17,9 +17,9 @@ from torch.utils.data import TensorDataset
 import autoprune
 from autoprune.config import load_run_config
 from autoprune.errors import ConfigError
-from conftest import FAST_PROFILE, write_yaml
+from conftest import FAST_PROFILE, ROOT, write_yaml
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = ROOT
 
 #: Run-config keys that keep a search of the tiny model to seconds.
 FAST = {"finetune.steps": 2, "finetune.batch_size": 32, "exporter": "torchscript", "efficiency.sensitivity_scan": False,

@@ -11,6 +11,7 @@ from autoprune.config import (
     shipped_dir,
 )
 from autoprune.errors import ConfigError
+from conftest import ROOT
 
 
 def test_shipped_yaml_all_validate():
@@ -202,8 +203,8 @@ def test_run_config_names_are_not_looked_up_in_examples(tmp_path: Path, monkeypa
 
 def test_shipped_yaml_lives_in_the_repository_root_folders():
     """The design's layout: ``device_profiles/``, ``search_spaces/`` and ``run_configs/`` beside
-    ``autoprune/`` (what a source checkout reads; the wheel carries copies, tests/test_wheel.py)."""
-    repo = Path(__file__).resolve().parents[1]
+    ``autoprune/`` (what a source checkout reads; the wheel carries copies, tests/e2e/test_wheel.py)."""
+    repo = ROOT
     for folder in ("device_profiles", "search_spaces", "run_configs"):
         assert shipped_dir(folder).resolve() == (repo / folder).resolve()
         assert list((repo / folder).glob("*.yaml")), folder

@@ -18,7 +18,7 @@ from autoprune.prune.plan import apply_plan_from
 from autoprune.study import screen as scr
 from autoprune.study.context import prepare
 from autoprune.study.study import storage_url
-from tests.conftest import tiny_run_config, write_yaml
+from conftest import tiny_run_config, write_yaml
 
 SCREEN = {"candidates": 24, "finetune_top_k": 2, "bn_batches": 1, "eval_batches": 1}
 

@@ -16,7 +16,7 @@ from autoprune.prune.plan import PruningPlan, apply_plan
 from autoprune.prune.structure import PrunableGroup, find_groups
 from autoprune.study.budget import LatencyModel, allocate_for_target, reachable, shift_to_target, shifted, targets_ms
 from autoprune.train.models import build_model
-from tests.conftest import tiny_run_config, write_yaml
+from conftest import tiny_run_config, write_yaml
 
 
 def real_macs(model: nn.Module, example: torch.Tensor) -> float:

@@ -14,7 +14,7 @@ import onnx
 import pytest
 import torch
 import torch.nn as nn
-from test_every_model import ARCHS
+from prune.test_every_model import ARCHS
 
 from autoprune.config import DeviceProfile
 from autoprune.errors import ExportError

@@ -14,7 +14,7 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from conftest import tiny_run_config, write_yaml
+from conftest import ROOT, tiny_run_config, write_yaml
 from torch.utils.data import TensorDataset
 
 import autoprune
@@ -26,7 +26,7 @@ from autoprune.train.finetune import finetune
 from autoprune.train.models import DemoResNet, evaluate, pretrain
 from autoprune.train.task import ClassificationTask, SegmentationTask, Task, load_task
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = ROOT
 
 
 # --------------------------------------------------------------------------- output adapter
