@@ -87,3 +87,20 @@ def sigint_as_from_a_terminal() -> None:
     script) inherits SIGINT ignored, Python keeps an ignored SIGINT, and the test's Ctrl-C would
     then be ignored rather than tested."""
     signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+#: A model module whose auxiliary head runs only in train mode (``build``): search and groups refuse it.
+AUX_MODEL_SOURCE = (
+    "import torch.nn as nn\n"
+    "class AuxNet(nn.Module):\n"
+    "    def __init__(self, num_classes=10):\n"
+    "        super().__init__()\n"
+    "        self.body = nn.Sequential(nn.Conv2d(1, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU())\n"
+    "        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, num_classes))\n"
+    "        self.aux = nn.Sequential(nn.Conv2d(16, 8, 1), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, num_classes))\n"
+    "    def forward(self, x):\n"
+    "        f = self.body(x)\n"
+    "        return (self.head(f), self.aux(f)) if self.training else self.head(f)\n"
+    "def build(num_classes=10):\n"
+    "    return AuxNet(num_classes)\n"
+)

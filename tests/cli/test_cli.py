@@ -12,6 +12,7 @@ from pathlib import Path
 
 import optuna
 import pytest
+from conftest import AUX_MODEL_SOURCE
 
 from autoprune.cli import main
 
@@ -102,20 +103,7 @@ def test_groups_prints_exactly_the_groups_search_searches(tmp_path, fast_profile
 def test_groups_refuses_a_model_search_refuses(tmp_path, fast_profile, capsys, monkeypatch):
     """A model whose auxiliary head runs only in train mode cannot be searched; ``groups`` once
     listed its groups anyway (it had its own model check, with another example input)."""
-    (tmp_path / "aux_cli_model.py").write_text(
-        "import torch.nn as nn\n"
-        "class AuxNet(nn.Module):\n"
-        "    def __init__(self, num_classes=10):\n"
-        "        super().__init__()\n"
-        "        self.body = nn.Sequential(nn.Conv2d(1, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU())\n"
-        "        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, num_classes))\n"
-        "        self.aux = nn.Sequential(nn.Conv2d(16, 8, 1), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, num_classes))\n"
-        "    def forward(self, x):\n"
-        "        f = self.body(x)\n"
-        "        return (self.head(f), self.aux(f)) if self.training else self.head(f)\n"
-        "def build(num_classes=10):\n"
-        "    return AuxNet(num_classes)\n"
-    )
+    (tmp_path / "aux_cli_model.py").write_text(AUX_MODEL_SOURCE)
     monkeypatch.syspath_prepend(str(tmp_path))
     argv = ["--model", "aux_cli_model:build", "--device-profile", str(fast_profile)]
     assert main(["groups", *argv]) == 2

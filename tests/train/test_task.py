@@ -14,7 +14,7 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from conftest import ROOT, tiny_run_config, write_yaml
+from conftest import AUX_MODEL_SOURCE, ROOT, tiny_run_config, write_yaml
 from torch.utils.data import TensorDataset
 
 import autoprune
@@ -307,20 +307,7 @@ def test_segmentation_example_searches_picks_and_runs_from_its_bundle(tmp_path, 
 
 
 def test_a_model_with_train_only_heads_is_refused_before_training(tmp_path, fast_profile, monkeypatch):
-    (tmp_path / "aux_model.py").write_text(
-        "import torch.nn as nn\n"
-        "class AuxNet(nn.Module):\n"
-        "    def __init__(self, num_classes=10):\n"
-        "        super().__init__()\n"
-        "        self.body = nn.Sequential(nn.Conv2d(1, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU())\n"
-        "        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, num_classes))\n"
-        "        self.aux = nn.Sequential(nn.Conv2d(16, 8, 1), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, num_classes))\n"
-        "    def forward(self, x):\n"
-        "        f = self.body(x)\n"
-        "        return (self.head(f), self.aux(f)) if self.training else self.head(f)\n"
-        "def build(num_classes=10):\n"
-        "    return AuxNet(num_classes)\n"
-    )
+    (tmp_path / "aux_model.py").write_text(AUX_MODEL_SOURCE)
     monkeypatch.syspath_prepend(str(tmp_path))
     cfg = tiny_run_config(tmp_path / "out", fast_profile, trials=1, model="aux_model:build")
     with pytest.raises(ConfigError, match=r"aux_model:build: aux run only in train mode.*aux_logits=False"):
