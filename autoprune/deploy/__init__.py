@@ -2,3 +2,5 @@
 ``replay`` any trial (``autoprune export --trial N``).
 """
 
+#: The stage's modules (``from autoprune.deploy import *`` imports them); each sets its own ``__all__``.
+__all__ = ["bundle", "pick", "replay"]

@@ -3,3 +3,5 @@ channels or zeroes weights (``plan``), and the importance criteria and granulari
 (``methods``).
 """
 
+#: The stage's modules (``from autoprune.prune import *`` imports them); each sets its own ``__all__``.
+__all__ = ["attention", "methods", "plan", "structure"]
