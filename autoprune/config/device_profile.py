@@ -89,7 +89,7 @@ class DeviceProfile(StrictModel):
     #: Latency predictor (measure/predictor.py, calibrated on the run's measured models): once its
     #: held-out error is known, skip candidates predicted over budget.max_latency_ms × (1 + margin)
     #: without exporting or measuring them; margin = 1.5 × its worst held-out over-prediction, at
-    #: least lut_margin. (The key keeps its name from the per-layer lookup table it replaced.)
+    #: least lut_margin.
     lut: bool = False
     #: Smallest safety margin of the latency predictor's rejections (fraction of max_latency_ms).
     lut_margin: float = Field(0.25, ge=0)
