@@ -266,7 +266,8 @@ FREE_KEYS = {
     "search.heartbeat_interval": 11, "search.grace_period": 31, "search.max_retries": 3,
     "efficiency.final_finetune_steps": 2,
 }
-RUNTIME_SETS = {"train.device": "cpu", "train.precision": "bf16", "train.threads": 3, "search.mlflow": "file:///x"}
+RUNTIME_SETS = {"train.device": "cpu", "train.precision": "bf16", "train.threads": 3, "search.mlflow": "file:///x",
+                "efficiency.onnx_slicing": False, "search.screen": {"candidates": 10}}
 #: Unmarked (scoring) keys, with another valid value: changing one refuses a resume.
 SCORING_KEYS = {"finetune.steps": 7, "search.seed": 1, "data": "digits-cluttered", "pretrain_steps": 10, "exporter": "torchscript",
                 "efficiency.sensitivity_ratio": 0.3, "task": "segmentation", "efficiency.staircases": True}
@@ -287,7 +288,7 @@ def test_resume_marks_on_fields_decide_which_changes_refuse_a_resume():
     from autoprune.config import DeviceProfile, RunConfig, resume_keys
 
     assert set(resume_keys(RunConfig, "free")) == set(FREE_KEYS)
-    assert set(resume_keys(RunConfig, "runtime")) == {"train", "search.mlflow"}
+    assert set(resume_keys(RunConfig, "runtime")) == {"train", "search.mlflow", "search.screen", "efficiency.onnx_slicing"}
     assert set(resume_keys(DeviceProfile, "free")) == {"token_env", "request_timeout_s"}
     base = _hash({})
     for key, value in {**FREE_KEYS, **RUNTIME_SETS}.items():
