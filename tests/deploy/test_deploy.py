@@ -17,6 +17,7 @@ import torch
 from autoprune.deploy.bundle import rebuild_model
 from autoprune.deploy.pick import choose, pick
 from autoprune.errors import ConfigError
+from autoprune.measure.stats import latency_ms
 from autoprune.train.checkpoint import load_model
 
 
@@ -86,10 +87,12 @@ def test_bundle_files_and_model_card(bundle, tiny_run):
     assert {"model.pt2", "model.torchscript.pt"} <= set(card["written_files"])
     assert card["trial"] == row["trial"] and card["accuracy"] == row["accuracy"]
     assert card["params"] == row["params"] and card["flops"] == row["flops"]
-    # full latency statistics come from the study: the tiny profile takes exactly 5 samples
+    # full latency statistics come from the study: at least the tiny profile's 5 samples; the
+    # front's latency is the headline figure (ratio to dense x the dense quiet estimate)
     prof = tiny_run.ctx.profile.name
     lat = card["latency"][prof]
-    assert lat["median_ms"] == pytest.approx(row["latency_ms"]) and lat["n"] == 5 and lat["backend"] == "onnxruntime"
+    assert latency_ms(lat) == pytest.approx(row["latency_ms"]) and lat["n"] >= 5 and lat["backend"] == "onnxruntime"
+    assert lat["ratio"] is not None and lat["median_ms"] > 0  # raw figures kept beside it
     assert {g: v["ratio"] for g, v in card["layers"].items()} == row["ratios"]
     assert all(v["method"] for v in card["layers"].values())
     assert card["sizes"]["onnx"] == (dest / "model.onnx").stat().st_size
