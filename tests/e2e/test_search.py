@@ -17,6 +17,7 @@ from optuna.trial import TrialState
 import autoprune
 from autoprune.config import load_run_config
 from autoprune.errors import ConfigError
+from autoprune.measure.stats import latency_ms
 from autoprune.results.front import non_dominated
 from autoprune.train.checkpoint import load_model
 
@@ -57,7 +58,7 @@ def test_trials_record_objectives_and_attrs(tiny_run):
     dense = tiny_run.dense
     for t in tiny_run.study.get_trials(states=(TrialState.COMPLETE,)):
         ua = t.user_attrs
-        assert t.values[0] == ua["accuracy"] and t.values[1] == ua["latency"]["median_ms"]
+        assert t.values[0] == ua["accuracy"] and t.values[1] == latency_ms(ua["latency"])
         assert 0 < ua["params"] <= dense["params"] and 0 < ua["flops"] <= dense["flops"]
         assert set(t.constraints) == {"latency_ms", "params", "flops", "size_mb", "accuracy_drop"}
         assert t.constraints["accuracy_drop"] == -1.0  # no search.max_accuracy_drop: always feasible
@@ -291,6 +292,6 @@ def test_seeds_are_never_enqueued_beyond_the_trial_budget(monkeypatch):
     monkeypatch.setattr(st, "seed_trials", lambda ctx: seeds)
     for trials, want in ((3, [0.1, 0.3, 0.4]), (1, [0.1]), (4, [0.1, 0.2, 0.3, 0.4]), (9, [0.1, 0.2, 0.3, 0.4])):
         study = optuna.create_study(directions=["maximize", "minimize"])
-        st.enqueue_seeds(study, SimpleNamespace(cfg=SimpleNamespace(search=SimpleNamespace(trials=trials))))
+        st.enqueue_seeds(study, SimpleNamespace(cfg=SimpleNamespace(search=SimpleNamespace(trials=trials, screen=None))))
         waiting = study.get_trials(states=(optuna.trial.TrialState.WAITING,))
         assert [t.system_attrs["fixed_params"]["ratio/a"] for t in waiting] == want
