@@ -40,6 +40,11 @@ def _slicer(model: nn.Module, x: torch.Tensor) -> tuple[OnnxSlicer, list]:
     return slicer_for(model, x, "dynamo", groups, lambda m, r: apply_plan(m, x, PruningPlan(r, round_to=4), 10)), groups
 
 
+#: Families the slicer does not follow, with the reason it gives: ConvNeXt's graph holds a float
+#: constant whose size follows a width (its layer scale), so each candidate is exported fresh.
+FRESH_ON = {"convnext_tiny": "changes size with the widths"}
+
+
 @pytest.mark.parametrize("name,build,size", ARCHS)
 def test_sliced_export_is_the_fresh_export_on_every_family(tmp_path, name, build, size):
     """Same graph (nodes, attributes, wiring, initializers) as a fresh dynamo export of the same
@@ -55,6 +60,11 @@ def test_sliced_export_is_the_fresh_export_on_every_family(tmp_path, name, build
         apply_plan(cand, x, PruningPlan({g.name: (0.2, 0.0, 0.45)[i % 3] for i, g in enumerate(groups)}, round_to=4), 10)
         sliced = slicer.export(cand, tmp_path / "sliced.onnx")
         fresh = export_onnx(cand, x, tmp_path / "fresh.onnx")
+    if name in FRESH_ON:  # the slicer refuses this family and the candidate is exported fresh: never a wrong file
+        assert not sliced and FRESH_ON[name] in (slicer.reason or ""), slicer.reason
+        with torch.no_grad():
+            np.testing.assert_allclose(_ort(tmp_path / "sliced.onnx", x), cand(x).numpy(), rtol=1e-3, atol=1e-4)
+        return
     assert sliced, f"{name}: exported fresh: {slicer.reason}"
     assert slicer.stats.sliced == 1
     assert graph_difference(onnx.load(str(tmp_path / "sliced.onnx")), onnx.load(str(fresh))) is None
