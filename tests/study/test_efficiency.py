@@ -170,5 +170,7 @@ def test_search_help_documents_the_sensitivity_scan_and_its_switch():
     text = " ".join(search.format_help().split())
     assert "efficiency.sensitivity_scan" in text and "--no-sensitivity-scan" in text
     assert "evaluation of the model per group" in text and "whatever --trials is" in text
-    assert search.parse_args(["--no-sensitivity-scan"]).sensitivity_scan is False
-    assert search.parse_args([]).sensitivity_scan is None  # the config decides
+    from autoprune.cli.flags import load_config
+
+    assert load_config(search.parse_args(["--no-sensitivity-scan"])).efficiency.sensitivity_scan is False
+    assert load_config(search.parse_args([])).efficiency.sensitivity_scan is True  # the config decides (default on)
