@@ -372,6 +372,8 @@ def _legacy_study(cfg: RunConfig, out: Path) -> optuna.Study:
     dump.pop("train", None)  # sections and keys added since then were not in its dump
     dump["search"].pop("mlflow", None)
     dump["search"].pop("target", None)
+    dump["search"].pop("screen", None)
+    dump["efficiency"].pop("onnx_slicing", None)
     for key in ("task", "output", "augment", "val_samples"):
         dump.pop(key, None)
     for key in ("staircases", "staircase_widths", "staircase_tolerance"):
