@@ -8,6 +8,7 @@ from typing import Any, Callable, Optional
 
 from autoprune.deploy.bundle import CARD, bundle_files, write_bundle
 from autoprune.errors import ConfigError
+from autoprune.measure.stats import latency_ms
 from autoprune.runfolder import replaceable_dir, writable_dir
 from autoprune.results.front import (
     _profile_name,
@@ -36,7 +37,7 @@ def rows_on_profile(run_dir: Path, profile: Optional[str] = None) -> tuple[list[
         m = by_trial.get(r["trial"])
         if m is None:
             continue  # front changed after the re-measure (resumed search): not measured there
-        out.append({**r, "latency_ms": m["latency"]["median_ms"], "latency_p90_ms": m["latency"]["p90_ms"],
+        out.append({**r, "latency_ms": latency_ms(m["latency"]), "latency_p90_ms": m["latency"]["p90_ms"],
                     "latency_cv": m["latency"]["cv"], "non_dominated_on_profile": m.get("non_dominated")})
     if not out:
         raise ConfigError(f"{run_dir}: the re-measure on {rem['profile_name']!r} covers none of the current Pareto "

@@ -20,6 +20,7 @@ from autoprune.config import DeviceProfile, load_device_profile
 from autoprune.errors import ConfigError
 from autoprune.measure import backends
 from autoprune.measure.onnx import export_onnx
+from autoprune.measure.stats import latency_ms
 from autoprune.results.artifacts import versions
 from autoprune.results.front import (
     load_front,
@@ -111,7 +112,7 @@ def remeasure(run_dir: str | Path, device_profile: str, include_dense: bool = Tr
         say(f"trial {r['trial']} on {profile.name}")
         lat = _measure(run_dir / r["artifacts"], profile, x, exporter, work, trust_pickle, code)
         out_rows.append({"trial": r["trial"], "accuracy": r["accuracy"], "search_latency_ms": r["latency_ms"],
-                         "latency": lat, "latency_ms": lat["median_ms"]})
+                         "latency": lat, "latency_ms": latency_ms(lat)})
     mask = non_dominated([(r["accuracy"], r["latency_ms"]) for r in out_rows])
     for r, nd in zip(out_rows, mask):
         r["non_dominated"] = bool(nd)
@@ -129,7 +130,7 @@ def remeasure(run_dir: str | Path, device_profile: str, include_dense: bool = Tr
         dense = {"accuracy": front.get("dense", {}).get("accuracy"), "latency": _measure(tmp, profile, x, exporter, work, trust_pickle, code)}
         shutil.rmtree(tmp, ignore_errors=True)
         for r in out_rows:
-            r["speedup"] = dense["latency"]["median_ms"] / r["latency_ms"]
+            r["speedup"] = latency_ms(dense["latency"]) / r["latency_ms"]
 
     if not any(work.iterdir()):
         work.rmdir()  # nothing had to be re-exported
