@@ -61,7 +61,7 @@ def _digest(h: "hashlib._Hash") -> str:
     return h.hexdigest()[:12]
 
 
-def architecture_fingerprint(model: nn.Module) -> str:
+def _architecture_fingerprint(model: nn.Module) -> str:
     """What the module is, apart from its weights: every submodule's name, class and settings
     (``extra_repr``: kernel sizes, strides, ...) and every parameter's and buffer's name, shape and
     dtype. Two objects with the same fingerprint load each other's state dicts and compute the
@@ -74,7 +74,7 @@ def architecture_fingerprint(model: nn.Module) -> str:
     return _digest(h)
 
 
-def weights_fingerprint(model: nn.Module) -> str:
+def _weights_fingerprint(model: nn.Module) -> str:
     """Hash of the state dict's values (what ``base_model.pt`` stores)."""
     h = hashlib.sha256()
     for k, v in sorted(model.state_dict().items()):
@@ -84,15 +84,15 @@ def weights_fingerprint(model: nn.Module) -> str:
     return _digest(h)
 
 
-def model_ref(model: nn.Module) -> str:
-    return f"{PREFIX}{type(model).__name__}@{architecture_fingerprint(model)}-{weights_fingerprint(model)}"
+def _model_ref(model: nn.Module) -> str:
+    return f"{PREFIX}{type(model).__name__}@{_architecture_fingerprint(model)}-{_weights_fingerprint(model)}"
 
 
 def register_model(model: nn.Module) -> str:
     """Keep a CPU copy of ``model`` under its reference (the caller's object is left alone)."""
     if not isinstance(model, nn.Module):
         raise ConfigError(f"model: expected a torch.nn.Module or a model reference string, got {type(model).__name__}")
-    ref = model_ref(model)
+    ref = _model_ref(model)
     if ref not in _models:
         kept = copy.deepcopy(model).cpu().eval()
         _models[ref] = kept
@@ -134,7 +134,7 @@ def _sample(ds: Dataset, i: int, what: str) -> tuple[torch.Tensor, Any]:
     return item[0], item[1]
 
 
-def data_fingerprint(train: Dataset, val: Dataset, test: Optional[Dataset] = None) -> str:
+def _data_fingerprint(train: Dataset, val: Dataset, test: Optional[Dataset] = None) -> str:
     """Digest of the splits: every tensor of a TensorDataset, else the lengths and 16 evenly
     spaced items per split. Recorded in the run config, so resuming with other data is refused."""
     h = hashlib.sha256()
@@ -158,7 +158,7 @@ def register_data(train: Dataset, val: Dataset, num_classes: int, test: Optional
     """Register the splits under their reference (``data:`` of the run config)."""
     x, _ = _sample(val, 0, "val data")
     # The class count is part of the name: the same tensors read with another num_classes are other data.
-    ref = f"{PREFIX}data@{data_fingerprint(train, val, test)}-{int(num_classes)}"
+    ref = f"{PREFIX}data@{_data_fingerprint(train, val, test)}-{int(num_classes)}"
     _data.setdefault(ref, _Data(train, val, int(num_classes), tuple(x.shape), test))
     return ref
 

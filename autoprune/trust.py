@@ -22,7 +22,7 @@ from typing import Any, Iterable, Optional
 
 from autoprune.errors import AutopruneError, UntrustedCode
 
-def builtin_model(ref: str) -> bool:
+def _builtin_model(ref: str) -> bool:
     """``demo`` or a torchvision model name: code autoprune and torchvision ship, no import of
     anything a file names."""
     if ref == "demo" or ref.startswith("object:"):
@@ -41,7 +41,7 @@ def model_code(ref: str, _depth: int = 0) -> Optional[str]:
     ``module:function``; the ``arch`` of a weights-only checkpoint ``{'arch': ..., 'state_dict': ...}``
     (followed); None for built-in names and full pickles (those need ``trust_pickle`` instead).
     Reads a checkpoint weights-only, so finding out runs no code."""
-    if builtin_model(ref):
+    if _builtin_model(ref):
         return None
     p = Path(ref)
     if p.suffix in (".pt", ".pth", ".ckpt") or p.is_file():
@@ -89,7 +89,7 @@ class CodePolicy:
         return cls(trust=trust, given=frozenset(given))
 
     def allows(self, ref: str) -> bool:
-        return self.trust or builtin_model(ref) or ref in self.given
+        return self.trust or _builtin_model(ref) or ref in self.given
 
     def check(self, ref: str, where: Any, key: str = "model", option: str = "--model") -> None:
         """Refuse ``ref`` (read from ``where``) unless built-in, given by the user or trusted."""

@@ -99,7 +99,7 @@ def replay_model(ctx: SearchContext, frozen: optuna.trial.FrozenTrial) -> torch.
     return cand.model
 
 
-def export_files(folder: Path) -> Optional[set[str]]:
+def _export_files(folder: Path) -> Optional[set[str]]:
     """The files autoprune wrote into the export ``folder`` (what its ``metadata.json`` lists),
     or None when ``folder`` holds no ``metadata.json`` autoprune wrote. Exports made before the
     list existed: the files their metadata names, plus ``metadata.json``."""
@@ -157,7 +157,7 @@ def rebuild_trial(
     given = Path(dest) if dest else run.export(trial)
 
     def check_dest() -> Path:
-        return replaceable_dir(given, run, "metadata.json", "export", "--dest", export_files)
+        return replaceable_dir(given, run, "metadata.json", "export", "--dest", _export_files)
 
     out = check_dest()
     writable_dir(out.parent, "--dest's parent folder")

@@ -69,7 +69,7 @@ def architecture_hash(onnx_path: Path) -> str:
     return hashlib.sha256(json.dumps(blob, sort_keys=True, default=str).encode()).hexdigest()[:24]
 
 
-def runtime_versions() -> dict[str, str]:
+def _runtime_versions() -> dict[str, str]:
     """Versions of the runtimes that produced a number: a new runtime may be faster."""
     out: dict[str, str] = {}
     for mod in ("onnxruntime", "openvino", "torch"):
@@ -80,15 +80,15 @@ def runtime_versions() -> dict[str, str]:
     return out
 
 
-def uses_openvino(profile: DeviceProfile) -> bool:
+def _uses_openvino(profile: DeviceProfile) -> bool:
     return profile.backend == "openvino" or (profile.backend == "remote" and profile.remote_backend == "openvino")
 
 
 def profile_key(profile: DeviceProfile) -> str:
     d = {k: v for k, v in profile.model_dump(mode="json").items() if k not in _NOT_MEASUREMENT}
-    if not uses_openvino(profile):
+    if not _uses_openvino(profile):
         d.pop("cpu_pinning", None)  # an OpenVINO setting: other backends' cached numbers stay valid
-    d["_runtimes"] = runtime_versions()
+    d["_runtimes"] = _runtime_versions()
     return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 

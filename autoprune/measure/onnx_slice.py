@@ -86,7 +86,7 @@ def _wrapped(model: nn.Module, example: torch.Tensor) -> nn.Module:
         return model if isinstance(model(example), torch.Tensor) else MainOutput(model).eval()
 
 
-def translate(model: nn.Module, example: torch.Tensor) -> Any:
+def _translate(model: nn.Module, example: torch.Tensor) -> Any:
     """The dynamo exporter's unoptimized ``torch.onnx.ONNXProgram`` of ``model`` (already a CPU
     fp32 eval module), named as :func:`export_onnx` names inputs and outputs."""
     with _quiet(), torch.no_grad():
@@ -191,12 +191,12 @@ class OnnxSlicer:
         self._main_output = isinstance(dense, MainOutput)
         tensors = _tensors(dense)
         self._shapes = {k: tuple(v.shape) for k, v in tensors.items()}
-        proto = translate(dense, self.example).model_proto
+        proto = _translate(dense, self.example).model_proto
         probe = self._wrap(cpu_fp32(self._probes(0)).eval())
         pshapes = {k: tuple(v.shape) for k, v in _tensors(probe).items()}
         if set(pshapes) != set(self._shapes):
             return "a pruned model's parameters are not the dense model's (modules replaced)"
-        pproto = translate(probe, self.example).model_proto
+        pproto = _translate(probe, self.example).model_proto
         g, pg = proto.graph, pproto.graph
         if len(g.node) != len(pg.node) or len(g.initializer) != len(pg.initializer):
             return "the translated graph changes with the widths (node count)"
@@ -392,7 +392,7 @@ def graph_difference(a: Any, b: Any, rtol: float = 1e-5, atol: float = 1e-6) -> 
     return None
 
 
-def probe_plans(groups: Sequence[Any], k: int) -> dict[str, float]:
+def _probe_plans(groups: Sequence[Any], k: int) -> dict[str, float]:
     """Ratios of probe ``k``: every group pruned, neighbouring groups by different ratios, and
     the two probes differently (so a width-carrying constant is tied to the right group)."""
     steps = (0.25, 0.5, 0.375, 0.625, 0.3125, 0.5625, 0.4375)
@@ -403,11 +403,11 @@ def probe_plans(groups: Sequence[Any], k: int) -> dict[str, float]:
 def slicer_for(dense: nn.Module, example: torch.Tensor, exporter: str, groups: Sequence[Any],
                cut: Callable[[nn.Module, dict[str, float]], Any]) -> OnnxSlicer:
     """An :class:`OnnxSlicer` whose probes are ``dense`` copies cut by ``cut(copy, ratios)`` with
-    :func:`probe_plans` over ``groups``."""
+    :func:`_probe_plans` over ``groups``."""
 
     def probes(k: int) -> nn.Module:
         m = copy.deepcopy(dense)
-        cut(m, probe_plans(groups, k))
+        cut(m, _probe_plans(groups, k))
         return m.eval()
 
     return OnnxSlicer(dense, example, exporter, probes)

@@ -113,7 +113,7 @@ def _pad16(c: int) -> int:
 FEATURE_SETS = ("macs", "kinds", "kinds16", "resolution", "resolution16")
 
 
-def design_row(f: Features, feature_set: str, columns: list[str]) -> list[float]:
+def _design_row(f: Features, feature_set: str, columns: list[str]) -> list[float]:
     """One row of the design matrix of ``feature_set``; ``columns`` names the ``resolution`` MAC
     columns (fixed by the calibration points, so every row has the same length)."""
     prefix = "macs16:" if feature_set.endswith("16") else "macs:"
@@ -128,10 +128,10 @@ def design_row(f: Features, feature_set: str, columns: list[str]) -> list[float]
 
 def design(feature_set: str, features: list[Features], columns: list[str]) -> np.ndarray:
     """The design matrix of ``feature_set``: one row per model, one column per weight."""
-    return np.array([design_row(f, feature_set, columns) for f in features], dtype=np.float64).reshape(len(features), -1)
+    return np.array([_design_row(f, feature_set, columns) for f in features], dtype=np.float64).reshape(len(features), -1)
 
 
-def columns_of(points: list[tuple[Features, float]]) -> list[str]:
+def _columns_of(points: list[tuple[Features, float]]) -> list[str]:
     """The ``resolution`` sets' MAC columns: every ``<kind>:<H>`` a point has a ``macs:`` entry for."""
     return sorted({k.split(":", 1)[1] for f, _ in points for k in f if k.startswith("macs:")})
 
@@ -155,19 +155,19 @@ class Fit:
 
     def __init__(self, feature_set: str, points: list[tuple[Features, float]]) -> None:
         self.feature_set = feature_set
-        self.columns = columns_of(points)
+        self.columns = _columns_of(points)
         X = design(feature_set, [f for f, _ in points], self.columns)
         self.scale, self.w = _solve(X, np.array([m for _, m in points], dtype=np.float64))
 
     def __call__(self, f: Features) -> float:
-        return float(np.asarray(design_row(f, self.feature_set, self.columns)) / self.scale @ self.w)
+        return float(np.asarray(_design_row(f, self.feature_set, self.columns)) / self.scale @ self.w)
 
 
 def held_out_errors(feature_set: str, points: list[tuple[Features, float]]) -> np.ndarray:
     """Held-out relative errors (predicted − measured) / measured of every point: leave-one-out
     up to :data:`MAX_FOLDS` points, k-fold beyond (a long search stays cheap). Each point is
     predicted by a fit that did not see it, so no point scores a fit it was used to make."""
-    X = design(feature_set, [f for f, _ in points], columns_of(points))
+    X = design(feature_set, [f for f, _ in points], _columns_of(points))
     y = np.array([m for _, m in points], dtype=np.float64)
     fold = np.arange(len(y)) % min(len(y), MAX_FOLDS)
     out = np.empty(len(y))
@@ -178,10 +178,10 @@ def held_out_errors(feature_set: str, points: list[tuple[Features, float]]) -> n
     return out
 
 
-def min_points(feature_set: str, points: list[tuple[Features, float]]) -> int:
+def _min_points(feature_set: str, points: list[tuple[Features, float]]) -> int:
     """Points a feature set needs: two more than its weights, so every leave-one-out fit has at
     least as many points as weights."""
-    n_weights = len(design_row(points[0][0], feature_set, columns_of(points))) if points else 2
+    n_weights = len(_design_row(points[0][0], feature_set, _columns_of(points))) if points else 2
     return max(MIN_POINTS, n_weights + 2)
 
 
@@ -255,7 +255,7 @@ class LatencyPredictor:
         if self._chosen is None:
             best: Optional[tuple[float, str, np.ndarray]] = None
             for fs in FEATURE_SETS:
-                if len(self.points) < min_points(fs, self.points):
+                if len(self.points) < _min_points(fs, self.points):
                     continue
                 err = held_out_errors(fs, self.points)
                 score = float(np.percentile(np.abs(err), 90))

@@ -59,14 +59,14 @@ def _input_shape(onnx_path: Path) -> list[int]:
     return [d.dim_value if d.dim_value > 0 else 1 for d in dims]
 
 
-def random_calibration(onnx_path: Path, n: int = 4, seed: int = 0) -> list[np.ndarray]:
+def _random_calibration(onnx_path: Path, n: int = 4, seed: int = 0) -> list[np.ndarray]:
     """Random inputs: enough for a *latency* measurement of the int8 graph, useless for accuracy."""
     shape = _input_shape(onnx_path)
     rng = np.random.default_rng(seed)
     return [rng.standard_normal(shape).astype(np.float32) for _ in range(n)]
 
 
-def quantize_onnxruntime(onnx_path: Path, out_path: Path, calib: Iterable[np.ndarray]) -> Path:
+def _quantize_onnxruntime(onnx_path: Path, out_path: Path, calib: Iterable[np.ndarray]) -> Path:
     """QDQ int8 ONNX via onnxruntime.quantization (pre-processed: shape inference + fusions)."""
     import onnxruntime.quantization as q
     from onnxruntime.quantization.shape_inference import quant_pre_process
@@ -104,7 +104,7 @@ def quantize_onnxruntime(onnx_path: Path, out_path: Path, calib: Iterable[np.nda
     return out_path
 
 
-def quantize_openvino(onnx_path: Path, out_xml: Path, calib: Iterable[np.ndarray]) -> Path:
+def _quantize_openvino(onnx_path: Path, out_xml: Path, calib: Iterable[np.ndarray]) -> Path:
     """int8 OpenVINO IR via NNCF post-training quantization (``pip install nncf``)."""
     try:
         import nncf
@@ -138,12 +138,12 @@ def quantize_artifact(artifact: Any, profile: DeviceProfile, calib: Optional[lis
     src = Path(artifact.onnx_path)
     if not calib:
         log.warning("int8: no calibration data given for %s; quantizing on random inputs (latency only)", src)
-        calib = random_calibration(src)
+        calib = _random_calibration(src)
     out = quantized_path(src, profile)
     if profile.backend == "openvino":
-        quantize_openvino(src, out, calib)
+        _quantize_openvino(src, out, calib)
     else:
-        quantize_onnxruntime(src, out, calib)
+        _quantize_onnxruntime(src, out, calib)
     return ModelArtifact(out, artifact.torch_model, quantized=True)
 
 

@@ -50,7 +50,7 @@ DEVICE_FIELDS = ("cpu", "runtime_version")
 
 
 # --------------------------------------------------------------------------- fingerprint
-def cpu_model() -> str:
+def _cpu_model() -> str:
     """The CPU's model name (``/proc/cpuinfo``), else what :mod:`platform` knows."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -86,7 +86,7 @@ def fingerprint(profile: DeviceProfile, model: nn.Module, example: torch.Tensor)
     pinning = {"cpu_pinning": profile.cpu_pinning} if runtime == "openvino" else {}
     return {
         **pinning,
-        "cpu": f"remote:{profile.url}" if profile.backend == "remote" else cpu_model(),
+        "cpu": f"remote:{profile.url}" if profile.backend == "remote" else _cpu_model(),
         "backend": profile.backend,
         "device": profile.device,
         "runtime": runtime,
@@ -216,7 +216,7 @@ class StaircaseStore:
         self.groups = merged
 
 
-def check_given(path: Path, fp: Mapping[str, Any], profile: DeviceProfile) -> dict[str, Any]:
+def _check_given(path: Path, fp: Mapping[str, Any], profile: DeviceProfile) -> dict[str, Any]:
     """The staircase file a device profile names (``staircases: path``), refused when it was
     measured for another model or settings. On a local backend the device fields (CPU, runtime
     version) must match too: they describe this machine. On ``remote`` they cannot be checked
@@ -328,7 +328,7 @@ def load_or_measure(path: Path, base: nn.Module, groups: Sequence[PrunableGroup]
     fp = fingerprint(profile, base, example)
     if profile.staircases:
         given = Path(profile.staircases)
-        theirs = check_given(given, fp, profile)
+        theirs = _check_given(given, fp, profile)
         store = StaircaseStore.open(given, theirs)
         say(f"latency staircases from {given} (measured on {theirs.get('cpu')}, {theirs.get('runtime')} {theirs.get('runtime_version')})")
         return {g.name: store.points(g.name, g.channels) for g in groups}

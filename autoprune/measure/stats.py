@@ -200,7 +200,7 @@ def time_callable(
     return st
 
 
-def median_ci(values: np.ndarray, z: float = 1.96) -> tuple[float, float]:
+def _median_ci(values: np.ndarray, z: float = 1.96) -> tuple[float, float]:
     """Distribution-free 95% interval of the median of ``values``: the order statistics at ranks
     n/2 ∓ z·√n/2 (the sign-test interval, normal approximation of the binomial). Widest (the
     range) for few values."""
@@ -210,12 +210,12 @@ def median_ci(values: np.ndarray, z: float = 1.96) -> tuple[float, float]:
     return float(s[max(0, int(math.floor(n / 2 - k)))]), float(s[min(n - 1, int(math.ceil(n / 2 + k)))])
 
 
-def ratio_interval(ratios: np.ndarray) -> tuple[float, float, float, float]:
+def _ratio_interval(ratios: np.ndarray) -> tuple[float, float, float, float]:
     """(median, low, high, relative half-width) of per-round ratios; ``inf`` width under
     :data:`MIN_ROUNDS` rounds."""
     r = np.asarray(ratios, dtype=np.float64)
     med = float(np.median(r))
-    lo, hi = median_ci(r)
+    lo, hi = _median_ci(r)
     rel = max(hi / med - 1.0, 1.0 - lo / med) if len(r) >= MIN_ROUNDS and med > 0 else math.inf
     return med, lo, hi, rel
 
@@ -290,7 +290,7 @@ def time_pair(
     def done() -> bool:
         if len(a) < repeats or len(ratios) < MIN_ROUNDS:
             return False
-        return target_rel_ci is None or ratio_interval(np.asarray(ratios))[3] <= target_rel_ci
+        return target_rel_ci is None or _ratio_interval(np.asarray(ratios))[3] <= target_rel_ci
 
     i = 0
     while not done():
@@ -309,7 +309,7 @@ def time_pair(
     st.reference_quiet_ms = float(np.percentile(bms, QUIET_QUANTILE))
     if not ratios:  # cut short inside the first round: the ratio of what was timed
         ratios = [float(np.median(a) / np.median(b))]
-    med, lo, hi, rel = ratio_interval(np.asarray(ratios))
+    med, lo, hi, rel = _ratio_interval(np.asarray(ratios))
     st.ratio, st.ratio_ci_low, st.ratio_ci_high = med, lo, hi
     st.ratio_rel_ci = rel if math.isfinite(rel) else None  # None: too few rounds for an interval (JSON has no inf)
     st.speedup = 1.0 / med if med > 0 else None

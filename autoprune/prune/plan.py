@@ -133,7 +133,7 @@ def apply_plan(
         ratio = float(plan.ratios.get(g.name, 0.0))
         if not gran.removes_channels or ratio <= 0:
             continue
-        keep = kept_channels(n, ratio, unit_of(g, plan.round_to), g.ch_groups, plan.widths.get(g.name))
+        keep = kept_channels(n, ratio, _unit_of(g, plan.round_to), g.ch_groups, plan.widths.get(g.name))
         if keep >= n:
             continue
         # Heads: L1 magnitude of each head's weights, whatever the channel criterion.
@@ -201,7 +201,7 @@ def apply_plan_from(
     slices: dict[tuple[str, Any, int], tuple[Any, set[int]]] = {}
     for g in active:
         n = g.channels
-        keep = kept_channels(n, float(plan.ratios.get(g.name, 0.0)), unit_of(g, plan.round_to), g.ch_groups, plan.widths.get(g.name))
+        keep = kept_channels(n, float(plan.ratios.get(g.name, 0.0)), _unit_of(g, plan.round_to), g.ch_groups, plan.widths.get(g.name))
         if keep >= n:
             continue
         imp = criteria[plan.method_for(g.name)](g.group, stats)
@@ -228,7 +228,7 @@ def apply_plan_from(
     return widths
 
 
-def unit_of(g: LiveGroup, round_to: int) -> int:
+def _unit_of(g: LiveGroup, round_to: int) -> int:
     """Widths are rounded to ``round_to`` channels; heads are counted one by one."""
     return 1 if g.kind == "heads" else round_to
 
@@ -277,7 +277,7 @@ def apply_schedule(
         raise ValueError(f"schedule steps={steps}; must be >= 1")
     if steps == 1:
         return apply_plan(model, example, plan, num_classes, calib)
-    info = {g.name: (g.channels, g.ch_groups, unit_of(g, plan.round_to)) for g in analyse(model, example, num_classes).groups}
+    info = {g.name: (g.channels, g.ch_groups, _unit_of(g, plan.round_to)) for g in analyse(model, example, num_classes).groups}
     order = list(info)
     chunks = [order[i * len(order) // steps:(i + 1) * len(order) // steps] for i in range(steps)]
     current = {name: n for name, (n, _, _) in info.items()}

@@ -77,7 +77,7 @@ def build_graph(model: nn.Module, example: torch.Tensor) -> tp.DependencyGraph:
         return tp.DependencyGraph().build_dependency(model, example_inputs=example, customized_pruners=dict(CUSTOM_PRUNERS))
 
 
-def channel_groups(DG: tp.DependencyGraph, group: tp.Group) -> int:
+def _channel_groups(DG: tp.DependencyGraph, group: tp.Group) -> int:
     """The unit a group's width must stay a multiple of, and the number of blocks that drop the
     same pattern: grouped convs (not depthwise), GroupNorm, and ``nn.MultiheadAttention``
     (its embedding width must stay divisible by ``num_heads``)."""
@@ -93,7 +93,7 @@ def channel_groups(DG: tp.DependencyGraph, group: tp.Group) -> int:
     return g
 
 
-def graph_names(DG: tp.DependencyGraph) -> dict[int, str]:
+def _graph_names(DG: tp.DependencyGraph) -> dict[int, str]:
     """Qualified name of every module and parameter of the graph's model, keyed by ``id``.
 
     Built from ``DG.model`` with ``named_modules``/``named_parameters`` (public torch API)
@@ -109,7 +109,7 @@ def graph_names(DG: tp.DependencyGraph) -> dict[int, str]:
 
 def iter_groups(DG: tp.DependencyGraph, ignored: Sequence[nn.Module]) -> Iterator[tuple[str, tp.Group]]:
     """Yield (root module name, live tp group). Groups reflect the model's current widths."""
-    names = graph_names(DG)
+    names = _graph_names(DG)
     for group in DG.get_all_groups(ignored_layers=list(ignored), root_module_types=ROOT_TYPES):
         root = group[0].dep.target.module
         yield names[id(root)], group
@@ -164,7 +164,7 @@ def analyse(model: nn.Module, example: torch.Tensor, num_classes: Optional[int] 
     groups: list[LiveGroup] = []
     seen: set[str] = set()
     for prefix, region, DG, _ in regions:
-        names = graph_names(DG)
+        names = _graph_names(DG)
         for local, group in iter_groups(DG, [m for m in outputs if any(m is r for r in region.modules())]):
             root = group[0].dep.target.module
             name = prefix + local
@@ -186,7 +186,7 @@ def analyse(model: nn.Module, example: torch.Tensor, num_classes: Optional[int] 
             if name in seen:
                 continue
             seen.add(name)
-            groups.append(LiveGroup(name, kind, int(DG.get_out_channels(root)), channel_groups(DG, group), prefix + local, DG, group,
+            groups.append(LiveGroup(name, kind, int(DG.get_out_channels(root)), _channel_groups(DG, group), prefix + local, DG, group,
                                     sorted(members), sorted(consumers - members)))
     for name, m in model.named_modules():
         if isinstance(m, SlimAttention) or (isinstance(m, HEAD_TYPES) and _heads_supported(m)):
@@ -297,10 +297,10 @@ def find_groups(model: nn.Module, example: torch.Tensor, num_classes: Optional[i
     embedding width only with ``embedding`` (it touches every block). ``structure``: the
     model's analysis when the caller already has it."""
     st = structure if structure is not None else analyse(model, example, num_classes)
-    return [to_prunable(g) for g in st.groups if embedding or g.kind != "embedding"]
+    return [_to_prunable(g) for g in st.groups if embedding or g.kind != "embedding"]
 
 
-def to_prunable(g: LiveGroup) -> PrunableGroup:
+def _to_prunable(g: LiveGroup) -> PrunableGroup:
     return PrunableGroup(g.name, g.channels, g.ch_groups, list(g.members), list(g.consumers), kind=g.kind)
 
 

@@ -15,7 +15,7 @@ from autoprune.runfolder import RunFolder
 OBJECTIVE_NAMES = ["accuracy", "latency_ms"]
 
 
-def storage_for(run_dir: str | Path, storage: Optional[str] = None) -> str:
+def _storage_for(run_dir: str | Path, storage: Optional[str] = None) -> str:
     """The study's storage URL: ``storage`` if given, else the run folder's ``study.db``."""
     if storage:
         return storage
@@ -26,7 +26,7 @@ def storage_for(run_dir: str | Path, storage: Optional[str] = None) -> str:
     return f"sqlite:///{db.resolve()}"
 
 
-def name_objectives(url: str) -> None:
+def _name_objectives(url: str) -> None:
     """Label the two objectives so the dashboard's plots say 'accuracy'/'latency_ms', not 'Objective 0/1'."""
     import optuna
 
@@ -42,6 +42,6 @@ def serve(run_dir: str | Path, host: str = "127.0.0.1", port: int = 8080, storag
         from optuna_dashboard import run_server
     except ImportError as exc:
         raise ConfigError(f"optuna-dashboard is not installed ({exc}); pip install optuna-dashboard") from None
-    url = storage_for(run_dir, storage)
-    name_objectives(url)
+    url = _storage_for(run_dir, storage)
+    _name_objectives(url)
     run_server(url, host=host, port=port)

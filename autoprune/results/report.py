@@ -75,7 +75,7 @@ def write_png(study: optuna.Study, path: Path, dense: dict[str, Any]) -> Path:
     return path
 
 
-def write_html(study: optuna.Study, path: Path, dense: dict[str, Any]) -> Path:
+def _write_html(study: optuna.Study, path: Path, dense: dict[str, Any]) -> Path:
     import plotly.graph_objects as go
 
     fig = optuna.visualization.plot_pareto_front(
@@ -98,7 +98,7 @@ def write_plots(study: optuna.Study, run: RunFolder, dense: dict[str, Any]) -> N
     if not study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
         return
     write_png(study, run.pareto_png, dense)
-    write_html(study, run.pareto_html, dense)
+    _write_html(study, run.pareto_html, dense)
 
 
 # --------------------------------------------------------------------------- full run report
@@ -117,7 +117,7 @@ def _complete(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
     return [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)) if t.values]
 
 
-def fig_pareto(study: optuna.Study, dense: dict[str, Any]) -> Any:
+def _fig_pareto(study: optuna.Study, dense: dict[str, Any]) -> Any:
     """Optuna's interactive Pareto-front plot (latency on x), with the dense model as a star."""
     import plotly.graph_objects as go
 
@@ -132,7 +132,7 @@ def fig_pareto(study: optuna.Study, dense: dict[str, Any]) -> Any:
     return fig
 
 
-def fig_trials_by_method(study: optuna.Study, dense: dict[str, Any]) -> Any:
+def _fig_trials_by_method(study: optuna.Study, dense: dict[str, Any]) -> Any:
     """Accuracy vs latency of every finished trial, one colour per method; over-budget trials as x."""
     import plotly.graph_objects as go
 
@@ -162,7 +162,7 @@ def fig_trials_by_method(study: optuna.Study, dense: dict[str, Any]) -> Any:
     return fig
 
 
-def fig_predicted_vs_measured(study: optuna.Study) -> Optional[Any]:
+def _fig_predicted_vs_measured(study: optuna.Study) -> Optional[Any]:
     """Latency the predictor gave each trial before it was measured against the measurement,
     with the y = x line: how far the budget rejections (made on predictions alone) can be
     trusted. None when no trial has both (predictor off, or not yet calibrated)."""
@@ -189,7 +189,7 @@ def fig_predicted_vs_measured(study: optuna.Study) -> Optional[Any]:
     return fig
 
 
-def fig_ratio_heatmap(rows: list[dict[str, Any]], group_order: Optional[list[str]] = None) -> Any:
+def _fig_ratio_heatmap(rows: list[dict[str, Any]], group_order: Optional[list[str]] = None) -> Any:
     """Fraction of channels removed per group (columns) for every Pareto model (rows)."""
     import plotly.graph_objects as go
 
@@ -208,7 +208,7 @@ def fig_ratio_heatmap(rows: list[dict[str, Any]], group_order: Optional[list[str
     return fig
 
 
-def fig_hypervolume(study: optuna.Study, dense: dict[str, Any]) -> Any:
+def _fig_hypervolume(study: optuna.Study, dense: dict[str, Any]) -> Any:
     """Optuna's hypervolume history; reference point: accuracy 0 and 1.1× the slowest latency seen."""
     lats = [t.values[1] for t in _complete(study)]
     dlat = dense.get("latency", {}).get("median_ms")
@@ -300,12 +300,12 @@ def write_report(run_dir: str | Path, out: Optional[str | Path] = None, storage:
         rows = [exported.get(r["trial"], {**r, "artifacts": None}) for r in rows]
     remeasures = _remeasures(run_dir)
     figs = [
-        ("pareto", "Pareto front", fig_pareto(study, dense)),
-        ("trials", "All trials: accuracy vs latency, by method", fig_trials_by_method(study, dense)),
-        ("ratios", "Per-layer ratios of the Pareto models", fig_ratio_heatmap(rows, study.user_attrs.get("groups"))),
-        ("hypervolume", "Hypervolume over the search", fig_hypervolume(study, dense)),
+        ("pareto", "Pareto front", _fig_pareto(study, dense)),
+        ("trials", "All trials: accuracy vs latency, by method", _fig_trials_by_method(study, dense)),
+        ("ratios", "Per-layer ratios of the Pareto models", _fig_ratio_heatmap(rows, study.user_attrs.get("groups"))),
+        ("hypervolume", "Hypervolume over the search", _fig_hypervolume(study, dense)),
     ]
-    if (fig := fig_predicted_vs_measured(study)) is not None:
+    if (fig := _fig_predicted_vs_measured(study)) is not None:
         figs.append(("predictor", "Latency predictor: predicted vs measured", fig))
     cfg = study.user_attrs.get("config", {})
     prof = study.user_attrs.get("device_profile", {})

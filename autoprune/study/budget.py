@@ -195,7 +195,7 @@ def allocate_for_target(groups: Sequence[PrunableGroup], drops: dict[str, float]
     while now > target_ms:
         best, best_score, best_ms = None, math.inf, now
         for g in free:
-            r_next = next_width(model, g, ratios[g.name], snap)
+            r_next = _next_width(model, g, ratios[g.name], snap)
             if r_next is None:
                 continue
             trial = {**ratios, g.name: r_next}
@@ -213,7 +213,7 @@ def allocate_for_target(groups: Sequence[PrunableGroup], drops: dict[str, float]
     return ratios
 
 
-def next_width(model: LatencyModel, g: PrunableGroup, r: float, snap: Callable[[float, PrunableGroup], float]) -> Optional[float]:
+def _next_width(model: LatencyModel, g: PrunableGroup, r: float, snap: Callable[[float, PrunableGroup], float]) -> Optional[float]:
     """The smallest ratio above ``r`` (in :data:`ALLOCATION_STEP` steps, within the group's
     range) that keeps fewer channels: with ``round_to`` several steps often keep the same width."""
     now = model.kept({g.name: r}).get(g.name, 1.0)

@@ -136,7 +136,7 @@ class SearchContext:
     @property
     def code(self) -> CodePolicy:
         """The model code this run's own config names: all the run folder's model files may rebuild."""
-        return run_code(self.cfg, self.recipe)
+        return _run_code(self.cfg, self.recipe)
 
     @property
     def example1(self) -> torch.Tensor:
@@ -374,7 +374,7 @@ def _learned_widths(cfg: RunConfig, space: SearchSpace, profile: DeviceProfile, 
     return widths
 
 
-def run_code(cfg: RunConfig, recipe: dict[str, Any]) -> CodePolicy:
+def _run_code(cfg: RunConfig, recipe: dict[str, Any]) -> CodePolicy:
     """The code a run's config names (its ``model``, and the ``arch`` of a checkpoint given as
     ``model``): what the run folder's model files may rebuild (:mod:`autoprune.trust`)."""
     return CodePolicy.of(cfg.model, (recipe.get("build") or {}).get("model"))
@@ -403,7 +403,7 @@ def _dense_model(cfg: RunConfig, data: DataBundle, num_classes: int, shape: tupl
     stored = read_model_file(base_path, trust_pickle=cfg.trust_pickle)
     if isinstance(stored, dict):
         check_built_from(stored["recipe"], recipe, base_path)
-        return model_from_file(stored, base_path, trust_pickle=cfg.trust_pickle, code=run_code(cfg, recipe)), recipe, False
+        return model_from_file(stored, base_path, trust_pickle=cfg.trust_pickle, code=_run_code(cfg, recipe)), recipe, False
     base = build_model(cfg.model, num_classes, in_channels=data.input_shape[0], trust_pickle=cfg.trust_pickle)
     try:
         base.load_state_dict(stored.state_dict())

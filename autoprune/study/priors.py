@@ -79,7 +79,7 @@ def sensitivity_scan(
     out: dict[str, float] = {}
     if structure is None and groups:  # the run's analysis when given (study/context.py), else one for the scan
         structure = analyse(base, example.to(model_device(base)), data.num_classes)
-    for g in with_eta(groups, "sensitivity scan", progress):
+    for g in _with_eta(groups, "sensitivity scan", progress):
         try:
             m = pruned_alone(base, g, example, data.num_classes, ratio, round_to, structure)
             if m is None:
@@ -98,7 +98,7 @@ def sensitivity_scan(
 T = TypeVar("T")
 
 
-def with_eta(items: Sequence[T], what: str, progress: Optional[Callable[[str], None]], every_s: float = 5.0) -> Iterator[T]:
+def _with_eta(items: Sequence[T], what: str, progress: Optional[Callable[[str], None]], every_s: float = 5.0) -> Iterator[T]:
     """Yield ``items``, telling ``progress`` how far along and the ETA at most every ``every_s``
     seconds (and at the end), so a long per-group pass is never silent."""
     t0 = last = time.perf_counter()
@@ -137,7 +137,7 @@ def flops_savings(
     out: dict[str, float] = {}
     if structure is None and groups and dense > 0:
         structure = analyse(base, example.to(model_device(base)), num_classes)
-    for g in with_eta(groups, "FLOPs per group", progress):
+    for g in _with_eta(groups, "FLOPs per group", progress):
         m = pruned_alone(base, g, example, num_classes, ratio, round_to, structure) if dense > 0 else None
         out[g.name] = 0.0 if m is None else max(0.0, 1.0 - count(m, example) / dense)
     return out

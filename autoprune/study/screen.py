@@ -140,7 +140,7 @@ class Screener:
 
 
 # --------------------------------------------------------------------------- the screen study
-def screen_study_name(ctx: SearchContext) -> str:
+def _screen_study_name(ctx: SearchContext) -> str:
     return (ctx.cfg.search.study_name or "autoprune") + SCREEN_SUFFIX
 
 
@@ -159,7 +159,7 @@ def _sampler(ctx: SearchContext, n: int) -> optuna.samplers.BaseSampler:
 def open_screen_study(ctx: SearchContext, url: str) -> optuna.Study:
     """The screen study beside the main one (same storage: resume and workers see it)."""
     n = ctx.cfg.search.screen.candidates if ctx.cfg.search.screen else 1
-    return optuna.create_study(storage=url, study_name=screen_study_name(ctx), directions=list(SCREEN_DIRECTIONS),
+    return optuna.create_study(storage=url, study_name=_screen_study_name(ctx), directions=list(SCREEN_DIRECTIONS),
                                sampler=_sampler(ctx, n), load_if_exists=True)
 
 

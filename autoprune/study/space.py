@@ -154,7 +154,7 @@ GRAN_PREFIX = "granularity/"
 WRATIO_PREFIX = "wratio/"
 
 
-def group_granularities(group: Any, space: Any) -> list[str]:
+def _group_granularities(group: Any, space: Any) -> list[str]:
     """Allowed granularities of one group: the first layer rule matching the group's root or
     member names decides (as for ratio ranges); rules without ``granularities`` keep the default."""
     for rule in space.layers:
@@ -171,11 +171,11 @@ def suggest_granularities(trial: Any, space: Any, groups: Sequence[Any]) -> tupl
         allowed = sorted(set(space.granularities))
         pick = trial.suggest_categorical(GRAN_PARAM, allowed) if len(allowed) > 1 else allowed[0]
         for g in groups:
-            own = group_granularities(g, space)
+            own = _group_granularities(g, space)
             grans[g.name] = pick if pick in own else own[0]
     else:
         for g in groups:
-            own = group_granularities(g, space)
+            own = _group_granularities(g, space)
             grans[g.name] = trial.suggest_categorical(GRAN_PREFIX + g.name, own) if len(own) > 1 else own[0]
     wratios: dict[str, float] = {}
     lo, hi, step = space.weight_low, space.weight_high, space.step

@@ -57,7 +57,7 @@ WITHOUT_STUDY = (
 def refuse_results_without_study(run: RunFolder) -> None:
     """Stop a search that would start a new study over an earlier one's results.
 
-    A missing, empty (0-byte) or unfinished (:func:`unfinished_study_file`) ``study.db`` means a
+    A missing, empty (0-byte) or unfinished (:func:`_unfinished_study_file`) ``study.db`` means a
     new study, whose trial 0 would overwrite ``trials/00000/`` and whose export would replace
     ``pareto/`` and ``pareto.json``. That is
     right for a fresh folder, or one whose search died before its first trial (only
@@ -65,13 +65,13 @@ def refuse_results_without_study(run: RunFolder) -> None:
     there: their study was deleted or truncated. Checked before anything is written.
     """
     db = run.study_db
-    if db.is_file() and db.stat().st_size > 0 and not unfinished_study_file(db):
+    if db.is_file() and db.stat().st_size > 0 and not _unfinished_study_file(db):
         return
     trials_dir = run.trial(0).root.parent
     found = [p.name + ("/" if p.is_dir() else "") for p in (trials_dir, run.pareto_dir, run.pareto_json, run.final_json)
              if p.is_file() or (p.is_dir() and any(p.iterdir()))]
     if found:
-        state = ("holds no study (its creation was interrupted)" if unfinished_study_file(db) else "is empty (0 bytes)") \
+        state = ("holds no study (its creation was interrupted)" if _unfinished_study_file(db) else "is empty (0 bytes)") \
             if db.is_file() else "is missing"
         raise ConfigError(
             f"{db}: {state} but the folder holds an earlier search's results ({', '.join(found)}), which a new study "
@@ -123,7 +123,7 @@ def _sqlite_state(path: Path) -> tuple[set[str], bool]:
     raise AssertionError("unreachable")
 
 
-def unfinished_study_file(path: Path) -> bool:
+def _unfinished_study_file(path: Path) -> bool:
     """Whether ``path`` is an SQLite file in which Optuna was killed while creating its tables
     (it holds no study: see :func:`_unfinished_schema`)."""
     import sqlite3
@@ -199,7 +199,7 @@ def redact_url(url: Optional[str]) -> Optional[str]:
     return f"{scheme}://{user}{':***' if ':' in cred else ''}@{host}"
 
 
-def redact_text(text: str, url: Optional[str]) -> str:
+def _redact_text(text: str, url: Optional[str]) -> str:
     """``text`` with ``url``'s password replaced by ``***``: database drivers quote the URL (or
     the password alone) in their error messages, which autoprune shows to the user."""
     if not url or "://" not in url or "@" not in url:
@@ -213,7 +213,7 @@ def redact_text(text: str, url: Optional[str]) -> str:
 def storage_error(exc: BaseException, url: str) -> str:
     """``Type: message`` of a driver's exception for a one-line ConfigError: whitespace collapsed
     (drivers add hint lines), cut to 300 characters, password redacted."""
-    return f"{type(exc).__name__}: {redact_text(' '.join(str(exc).split()), url)[:300]}"
+    return f"{type(exc).__name__}: {_redact_text(' '.join(str(exc).split()), url)[:300]}"
 
 
 def public_config(cfg: Any) -> dict[str, Any]:

@@ -185,7 +185,7 @@ def _flat(d: Any, prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def scoring_changes(study: optuna.Study, ctx: SearchContext, limit: int = 6) -> list[str]:
+def _scoring_changes(study: optuna.Study, ctx: SearchContext, limit: int = 6) -> list[str]:
     """``key: stored -> now`` for the scoring settings that differ from the study's stored ones,
     so a refused resume says what to change back."""
     # With a step budget pretrain_seconds is unused (older studies stored a number there anyway).
@@ -230,7 +230,7 @@ def open_study(ctx: SearchContext) -> optuna.Study:
     try:
         retries = ctx.cfg.search.max_retries
         # The run folder's own study.db is opened under the run lock: an unfinished one can go.
-        storage = make_storage(url, ctx.cfg.search, lambda st, t: requeue_trial(st, t, retries),
+        storage = make_storage(url, ctx.cfg.search, lambda st, t: _requeue_trial(st, t, retries),
                                discard_unfinished=ctx.cfg.search.storage is None)
         study = optuna.create_study(
             storage=storage, study_name=name, directions=study_directions(ctx), sampler=_sampler(ctx), load_if_exists=True
@@ -260,7 +260,7 @@ def open_study(ctx: SearchContext) -> optuna.Study:
         study.set_user_attr("search_space", ctx.space.model_dump(mode="json"))
         study.set_user_attr("device_profile", ctx.profile.model_dump(mode="json"))
     elif stored != h:
-        changed = "; ".join(scoring_changes(study, ctx))
+        changed = "; ".join(_scoring_changes(study, ctx))
         raise ConfigError(
             f"{ctx.out}: the study there was made with a different model, data, search space, device profile or "
             f"fine-tune settings{f' (changed: {changed})' if changed else ''}; finished trials would not be comparable. "
@@ -281,7 +281,7 @@ def enqueue_seeds(study: optuna.Study, ctx: SearchContext) -> None:
     if ctx.cfg.search.screen is not None:
         # Screening: the seeds are screened with the probes and the sampler's proposals; what the
         # main study runs are the best screened candidates, with their exact parameters.
-        screen_and_pick(study, ctx)
+        _screen_and_pick(study, ctx)
         return
     if study.trials:
         return
@@ -289,7 +289,7 @@ def enqueue_seeds(study: optuna.Study, ctx: SearchContext) -> None:
         study.enqueue_trial(params, user_attrs=attrs or None, skip_if_exists=True)
 
 
-def screen_and_pick(study: optuna.Study, ctx: SearchContext) -> None:
+def _screen_and_pick(study: optuna.Study, ctx: SearchContext) -> None:
     """``search.screen``: screen (resuming a screen study left unfinished), then enqueue the
     picks into ``study``, once per study (study/screen.py)."""
     url = storage_url(ctx)
@@ -310,7 +310,7 @@ def spread(items: list, n: int) -> list:
     return [items[round(i * (len(items) - 1) / (n - 1))] for i in range(n)]
 
 
-def requeue_trial(study: optuna.Study, trial: optuna.trial.FrozenTrial, max_retries: int = 2) -> None:
+def _requeue_trial(study: optuna.Study, trial: optuna.trial.FrozenTrial, max_retries: int = 2) -> None:
     """Re-run a trial whose worker died, with the same parameters, at most ``max_retries``
     (``search.max_retries``) times; only parameters are copied (workers.requeue).
 

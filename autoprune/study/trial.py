@@ -75,7 +75,7 @@ def run_trial(trial: optuna.trial.Trial, ctx: SearchContext) -> tuple[float, ...
 
     # 4. Constraints: the device profile's budgets (≤ 0 is feasible); speed-up targets against
     # the speed-up measured interleaved with dense when there is one (a loaded machine moves both).
-    cons = budget_constraints(latency_budget(ctx), budget_latency_ms(ctx, measured), cand.params, cand.flops, measured["onnx_bytes"])
+    cons = budget_constraints(_latency_budget(ctx), budget_latency_ms(ctx, measured), cand.params, cand.flops, measured["onnx_bytes"])
     for k, v in cons.items():
         trial.set_constraint(k, v)
     attrs: dict[str, Any] = {**cand.attrs(plan), "prune_s": cand.seconds, **measured}
@@ -89,7 +89,7 @@ def run_trial(trial: optuna.trial.Trial, ctx: SearchContext) -> tuple[float, ...
         # 5b. Fine-tune (distilled from the dense model; multi-fidelity rungs).
         t1 = time.perf_counter()
         attrs.update(finetune_candidate(ctx, cand.model, trial.number, lambda acc0: hopeless_at_rung0(
-            acc0, lat, dense_accuracy(ctx), *rung0_history(trial.study))))
+            acc0, lat, _dense_accuracy(ctx), *rung0_history(trial.study))))
         attrs["finetune_s"] = time.perf_counter() - t1
 
         # 6. Score: held-out accuracy of what would be deployed (the quantized file on int8 profiles).
@@ -100,7 +100,7 @@ def run_trial(trial: optuna.trial.Trial, ctx: SearchContext) -> tuple[float, ...
         save_model(cand.model, files.model, pruned_recipe(ctx.recipe, cand.widths))
 
     drop = ctx.cfg.search.max_accuracy_drop
-    trial.set_constraint("accuracy_drop", (dense_accuracy(ctx) - acc) - drop if drop else -1.0)
+    trial.set_constraint("accuracy_drop", (_dense_accuracy(ctx) - acc) - drop if drop else -1.0)
     attrs.update(accuracy=acc, metric_name=ctx.task.metric_name, trial_s=time.perf_counter() - t0)
     for k, v in attrs.items():
         trial.set_user_attr(k, v)
@@ -184,12 +184,12 @@ def score_candidate(ctx: SearchContext, model: nn.Module, onnx_path: Path) -> tu
     return q_acc, {"accuracy_fp32": acc, "quantized_model": str(qpath)}
 
 
-def dense_accuracy(ctx: SearchContext) -> float:
+def _dense_accuracy(ctx: SearchContext) -> float:
     """The dense model's accuracy on the images trials are scored on (like with like)."""
     return float(ctx.dense.get("search_accuracy", ctx.dense["accuracy"]))
 
 
-def latency_budget(ctx: SearchContext) -> Budget:
+def _latency_budget(ctx: SearchContext) -> Budget:
     """The profile's budget; in budget mode no looser than the loosest target: a slower trial
     serves no target, so it is infeasible and skips the fine-tune."""
     b = ctx.profile.budget

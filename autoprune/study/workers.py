@@ -265,7 +265,7 @@ def _signals_as_interrupt() -> Iterator[None]:
 
 
 # --------------------------------------------------------------------------- the loop
-def register_session(study: optuna.Study, lock: SlotLock, setup: Optional[Callable[[], None]] = None) -> int:
+def _register_session(study: optuna.Study, lock: SlotLock, setup: Optional[Callable[[], None]] = None) -> int:
     """Record this worker session in the study; returns its index *k* (0 for the first).
     ``setup`` (enqueueing the seed trials of a fresh study) runs under the same lock, so workers
     starting together do not enqueue the seeds once each."""
@@ -285,7 +285,7 @@ def count(study: optuna.Study, *states: TrialState) -> int:
     return len(study.get_trials(deepcopy=False, states=states))
 
 
-def trial_numbered(study: optuna.Study, number: int) -> optuna.trial.FrozenTrial:
+def _trial_numbered(study: optuna.Study, number: int) -> optuna.trial.FrozenTrial:
     """Trial ``number`` of ``study`` as stored now (public API: one read of the study's trials)."""
     return next(t for t in study.get_trials(deepcopy=False) if t.number == number)
 
@@ -304,7 +304,7 @@ def work(
     """Run trials until the study holds ``s.trials`` COMPLETE trials, counting every worker's."""
     lock = SlotLock(url, name)
     try:
-        k = register_session(study, lock, setup)
+        k = _register_session(study, lock, setup)
         study.sampler = make_sampler(s.seed + k)
         objective = _Objective(run_trial, lock, s.max_retries)
         t0 = time.monotonic()
@@ -344,7 +344,7 @@ def work(
                     )
                 if objective.last_trial == before:
                     continue
-                t = trial_numbered(study, objective.last_trial)
+                t = _trial_numbered(study, objective.last_trial)
                 fails_in_row = fails_in_row + 1 if t.state == TrialState.FAIL else 0
                 if fails_in_row >= MAX_CONSECUTIVE_FAILURES:
                     raise ConfigError(

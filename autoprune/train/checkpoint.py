@@ -52,7 +52,7 @@ RUN_FILE_REFUSAL = (
 )
 
 
-def file_sha256(path: Path) -> str:
+def _file_sha256(path: Path) -> str:
     """SHA-256 of a file's bytes (a checkpoint given as ``--model``)."""
     h = hashlib.sha256()
     with open(path, "rb") as fh:
@@ -100,7 +100,7 @@ def dense_recipe(
     sha = None
     if _is_checkpoint(ref) and Path(ref).is_file():
         path = Path(ref).resolve()
-        sha = file_sha256(path)
+        sha = _file_sha256(path)
         try:  # weights-only even when trusted: a full pickle's architecture is the file itself
             obj: Any = read_checkpoint(path)
         except UntrustedPickle:
@@ -171,7 +171,7 @@ def read_model_file(path: Path, *, trust_pickle: bool = False) -> dict[str, Any]
     return obj
 
 
-def build_architecture(recipe: dict[str, Any], *, trust_pickle: bool = False, where: Path | str = "model",
+def _build_architecture(recipe: dict[str, Any], *, trust_pickle: bool = False, where: Path | str = "model",
                        code: CodePolicy = CodePolicy()) -> nn.Module:
     """The (randomly initialised) module a recipe describes: the dense model, cut to the widths.
     The model reference must be built-in, given by the user (``code``) or trusted (``code.trust``):
@@ -190,7 +190,7 @@ def build_architecture(recipe: dict[str, Any], *, trust_pickle: bool = False, wh
                                   "runs whatever code that file names; pass --trust-pickle if you trust it")
         if not src.is_file():
             raise ConfigError(f"{where}: its architecture is the full-model pickle {src}, which is gone; put it back there")
-        if file_sha256(src) != b["pickle"]["sha256"]:
+        if _file_sha256(src) != b["pickle"]["sha256"]:
             raise ConfigError(f"{where}: its architecture is the full-model pickle {src}, which changed since the model was "
                               "written; put the original back")
     model = build_model(b["model"], b["num_classes"], b["in_channels"], trust_pickle=trust_pickle)
@@ -207,8 +207,8 @@ def build_architecture(recipe: dict[str, Any], *, trust_pickle: bool = False, wh
 def model_from_file(obj: dict[str, Any], path: Path, *, trust_pickle: bool = False,
                     code: CodePolicy = CodePolicy()) -> nn.Module:
     """Rebuild the module of a weights-only file read by :func:`read_model_file` (``code``: see
-    :func:`build_architecture`)."""
-    model = build_architecture(obj["recipe"], trust_pickle=trust_pickle, where=path, code=code)
+    :func:`_build_architecture`)."""
+    model = _build_architecture(obj["recipe"], trust_pickle=trust_pickle, where=path, code=code)
     try:
         model.load_state_dict(obj["state_dict"])
     except RuntimeError as exc:
@@ -240,7 +240,7 @@ def load_model(path: str | Path, *, trust_pickle: bool = False, model: Optional[
     return load_checkpoint(Path(path), trust_pickle=trust_pickle, code=CodePolicy.of(model, trust=trust_code))[0]
 
 
-def stored_model_ref(base_model: Path) -> Optional[str]:
+def _stored_model_ref(base_model: Path) -> Optional[str]:
     """The model reference a run folder's dense model was built from (None: no folder yet or a
     file this check cannot read, which the search itself then reports)."""
     if not Path(base_model).is_file():
@@ -256,7 +256,7 @@ def stored_model_ref(base_model: Path) -> Optional[str]:
 
 def check_same_model(base_model: Path, ref: str) -> None:
     """Refuse to resume a run folder with another model object, naming what differs."""
-    stored = stored_model_ref(base_model)
+    stored = _stored_model_ref(base_model)
     if stored is None or stored == ref:
         return
     if not objects.is_object_ref(stored):

@@ -83,7 +83,7 @@ def resolve_device(name: str) -> torch.device:
     raise ConfigError(f"train.device: {name!r} is not one of auto, cpu, cuda, cuda:N")
 
 
-def default_threads(workers: int = 1) -> int:
+def _default_threads(workers: int = 1) -> int:
     """This process's share of the cores it may run on: all of them alone, 1/N with N workers."""
     return max(1, len(available_cores()) // max(1, workers))
 
@@ -106,7 +106,7 @@ def setup_from_config(cfg: TrainConfig) -> TrainSetup:
         raise ConfigError(f"train.precision: bf16 is not supported by {torch.cuda.get_device_name(device)}; "
                           "use train.precision: fp16 or fp32")
     pin = cfg.pin_memory if cfg.pin_memory is not None else device.type == "cuda"
-    return TrainSetup(device, cfg.precision, cfg.threads or default_threads(), cfg.channels_last, cfg.compile,
+    return TrainSetup(device, cfg.precision, cfg.threads or _default_threads(), cfg.channels_last, cfg.compile,
                       cfg.num_workers, pin, cfg.persistent_workers)
 
 

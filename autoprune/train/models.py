@@ -102,7 +102,7 @@ def _examples(keys: list[str], n: int = 2) -> str:
     return ", ".join(keys[:n]) + (", ..." if len(keys) > n else "")
 
 
-def state_dict_mismatch(path: Path, ckpt: dict[str, Any], model: nn.Module) -> str:
+def _state_dict_mismatch(path: Path, ckpt: dict[str, Any], model: nn.Module) -> str:
     """One line on why ``ckpt['state_dict']`` does not load into ``model`` (built from
     ``ckpt['arch']``): counts of missing, unexpected and reshaped keys with a couple of examples.
 
@@ -173,7 +173,7 @@ def _from_checkpoint(path: Path, num_classes: int, trust_pickle: bool = False) -
         try:
             model.load_state_dict(without_dropped(obj["state_dict"], model) if isinstance(obj["state_dict"], dict) else obj["state_dict"])
         except (RuntimeError, TypeError):
-            raise ConfigError(state_dict_mismatch(path, obj, model)) from None
+            raise ConfigError(_state_dict_mismatch(path, obj, model)) from None
         return model
     raise ConfigError(
         f"model: {path} holds {type(obj).__name__}; save a dict {{'arch': <torchvision name or module:function>, "

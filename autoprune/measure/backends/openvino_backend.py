@@ -38,7 +38,7 @@ def _physical(device: str) -> list[str]:
     return [device]
 
 
-def check_device(core: Any, device: str, profile_name: str) -> None:
+def _check_device(core: Any, device: str, profile_name: str) -> None:
     have = list(core.available_devices)
     have_base = {d.split(".")[0] for d in have}
     for d in _physical(device):
@@ -49,7 +49,7 @@ def check_device(core: Any, device: str, profile_name: str) -> None:
             )
 
 
-def compile_config(core: Any, device: str, profile: DeviceProfile) -> dict[str, str]:
+def _compile_config(core: Any, device: str, profile: DeviceProfile) -> dict[str, str]:
     """Properties for ``compile_model``; only those the device supports (an NPU rejects CPU keys)."""
     cfg: dict[str, str] = {
         "PERFORMANCE_HINT": "THROUGHPUT" if profile.mode == "throughput" else "LATENCY",
@@ -82,15 +82,15 @@ class OpenVINOBackend(Backend):
 
     def check(self, profile: DeviceProfile) -> None:
         """The profile's OpenVINO device(s) exist here (a driver missing is the usual cause)."""
-        check_device(shared_core(), profile.device.upper(), profile.name)
+        _check_device(shared_core(), profile.device.upper(), profile.name)
 
     def load(self, artifact: ModelArtifact, profile: DeviceProfile) -> Runner:
         if artifact.onnx_path is None:
             raise ValueError("openvino backend needs an ONNX (or IR .xml) file")
         core = shared_core()
         device = profile.device.upper()
-        check_device(core, device, profile.name)
-        config = compile_config(core, device, profile)
+        _check_device(core, device, profile.name)
+        config = _compile_config(core, device, profile)
         compiled = core.compile_model(str(artifact.onnx_path), device, config)
         req = _Request(compiled)
         return FnRunner(req, timed=req.timed, clock=CLOCK, info={"device": device, "config": config,
