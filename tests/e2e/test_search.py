@@ -142,11 +142,14 @@ def test_killed_search_resumes_without_redoing_trials(tmp_path, fast_profile):
     cfg_path = write_yaml(tmp_path / "run.yaml", tiny_run_config(tmp_path / "out", fast_profile, trials=5, finetune={"steps": 40}))
     db = tmp_path / "out" / "study.db"
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
-    proc = subprocess.Popen([sys.executable, "-m", "autoprune.cli", "search", "--config", str(cfg_path)], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    log = tmp_path / "search.log"
+    with open(log, "w") as f:
+        proc = subprocess.Popen([sys.executable, "-m", "autoprune.cli", "search", "--config", str(cfg_path)], env=env,
+                                stdout=f, stderr=subprocess.STDOUT)
     deadline = time.time() + 600
     while _count_complete(db) < 1 and time.time() < deadline and proc.poll() is None:
         time.sleep(0.3)
+    assert proc.poll() is None, f"the search ended on its own (exit code {proc.returncode}): {log.read_text()[-3000:]}"
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     before = optuna.load_study(study_name="autoprune", storage=f"sqlite:///{db}")

@@ -314,7 +314,7 @@ def test_sigint_to_the_parent_of_two_workers_stops_them_all_and_a_rerun_complete
 
     while still_running() and time.monotonic() - t0 < 40:
         time.sleep(0.2)
-    assert not still_running(), (still_running(), log[-2000:])
+    assert not still_running(), ([(c.pid, c.ppid(), c.status(), c.cmdline()[-3:]) for c in still_running()], log[-2000:])
     assert time.monotonic() - t0 < 40, f"the workers ran on for {time.monotonic() - t0:.0f} s after the parent was interrupted"
     ts = _trials(out)
     assert not [t for t in ts if t.state == TrialState.RUNNING]
