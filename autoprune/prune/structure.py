@@ -345,6 +345,8 @@ def apply_rules(groups: list[PrunableGroup], low: float, high: float, methods: l
 #: 23 GB machine, upstream Torch-Pruning #525).
 PROBE_MEMORY_MB = 4096
 PROBE_TIMEOUT_S = 120.0
+#: prctl(2) option: the signal this process gets when its parent dies (linux/prctl.h).
+PR_SET_PDEATHSIG = 1
 
 
 def probe_structure(model: nn.Module, example: torch.Tensor, num_classes: Optional[int] = None,
@@ -361,7 +363,7 @@ def probe_structure(model: nn.Module, example: torch.Tensor, num_classes: Option
         return
     ctx = multiprocessing.get_context("fork")
     recv, send = ctx.Pipe(duplex=False)
-    proc = ctx.Process(target=_probe_child, args=(send, model, example, num_classes, memory_mb), daemon=True)
+    proc = ctx.Process(target=_probe_child, args=(send, model, example, num_classes, memory_mb, os.getpid()), daemon=True)
     proc.start()
     send.close()
     verdict: Optional[tuple[str, str]] = None
@@ -388,7 +390,9 @@ def probe_structure(model: nn.Module, example: torch.Tensor, num_classes: Option
                       f"(torch-pruning's tracing of its reshapes explodes, upstream Torch-Pruning #525)")
 
 
-def _probe_child(send: Any, model: nn.Module, example: torch.Tensor, num_classes: Optional[int], memory_mb: float) -> None:
+def _probe_child(send: Any, model: nn.Module, example: torch.Tensor, num_classes: Optional[int], memory_mb: float,
+                 parent: int) -> None:
+    _die_with_parent(parent)
     torch.set_num_threads(1)  # the parent's thread pool does not survive fork
     with open("/proc/self/status") as f:
         vm = next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmSize:"))
@@ -399,3 +403,18 @@ def _probe_child(send: Any, model: nn.Module, example: torch.Tensor, num_classes
         send.send(("ok", ""))
     except BaseException as exc:  # noqa: BLE001 - reported to the parent, which decides
         send.send(("error", f"ran out of its {memory_mb:.0f} MB memory bound" if _out_of_memory(exc) else _why(exc)))
+
+
+def _die_with_parent(parent: int) -> None:
+    """The probe must not outlive the process that waits for it. A ``--workers`` child stopped
+    while it probes (SIGTERM at the default disposition, SIGKILL after the grace period) runs no
+    finalizer that would kill the probe, and the orphan went on analysing, holding the
+    multiprocessing resource tracker's pipe open. ``PR_SET_PDEATHSIG`` makes the kernel send
+    SIGKILL when the parent dies; the ``getppid`` check covers a parent that died before it."""
+    import ctypes
+
+    with contextlib.suppress(OSError, AttributeError):
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, 9, 0, 0, 0)  # SIGKILL
+    if os.getppid() != parent:
+        os._exit(1)

@@ -172,6 +172,7 @@ def make_storage(url: str, s: SearchSettings, stale_callback: Callable[..., None
     engine_kwargs: dict[str, Any] = {}
     if url.startswith("sqlite:///"):
         check_sqlite_file(Path(url[len("sqlite:///"):]), discard_unfinished)
+        _create_schema_whole(Path(url[len("sqlite:///"):]))
     if url.startswith("sqlite"):
         engine_kwargs = {"connect_args": {"timeout": 60}}
     elif url.startswith(("postgresql", "postgres")):
@@ -186,6 +187,39 @@ def make_storage(url: str, s: SearchSettings, stale_callback: Callable[..., None
             heartbeat_stale_trial_callback=stale_callback,
             engine_kwargs=engine_kwargs,
         )
+
+
+def _create_schema_whole(path: Path) -> None:
+    """Give a new SQLite study file Optuna's tables in one step: built in a file beside it, then
+    linked into place (``os.link`` fails rather than replace a file another process made first).
+
+    Optuna creates its tables one statement at a time (SQLAlchemy ``create_all``: look, then
+    ``CREATE TABLE``). Any other process that opened the file meanwhile (``autoprune status``,
+    optuna-dashboard, a test polling for the first trial) creates them too, and the search then
+    stopped with "table studies already exists" or a UNIQUE failure on ``alembic_version``: 8
+    of 10 creations raced by a polling reader failed. A file that exists already is left alone."""
+    import os
+
+    from sqlalchemy.pool import NullPool
+
+    if path.exists() and path.stat().st_size > 0:
+        return
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.partial")
+    tmp.unlink(missing_ok=True)
+    try:
+        rdb = optuna.storages.RDBStorage(sqlalchemy_url(f"sqlite:///{tmp}"), engine_kwargs={"poolclass": NullPool})
+        rdb.remove_session()
+        rdb.engine.dispose()
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            if path.stat().st_size == 0:  # an empty file (a bare sqlite3.connect): nothing to keep
+                os.replace(tmp, path)
+        except OSError:  # a file system without hard links
+            if not path.exists():
+                os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def redact_url(url: Optional[str]) -> Optional[str]:

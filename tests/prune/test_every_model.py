@@ -6,6 +6,8 @@ output-adapter work (another branch), not structure analysis.
 """
 
 import copy
+import subprocess
+import sys
 import time
 import warnings
 
@@ -190,3 +192,49 @@ def test_groups_command_plain_output_counts_and_image_size(capsys):
     assert out[0].startswith("group\tkind") and all(len(r) == 6 for r in rows)
     assert "layers.0.conv1" in {r[0] for r in rows}
     assert out[-1] == f"{len(rows)} prunable groups of demo at [1, 24, 24]; 0 parts not searched"
+
+
+_ORPHAN_SCRIPT = """
+import sys, time, torch, torch.nn as nn
+import autoprune.prune.structure as s
+s.analyse = lambda *a, **k: time.sleep(120)  # an analysis that runs long; the fork child inherits it
+print("probing", flush=True)
+s.probe_structure(nn.Sequential(nn.Conv2d(3, 4, 3)).eval(), torch.randn(1, 3, 8, 8), None)
+"""
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="the probe is bounded (forked) on Linux only")
+def test_the_probe_dies_with_the_process_that_waits_for_it(tmp_path):
+    """A ``--workers`` child SIGKILLed while it probed left its forked probe running on, orphaned."""
+    import psutil
+
+    script = tmp_path / "probe.py"
+    script.write_text(_ORPHAN_SCRIPT)
+    proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "probing"
+    deadline = time.monotonic() + 60
+    while not psutil.Process(proc.pid).children() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    probes = psutil.Process(proc.pid).children()
+    assert probes, "the probe child never started"
+    time.sleep(0.5)  # the child is past its start-up, inside the analysis
+    proc.kill()
+    proc.wait()
+    def alive() -> list:
+        """Probes still running (a zombie has exited: reaping an orphan is init's job)."""
+        out = []
+        for p in probes:
+            try:
+                if p.is_running() and p.status() != psutil.STATUS_ZOMBIE:
+                    out.append(p)
+            except psutil.NoSuchProcess:
+                pass
+        return out
+
+    deadline = time.monotonic() + 10
+    while alive() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    left = alive()
+    for p in left:
+        p.kill()
+    assert not left, f"the probe child {left[0].pid} outlived its parent"

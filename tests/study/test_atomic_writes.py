@@ -92,3 +92,48 @@ def test_written_files_get_umask_permissions(tmp_path: Path):
     finally:
         os.umask(old)
     assert a.stat().st_mode & 0o777 == 0o644 and b.stat().st_mode & 0o777 == 0o644
+
+
+_POLLER = """
+import os, sys, time, optuna
+optuna.logging.set_verbosity(optuna.logging.ERROR)
+for path in sys.argv[1:]:
+    print("ready", flush=True)
+    while not os.path.exists(path):
+        time.sleep(0.001)
+    end = time.monotonic() + 0.5
+    while time.monotonic() < end:  # a reader polling for the first trial, as `autoprune status` or a test does
+        try:
+            optuna.load_study(study_name="autoprune", storage="sqlite:///" + path)
+        except Exception:
+            pass
+"""
+
+
+def test_a_reader_polling_a_new_study_file_does_not_break_its_creation(tmp_path: Path) -> None:
+    """Optuna creates an SQLite file's tables one statement at a time; a reader that opened the
+    file meanwhile created them too and the search failed ("table studies already exists"; 8 of
+    10 creations before the fix). The schema is now built beside and linked into place."""
+    import subprocess
+    import sys
+    import time
+
+    import optuna
+
+    from autoprune.config import SearchSettings
+    from autoprune.study.storage import make_storage
+
+    paths = [tmp_path / f"s{i}.db" for i in range(6)]
+    poller = subprocess.Popen([sys.executable, "-c", _POLLER, *map(str, paths)], stdout=subprocess.PIPE, text=True)
+    try:
+        for p in paths:
+            assert poller.stdout.readline().strip() == "ready"  # it waits for this file to appear
+            rdb = make_storage(f"sqlite:///{p}", SearchSettings(), lambda *a: None, discard_unfinished=True)
+            optuna.create_study(storage=rdb, study_name="autoprune", directions=["maximize", "minimize"], load_if_exists=True)
+            rdb.engine.dispose()
+    finally:
+        poller.wait(timeout=60)
+    assert poller.returncode == 0
+    assert not list(tmp_path.glob(".*.partial"))
+    for p in paths:
+        assert optuna.load_study(study_name="autoprune", storage=f"sqlite:///{p}").directions
