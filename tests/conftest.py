@@ -89,6 +89,21 @@ def sigint_as_from_a_terminal() -> None:
     signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
+def still_running(procs: list) -> list:
+    """The ``psutil.Process`` es of ``procs`` that have not exited. A zombie has exited: reaping
+    an orphan is init's job, and a container's init may not do it."""
+    import psutil
+
+    out = []
+    for p in procs:
+        try:
+            if p.is_running() and p.status() != psutil.STATUS_ZOMBIE:
+                out.append(p)
+        except psutil.NoSuchProcess:
+            pass
+    return out
+
+
 #: A model module whose auxiliary head runs only in train mode (``build``): search and groups refuse it.
 AUX_MODEL_SOURCE = (
     "import torch.nn as nn\n"

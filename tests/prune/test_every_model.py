@@ -25,6 +25,7 @@ from autoprune.measure.onnx import export_onnx
 from autoprune.prune.attention import SlimAttention, prune_heads
 from autoprune.prune.plan import PruningPlan, apply_plan, check_prunable, slice_to_widths
 from autoprune.prune.structure import analyse, find_groups, probe_structure
+from conftest import still_running
 
 slow = pytest.mark.slow
 
@@ -220,21 +221,10 @@ def test_the_probe_dies_with_the_process_that_waits_for_it(tmp_path):
     time.sleep(0.5)  # the child is past its start-up, inside the analysis
     proc.kill()
     proc.wait()
-    def alive() -> list:
-        """Probes still running (a zombie has exited: reaping an orphan is init's job)."""
-        out = []
-        for p in probes:
-            try:
-                if p.is_running() and p.status() != psutil.STATUS_ZOMBIE:
-                    out.append(p)
-            except psutil.NoSuchProcess:
-                pass
-        return out
-
     deadline = time.monotonic() + 10
-    while alive() and time.monotonic() < deadline:
+    while still_running(probes) and time.monotonic() < deadline:
         time.sleep(0.1)
-    left = alive()
+    left = still_running(probes)
     for p in left:
         p.kill()
     assert not left, f"the probe child {left[0].pid} outlived its parent"

@@ -17,7 +17,7 @@ import optuna
 import pytest
 import torch
 import yaml
-from conftest import FAST_EXTRAS, sigint_as_from_a_terminal
+from conftest import FAST_EXTRAS, sigint_as_from_a_terminal, still_running
 from optuna.trial import TrialState
 from rich.console import Console
 
@@ -301,20 +301,9 @@ def test_sigint_to_the_parent_of_two_workers_stops_them_all_and_a_rerun_complete
     log = proc.communicate(timeout=90)[0]
     assert proc.returncode == 130, log[-3000:]
 
-    def still_running() -> list:
-        """Children that have not exited (a zombie has: reaping an orphan is init's job)."""
-        out = []
-        for c in children:
-            try:
-                if c.is_running() and c.status() != psutil.STATUS_ZOMBIE:
-                    out.append(c)
-            except psutil.NoSuchProcess:
-                pass
-        return out
-
-    while still_running() and time.monotonic() - t0 < 40:
+    while still_running(children) and time.monotonic() - t0 < 40:
         time.sleep(0.2)
-    assert not still_running(), ([(c.pid, c.ppid(), c.status(), c.cmdline()[-3:]) for c in still_running()], log[-2000:])
+    assert not still_running(children), ([(c.pid, c.ppid(), c.status(), c.cmdline()[-3:]) for c in still_running(children)], log[-2000:])
     assert time.monotonic() - t0 < 40, f"the workers ran on for {time.monotonic() - t0:.0f} s after the parent was interrupted"
     ts = _trials(out)
     assert not [t for t in ts if t.state == TrialState.RUNNING]
